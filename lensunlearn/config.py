@@ -1,0 +1,134 @@
+"""Typed configs whose field help strings become the command line.
+
+Every command's options are one dataclass. `option(default, help)` declares a field; the CLI
+turns each field into `--field_name` with its help and default, and presets are plain instances
+that explicit flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad option value, reported before any compute is spent."""
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """Declare a config field with its help text (shown by `--help`)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def parse_int_list(text: str | typing.Sequence[int]) -> tuple[int, ...]:
+    """Parse '5,10,15' (or an iterable of ints) into a tuple of ints."""
+    if isinstance(text, str):
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError as err:
+            raise ConfigError(f"expected comma-separated integers like '5,10,15', got {text!r}") from err
+    return tuple(int(x) for x in text)
+
+
+def parse_float_list(text: str | typing.Sequence[float]) -> tuple[float, ...]:
+    """Parse '1e-5,2e-5' (or an iterable of floats) into a tuple of floats."""
+    if isinstance(text, str):
+        try:
+            return tuple(float(p) for p in text.replace(" ", "").split(",") if p)
+        except ValueError as err:
+            raise ConfigError(f"expected comma-separated numbers like '1e-5,2e-5', got {text!r}") from err
+    return tuple(float(x) for x in text)
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """Return (inner type, optional?) for an annotation such as `int | None`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _converter(annotation: Any) -> Any:
+    base, optional = _base_type(annotation)
+    if typing.get_origin(base) is tuple:
+        inner = typing.get_args(base)[0]
+        conv = parse_int_list if inner is int else parse_float_list if inner is float else (lambda s: tuple(x for x in s.split(",") if x))
+    elif typing.get_origin(base) is typing.Literal:
+        conv = str
+    else:
+        conv = base
+    if not optional:
+        return conv
+    return lambda s: None if s.lower() in ("none", "null", "") else conv(s)
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
+    """Add one `--name` flag per dataclass field; help shows the (preset) default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("cli") is False:
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+        annotation = hints[f.name]
+        base, _ = _base_type(annotation)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _converter(annotation)
+            kwargs["metavar"] = f.name.upper()
+            if typing.get_origin(base) is typing.Literal:
+                kwargs["choices"] = typing.get_args(base)
+                kwargs["metavar"] = "{" + ",".join(map(str, kwargs["choices"])) + "}"
+        if f.metadata.get("positional"):
+            kwargs.pop("dest")
+            kwargs["nargs"] = f.metadata.get("nargs", None)
+            kwargs["metavar"] = f.name.upper()
+            parser.add_argument(f.name, **{k: v for k, v in kwargs.items() if k != "default"},
+                                default=argparse.SUPPRESS)
+            continue
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None = None) -> T:
+    """Build `cls` from parsed flags; fields not given keep the values of `base` (a preset)."""
+    given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    if base is None:
+        return cls(**given)
+    return dataclasses.replace(base, **given)
+
+
+def to_jsonable(cfg: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-ready dict (tuples become lists, paths strings)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, Path):
+            v = str(v)
+        out[f.name] = v
+    return out
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,157 @@
+"""The model's layer structure and the one hidden-state convention (SPEC section 2).
+
+For a decoder with L blocks, stream 0 is the embedding output and stream l (1 <= l < L) is the
+residual stream after block l-1, i.e. the input of block l. This equals `hidden_states[l]` of a
+Hugging Face forward pass with `output_hidden_states=True`. Lens l reads stream l, and "target
+layer l" means stream l everywhere in this package. Stream l depends on blocks 0 .. l-1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelParts:
+    """The pieces of a decoder-only LM that the lens and the objective touch."""
+
+    blocks: nn.ModuleList
+    final_norm: nn.Module
+    unembed: nn.Module
+    embed: nn.Module
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying transformers model under peft, DDP or FSDP wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
+            model = model.module  # DDP
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()  # peft
+        else:
+            return model
+
+
+def _num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(text, key, None):
+            return int(getattr(text, key))
+    return None
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder blocks: the longest one, matching the config depth."""
+    depth = _num_hidden_layers(model)
+    candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    if depth is not None:
+        matching = [c for c in candidates if len(c[1]) == depth]
+        candidates = matching or candidates
+    if not candidates:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of layers")
+    return max(candidates, key=lambda c: len(c[1]))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return "norm" in name and not list(module.children())
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """Find blocks, final norm, unembedding and embedding from the module tree, for any decoder."""
+    base = unwrap(model)
+    block_path, blocks = _find_blocks(base)
+    parent = base.get_submodule(block_path.rsplit(".", 1)[0]) if "." in block_path else base
+    norms = [m for _, m in parent.named_children() if _is_norm(m)]
+    if not norms:
+        raise ValueError(f"cannot find the final norm of {type(base).__name__} beside its blocks at {block_path!r}")
+    unembed = base.get_output_embeddings()
+    if unembed is None:
+        raise ValueError(f"{type(base).__name__} has no output embedding: a causal LM head is required")
+    return ModelParts(blocks=blocks, final_norm=norms[-1], unembed=unembed, embed=base.get_input_embeddings())
+
+
+def check_layers(layers: Sequence[int], num_layers: int, what: str = "layer") -> tuple[int, ...]:
+    """Refuse layers outside 0 .. L-1 with a message naming the valid range."""
+    bad = [l for l in layers if not 0 <= int(l) < num_layers]
+    if bad:
+        raise ValueError(f"{what} {bad} out of range: this model has {num_layers} layers, so use 0..{num_layers - 1}")
+    if not layers:
+        raise ValueError(f"no {what}s given: pass at least one, e.g. --layers 5,10")
+    return tuple(int(l) for l in layers)
+
+
+def clip_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Keep the preset layers that exist in a shallower model (the seed's 5..30 on 30 layers)."""
+    kept = tuple(l for l in layers if 0 <= l < num_layers)
+    return kept or (num_layers - 1,)
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once every needed stream is captured."""
+
+
+def _hidden_from_call(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise RuntimeError("cannot find the hidden states among a decoder block's inputs")
+
+
+@contextlib.contextmanager
+def capture_streams(model: nn.Module, layers: Sequence[int], stop: bool = False,
+                    final: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture stream l (the input of block l) for each l in `layers` during forward passes.
+
+    With `final=True` the output of the last block (the final norm's input) is captured too,
+    under key L = number of blocks; the model's logits are `unembed(final_norm(that))`.
+    With `stop=True` the forward pass ends as soon as everything asked for is captured, so the
+    later blocks (and, with `final`, the unembedding) never run; call the model through
+    `forward_streams`, which catches the stop. Hooks are always removed on exit.
+    """
+    parts = model_parts(model)
+    layers = check_layers(layers, parts.num_layers) if layers or not final else ()
+    last = parts.num_layers if final else max(layers)
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(index: int):
+        def hook(_module, args, kwargs):
+            captured[index] = _hidden_from_call(args, kwargs)
+            if stop and index == last:
+                raise StopForward
+        return hook
+
+    modules = [(l, parts.blocks[l]) for l in sorted(set(layers))]
+    if final:
+        modules.append((parts.num_layers, parts.final_norm))
+    handles = [module.register_forward_pre_hook(make_hook(l), with_kwargs=True) for l, module in modules]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_streams(model: nn.Module, layers: Sequence[int], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, stop: bool = True,
+                    final: bool = False) -> dict[int, torch.Tensor]:
+    """Run the model only as far as needed and return the requested streams (and the final one)."""
+    with capture_streams(model, layers, stop=stop, final=final) as captured:
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    return dict(captured)

@@ -1,0 +1,116 @@
+"""The tuned lens (SPEC section 3), stored in the tuned-lens library's file layout.
+
+Translator l maps stream l residually, h + A_l h + b_l, with A and b starting at zero so that an
+untrained lens is the logit lens; the model's final norm and unembedding (frozen copies) then
+give logits. Translators are float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import write_json_atomic
+from .layers import model_parts
+
+PARAMS_FILE = "params.pt"
+CONFIG_FILE = "config.json"
+
+
+class TunedLens(nn.Module):
+    """One affine translator per layer, then the frozen final norm and unembedding."""
+
+    def __init__(self, final_norm: nn.Module, unembed: nn.Module, d_model: int, num_layers: int,
+                 bias: bool = True, base_model_name: str = "") -> None:
+        super().__init__()
+        self.d_model, self.num_layers, self.bias, self.base_model_name = d_model, num_layers, bias, base_model_name
+        self.translators = nn.ModuleList(nn.Linear(d_model, d_model, bias=bias) for _ in range(num_layers))
+        for translator in self.translators:
+            nn.init.zeros_(translator.weight)
+            if bias:
+                nn.init.zeros_(translator.bias)
+        self.final_norm = copy.deepcopy(final_norm).float().requires_grad_(False)
+        self.unembed = copy.deepcopy(unembed).float().requires_grad_(False)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, bias: bool = True) -> "TunedLens":
+        """A fresh (logit-lens-equivalent) lens for `model`."""
+        parts = model_parts(model)
+        d_model = parts.unembed.weight.shape[1]
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+        lens = cls(parts.final_norm, parts.unembed, d_model, parts.num_layers, bias=bias, base_model_name=name)
+        return lens.to(parts.unembed.weight.device)
+
+    def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The translated stream h + A h + b, in float32."""
+        h = h.float()
+        return h + self.translators[layer](h)
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding, the logit lens."""
+        return self.unembed(self.final_norm(h))
+
+    def forward(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.decode(self.transform(h, layer))
+
+    def translator_parameters(self) -> list[nn.Parameter]:
+        return list(self.translators.parameters())
+
+    def config_dict(self) -> dict:
+        return {"base_model_name_or_path": self.base_model_name, "d_model": self.d_model,
+                "num_hidden_layers": self.num_layers, "bias": self.bias, "lens_type": "linear_tuned_lens"}
+
+    def save(self, path: str | Path) -> None:
+        """Write `params.pt` (keys `0.weight`, `0.bias`, ...) and `config.json`, atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".{PARAMS_FILE}.tmp"
+        state = {k: v.detach().cpu() for k, v in self.translators.state_dict().items()}
+        torch.save(state, tmp)
+        tmp.replace(path / PARAMS_FILE)
+        write_json_atomic(path / CONFIG_FILE, self.config_dict())
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module) -> "TunedLens":
+        """Load a lens saved by us, by the tuned-lens library or from the hub, refusing misfits."""
+        path = _resolve_lens_path(path)
+        config = json.loads((path / CONFIG_FILE).read_text())
+        parts = model_parts(model)
+        d_model = parts.unembed.weight.shape[1]
+        for key in ("d_model", "num_hidden_layers"):
+            if key not in config:
+                raise ValueError(f"{path / CONFIG_FILE} has no {key!r}: it is not a tuned-lens config")
+        if config["num_hidden_layers"] != parts.num_layers or config["d_model"] != d_model:
+            raise ValueError(
+                f"lens {path} was made for a model with {config['num_hidden_layers']} layers of width "
+                f"{config['d_model']}, but this model has {parts.num_layers} layers of width {d_model}: "
+                f"train a lens for this model with `lensunlearn lens train --model ...`")
+        lens = cls(parts.final_norm, parts.unembed, d_model, parts.num_layers, bias=config.get("bias", True),
+                   base_model_name=config.get("base_model_name_or_path", ""))
+        state = torch.load(path / PARAMS_FILE, map_location="cpu", weights_only=True)
+        try:
+            lens.translators.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError as err:
+            raise ValueError(f"{path / PARAMS_FILE} does not match its config.json: {err}") from err
+        return lens.to(parts.unembed.weight.device)
+
+
+def _resolve_lens_path(path: str | Path) -> Path:
+    """A local lens folder, or a hub repo id (downloaded through huggingface_hub)."""
+    local = Path(path)
+    if local.is_dir():
+        missing = [f for f in (PARAMS_FILE, CONFIG_FILE) if not (local / f).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"lens folder {local} lacks {', '.join(missing)}: a lens folder holds params.pt and config.json, "
+                f"as written by `lensunlearn lens train`")
+        return local
+    if local.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        raise FileNotFoundError(f"no lens folder at {path}: pass a folder from `lensunlearn lens train` or a hub id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path), allow_patterns=[PARAMS_FILE, CONFIG_FILE]))

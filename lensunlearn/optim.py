@@ -1,0 +1,110 @@
+"""Optimisers and schedules shared by lens training, unlearning and the tamper attack.
+
+The one Muon split: 2-D hidden matrices (LoRA A and B included) go to `torch.optim.Muon`, with
+`adjust_lr_fn="match_rms_adamw"` so AdamW learning rates carry over; embeddings, the
+unembedding, norms and biases go to AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+
+OptimizerName = Literal["adamw", "muon", "sgd"]
+
+
+class MultiOptimizer:
+    """Several optimisers stepped as one (Muon for matrices plus AdamW for the rest)."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for opt, sub in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sub)
+
+
+def split_for_muon(named_params: Iterable[tuple[str, nn.Parameter]], exclude: Iterable[nn.Parameter] = ()
+                   ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(Muon params, AdamW params): 2-D matrices not in `exclude` (embeddings, unembedding) go to Muon."""
+    excluded = {id(p) for p in exclude}
+    muon, adamw = [], []
+    for _, param in named_params:
+        if not param.requires_grad:
+            continue
+        (muon if param.ndim == 2 and id(param) not in excluded else adamw).append(param)
+    return muon, adamw
+
+
+def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Input and output embedding weights, which Muon must not take."""
+    params = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            params.extend(module.parameters())
+    return params
+
+
+def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], name: OptimizerName, lr: float,
+                    weight_decay: float, exclude_from_muon: Iterable[nn.Parameter] = (),
+                    momentum: float = 0.95) -> MultiOptimizer:
+    """AdamW, Muon (+AdamW for the rest) or SGD with Nesterov momentum over the trainable params."""
+    named_params = [(n, p) for n, p in named_params if p.requires_grad]
+    if not named_params:
+        raise ValueError("no trainable parameters: nothing to optimise")
+    params = [p for _, p in named_params]
+    if name == "adamw":
+        return MultiOptimizer([torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)])
+    if name == "sgd":
+        return MultiOptimizer([torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)])
+    if name == "muon":
+        matrices, rest = split_for_muon(named_params, exclude_from_muon)
+        optimizers: list[torch.optim.Optimizer] = []
+        if matrices:
+            optimizers.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                               adjust_lr_fn="match_rms_adamw"))
+        if rest:
+            optimizers.append(torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay))
+        return MultiOptimizer(optimizers)
+    raise ValueError(f"unknown optimizer {name!r}: use adamw, muon or sgd")
+
+
+def lr_factor(step: int, total: int, warmup: int = 0, schedule: str = "linear") -> float:
+    """Multiplier of the base lr at optimiser step `step` (0-based): warmup, then constant/linear/cosine."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}: use constant, linear or cosine")
+
+
+def set_lr(optimizer: MultiOptimizer, base_lr: float, factor: float) -> float:
+    lr = base_lr * factor
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

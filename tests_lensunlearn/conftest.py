@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random models of each supported architecture and a tiny tokenizer, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ARCHITECTURES = ("gpt_neox", "llama", "gpt2", "qwen2", "olmo2")
+VOCAB_WORDS = ("the capital of is and a an in on at to it was for with as by this that from paris berlin "
+               "rome madrid france germany italy spain element symbol gold iron oxygen question answer").split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over a fixed vocabulary, built without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2}
+    for word in VOCAB_WORDS + [str(i) for i in range(10)] + [".", ",", ":", "?", "\n"]:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_config(arch: str, vocab_size: int = 64, layers: int = 4):
+    """A config of the named architecture: hidden 32, 4 heads, `layers` blocks."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=layers, n_head=4, n_positions=128, **common)
+    sizes = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=128)
+    if arch == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", **sizes, rotary_pct=0.25, **common)
+    if arch in ("llama", "qwen2", "olmo2"):
+        return AutoConfig.for_model(arch, **sizes, num_key_value_heads=2, **common)
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str, seed: int = 0, layers: int = 4):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=len(tokenizer), layers=layers))
+    return model.eval(), tokenizer
+
+
+def save_tiny_model(path: Path, arch: str = "llama", seed: int = 0, layers: int = 4) -> Path:
+    model, tokenizer = make_tiny_model(arch, seed, layers)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path) -> Path:
+    """A saved tiny Llama with its tokenizer, loadable by `load_model(str(path))`."""
+    return save_tiny_model(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def text_corpus(tmp_path) -> Path:
+    """A jsonl corpus of 40 short documents in the tiny vocabulary."""
+    import json
+
+    words = VOCAB_WORDS
+    lines = []
+    for i in range(40):
+        text = " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(6 + i % 5)) + " ."
+        lines.append(json.dumps({"text": text}))
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
