@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import write_json_atomic
@@ -35,6 +36,19 @@ class TunedLens(nn.Module):
                 nn.init.zeros_(translator.bias)
         self.final_norm = copy.deepcopy(final_norm).float().requires_grad_(False)
         self.unembed = copy.deepcopy(unembed).float().requires_grad_(False)
+        self.register_buffer("_matmul_weight", None, persistent=False)
+
+    def set_matmul_dtype(self, dtype: torch.dtype | None) -> "TunedLens":
+        """Run the unembedding product in `dtype` (bfloat16: ~3-7x faster on CPUs with AVX-512 BF16).
+
+        The weight is cast once; norms, translators and everything computed from the logits stay
+        float32. None or float32 restores the exact float32 product.
+        """
+        if dtype in (None, torch.float32):
+            self._matmul_weight = None
+        else:
+            self._matmul_weight = self.unembed.weight.detach().to(dtype)
+        return self
 
     @classmethod
     def from_model(cls, model: nn.Module, bias: bool = True) -> "TunedLens":
@@ -51,8 +65,13 @@ class TunedLens(nn.Module):
         return h + self.translators[layer](h)
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and unembedding, the logit lens."""
-        return self.unembed(self.final_norm(h))
+        """Final norm and unembedding, the logit lens; float32 logits."""
+        normed = self.final_norm(h)
+        if self._matmul_weight is None:
+            return self.unembed(normed)
+        logits = F.linear(normed.to(self._matmul_weight.dtype), self._matmul_weight).float()
+        bias = getattr(self.unembed, "bias", None)
+        return logits if bias is None else logits + bias
 
     def forward(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         return self.decode(self.transform(h, layer))

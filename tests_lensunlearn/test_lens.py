@@ -160,3 +160,14 @@ def test_lens_train_bad_inputs(tmp_path, text_corpus):
 def test_load_model_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(str(tmp_path / "no" / "model"))
+
+
+def test_bfloat16_matmul_is_close_and_reversible(arch):
+    model, _ = make_tiny_model(arch)
+    lens = _randomise(TunedLens.from_model(model))
+    h = torch.randn(4, 32)
+    exact = lens(h, 1)
+    fast = lens.set_matmul_dtype(torch.bfloat16)(h, 1)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    torch.testing.assert_close(fast, exact, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(lens.set_matmul_dtype(None)(h, 1), exact, rtol=0, atol=0)
