@@ -1,0 +1,396 @@
+"""In-process, batched multiple-choice evaluation with lm-evaluation-harness's numbers (SPEC section 6).
+
+Requests are tokenised exactly as lm-eval's HF backend does (context and continuation encoded
+together, then split; trailing context whitespace moved to the continuation). Each question then
+costs one packed row: the context once, followed by every choice's continuation tokens, with a
+4-D attention mask that lets each choice see the context and itself only. The unembedding is
+applied only at answer positions. With a lens the same pass also yields each layer's answer
+log-likelihoods (the knowledge profile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .cli import Command
+from .config import ConfigError, option, write_json_atomic
+from .layers import StopForward, capture_streams, model_parts
+from .profile import layer_accuracy, layer_logprobs, plot_profile, profile_table
+from .tasks import FORMATS, Format, TaskSpec, build_request, load_items, resolve_tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    """One question's token ids: the shared context and one continuation per choice."""
+
+    context: list[int]
+    continuations: list[list[int]]
+
+
+def _tok_encode(tokenizer, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    """lm-eval's HFLM.tok_encode with add_bos_token unset: the tokenizer's own default."""
+    kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+    prefix = _prefix_token_id(tokenizer)
+    if add_special_tokens is None and prefix is not None and text.startswith(tokenizer.decode(prefix)):
+        kwargs["add_special_tokens"] = False
+    return tokenizer.encode(text, **kwargs)
+
+
+def _prefix_token_id(tokenizer) -> int | None:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_request(tokenizer, context: str, continuations: Sequence[str]) -> Encoded:
+    """Token ids as lm-eval's `loglikelihood` builds them, for every choice of one question."""
+    if context == "":
+        prefix = _prefix_token_id(tokenizer)
+        conts = []
+        for continuation in continuations:
+            ids = _tok_encode(tokenizer, continuation, add_special_tokens=False)
+            if ids[0] == prefix:  # lm-eval then uses the first token as the context
+                raise ValueError("a continuation that starts with the prefix token needs a non-empty context")
+            conts.append(ids)
+        return Encoded([prefix], conts)
+    spaces = len(context) - len(context.rstrip())
+    head, tail = (context[:-spaces], context[-spaces:]) if spaces else (context, "")
+    ctx = _tok_encode(tokenizer, head)
+    conts = [_tok_encode(tokenizer, head + tail + c)[len(ctx):] for c in continuations]
+    empty = [c for c, ids in zip(continuations, conts) if not ids]
+    if empty:
+        raise ValueError(f"continuation(s) {empty!r} tokenise to nothing after context {context[-40:]!r}")
+    return Encoded(ctx, conts)
+
+
+def _pack(enc: Encoded) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """One row: context, then each choice's tokens but its last; reads (position, target, choice)."""
+    ids, positions, segments = list(enc.context), list(range(len(enc.context))), [-1] * len(enc.context)
+    reads = []
+    for choice, cont in enumerate(enc.continuations):
+        previous = len(enc.context) - 1
+        for offset, token in enumerate(cont):
+            reads.append((previous, token, choice))
+            if offset < len(cont) - 1:
+                ids.append(token)
+                positions.append(len(enc.context) + offset)
+                segments.append(choice)
+                previous = len(ids) - 1
+    return ids, positions, segments, reads
+
+
+def _batch_tensors(packed: list, pad_id: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(p[0]) for p in packed)
+    ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(packed), width), dtype=torch.long)
+    segments = torch.full((len(packed), width), -2, dtype=torch.long)  # -2: padding, -1: context
+    for row, (row_ids, row_pos, row_seg, _) in enumerate(packed):
+        ids[row, :len(row_ids)] = torch.tensor(row_ids)
+        positions[row, :len(row_pos)] = torch.tensor(row_pos)
+        segments[row, :len(row_seg)] = torch.tensor(row_seg)
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = ((key == -1) | (key == query)) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return {"input_ids": ids.to(device), "position_ids": positions.to(device), "attention_mask": mask.to(device)}
+
+
+def _final_logits(model, hidden: torch.Tensor, unembed: torch.nn.Module) -> torch.Tensor:
+    logits = unembed(hidden).float()
+    config = getattr(model, "config", None)
+    cap = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                  "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def score_batch(model, encoded: Sequence[Encoded], pad_id: int, lens=None
+                ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Per question: choice log-likelihoods [choices], and with a lens [layers, choices]."""
+    parts = model_parts(model)
+    device, dtype = parts.unembed.weight.device, parts.unembed.weight.dtype
+    packed = [_pack(e) for e in encoded]
+    batch = _batch_tensors(packed, pad_id, dtype, device)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab_final(_module, args):
+        captured["final"] = args[0]
+        raise StopForward
+
+    handle = parts.unembed.register_forward_pre_hook(grab_final)
+    streams_cm = capture_streams(model, range(parts.num_layers)) if lens is not None else contextlib.nullcontext({})
+    try:
+        with streams_cm as streams:
+            try:
+                model(**batch, use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    # Every choice's first token is read at the last context position: unembed each position once.
+    width = batch["input_ids"].shape[1]
+    flat = torch.tensor([r * width + pos for r, p in enumerate(packed) for pos, _, _ in p[3]])
+    unique, inverse = torch.unique(flat, return_inverse=True)
+    rows, cols = (unique // width).to(device), (unique % width).to(device)
+    targets = torch.tensor([t for p in packed for _, t, _ in p[3]], device=device)
+    inverse = inverse.to(device)
+    logprobs = torch.log_softmax(_final_logits(model, captured["final"][rows, cols], parts.unembed), dim=-1)
+    read = logprobs[inverse, targets].double().cpu().numpy()
+    lens_read = (layer_logprobs(lens, streams, rows, cols, targets, inverse).double().cpu().numpy()
+                 if lens is not None else None)
+    finals, per_layer, start = [], [], 0
+    for enc, (_, _, _, reads) in zip(encoded, packed):
+        choice = np.array([c for _, _, c in reads])
+        n = len(enc.continuations)
+        finals.append(np.bincount(choice, weights=read[start:start + len(reads)], minlength=n))
+        if lens_read is not None:
+            chunk = lens_read[:, start:start + len(reads)]
+            per_layer.append(np.stack([np.bincount(choice, weights=row, minlength=n) for row in chunk]))
+        start += len(reads)
+    return finals, (per_layer if lens is not None else None)
+
+
+def score_all(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 16, lens=None,
+              progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Score every question in batches of similar length (longest first), in the input order."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(_pack(encoded[i])[0]))
+    finals: list[Any] = [None] * len(encoded)
+    layers: list[Any] = [None] * len(encoded)
+    with tqdm(total=len(encoded), desc="scoring questions", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            out, per_layer = score_batch(model, [encoded[i] for i in chunk], pad_id, lens)
+            for k, i in enumerate(chunk):
+                finals[i] = out[k]
+                layers[i] = per_layer[k] if per_layer is not None else None
+            bar.update(len(chunk))
+    return finals, (layers if lens is not None else None)
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """lm-eval's `mean_stderr`: sample standard deviation over sqrt(n) (None for n < 2)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
+
+
+def pooled_stderr(stderrs: Sequence[float | None], sizes: Sequence[int]) -> float | None:
+    """lm-eval's `pooled_sample_stderr`, used for groups weighted by size."""
+    if any(s is None for s in stderrs) or sum(sizes) <= len(sizes):
+        return None
+    variance = sum((n - 1) * s ** 2 * n for n, s in zip(sizes, stderrs)) / (sum(sizes) - len(sizes))
+    return math.sqrt(variance / sum(sizes))
+
+
+def question_predictions(lls: np.ndarray, choices: Sequence[str]) -> tuple[int, int]:
+    """(pred, pred_norm) as lm-eval picks them: argmax of ll and of ll / len(choice in characters)."""
+    lengths = np.array([float(len(c)) for c in choices])
+    return int(np.argmax(lls)), int(np.argmax(lls / lengths))
+
+
+def task_metrics(correct: Sequence[float], correct_norm: Sequence[float]) -> dict:
+    n = len(correct)
+    return {"acc": sum(correct) / n, "acc_stderr": mean_stderr(correct),
+            "acc_norm": sum(correct_norm) / n, "acc_norm_stderr": mean_stderr(correct_norm), "n": n}
+
+
+def group_metrics(results: dict[str, dict], members: Sequence[str]) -> dict:
+    """Size-weighted accuracy of a group, with lm-eval's pooled standard error."""
+    sizes = [results[m]["n"] for m in members]
+    out: dict[str, Any] = {"n": sum(sizes), "tasks": list(members)}
+    for metric in ("acc", "acc_norm"):
+        out[metric] = sum(results[m][metric] * n for m, n in zip(members, sizes)) / sum(sizes)
+        out[f"{metric}_stderr"] = pooled_stderr([results[m][f"{metric}_stderr"] for m in members], sizes)
+    return out
+
+
+def _load_tasks(specs: Sequence[TaskSpec], limit: int | None, loader) -> list[tuple[TaskSpec, list[dict]]]:
+    loaded = []
+    for spec in tqdm(specs, desc="loading tasks", disable=len(specs) < 4):
+        items = load_items(spec, loader)
+        loaded.append((spec, items[:limit] if limit is not None else items))
+    return loaded
+
+
+def evaluate(model, tokenizer, tasks: str | Sequence[str], format: Format = "letter", batch_size: int = 16,
+             limit: int | None = None, lens=None, predictions_path: str | Path | None = None,
+             dataset_loader=None, progress: bool = True, model_name: str | None = None) -> dict:
+    """Evaluate `model` on tasks; returns {"model", "format", "results", "groups"[, "profile"]}.
+
+    `tasks` names hub tasks and groups, `facts:<domain>` or local jsonl paths; `lens` (a
+    TunedLens) adds the knowledge profile; `dataset_loader` replaces `datasets.load_dataset`.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise ValueError(f"batch_size and limit must be positive, got batch_size={batch_size}, limit={limit}")
+    started = time.perf_counter()
+    loaded = _load_tasks(resolve_tasks(tasks), limit, dataset_loader)
+    requests, encoded = [], []
+    for spec, items in loaded:
+        description = spec.description(format)
+        for index, item in enumerate(items):
+            context, continuations, choices = build_request(item, format, description)
+            requests.append((spec, index, item, choices))
+            encoded.append(encode_request(tokenizer, context, continuations))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    try:
+        finals, layers = score_all(model, encoded, pad_id, batch_size, lens, progress)
+    finally:
+        model.train(was_training)
+    out = _collect(requests, finals, layers, loaded, predictions_path)
+    name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    result = {"model": name, "format": format, **out, "wall_time_s": time.perf_counter() - started}
+    log.info("evaluated %d questions in %.1f s", len(encoded), result["wall_time_s"])
+    return result
+
+
+def _collect(requests, finals, layers, loaded, predictions_path) -> dict:
+    per_task: dict[str, dict[str, list]] = {spec.name: {"c": [], "cn": [], "ll": [], "gold": [], "len": []}
+                                           for spec, _ in loaded}
+    rows = []
+    for (spec, index, item, choices), lls, layer_lls in zip(requests, finals, layers or [None] * len(finals)):
+        pred, pred_norm = question_predictions(lls, choices)
+        gold = item["answer"]
+        acc = per_task[spec.name]
+        acc["c"].append(float(pred == gold))
+        acc["cn"].append(float(pred_norm == gold))
+        acc["ll"].append(layer_lls)
+        acc["gold"].append(gold)
+        acc["len"].append([len(c) for c in choices])
+        row = {"task": spec.name, "index": index, "gold": gold, "pred": pred, "pred_norm": pred_norm,
+               "loglikelihoods": [float(x) for x in lls]}
+        if "fact_id" in item:
+            row["fact_id"] = item["fact_id"]
+        if layer_lls is not None:
+            row["layer_pred"] = [int(np.argmax(x)) for x in layer_lls]
+        rows.append(row)
+    results = {name: task_metrics(v["c"], v["cn"]) for name, v in per_task.items()}
+    members: dict[str, list[str]] = {}
+    for spec, _ in loaded:
+        if spec.group:
+            members.setdefault(spec.group, []).append(spec.name)
+    out: dict[str, Any] = {"results": results, "groups": {g: group_metrics(results, m) for g, m in members.items()}}
+    if layers is not None:
+        out["profile"] = _profile(per_task, results, len(layers[0]) if layers else 0)
+    if predictions_path is not None:
+        write_predictions(predictions_path, rows)
+    return out
+
+
+def _profile(per_task: dict, results: dict, num_layers: int) -> dict:
+    tasks = {}
+    for name, v in per_task.items():
+        acc, acc_norm = layer_accuracy(v["ll"], v["gold"], v["len"])
+        tasks[name] = {"acc": acc, "acc_norm": acc_norm, "final_acc": results[name]["acc"]}
+    return {"layers": list(range(num_layers)), "tasks": tasks, "chance": 0.25}
+
+
+def write_predictions(path: str | Path, rows: Sequence[dict]) -> Path:
+    """Per-question predictions as jsonl (one row per question, in task order), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def results_table(results: dict) -> str:
+    """The results as a markdown table: tasks, then groups."""
+    lines = [f"model: {results.get('model', '')}   format: {results.get('format', '')}",
+             "| task | n | acc | ± | acc_norm | ± |", "|---|---:|---:|---:|---:|---:|"]
+    for kind in ("results", "groups"):
+        for name, r in results.get(kind, {}).items():
+            label = f"**{name}**" if kind == "groups" else name
+            lines.append(f"| {label} | {r['n']} | {_fmt(r['acc'])} | {_fmt(r['acc_stderr'])} | "
+                         f"{_fmt(r['acc_norm'])} | {_fmt(r['acc_norm_stderr'])} |")
+    if "profile" in results:
+        lines += ["", "knowledge profile (accuracy through lens l):", profile_table(results["profile"])]
+    return "\n".join(lines)
+
+
+@dataclass
+class EvalConfig:
+    """Options of `lensunlearn eval`."""
+
+    model: str = option("smollm2-135m", "model: hub id, local folder, or smollm2-135m (embedded)")
+    tasks: tuple[str, ...] = option(("wmdp_bio_robust", "mmlu"),
+                                    "comma-separated tasks: wmdp_bio_robust, wmdp_bio, mmlu, mmlu_stem, mmlu_<subject>, "
+                                    "facts:<domain>, or a .jsonl of {question, choices, answer[, prompt]}")
+    format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the answer text as continuation")
+    batch_size: int = option(16, "questions per forward pass")
+    limit: int | None = option(None, "at most this many questions per task (quick runs)")
+    out: str | None = option(None, "write the results JSON here")
+    predictions: str | None = option(None, "per-question predictions jsonl (default: beside --out)")
+    lens: str | None = option(None, "tuned lens folder or hub id: adds the per-layer knowledge profile")
+    plot: str | None = option(None, "knowledge-profile PNG (default: beside --out when --lens is given)")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on GPU)")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
+    trust_remote_code: bool = option(False, "allow model code from the hub")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format {self.format!r} is unknown: use one of {', '.join(FORMATS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if not self.tasks:
+            raise ConfigError("--tasks is empty: name at least one task, e.g. --tasks facts:country_capital")
+
+
+def _beside(out: str | None, suffix: str) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    return path.with_name(path.stem + suffix)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """The `eval` command: load, evaluate, write JSON, predictions and profile plot, print the table."""
+    from .lens import TunedLens
+    from .models import load_model
+
+    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    lens = TunedLens.load(cfg.lens, model) if cfg.lens else None
+    predictions = Path(cfg.predictions) if cfg.predictions else _beside(cfg.out, ".predictions.jsonl")
+    results = evaluate(model, tokenizer, list(cfg.tasks), cfg.format, cfg.batch_size, cfg.limit, lens,
+                       predictions, model_name=cfg.model)
+    results["config"] = {"tasks": list(cfg.tasks), "batch_size": cfg.batch_size, "limit": cfg.limit,
+                         "lens": cfg.lens, "dtype": cfg.dtype}
+    if lens is not None:
+        plot = Path(cfg.plot) if cfg.plot else _beside(cfg.out, ".profile.png")
+        if plot is not None:
+            results["profile"]["plot"] = str(plot_profile(results["profile"], plot, title=f"{cfg.model}: knowledge profile"))
+    if cfg.out:
+        write_json_atomic(cfg.out, results)
+        log.info("wrote %s%s", cfg.out, f" and {predictions}" if predictions else "")
+    print(results_table(results))
+    return results
+
+
+COMMANDS = [Command(words=("eval",), help="Evaluate a model on WMDP-Bio, MMLU, fact sets or local jsonl tasks "
+                    "(lm-eval's numbers, in-process), optionally layer by layer through a tuned lens.",
+                    config=EvalConfig, run=run_eval)]

@@ -1,0 +1,82 @@
+"""Knowledge profile: how much of a task each layer's tuned lens still answers.
+
+For every layer l in 0..L-1 the answer log-likelihoods are read from `lens(stream_l, l)` at the
+answer positions, the same positions and targets the model's own output is scored at. Accuracy
+per layer shows whether knowledge removed from the output still sits in intermediate layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def layer_logprobs(lens, streams: dict[int, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
+                   targets: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities of `targets` under each layer's lens: [layers, reads], float32.
+
+    The lens runs once per position (rows[i], cols[i]); read k takes position `inverse[k]`
+    (default: read k is position k), so choices that share a position share its logits.
+    """
+    index = inverse if inverse is not None else torch.arange(len(targets), device=targets.device)
+    out = []
+    for layer in sorted(streams):
+        logprobs = torch.log_softmax(lens(streams[layer][rows, cols], layer).float(), dim=-1)
+        out.append(logprobs[index, targets])
+    return torch.stack(out)
+
+
+def layer_accuracy(layer_lls: Sequence[np.ndarray], golds: Sequence[int], choice_lengths: Sequence[Sequence[int]]
+                   ) -> tuple[list[float], list[float]]:
+    """(acc, acc_norm) per layer from per-question [layers, choices] log-likelihoods."""
+    if not layer_lls:
+        return [], []
+    stacked = np.stack(layer_lls)  # [questions, layers, choices]
+    lengths = np.asarray(choice_lengths, dtype=float)[:, None, :]
+    gold = np.asarray(golds)[:, None]
+    acc = (stacked.argmax(-1) == gold).mean(0)
+    acc_norm = ((stacked / lengths).argmax(-1) == gold).mean(0)
+    return acc.tolist(), acc_norm.tolist()
+
+
+def profile_table(profile: dict) -> str:
+    """A text table of accuracy per layer, one column per task."""
+    tasks = list(profile["tasks"])
+    header = "| layer | " + " | ".join(tasks) + " |"
+    lines = [header, "|" + "---|" * (len(tasks) + 1)]
+    for i, layer in enumerate(profile["layers"]):
+        lines.append(f"| {layer} | " + " | ".join(f"{profile['tasks'][t]['acc'][i]:.4f}" for t in tasks) + " |")
+    lines.append("| final | " + " | ".join(f"{profile['tasks'][t]['final_acc']:.4f}" for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def plot_profile(profile: dict, path: str | Path, title: str = "") -> Path:
+    """Draw accuracy against layer for each task (final output and chance as dotted lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, entry in profile["tasks"].items():
+        line, = ax.plot(profile["layers"], entry["acc"], marker="o", markersize=3, label=name)
+        ax.axhline(entry["final_acc"], color=line.get_color(), linestyle=":", linewidth=1)
+    if profile.get("chance") is not None:
+        ax.axhline(profile["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel("layer (lens l reads the input of block l)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "knowledge profile through the tuned lens (dotted: model output)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
