@@ -1,0 +1,137 @@
+"""The lens unlearning objective (SPEC section 4): forget loss, retain loss and their schedule.
+
+One objective serves LoRA and full-parameter training. What differs is only where the original
+model's activations come from, a strategy: `AdapterDisabled` (the same LoRA model with its
+adapters switched off) or `FrozenCopy` (a frozen copy made before training).
+
+Streams are read with `forward_streams(..., stop=True)`: the forward pass ends at the deepest
+target layer, so later blocks never run. Stream l depends on blocks 0 .. l-1 only, which is why
+LoRA adapters are placed on blocks 0 .. max(layers) - 1 (an adapter on block max(layers) could not
+change any stream the objective reads). The `kl` retain loss needs the model's output, so it runs
+every block up to the final norm (the unembedding is applied in chunks here, never [B, T, V] whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import ContextManager, Literal, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .layers import forward_streams, model_parts, unwrap
+from .losses import (DEFAULT_CHUNK, chunked_token_sum, lens_forget_loss, masked_mean, random_targets, retain_kl,
+                     retain_l2, select_tokens)
+
+ForgetTarget = Literal["uniform", "random"]
+RetainLoss = Literal["l2", "kl"]
+FORGET_TARGETS = ("uniform", "random")
+RETAIN_LOSSES = ("l2", "kl")
+
+
+def schedule(step: int, steps_per_epoch: int, retain_coef: float, remove_coef: float) -> tuple[float, float]:
+    """(retain weight, forget weight) after `step` optimiser steps: s = min(1, step / T).
+
+    The retain weight ramps from 0 to `retain_coef` over the first epoch while the forget weight
+    eases from `remove_coef` to 0.75 x `remove_coef`.
+    """
+    s = min(1.0, step / max(1, steps_per_epoch))
+    return retain_coef * s, remove_coef * (1.0 - 0.25 * s)
+
+
+class OriginalModel(Protocol):
+    """Where the un-updated model's activations come from."""
+
+    model: nn.Module
+
+    def context(self) -> ContextManager: ...
+
+
+class AdapterDisabled:
+    """LoRA mode: the original model is the same peft model with its adapters disabled."""
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        self.model = peft_model
+
+    def context(self) -> ContextManager:
+        return self.model.disable_adapter()
+
+
+class FrozenCopy:
+    """Full-parameter mode: a frozen copy of the model, taken before any update (not a submodule)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(unwrap(model)).requires_grad_(False).eval()
+
+    def context(self) -> ContextManager:
+        return contextlib.nullcontext()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class UnlearnObjective(nn.Module):
+    """Forget and retain losses of one forget batch and one retain batch.
+
+    A module, so that DDP can wrap it: its `forward` returns the weighted loss and the two parts,
+    and the early stops of `forward_streams` happen inside it, invisible to DDP.
+    """
+
+    def __init__(self, model: nn.Module, lens: nn.Module, layers: Sequence[int], original: OriginalModel,
+                 retain_loss: RetainLoss = "l2", forget_target: ForgetTarget = "uniform",
+                 chunk: int = DEFAULT_CHUNK) -> None:
+        super().__init__()
+        if retain_loss not in RETAIN_LOSSES or forget_target not in FORGET_TARGETS:
+            raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES} and forget_target one of {FORGET_TARGETS}, "
+                             f"got {retain_loss!r} and {forget_target!r}")
+        self.model, self.lens, self.layers = model, lens, tuple(layers)
+        self.original, self.retain_kind, self.forget_target, self.chunk = original, retain_loss, forget_target, chunk
+
+    def forget_loss(self, batch: dict[str, torch.Tensor], target_seed: int = 0) -> torch.Tensor:
+        """Lens cross-entropy against a uniform (or sampled) target, / ln V; 1 for a uniform lens."""
+        ids, mask = batch["input_ids"].to(_device(self.model)), batch["attention_mask"].to(_device(self.model))
+        streams = forward_streams(self.model, self.layers, ids, mask, stop=True)
+        hs = [select_tokens(streams[l], mask) for l in self.layers]
+        targets = None
+        if self.forget_target == "random":
+            vocab = self.lens.unembed.weight.shape[0]
+            targets = [random_targets(hs[0].shape[0], vocab, target_seed * 1009 + i) for i in range(len(hs))]
+        return lens_forget_loss(self.lens, self.layers, hs, targets, chunk=self.chunk)
+
+    def retain_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Distance of the updated model from the original on retain text (`l2` streams or `kl` outputs)."""
+        ids, mask = batch["input_ids"].to(_device(self.model)), batch["attention_mask"].to(_device(self.model))
+        final = self.retain_kind == "kl"
+        layers = () if final else self.layers
+        with torch.no_grad(), self.original.context():
+            before = forward_streams(self.original.model, layers, ids, mask, stop=True, final=final)
+        after = forward_streams(self.model, layers, ids, mask, stop=True, final=final)
+        if not final:
+            return torch.stack([masked_mean(retain_l2(after[l], before[l]), mask) for l in self.layers]).mean()
+        key = model_parts(self.model).num_layers
+        new_parts, old_parts = model_parts(self.model), model_parts(self.original.model)
+
+        def per_token(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), self.original.context():
+                target = old_parts.unembed(old_parts.final_norm(h0))
+            return retain_kl(target, new_parts.unembed(new_parts.final_norm(h)))
+
+        total = chunked_token_sum(per_token, select_tokens(after[key], mask), select_tokens(before[key], mask),
+                                  chunk=self.chunk)
+        return total / mask.sum().clamp_min(1)
+
+    def losses(self, forget_batch: dict[str, torch.Tensor], retain_batch: dict[str, torch.Tensor] | None,
+               target_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forget loss, retain loss); the retain passes are skipped (loss 0) when `retain_batch` is None."""
+        forget = self.forget_loss(forget_batch, target_seed)
+        retain = self.retain_loss(retain_batch) if retain_batch is not None else forget.new_zeros(())
+        return forget, retain
+
+    def forward(self, forget_batch: dict[str, torch.Tensor], retain_batch: dict[str, torch.Tensor],
+                retain_weight: float, forget_weight: float, target_seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weighted loss, forget loss, retain loss); retain passes skipped while its weight is 0."""
+        forget, retain = self.losses(forget_batch, retain_batch if retain_weight != 0 else None, target_seed)
+        return forget_weight * forget + retain_weight * retain, forget, retain

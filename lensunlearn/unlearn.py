@@ -1,0 +1,422 @@
+"""`unlearn`: make a model forget a corpus through its tuned lens (SPEC sections 4 and 5).
+
+Data flow: config -> model, lens and layers (validated) -> paired forget/retain corpora -> LoRA
+adapters or full parameters (DDP / FSDP2 under torchrun) -> `UnlearnObjective` in the one training
+loop -> run directory (config, metrics, adapter, merged model, evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .cli import Command
+from .config import ConfigError, option, to_jsonable, write_json_atomic
+from .data import batch_indices, collate, load_texts, tokenize
+from .distributed import (World, barrier, cleanup, device_for, full_state_dict, init_distributed,
+                          mean_over_ranks, no_sync, shard, shard_fsdp, wrap_ddp)
+from .layers import check_layers, clip_layers, model_parts, unwrap
+from .lens import TunedLens
+from .lens_train import ModelOptions
+from .loop import CHECKPOINT_FILE, LoopSpec, MetricsLog, load_checkpoint, restore_checkpoint, run_loop, save_checkpoint
+from .models import load_model, model_short_name
+from .objective import AdapterDisabled, FrozenCopy, UnlearnObjective, schedule
+from .optim import build_optimizer, embedding_parameters, lr_factor
+
+log = logging.getLogger(__name__)
+
+SEED_LAYERS = (5, 10, 15, 20, 25, 30)
+RUN_CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "run_config.json", "metrics.jsonl", "summary.json"
+EVAL_FILE, BASE_EVAL_FILE = "eval.json", "base_eval.json"
+LOGGED = ("step", "retain_loss", "forget_loss", "retain_weight", "forget_weight", "lr", "grad_norm", "tokens_per_s",
+          "seconds")
+
+
+@dataclass
+class UnlearnConfig(ModelOptions):
+    lens: str | None = option(None, "tuned lens folder or hub id; None means runs/lens_<model>, where `lens train` "
+                                    "writes")
+    layers: tuple[int, ...] = option(SEED_LAYERS, "target layers l (stream l, read by lens l); the default "
+                                                   "5,...,30 is clipped to the model's depth, explicit layers are not")
+    forget: str = option("Unlearning/WMDP-Bio-Remove-Dataset", "forget corpus: hub id, local file/folder or "
+                                                               "facts:<domain>")
+    forget_config: str | None = option(None, "hub config of the forget corpus")
+    forget_split: str = option("train", "split of the forget corpus")
+    forget_column: str | None = option(None, "text column of the forget corpus (None: text or title/abstract/text)")
+    retain: str = option("EleutherAI/wikitext_document_level", "retain corpus; join several with '+' to "
+                                                               "interleave them, e.g. facts:element_symbol+notes.txt")
+    retain_config: str | None = option("wikitext-103-raw-v1", "hub config of the retain corpus")
+    retain_split: str = option("train", "split of the retain corpus")
+    retain_column: str | None = option("page", "text column of the retain corpus")
+    retain_shuffle_seed: int | None = option(42, "shuffle the retain corpus with this seed before taking "
+                                                 "the first --examples (None: no shuffle)")
+    examples: int = option(8192, "forget/retain pairs per epoch (a shorter corpus is cycled)")
+    epochs: float = option(1.0, "passes over the --examples pairs")
+    max_length: int = option(2048, "truncate documents to this many tokens")
+    batch: int = option(32, "global batch: pairs per optimiser step = per_device_batch x grad accumulation x ranks")
+    per_device_batch: int = option(8, "pairs per forward pass on one device")
+    optimizer: Literal["adamw", "muon"] = option("adamw", "adamw, or muon for 2-D hidden matrices (LoRA A and B "
+                                                          "included) with adamw for the rest")
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.01, "weight decay")
+    warmup: int = option(0, "linear warmup steps")
+    schedule: Literal["linear", "cosine", "constant"] = option("linear", "lr schedule after warmup")
+    clip: float = option(1.0, "gradient-norm clip (0 disables)")
+    retain_coef: float = option(5.0, "final weight of the retain loss (ramps up from 0 over the first epoch)")
+    remove_coef: float = option(5.0, "initial weight of the forget loss (eases to 0.75x over the first epoch)")
+    retain_loss: Literal["l2", "kl"] = option("l2", "l2: stream distance to the original model at the target "
+                                                    "layers; kl: KL of output distributions")
+    forget_target: Literal["uniform", "random"] = option("uniform", "uniform: exact expected CE to a random token; "
+                                                                    "random: sampled tokens (the reference)")
+    full: bool = option(False, "train all parameters instead of LoRA adapters")
+    lora_rank: int = option(16, "LoRA rank")
+    lora_alpha: float = option(16.0, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_targets: str = option("auto", "auto: the modules peft chooses for the architecture; all: every linear "
+                                       "layer; or comma-separated module names")
+    chunk: int = option(1024, "tokens per chunk of full-vocabulary losses (bounds memory)")
+    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
+    mixed_precision: bool = option(False, "bfloat16 autocast (GPU only; keep --dtype float32 weights)")
+    seed: int = option(0, "seed for adapters, data order, dropout and random targets")
+    out: str = option("runs", "parent folder of the run directory")
+    run_name: str | None = option(None, "run directory name; None: <model>_lens_ex<examples>_rm<remove>_ret<retain> "
+                                        "(+ _full, _muon, _kl, _random when used)")
+    eval_tasks: str = option("wmdp_bio_robust,mmlu_stem", "tasks evaluated after training (\"\" skips)")
+    eval_format: Literal["letter", "cloze"] = option("letter", "letter (A/B/C/D) or cloze scoring")
+    eval_batch: int = option(16, "evaluation batch size")
+    eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
+    eval_base: bool = option(False, "also evaluate the model before unlearning (base_eval.json)")
+    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
+    resume: bool = option(False, "continue the unfinished run in the run directory")
+    overwrite: bool = option(False, "replace a finished run of the same name")
+
+    def __post_init__(self) -> None:
+        positive = {"examples": self.examples, "batch": self.batch, "per_device_batch": self.per_device_batch,
+                    "max_length": self.max_length - 1, "chunk": self.chunk, "lora_rank": self.lora_rank}
+        bad = [name for name, value in positive.items() if value < 1]
+        if bad or self.epochs <= 0:
+            raise ConfigError(f"--{(bad or ['epochs'])[0]} is too small: examples, epochs, batch, per_device_batch, "
+                              f"chunk and lora_rank must be positive and max_length at least 2")
+        if self.batch % self.per_device_batch:
+            raise ConfigError(f"--batch {self.batch} is not a multiple of --per_device_batch {self.per_device_batch}: "
+                              f"batch = per_device_batch x grad accumulation x number of processes")
+        if self.retain_coef < 0 or self.remove_coef < 0:
+            raise ConfigError("--retain_coef and --remove_coef must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.layers:
+            raise ConfigError("--layers is empty: pass target layers such as 5,10,15")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pick one")
+
+    @property
+    def name(self) -> str:
+        """The run directory name (SPEC section 4), e.g. smollm2-135m_lens_ex400_rm5.0_ret5.0."""
+        if self.run_name:
+            return self.run_name
+        name = f"{model_short_name(self.model)}_lens_ex{self.examples}_rm{float(self.remove_coef)}_" \
+               f"ret{float(self.retain_coef)}"
+        extras = [("_full", self.full), ("_muon", self.optimizer == "muon"), ("_kl", self.retain_loss == "kl"),
+                  ("_random", self.forget_target == "random")]
+        return name + "".join(suffix for suffix, used in extras if used)
+
+
+SEED = UnlearnConfig()
+SMALL = replace(
+    SEED, forget="facts:country_capital", retain="facts:element_symbol+facts:us_state_capital", retain_config=None,
+    retain_column=None, examples=400, max_length=64, batch=16, per_device_batch=16, layers=(5, 10, 15, 20),
+    eval_tasks="facts:country_capital,facts:element_symbol", eval_format="cloze", eval_base=True)
+PRESETS = {"seed": SEED, "small": SMALL}
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def load_corpus(source: str, cfg_config: str | None, split: str, column: str | None, limit: int,
+                shuffle_seed: int | None, what: str) -> list[str]:
+    """Documents of one corpus, or of several joined by '+', interleaved round-robin."""
+    parts = [p for p in source.split("+") if p.strip()]
+    if not parts:
+        raise ValueError(f"{what} corpus is empty: pass --{what} with a dataset, a file or facts:<domain>")
+    corpora = [load_texts(p.strip(), config=cfg_config if len(parts) == 1 else None, split=split,
+                          column=column if len(parts) == 1 else None, limit=limit, shuffle_seed=shuffle_seed,
+                          what=f"{what} corpus") for p in parts]
+    mixed = [c[i] for i in range(max(map(len, corpora))) for c in corpora if i < len(c)]
+    return mixed[:limit]
+
+
+@dataclass
+class PairedData:
+    """Tokenised forget and retain documents; pair k is (forget[k % F], retain[k % R])."""
+
+    forget: list[list[int]]
+    retain: list[list[int]]
+    pairs: int
+    pad_id: int
+
+    def micro_batch(self, pair_ids: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+        return {"forget": collate([self.forget[k % len(self.forget)] for k in pair_ids], self.pad_id),
+                "retain": collate([self.retain[k % len(self.retain)] for k in pair_ids], self.pad_id)}
+
+
+def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
+    """Load, truncate and pair the corpora; refuse empty ones before any training."""
+    forget = load_corpus(cfg.forget, cfg.forget_config, cfg.forget_split, cfg.forget_column, cfg.examples, None,
+                         "forget")
+    retain = load_corpus(cfg.retain, cfg.retain_config, cfg.retain_split, cfg.retain_column, cfg.examples,
+                         cfg.retain_shuffle_seed, "retain")
+    data = PairedData(tokenize(forget, tokenizer, cfg.max_length), tokenize(retain, tokenizer, cfg.max_length),
+                      cfg.examples, tokenizer.pad_token_id)
+    for what, docs in (("forget", data.forget), ("retain", data.retain)):
+        if not docs:
+            raise ValueError(f"{what} corpus {getattr(cfg, what)} has no documents left after tokenisation")
+        if len(docs) < cfg.examples:
+            log.info("%s corpus has %d documents < %d examples: it is cycled", what, len(docs), cfg.examples)
+    return data
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+
+def resolve_layers(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
+    """The seed's default layers are clipped to the model's depth; explicit layers must exist."""
+    layers = clip_layers(cfg.layers, num_layers) if tuple(cfg.layers) == SEED_LAYERS else cfg.layers
+    layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer"))))
+    if not cfg.full and max(layers) == 0:
+        raise ValueError("target layer 0 is the embedding output, which no LoRA adapter can change: "
+                         "choose layers >= 1 or train with --full")
+    return layers
+
+
+def _blocks_name(model: torch.nn.Module) -> str:
+    blocks = model_parts(model).blocks
+    return next(name for name, module in model.named_modules() if module is blocks).rsplit(".", 1)[-1]
+
+
+def add_lora(model: torch.nn.Module, cfg: UnlearnConfig, layers: tuple[int, ...]) -> torch.nn.Module:
+    """LoRA on blocks 0 .. max(layers) - 1, the only blocks that the target streams depend on."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = {"auto": None, "all": "all-linear"}.get(cfg.lora_targets, [t for t in cfg.lora_targets.split(",") if t])
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, layers_to_transform=list(range(max(layers))),
+                      layers_pattern=_blocks_name(model), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise ValueError(f"cannot place LoRA adapters on {type(model).__name__}: {err}. "
+                         f"Pass --lora_targets all or a list of module names") from err
+
+
+def _evaluate(cfg: UnlearnConfig, model, tokenizer, lens, path: Path) -> dict | None:
+    if not cfg.eval_tasks.strip():
+        return None
+    from .evaluate import evaluate
+
+    result = evaluate(model, tokenizer, cfg.eval_tasks, format=cfg.eval_format, batch_size=cfg.eval_batch,
+                      limit=cfg.eval_limit, model_name=cfg.model)
+    write_json_atomic(path, result)
+    log.info("evaluation -> %s: %s", path, {k: round(v.get("acc", float("nan")), 4)
+                                            for k, v in result.get("results", {}).items()})
+    return result
+
+
+# --- run directory ----------------------------------------------------------------------------------
+
+
+def check_run_dir(cfg: UnlearnConfig) -> Path:
+    """Refuse to clobber a finished run (or silently restart an unfinished one); read-only."""
+    run_dir = Path(cfg.out) / cfg.name
+    if (run_dir / SUMMARY_FILE).exists() and not cfg.overwrite:
+        raise FileExistsError(f"{run_dir} holds a finished run: pass --overwrite to replace it or --run_name to "
+                              f"choose another name")
+    if (run_dir / CHECKPOINT_FILE).exists() and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"{run_dir} holds an unfinished run: pass --resume to continue it or --overwrite to "
+                              f"start over")
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, cfg: UnlearnConfig) -> None:
+    if cfg.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save_model(cfg: UnlearnConfig, model, tokenizer, run_dir: Path, world: World):
+    """LoRA: adapter/ and merged/; full: merged/. Returns the merged model (rank 0; None elsewhere)."""
+    if cfg.full:
+        state = full_state_dict(model, world)
+        if not world.is_main:
+            return None
+        base = unwrap(model)
+        base.save_pretrained(run_dir / "merged", state_dict=state)
+        tokenizer.save_pretrained(run_dir / "merged")
+        if world.distributed:  # the live model is sharded: evaluate a plain copy
+            return load_model(str(run_dir / "merged"), cfg.dtype, "cpu" if not torch.cuda.is_available() else None)[0]
+        return base
+    if not world.is_main:
+        return None
+    model.save_pretrained(run_dir / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(run_dir / "merged")
+    tokenizer.save_pretrained(run_dir / "merged")
+    return merged
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def unlearn(cfg: UnlearnConfig) -> Path:
+    """Unlearn the forget corpus through the lens; return the run directory."""
+    began = time.perf_counter()
+    world = init_distributed()
+    try:
+        return _unlearn(cfg, world, began)
+    finally:
+        cleanup(world)
+
+
+def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
+    run_dir = check_run_dir(cfg)
+    if cfg.batch % (cfg.per_device_batch * world.world_size):
+        raise ValueError(f"--batch {cfg.batch} is not divisible by --per_device_batch {cfg.per_device_batch} x "
+                         f"{world.world_size} processes: batch = per_device_batch x grad accumulation x processes")
+    device = device_for(world, cfg.device)
+    if cfg.full and cfg.optimizer == "muon" and world.distributed:
+        raise ValueError("--optimizer muon with --full under torchrun is not supported yet: FSDP2 shards each matrix "
+                         "and Muon must orthogonalise whole matrices; use --optimizer adamw, LoRA, or one process")
+    if cfg.mixed_precision and device.type != "cuda":
+        raise ValueError("--mixed_precision needs a GPU (bfloat16 autocast); on CPU train in float32")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, cfg.dtype, device, cfg.trust_remote_code)
+    lens = TunedLens.load(cfg.lens or str(Path("runs") / f"lens_{model_short_name(cfg.model)}"), model)
+    lens.requires_grad_(False)
+    layers = resolve_layers(cfg, model_parts(model).num_layers)
+    data = load_pairs(cfg, tokenizer)
+    barrier(world)
+    if world.is_main:
+        prepare_run_dir(run_dir, cfg)
+        if cfg.eval_base and not (run_dir / BASE_EVAL_FILE).exists():
+            _evaluate(cfg, model, tokenizer, lens, run_dir / BASE_EVAL_FILE)
+    barrier(world)
+    return train(cfg, world, device, model, tokenizer, lens, layers, data, run_dir, began)
+
+
+def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
+    """Steps, accumulation and effective epochs; logged before training and saved in run_config.json."""
+    steps = max(1, math.ceil(cfg.examples * cfg.epochs / cfg.batch))
+    steps_per_epoch = max(1, math.ceil(cfg.examples / cfg.batch))
+    unique = min(cfg.examples, len(data.forget))
+    plan = {"steps": steps, "steps_per_epoch": steps_per_epoch, "world_size": world.world_size,
+            "grad_accum": cfg.batch // (cfg.per_device_batch * world.world_size), "examples": cfg.examples,
+            "unique_forget_examples": unique, "unique_retain_examples": min(cfg.examples, len(data.retain)),
+            "effective_epochs": steps * cfg.batch / unique}
+    log.info("%d unique forget examples (%d retain), %d optimiser steps of %d pairs (%d per device x %d accumulation "
+             "x %d processes), %.2f effective epochs over the forget set", unique, plan["unique_retain_examples"],
+             steps, cfg.batch, cfg.per_device_batch, plan["grad_accum"], world.world_size, plan["effective_epochs"])
+    if plan["effective_epochs"] > 1:
+        log.warning("effective epochs %.2f > 1: each forget document is seen %.1f times on average",
+                    plan["effective_epochs"], plan["effective_epochs"])
+    return plan
+
+
+def setup_training(cfg: UnlearnConfig, world: World, device: torch.device, model, lens, layers):
+    """(objective to call, trained model, named trainable tensors, optimiser) for LoRA or full mode."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.full:
+        original = FrozenCopy(model)
+        model.requires_grad_(True)
+        if world.distributed:
+            shard_fsdp(model)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = add_lora(model, cfg, layers)
+        original = AdapterDisabled(model)
+    model.train()
+    objective = UnlearnObjective(model, lens, layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                exclude_from_muon=embedding_parameters(unwrap(model)))
+    call = wrap_ddp(objective, device) if world.distributed and not cfg.full else objective
+    return call, model, trainable, optimizer
+
+
+def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokenizer, lens, layers,
+          data: PairedData, run_dir: Path, began: float) -> Path:
+    plan = _plan(cfg, data, world)
+    call, model, trainable, optimizer = setup_training(cfg, world, device, model, lens, layers)
+    fsdp = cfg.full and world.distributed
+    start = 0
+    state = load_checkpoint(run_dir) if cfg.resume else None
+    if state is not None:
+        start = restore_checkpoint(state, trainable, optimizer)
+        log.info("resuming %s at step %d of %d", run_dir, start, plan["steps"])
+    if world.is_main:
+        write_json_atomic(run_dir / RUN_CONFIG_FILE, {**to_jsonable(cfg), **plan, "layers": list(layers),
+                                                      "run_dir": str(run_dir)})
+    metrics_log = MetricsLog(run_dir / METRICS_FILE, resume_step=start)
+
+    def micro_batches(step: int) -> list:
+        ids = batch_indices(data.pairs, cfg.batch, step, cfg.seed)
+        micro = [(k // cfg.per_device_batch, ids[k:k + cfg.per_device_batch])
+                 for k in range(0, cfg.batch, cfg.per_device_batch)]
+        return [(index, data.micro_batch(pair_ids)) for index, pair_ids in shard(micro, world)]
+
+    def loss_fn(item, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        index, batch = item
+        retain_weight, forget_weight = schedule(step, plan["steps_per_epoch"], cfg.retain_coef, cfg.remove_coef)
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.mixed_precision)
+        with autocast:
+            loss, forget, retain = call(batch["forget"], batch["retain"], retain_weight, forget_weight,
+                                        target_seed=(cfg.seed * 1_000_003 + step) * 1_009 + index)
+        tokens = batch["forget"]["attention_mask"].sum() + (batch["retain"]["attention_mask"].sum()
+                                                            if retain_weight else 0)
+        return loss, {"forget_loss": forget.item(), "retain_loss": retain.item(), "retain_weight": retain_weight,
+                      "forget_weight": forget_weight, "tokens": float(tokens)}
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        metrics.update(mean_over_ranks(metrics, ("forget_loss", "retain_loss"), world))
+        metrics["tokens_per_s"] = metrics.get("tokens_per_s", 0.0) * world.world_size
+        metrics_log.write({k: metrics[k] for k in LOGGED if k in metrics})
+
+    def checkpoint(step: int) -> None:
+        if world.is_main:
+            save_checkpoint(run_dir, step, trainable, optimizer, extra={"run": cfg.name})
+        barrier(world)
+
+    if fsdp and cfg.checkpoint_every:
+        log.warning("checkpoints are not written under FSDP (full mode with several processes): --resume needs "
+                    "a single process or LoRA")
+    spec = LoopSpec(params=list(trainable.values()), optimizer=optimizer, base_lr=cfg.lr, total_steps=plan["steps"],
+                    micro_batches=micro_batches, loss_fn=loss_fn, clip=cfg.clip,
+                    lr_factor=lambda s: lr_factor(s, plan["steps"], cfg.warmup, cfg.schedule),
+                    no_sync=no_sync(call if not fsdp else unwrap(model)), on_step=on_step,
+                    checkpoint=checkpoint, checkpoint_every=0 if fsdp else cfg.checkpoint_every, desc="unlearn",
+                    postfix=("forget_loss", "retain_loss", "forget_weight", "retain_weight", "lr", "tokens_per_s"))
+    trained_at = time.perf_counter()
+    last = run_loop(spec, start_step=start)
+    train_seconds = time.perf_counter() - trained_at
+    merged = save_model(cfg, model, tokenizer, run_dir, world)
+    if world.is_main:
+        _evaluate(cfg, merged, tokenizer, lens, run_dir / EVAL_FILE)
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        write_json_atomic(run_dir / SUMMARY_FILE, {
+            "examples": cfg.examples, "epochs": plan["effective_epochs"], "steps": plan["steps"],
+            "final_retain_loss": last.get("retain_loss"), "final_forget_loss": last.get("forget_loss"),
+            "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - began, "layers": list(layers),
+            "world_size": world.world_size})
+        log.info("run finished in %.1f s -> %s", time.perf_counter() - began, run_dir)
+    barrier(world)
+    return run_dir
+
+
+COMMANDS = [Command(("unlearn",), "unlearn a corpus through the tuned lens (LoRA or full parameters)", UnlearnConfig,
+                    unlearn, presets=PRESETS, default_preset="seed")]

@@ -1,0 +1,79 @@
+"""Two gloo processes on CPU give the same result as one process with the same global batch.
+
+LoRA runs under DDP (the objective module is wrapped) and full-parameter runs under FSDP2
+(`fully_shard` per block); both with AdamW. One spawn runs both. (Muon under FSDP2 is refused: it needs whole matrices.)
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lensunlearn.distributed import World, shard
+from lensunlearn.lens import TunedLens
+from lensunlearn.models import load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _dist_worker import run  # noqa: E402
+from conftest import save_tiny_model  # noqa: E402
+
+RUNS = {"ddp_lora": dict(full=False, optimizer="adamw"), "fsdp_full": dict(full=True, optimizer="adamw")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _configs(tmp_path: Path, out: str) -> list[dict]:
+    model = save_tiny_model(tmp_path / "tiny", "gpt_neox")
+    loaded, _ = load_model(str(model), device="cpu")
+    TunedLens.from_model(loaded).save(tmp_path / "lens")
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    forget.write_text("".join(json.dumps({"text": f"the capital of {c} is {p} ."}) + "\n"
+                              for c, p in (("france", "paris"), ("italy", "rome"), ("spain", "madrid"))))
+    retain.write_text("".join(json.dumps({"text": f"the symbol of gold is {i} and iron {i + 1}"}) + "\n"
+                              for i in range(8)))
+    base = dict(model=str(model), lens=str(tmp_path / "lens"), layers=(1, 3), forget=str(forget),
+                retain=str(retain), retain_config=None, retain_column=None, examples=8, batch=4, per_device_batch=1,
+                max_length=16, eval_tasks="", lora_dropout=0.0, device="cpu", checkpoint_every=0)
+    return [{**base, **extra, "out": str(tmp_path / out), "run_name": name} for name, extra in RUNS.items()]
+
+
+def test_shard_splits_micro_batches_contiguously():
+    items = list(range(6))
+    assert shard(items, World(0, 2)) + shard(items, World(1, 2)) == items
+    with pytest.raises(ValueError, match="evenly"):
+        shard(list(range(3)), World(0, 2))
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    two = _configs(tmp_path, "two")
+    mp.spawn(run, args=(2, _free_port(), two), nprocs=2, join=True)
+    one = [{**c, "out": str(tmp_path / "one")} for c in two]
+    run(0, 1, _free_port(), one)
+    for name in RUNS:
+        a = load_file(tmp_path / "one" / name / "merged" / "model.safetensors")
+        b = load_file(tmp_path / "two" / name / "merged" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+        base = load_file(tmp_path / "tiny" / "model.safetensors")
+        assert any(not torch.equal(base[k], a[k]) for k in base if k in a), f"{name}: training changed nothing"
+        m1 = [json.loads(l) for l in (tmp_path / "one" / name / "metrics.jsonl").read_text().splitlines()]
+        m2 = [json.loads(l) for l in (tmp_path / "two" / name / "metrics.jsonl").read_text().splitlines()]
+        assert len(m1) == len(m2) == 2
+        for x, y in zip(m1, m2):
+            assert x["forget_loss"] == pytest.approx(y["forget_loss"], rel=1e-5)
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    assert (tmp_path / "two" / "ddp_lora" / "adapter").is_dir()
+    assert not list((tmp_path / "two").glob("*/checkpoint.pt"))

@@ -1,0 +1,125 @@
+"""The unlearning objective on hand-computed values: losses, schedule, chunking and the strategies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lensunlearn.layers import forward_streams
+from lensunlearn.lens import TunedLens
+from lensunlearn.losses import (lens_forget_loss, random_ce, random_targets, retain_kl, retain_l2, select_tokens,
+                                uniform_ce)
+from lensunlearn.objective import AdapterDisabled, FrozenCopy, UnlearnObjective, schedule
+
+from .conftest import make_tiny_model
+
+
+def test_uniform_ce_is_log_vocab_for_constant_logits_and_larger_otherwise():
+    assert uniform_ce(torch.full((2, 8), 3.0)).tolist() == pytest.approx([math.log(8)] * 2)
+    z = torch.tensor([[0.0, math.log(3.0)]])  # p = (1/4, 3/4): CE to uniform = -(ln 1/4 + ln 3/4) / 2
+    assert uniform_ce(z).item() == pytest.approx(-(math.log(0.25) + math.log(0.75)) / 2)
+    assert uniform_ce(z).item() > math.log(2)
+
+
+def test_random_ce_averaged_over_all_targets_is_uniform_ce():
+    z = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    every = torch.stack([random_ce(z, torch.full((5,), v)) for v in range(7)]).mean(0)
+    torch.testing.assert_close(every, uniform_ce(z))
+    assert random_ce(torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])).item() == pytest.approx(-math.log(0.75))
+
+
+def test_retain_l2_is_the_unsquared_norm_and_kl_is_zero_for_equal_logits():
+    assert retain_l2(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)).tolist() == [5.0]
+    z = torch.randn(3, 6)
+    assert retain_kl(z, z).abs().max().item() < 1e-6
+    p = torch.tensor([[0.0, math.log(3.0)]])  # p = (1/4, 3/4), q uniform
+    assert retain_kl(p, torch.zeros(1, 2)).item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+
+
+def test_schedule_ramps_retain_up_and_forget_down_over_one_epoch():
+    assert schedule(0, 10, 5.0, 4.0) == (0.0, 4.0)
+    assert schedule(5, 10, 5.0, 4.0) == pytest.approx((2.5, 3.5))
+    assert schedule(10, 10, 5.0, 4.0) == pytest.approx((5.0, 3.0))
+    assert schedule(25, 10, 5.0, 4.0) == pytest.approx((5.0, 3.0))
+
+
+def _lens_and_streams(vocab_zero: bool = False):
+    model, _ = make_tiny_model("llama")
+    lens = TunedLens.from_model(model)
+    if vocab_zero:
+        torch.nn.init.zeros_(lens.unembed.weight)
+    generator = torch.Generator().manual_seed(1)
+    streams = [torch.randn(11, 32, generator=generator, requires_grad=True) for _ in range(2)]
+    return lens, streams
+
+
+def test_forget_loss_is_exactly_one_for_a_uniform_lens_and_at_least_one_otherwise():
+    lens, streams = _lens_and_streams(vocab_zero=True)
+    assert lens_forget_loss(lens, [1, 3], streams).item() == pytest.approx(1.0, abs=1e-6)
+    targets = [random_targets(11, lens.unembed.weight.shape[0], seed) for seed in (0, 1)]
+    assert lens_forget_loss(lens, [1, 3], streams, targets).item() == pytest.approx(1.0, abs=1e-6)
+    lens, streams = _lens_and_streams()
+    assert lens_forget_loss(lens, [1, 3], streams).item() > 1.0
+
+
+def test_random_target_forget_loss_has_the_uniform_expectation():
+    lens, streams = _lens_and_streams()
+    vocab = lens.unembed.weight.shape[0]
+    uniform = lens_forget_loss(lens, [1, 3], streams)
+    every = torch.stack([lens_forget_loss(lens, [1, 3], streams, [torch.full((11,), v)] * 2) for v in range(vocab)])
+    assert every.mean().item() == pytest.approx(uniform.item(), rel=1e-5)
+
+
+def test_chunked_forget_loss_equals_naive_loss_and_gradients():
+    lens, streams = _lens_and_streams()
+    chunked = lens_forget_loss(lens, [1, 3], streams, chunk=3)
+    grads = torch.autograd.grad(chunked, streams)
+    naive = torch.stack([uniform_ce(lens(h, l)).mean() for h, l in zip(streams, [1, 3])]).mean()
+    naive = naive / math.log(lens.unembed.weight.shape[0])
+    naive_grads = torch.autograd.grad(naive, streams)
+    assert chunked.item() == pytest.approx(naive.item(), abs=1e-6)
+    for a, b in zip(grads, naive_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _batch(tokenizer, texts):
+    from lensunlearn.data import collate
+
+    return collate([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("retain_loss", ["l2", "kl"])
+def test_objective_starts_with_zero_retain_loss_in_both_modes(retain_loss):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = make_tiny_model("gpt_neox")
+    lens = TunedLens.from_model(model).requires_grad_(False)
+    forget = _batch(tokenizer, ["the capital of france is paris .", "rome is in italy"])
+    retain = _batch(tokenizer, ["gold iron oxygen element symbol", "the answer is 3"])
+    full = UnlearnObjective(model, lens, [1, 3], FrozenCopy(model), retain_loss)
+    peft_model = get_peft_model(make_tiny_model("gpt_neox")[0], LoraConfig(r=4, target_modules=["query_key_value"]))
+    lora = UnlearnObjective(peft_model, lens, [1, 3], AdapterDisabled(peft_model), retain_loss)
+    for objective in (full, lora):
+        forget_loss, retain_value = objective.losses(forget, retain)
+        assert forget_loss.item() > 1.0
+        assert retain_value.item() == pytest.approx(0.0, abs=1e-5)
+        loss, f, r = objective(forget, retain, 0.0, 5.0)
+        assert r.item() == 0.0 and loss.item() == pytest.approx(5.0 * f.item())
+        loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora" in n)
+    # Stream 3 depends on blocks 0..2 only: block 3 gets no gradient from the l2 objective.
+    if retain_loss == "l2":
+        assert all(p.grad is None for p in model.gpt_neox.layers[3].parameters())
+
+
+def test_forget_loss_reads_the_same_streams_as_forward_streams():
+    model, tokenizer = make_tiny_model("llama")
+    lens = TunedLens.from_model(model)
+    batch = _batch(tokenizer, ["the capital of spain is madrid", "paris"])
+    objective = UnlearnObjective(model, lens, [2], FrozenCopy(model))
+    streams = forward_streams(model, [2], batch["input_ids"], batch["attention_mask"])
+    h = select_tokens(streams[2], batch["attention_mask"])
+    expected = uniform_ce(lens(h, 2)).mean() / math.log(lens.unembed.weight.shape[0])
+    assert objective.forget_loss(batch).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -1,0 +1,162 @@
+"""`lensunlearn unlearn` end to end on a tiny model: run directory, refusals, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lensunlearn.cli import main
+from lensunlearn.config import ConfigError
+from lensunlearn.lens import TunedLens
+from lensunlearn.models import load_model
+from lensunlearn.unlearn import PRESETS, UnlearnConfig, unlearn
+
+from .conftest import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "tiny", "llama")
+    model, _ = load_model(str(model_dir), device="cpu")
+    TunedLens.from_model(model).save(tmp_path / "lens")
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    forget.write_text("".join(json.dumps({"text": f"the capital of {c} is {p} ."}) + "\n"
+                              for c, p in (("france", "paris"), ("italy", "rome"), ("spain", "madrid"))))
+    retain.write_text("".join(json.dumps({"text": f"the symbol of gold is {i} and iron {i + 1}"}) + "\n"
+                              for i in range(8)))
+    return tmp_path
+
+
+def _args(tmp: Path, *extra: str) -> list[str]:
+    return ["unlearn", "--model", str(tmp / "tiny"), "--lens", str(tmp / "lens"), "--layers", "1,3",
+            "--forget", str(tmp / "forget.jsonl"), "--retain", str(tmp / "retain.jsonl"), "--retain_config", "none",
+            "--retain_column", "none", "--examples", "8", "--batch", "4", "--per_device_batch", "2",
+            "--max_length", "16", "--out", str(tmp / "runs"), "--eval_tasks", "", "--device", "cpu", *extra]
+
+
+def _config(tmp: Path, **kw) -> UnlearnConfig:
+    base = dict(model=str(tmp / "tiny"), lens=str(tmp / "lens"), layers=(1, 3), forget=str(tmp / "forget.jsonl"),
+                retain=str(tmp / "retain.jsonl"), retain_config=None, retain_column=None, examples=8, batch=4,
+                per_device_batch=2, max_length=16, out=str(tmp / "runs"), eval_tasks="", device="cpu")
+    return UnlearnConfig(**{**base, **kw})
+
+
+def test_cli_run_writes_the_run_directory_and_refuses_to_overwrite(setup):
+    run_dir = main(_args(setup, "--optimizer", "muon"))
+    assert run_dir.name == "tiny_lens_ex8_rm5.0_ret5.0_muon"
+    for name in ("run_config.json", "metrics.jsonl", "summary.json", "adapter", "merged"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "checkpoint.pt").exists()
+    config = json.loads((run_dir / "run_config.json").read_text())
+    assert config["steps"] == 2 and config["grad_accum"] == 2 and config["world_size"] == 1
+    assert config["layers"] == [1, 3] and config["optimizer"] == "muon"
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2]
+    for key in ("retain_loss", "forget_loss", "retain_weight", "forget_weight", "lr", "grad_norm", "tokens_per_s"):
+        assert key in lines[0]
+    assert lines[0]["retain_weight"] == 0.0 and lines[0]["forget_weight"] == 5.0 and lines[0]["retain_loss"] == 0.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_forget_loss"] >= 1.0
+    merged, _ = load_model(str(run_dir / "merged"), device="cpu")
+    base = load_file(setup / "tiny" / "model.safetensors")
+    changed = [k for k, v in merged.state_dict().items() if k in base and not torch.equal(v, base[k])]
+    assert changed and all(int(k.split(".")[2]) < 3 for k in changed)  # LoRA on blocks 0 .. max(layers) - 1
+    with pytest.raises(FileExistsError, match="finished run"):
+        main(_args(setup, "--optimizer", "muon"))
+    assert main(_args(setup, "--optimizer", "muon", "--overwrite")) == run_dir
+
+
+def test_full_mode_with_kl_retain_and_random_targets(setup):
+    run_dir = unlearn(_config(setup, full=True, retain_loss="kl", forget_target="random", gradient_checkpointing=True))
+    assert run_dir.name.endswith("_full_kl_random")
+    assert (run_dir / "merged" / "model.safetensors").exists() and not (run_dir / "adapter").exists()
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["retain_loss"] > 0.0
+
+
+def test_presets_and_run_name():
+    assert PRESETS["seed"] == UnlearnConfig()
+    assert UnlearnConfig(examples=400).name == "smollm2-135m_lens_ex400_rm5.0_ret5.0"
+    small = PRESETS["small"]
+    assert small.forget == "facts:country_capital" and small.eval_format == "cloze"
+    with pytest.raises(ConfigError, match="multiple of --per_device_batch"):
+        UnlearnConfig(batch=10, per_device_batch=4)
+
+
+@pytest.mark.parametrize("case", ["other_model_lens", "layer_out_of_range", "empty_forget", "empty_retain",
+                                  "batch_over_ranks", "layer_zero_lora"])
+def test_bad_input_fails_before_training(setup, case, monkeypatch):
+    kw: dict = {}
+    if case == "other_model_lens":
+        other, _ = load_model(str(save_tiny_model(setup / "deeper", "llama", layers=5)), device="cpu")
+        TunedLens.from_model(other).save(setup / "other_lens")
+        kw, match = {"lens": str(setup / "other_lens")}, "was made for a model with 5 layers"
+    elif case == "layer_out_of_range":
+        kw, match = {"layers": (1, 7)}, r"out of range.*0\.\.3"
+    elif case in ("empty_forget", "empty_retain"):
+        empty = setup / "empty.jsonl"
+        empty.write_text(json.dumps({"text": "   "}) + "\n")
+        what = case.split("_")[1]
+        kw, match = {what: str(empty)}, f"{what} corpus .* is empty"
+    elif case == "batch_over_ranks":
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        monkeypatch.setattr("lensunlearn.distributed.dist.init_process_group", lambda *a, **k: None)
+        kw, match = {}, "not divisible by --per_device_batch 2 x 3 processes"
+    else:
+        kw, match = {"layers": (0,)}, "embedding output"
+    with pytest.raises(ValueError, match=match):
+        unlearn(_config(setup, **kw))
+    assert not list((setup / "runs").glob("*/metrics.jsonl"))
+
+
+_KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+import lensunlearn.unlearn as u
+from lensunlearn.cli import main
+original = u.save_checkpoint
+def save_then_die(run_dir, step, *args, **kwargs):
+    original(run_dir, step, *args, **kwargs)
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+u.save_checkpoint = save_then_die
+main(sys.argv[1:])
+"""
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(setup):
+    extra = ["--examples", "16", "--checkpoint_every", "2", "--forget_target", "random", "--lora_dropout", "0.3"]
+    straight = main(_args(setup, *extra, "--run_name", "straight"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, *_args(setup, *extra, "--run_name", "killed")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_dir = setup / "runs" / "killed"
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "summary.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(_args(setup, *extra, "--run_name", "killed"))
+    resumed = main(_args(setup, *extra, "--run_name", "killed", "--resume"))
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_final_evaluation_on_a_local_task(setup):
+    task = setup / "task.jsonl"
+    task.write_text("".join(json.dumps({"question": f"the capital of {c} is", "choices": ["paris", "rome", "madrid",
+                                                                                          "berlin"], "answer": a})
+                            + "\n" for c, a in (("france", 0), ("italy", 1))))
+    run_dir = unlearn(_config(setup, eval_tasks=str(task), eval_format="cloze", eval_base=True))
+    for name in ("eval.json", "base_eval.json"):
+        result = json.loads((run_dir / name).read_text())
+        assert result["format"] == "cloze" and len(result["results"]) == 1
