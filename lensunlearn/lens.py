@@ -34,8 +34,8 @@ class TunedLens(nn.Module):
             nn.init.zeros_(translator.weight)
             if bias:
                 nn.init.zeros_(translator.bias)
-        self.final_norm = copy.deepcopy(final_norm).float().requires_grad_(False)
-        self.unembed = copy.deepcopy(unembed).float().requires_grad_(False)
+        self.final_norm = _plain_copy(final_norm)
+        self.unembed = _plain_copy(unembed)
         self.register_buffer("_matmul_weight", None, persistent=False)
 
     def set_matmul_dtype(self, dtype: torch.dtype | None) -> "TunedLens":
@@ -116,6 +116,15 @@ class TunedLens(nn.Module):
         except RuntimeError as err:
             raise ValueError(f"{path / PARAMS_FILE} does not match its config.json: {err}") from err
         return lens.to(parts.unembed.weight.device)
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A frozen float32 copy without the hooks that training tools (checkpointing, peft) leave on modules."""
+    clone = copy.deepcopy(module).float().requires_grad_(False)
+    for sub in clone.modules():
+        for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks):
+            hooks.clear()
+    return clone
 
 
 def _resolve_lens_path(path: str | Path) -> Path:

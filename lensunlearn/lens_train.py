@@ -126,8 +126,9 @@ def lens_streams(model, batch: dict[str, torch.Tensor], num_layers: int) -> tupl
         captured = forward_streams(model, range(num_layers), batch["input_ids"].to(device),
                                    batch["attention_mask"].to(device), final=True)
     mask = batch["attention_mask"].to(device)
-    streams = torch.stack([select_tokens(captured[l], mask) for l in range(num_layers)], dim=1)
-    return streams, select_tokens(captured[num_layers], mask)
+    # detach: a model prepared for checkpointing makes its embedding output require grad even here
+    streams = torch.stack([select_tokens(captured[l], mask).detach() for l in range(num_layers)], dim=1)
+    return streams, select_tokens(captured[num_layers], mask).detach()
 
 
 def _prepare_out(cfg: LensTrainConfig) -> Path:

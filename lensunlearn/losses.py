@@ -28,24 +28,58 @@ def select_tokens(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return h[mask.bool()]
 
 
-def chunked_token_sum(per_token: Callable[..., torch.Tensor], *tensors: torch.Tensor,
-                      chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Sum of `per_token(*slices)` over token slices of at most `chunk` rows, recomputed in backward.
+class _WithGradients(torch.autograd.Function):
+    """A scalar whose gradients with respect to `inputs` were already computed in forward."""
 
-    `tensors` share their first dimension (tokens). Each slice runs under activation
-    checkpointing, so only one slice's intermediate (e.g. [chunk, vocab] logits) is alive at once.
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, grads: tuple, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return (None, None, *[None if g is None else g * grad_out for g in ctx.grads])
+
+
+def chunked_token_sum(per_token: Callable[..., torch.Tensor], *tensors: torch.Tensor,
+                      chunk: int = DEFAULT_CHUNK, frozen: bool = False) -> torch.Tensor:
+    """Sum of `per_token(*slices)` over token slices of at most `chunk` rows.
+
+    `tensors` share their first dimension (tokens); only one slice's intermediates (e.g. [chunk,
+    vocab] logits) are alive at once. By default each slice runs under activation checkpointing
+    and is recomputed in backward. With `frozen=True` (`per_token` has no trainable parameters of
+    its own) each slice's gradient with respect to the tensors is computed right away and kept
+    ([tokens, d], small), which saves the recomputation: one forward and one backward per slice.
     """
     n = tensors[0].shape[0]
-    total = tensors[0].new_zeros((), dtype=torch.float32)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not needs_grad:
+        with torch.no_grad():
+            return sum((per_token(*[t[s:s + chunk] for t in tensors]).float().sum() for s in range(0, n, chunk)),
+                       tensors[0].new_zeros((), dtype=torch.float32))
+    if frozen:
+        return _precomputed_sum(per_token, tensors, chunk)
+    total = tensors[0].new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk):
         parts = [t[start:start + chunk] for t in tensors]
-        if needs_grad:
-            value = checkpoint(lambda *xs: per_token(*xs).float().sum(), *parts, use_reentrant=False)
-        else:
-            value = per_token(*parts).float().sum()
-        total = total + value
+        total = total + checkpoint(lambda *xs: per_token(*xs).float().sum(), *parts, use_reentrant=False)
     return total
+
+
+def _precomputed_sum(per_token: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor],
+                     chunk: int) -> torch.Tensor:
+    wants = [t.requires_grad for t in tensors]
+    grads = [torch.zeros_like(t) if w else None for t, w in zip(tensors, wants)]
+    total = tensors[0].new_zeros((), dtype=torch.float32)
+    for start in range(0, tensors[0].shape[0], chunk):
+        parts = [t[start:start + chunk].detach().requires_grad_(w) for t, w in zip(tensors, wants)]
+        with torch.enable_grad():
+            value = per_token(*parts).float().sum()
+            chunk_grads = torch.autograd.grad(value, [p for p, w in zip(parts, wants) if w])
+        for grad, part_grad in zip([g for g in grads if g is not None], chunk_grads):
+            grad[start:start + chunk] = part_grad
+        total = total + value.detach()
+    return _WithGradients.apply(total, tuple(grads), *tensors)
 
 
 def kl_from_logits(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -135,17 +169,20 @@ def lens_forget_loss(lens, layers: Sequence[int], streams: Sequence[torch.Tensor
     `streams[i]` is [tokens, d], stream `layers[i]` at the forget batch's real tokens. With
     `targets` None the target is uniform (`uniform_ce`), else `targets[i]` holds one sampled token per
     row (`random_ce`), which has the same expectation. Logits exist for one chunk of tokens of one
-    layer at a time and are recomputed in the backward pass, so peak memory is [chunk, V].
+    layer at a time (recomputed in backward, or, with a frozen lens, differentiated at once), so
+    peak memory is [chunk, V].
     """
     if len(streams) != len(layers) or (targets is not None and len(targets) != len(layers)):
         raise ValueError(f"need one stream (and target set) per layer: {len(layers)} layers, {len(streams)} streams")
     num_tokens = streams[0].shape[0]
     vocab_size = lens.unembed.weight.shape[0]
+    frozen = not any(p.requires_grad for p in lens.parameters())
     total = streams[0].new_zeros((), dtype=torch.float32)
     for i, layer in enumerate(layers):
         if targets is None:
-            total = total + chunked_token_sum(lambda h, l=layer: uniform_ce(lens(h, l)), streams[i], chunk=chunk)
+            total = total + chunked_token_sum(lambda h, l=layer: uniform_ce(lens(h, l)), streams[i], chunk=chunk,
+                                              frozen=frozen)
         else:
             total = total + chunked_token_sum(lambda h, t, l=layer: random_ce(lens(h, l), t), streams[i],
-                                              targets[i].to(streams[i].device), chunk=chunk)
+                                              targets[i].to(streams[i].device), chunk=chunk, frozen=frozen)
     return total / (max(num_tokens, 1) * len(layers) * math.log(vocab_size))

@@ -136,3 +136,15 @@ def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | 
     # Keep the user's name, not the cache path, so lens configs and run names stay portable.
     model.config.name_or_path = name
     return model, load_tokenizer(name, trust_remote_code)
+
+
+def set_checkpointing(model, enabled: bool) -> None:
+    """Turn activation (gradient) checkpointing of the blocks on or off, on transformers 4 and 5 alike."""
+    if enabled:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()

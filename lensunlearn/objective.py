@@ -81,19 +81,31 @@ class UnlearnObjective(nn.Module):
 
     def __init__(self, model: nn.Module, lens: nn.Module, layers: Sequence[int], original: OriginalModel,
                  retain_loss: RetainLoss = "l2", forget_target: ForgetTarget = "uniform",
-                 chunk: int = DEFAULT_CHUNK) -> None:
+                 chunk: int = DEFAULT_CHUNK, skip_first: int = 0) -> None:
         super().__init__()
         if retain_loss not in RETAIN_LOSSES or forget_target not in FORGET_TARGETS:
             raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES} and forget_target one of {FORGET_TARGETS}, "
                              f"got {retain_loss!r} and {forget_target!r}")
         self.model, self.lens, self.layers = model, lens, tuple(layers)
         self.original, self.retain_kind, self.forget_target, self.chunk = original, retain_loss, forget_target, chunk
+        self.skip_first = skip_first
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, attention mask, loss mask): the loss mask also drops the first `skip_first` positions."""
+        device = _device(self.model)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        loss_mask = mask.clone()
+        loss_mask[:, :self.skip_first] = 0
+        if not loss_mask.any():
+            raise ValueError(f"no tokens left after skipping the first {self.skip_first} of each document: "
+                             f"lower --skip_first or use longer documents")
+        return ids, mask, loss_mask
 
     def forget_loss(self, batch: dict[str, torch.Tensor], target_seed: int = 0) -> torch.Tensor:
         """Lens cross-entropy against a uniform (or sampled) target, / ln V; 1 for a uniform lens."""
-        ids, mask = batch["input_ids"].to(_device(self.model)), batch["attention_mask"].to(_device(self.model))
+        ids, mask, loss_mask = self._inputs(batch)
         streams = forward_streams(self.model, self.layers, ids, mask, stop=True)
-        hs = [select_tokens(streams[l], mask) for l in self.layers]
+        hs = [select_tokens(streams[l], loss_mask) for l in self.layers]
         targets = None
         if self.forget_target == "random":
             vocab = self.lens.unembed.weight.shape[0]
@@ -102,14 +114,14 @@ class UnlearnObjective(nn.Module):
 
     def retain_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Distance of the updated model from the original on retain text (`l2` streams or `kl` outputs)."""
-        ids, mask = batch["input_ids"].to(_device(self.model)), batch["attention_mask"].to(_device(self.model))
+        ids, mask, loss_mask = self._inputs(batch)
         final = self.retain_kind == "kl"
         layers = () if final else self.layers
         with torch.no_grad(), self.original.context():
             before = forward_streams(self.original.model, layers, ids, mask, stop=True, final=final)
         after = forward_streams(self.model, layers, ids, mask, stop=True, final=final)
         if not final:
-            return torch.stack([masked_mean(retain_l2(after[l], before[l]), mask) for l in self.layers]).mean()
+            return torch.stack([masked_mean(retain_l2(after[l], before[l]), loss_mask) for l in self.layers]).mean()
         key = model_parts(self.model).num_layers
         new_parts, old_parts = model_parts(self.model), model_parts(self.original.model)
 
@@ -118,9 +130,9 @@ class UnlearnObjective(nn.Module):
                 target = old_parts.unembed(old_parts.final_norm(h0))
             return retain_kl(target, new_parts.unembed(new_parts.final_norm(h)))
 
-        total = chunked_token_sum(per_token, select_tokens(after[key], mask), select_tokens(before[key], mask),
+        total = chunked_token_sum(per_token, select_tokens(after[key], loss_mask), select_tokens(before[key], loss_mask),
                                   chunk=self.chunk)
-        return total / mask.sum().clamp_min(1)
+        return total / loss_mask.sum().clamp_min(1)
 
     def losses(self, forget_batch: dict[str, torch.Tensor], retain_batch: dict[str, torch.Tensor] | None,
                target_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

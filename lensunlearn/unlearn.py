@@ -26,7 +26,7 @@ from .layers import check_layers, clip_layers, model_parts, unwrap
 from .lens import TunedLens
 from .lens_train import ModelOptions
 from .loop import CHECKPOINT_FILE, LoopSpec, MetricsLog, load_checkpoint, restore_checkpoint, run_loop, save_checkpoint
-from .models import load_model, model_short_name
+from .models import DTYPES, load_model, model_short_name, set_checkpointing
 from .objective import AdapterDisabled, FrozenCopy, UnlearnObjective, schedule
 from .optim import build_optimizer, embedding_parameters, lr_factor
 
@@ -75,6 +75,8 @@ class UnlearnConfig(ModelOptions):
                                                     "layers; kl: KL of output distributions")
     forget_target: Literal["uniform", "random"] = option("uniform", "uniform: exact expected CE to a random token; "
                                                                     "random: sampled tokens (the reference)")
+    skip_first: int = option(0, "leave the first N positions of every document out of both losses (attention-sink "
+                                "tokens: shared by all documents, with outsized norms in many models)")
     full: bool = option(False, "train all parameters instead of LoRA adapters")
     lora_rank: int = option(16, "LoRA rank")
     lora_alpha: float = option(16.0, "LoRA alpha")
@@ -82,6 +84,9 @@ class UnlearnConfig(ModelOptions):
     lora_targets: str = option("auto", "auto: the modules peft chooses for the architecture; all: every linear "
                                        "layer; or comma-separated module names")
     chunk: int = option(1024, "tokens per chunk of full-vocabulary losses (bounds memory)")
+    lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product in the "
+                                                                    "forget loss (bfloat16 is several times faster "
+                                                                    "on CPU; the loss itself stays float32)")
     gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
     mixed_precision: bool = option(False, "bfloat16 autocast (GPU only; keep --dtype float32 weights)")
     seed: int = option(0, "seed for adapters, data order, dropout and random targets")
@@ -107,6 +112,8 @@ class UnlearnConfig(ModelOptions):
         if self.batch % self.per_device_batch:
             raise ConfigError(f"--batch {self.batch} is not a multiple of --per_device_batch {self.per_device_batch}: "
                               f"batch = per_device_batch x grad accumulation x number of processes")
+        if self.skip_first < 0:
+            raise ConfigError(f"--skip_first must be >= 0, got {self.skip_first}")
         if self.retain_coef < 0 or self.remove_coef < 0:
             raise ConfigError("--retain_coef and --remove_coef must be >= 0")
         if not 0 <= self.lora_dropout < 1:
@@ -200,11 +207,23 @@ def _blocks_name(model: torch.nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is blocks).rsplit(".", 1)[-1]
 
 
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of every linear layer inside the blocks (peft's "all-linear" cannot be limited to blocks)."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = model_parts(model).blocks
+    return sorted({name.rsplit(".", 1)[-1] for name, module in blocks.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D))})
+
+
 def add_lora(model: torch.nn.Module, cfg: UnlearnConfig, layers: tuple[int, ...]) -> torch.nn.Module:
     """LoRA on blocks 0 .. max(layers) - 1, the only blocks that the target streams depend on."""
     from peft import LoraConfig, get_peft_model
 
-    targets = {"auto": None, "all": "all-linear"}.get(cfg.lora_targets, [t for t in cfg.lora_targets.split(",") if t])
+    if cfg.lora_targets == "all":
+        targets = _linear_names(model)
+    else:
+        targets = None if cfg.lora_targets == "auto" else [t for t in cfg.lora_targets.split(",") if t]
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, layers_to_transform=list(range(max(layers))),
                       layers_pattern=_blocks_name(model), task_type="CAUSAL_LM")
@@ -297,7 +316,7 @@ def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, cfg.dtype, device, cfg.trust_remote_code)
     lens = TunedLens.load(cfg.lens or str(Path("runs") / f"lens_{model_short_name(cfg.model)}"), model)
-    lens.requires_grad_(False)
+    lens.requires_grad_(False).set_matmul_dtype(DTYPES[cfg.lens_matmul])
     layers = resolve_layers(cfg, model_parts(model).num_layers)
     data = load_pairs(cfg, tokenizer)
     barrier(world)
@@ -330,7 +349,7 @@ def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
 def setup_training(cfg: UnlearnConfig, world: World, device: torch.device, model, lens, layers):
     """(objective to call, trained model, named trainable tensors, optimiser) for LoRA or full mode."""
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     if cfg.full:
         original = FrozenCopy(model)
         model.requires_grad_(True)
@@ -341,7 +360,8 @@ def setup_training(cfg: UnlearnConfig, world: World, device: torch.device, model
         model = add_lora(model, cfg, layers)
         original = AdapterDisabled(model)
     model.train()
-    objective = UnlearnObjective(model, lens, layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk)
+    objective = UnlearnObjective(model, lens, layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk,
+                                 cfg.skip_first)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
                                 exclude_from_muon=embedding_parameters(unwrap(model)))

@@ -35,3 +35,13 @@ def test_help_exits_cleanly(capsys):
         main(["lens", "train", "--help"])
     assert exit_info.value.code == 0
     assert "--max_length" in capsys.readouterr().out
+
+
+def test_cli_reference_is_in_sync():
+    from pathlib import Path
+
+    from lensunlearn.cli_reference import cli_reference
+
+    committed = Path(__file__).resolve().parent.parent / "docs" / "CLI.md"
+    assert committed.read_text() == cli_reference(), \
+        "docs/CLI.md is stale: run `python -m lensunlearn.cli_reference > docs/CLI.md`"
