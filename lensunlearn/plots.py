@@ -1,0 +1,171 @@
+"""Figures for the tamper attack and the report: accuracy against step, sweeps, and the trade-off.
+
+Every figure has a fixed pixel size (figsize x dpi, no tight bounding box), uses the Agg backend
+and is written through a temporary file and a rename, so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+DPI = 100
+TAMPER_SIZE = (11.0, 4.5)  # inches: 1100 x 450 pixels
+TRADEOFF_SIZE = (6.0, 5.0)  # 600 x 500 pixels
+HALF_STYLE = {"attacked": "-", "heldout": "--"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save at the figure's own size and close it; atomic via temp file + rename."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=DPI)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _series(results: dict, task: str, metric: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r["tasks"][task].get(metric)) for r in results["records"] if task in r["tasks"]]
+    points = [(s, v) for s, v in points if v is not None]
+    return [s for s, _ in points], [100 * v for _, v in points]
+
+
+def _split_tasks(results: dict) -> tuple[list[str], list[str]]:
+    from .tamper import forget_names
+
+    forget = forget_names(results)
+    names = list(results["records"][0]["tasks"]) if results["records"] else []
+    return forget, [n for n in names if n not in forget]
+
+
+def _half(task: str) -> str | None:
+    suffix = task.rsplit(":", 1)[-1]
+    return suffix if suffix in HALF_STYLE else None
+
+
+def _reference_lines(ax, results: dict, tasks: Sequence[str], metric: str, colors: dict[str, str]) -> None:
+    chance = results.get("chance")
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1.2, label=f"chance ({100 * chance:.0f}%)")
+    drawn: set[float] = set()
+    for task in tasks:
+        value = (results.get("original") or {}).get(task, {}).get(metric)
+        if value is None or round(value, 6) in drawn:
+            continue
+        drawn.add(round(value, 6))
+        ax.axhline(100 * value, color=colors.get(task, "black"), linestyle="-.", linewidth=1.0, alpha=0.7,
+                   label=f"original model, {_half(task) + ' half' if _half(task) else task} ({100 * value:.1f}%)")
+
+
+def _style_axes(ax, metric: str, legend_size: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(f"{metric} [%]")
+    ax.set_ylim(-2, 102)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size, loc="best")
+
+
+def plot_tamper(results: dict, path: str | Path, metric: str = "acc", title: str | None = None) -> Path:
+    """Forget accuracy against step (left; attacked and held-out halves) and retain accuracy (right)."""
+    plt = _pyplot()
+    forget, retain = _split_tasks(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=TAMPER_SIZE, dpi=DPI)
+    colors = {}
+    text = []
+    for task in forget:
+        steps, values = _series(results, task, metric)
+        (line,) = left.plot(steps, values, marker="o", linestyle=HALF_STYLE.get(_half(task), "-"), label=task)
+        colors[task] = line.get_color()
+        if values:
+            text.append(f"{_half(task) or task}: {values[0]:.2f}% -> {values[-1]:.2f}% "
+                        f"({values[-1] - values[0]:+.2f} pts)")
+    _reference_lines(left, results, forget, metric, colors)
+    left.set_title("forget accuracy; recovery (last - first):\n" + "\n".join(text), fontsize=9)
+    for task in retain:
+        steps, values = _series(results, task, metric)
+        (line,) = right.plot(steps, values, marker="o", label=task)
+        colors[task] = line.get_color()
+    _reference_lines(right, results, retain, metric, colors)
+    right.set_title("retain accuracy")
+    for ax in (left, right):
+        _style_axes(ax, metric, 8)
+    cfg = results.get("config", {})
+    fig.suptitle(title or f"tamper attack on {Path(str(cfg.get('model', '?'))).name}: lr {cfg.get('lr')}, "
+                          f"{cfg.get('schedule', '?')}, {cfg.get('chunks', '?')} chunks")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_tamper_comparison(runs: Sequence[tuple[str, dict]], path: str | Path, metric: str = "acc",
+                           title: str | None = None) -> Path:
+    """Several attacks in one figure: forget accuracy (left) and retain accuracy (right) against step."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=TAMPER_SIZE, dpi=DPI)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, results) in enumerate(runs):
+        color = cycle[index % len(cycle)]
+        forget, retain = _split_tasks(results)
+        for task in forget:
+            steps, values = _series(results, task, metric)
+            name = f"{label} {_half(task) or ''}".strip()
+            gain = values[-1] - values[0] if values else None
+            left.plot(steps, values, color=color, linestyle=HALF_STYLE.get(_half(task), "-"), marker="o",
+                      markersize=3, label=f"{name} ({gain:+.2f} pts)" if gain is not None else name)
+        for task in retain:
+            steps, values = _series(results, task, metric)
+            right.plot(steps, values, color=color, marker="o", markersize=3, label=f"{label} {task}")
+    if runs:
+        first = runs[0][1]
+        forget, retain = _split_tasks(first)
+        _reference_lines(left, first, forget, metric, {})
+        _reference_lines(right, first, retain, metric, {})
+    left.set_title("forget accuracy (solid: attacked, dashed: held out)")
+    right.set_title("retain accuracy")
+    for ax in (left, right):
+        _style_axes(ax, metric, 7)
+    fig.suptitle(title or "tamper attacks compared (recovery = last - first)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_tradeoff(points: Sequence[tuple[str, float, float]], path: str | Path,
+                  baseline: tuple[float, float] | None = None, chance: float | None = None,
+                  forget_label: str = "forget", retain_label: str = "retain") -> Path:
+    """Forget accuracy (x) against retain accuracy (y), one point per run; baseline and chance marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=TRADEOFF_SIZE, dpi=DPI)
+    for label, forget, retain in points:
+        ax.scatter([100 * forget], [100 * retain], s=30, zorder=3)
+        ax.annotate(label, (100 * forget, 100 * retain), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if baseline is not None:
+        ax.scatter([100 * baseline[0]], [100 * baseline[1]], marker="*", s=160, color="black", zorder=4,
+                   label="baseline (original model)")
+    if chance is not None:
+        ax.axvline(100 * chance, color="grey", linestyle=":", label=f"chance ({100 * chance:.0f}%)")
+        ax.axhline(100 * chance, color="grey", linestyle=":")
+    ax.set_xlabel(f"{forget_label} accuracy [%] (lower is better)")
+    ax.set_ylabel(f"{retain_label} accuracy [%] (higher is better)")
+    ax.set_title("unlearning trade-off")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,339 @@
+"""`report RUN_DIR...`: one table of unlearning runs (as in the seed log), a trade-off plot and tamper curves.
+
+Everything is read from the files the other commands write, so the report can be rebuilt at any
+time and always gives the same bytes for the same files:
+
+* an unlearning run directory: `run_config.json`, `summary.json`, `metrics.jsonl`, `eval.json`,
+  and optionally `base_eval.json` (the baseline row);
+* a tamper output (`results.json`, or a sweep's `sweep.json` with one sub-folder per attack),
+  given with `--tamper` or among the positional directories, where it is recognised by its files.
+
+Missing numbers are written `pending`, as in the seed log.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .cli import Command
+from .config import ConfigError, option, write_json_atomic
+from .tasks import NUM_CHOICES
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+TRADEOFF_FILE = "tradeoff.png"
+TAMPER_FILE = "tamper_curves.png"
+PENDING = "pending"
+RUN_COLUMNS = ("examples", "epochs", "steps", "retain_coef", "remove_coef", "lr", "batch", "retain_loss",
+               "forget_loss")
+
+
+@dataclass
+class ReportConfig:
+    runs: tuple[str, ...] = option((), "unlearning run directories (tamper outputs are recognised too)",
+                                   positional=True, nargs="*")
+    tamper: tuple[str, ...] = option((), "comma-separated tamper output folders (results.json or sweep.json)")
+    baseline: str | None = option(None, "eval JSON of the original model; None uses the first run's base_eval.json")
+    forget_task: str | None = option(None, "forget task column; None means the first task of the runs' eval.json")
+    retain_task: str | None = option(None, "retain task column; None means the second task of the runs' eval.json")
+    metric: Literal["acc", "acc_norm"] = option("acc", "accuracy reported")
+    out: str = option(str(Path("runs") / "report"), "output folder for report.md and the plots")
+    format: Literal["md", "csv", "json"] = option("md", "also write the table as report.csv or report.json")
+
+    def __post_init__(self) -> None:
+        self.runs = _flatten(self.runs)
+        self.tamper = _flatten(self.tamper)
+        if not self.runs and not self.tamper:
+            raise ConfigError("give at least one run directory: lensunlearn report RUN_DIR [RUN_DIR ...]")
+
+
+def _flatten(values: Any) -> tuple[str, ...]:
+    """argparse hands a positional list of comma-split tuples; accept that, a string or a flat sequence."""
+    if isinstance(values, str):
+        values = [values]
+    out: list[str] = []
+    for value in values:
+        out.extend([value] if isinstance(value, str) else value)
+    return tuple(v for v in out if v)
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _last_metrics(path: Path) -> dict:
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def is_tamper_dir(path: Path) -> bool:
+    return (path / "results.json").is_file() or (path / "sweep.json").is_file() or any(path.glob("*/results.json"))
+
+
+def load_tamper(path: str | Path) -> list[tuple[str, dict]]:
+    """(label, results) of every attack in a tamper output folder (one, or each of a sweep)."""
+    path = Path(path)
+    if (path / "sweep.json").is_file():
+        sweep = json.loads((path / "sweep.json").read_text())
+        return [(f"{path.name}/{r['label']}", json.loads((path / r["dir"] / "results.json").read_text()))
+                for r in sweep["runs"] if (path / r["dir"] / "results.json").is_file()]
+    if (path / "results.json").is_file():
+        return [(path.name, json.loads((path / "results.json").read_text()))]
+    found = sorted(path.glob("*/results.json"))  # a sweep killed before it wrote sweep.json
+    if found:
+        return [(f"{path.name}/{p.parent.name}", json.loads(p.read_text())) for p in found]
+    raise FileNotFoundError(f"{path} holds no results.json or sweep.json: pass a folder written by "
+                            f"`lensunlearn tamper`")
+
+
+@dataclass
+class Run:
+    """One unlearning run directory, as read from its files."""
+
+    name: str
+    config: dict
+    summary: dict
+    last: dict
+    eval: dict | None
+    base_eval: dict | None
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    config = _read_json(path / "run_config.json")
+    if config is None:
+        raise FileNotFoundError(f"{path} has no run_config.json: pass a directory written by `lensunlearn unlearn`")
+    return Run(path.name, config, _read_json(path / "summary.json") or {}, _last_metrics(path / "metrics.jsonl"),
+               _read_json(path / "eval.json"), _read_json(path / "base_eval.json"))
+
+
+def task_names(result: dict) -> list[str]:
+    """Top-level tasks of an eval result, in order, with group members replaced by their group."""
+    member_of = {m: g for g, info in result.get("groups", {}).items() for m in info.get("tasks", [])}
+    names: list[str] = []
+    for name in result.get("results", {}):
+        name = member_of.get(name, name)
+        if name not in names:
+            names.append(name)
+    return names + [g for g in result.get("groups", {}) if g not in names]
+
+
+def score(result: dict | None, task: str, metric: str) -> float | None:
+    if result is None:
+        return None
+    found = result.get("groups", {}).get(task) or result.get("results", {}).get(task)
+    return None if found is None else found.get(metric)
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+
+def fmt_number(value: Any) -> str:
+    """Seed-log style: integers as integers, whole floats with one decimal (5.0), others with two."""
+    if value is None:
+        return PENDING
+    if isinstance(value, (bool, str, int)):
+        return str(value)
+    return f"{value:.1f}" if float(value).is_integer() else f"{value:.2f}"
+
+
+def fmt_lr(value: Any) -> str:
+    """Learning rates as the seed log writes them: 1e-3, 2e-5, 1.5e-4 (0.02 stays 0.02)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < abs(value) < 1e-2:
+        return fmt_number(value) if not isinstance(value, float) else f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def fmt_pct(value: float | None) -> str:
+    return PENDING if value is None else f"{100 * value:.2f}%"
+
+
+def _notes(run: Run) -> str:
+    cfg = run.config
+    optimizer = cfg.get("optimizer", "?")
+    mode = "full" if cfg.get("full") else f"LoRA r{cfg.get('rank', cfg.get('lora_rank', '?'))}"
+    return f"{optimizer}, {mode}; {run.name}"
+
+
+def run_row(run: Run, forget_task: str, retain_task: str, metric: str) -> dict[str, Any]:
+    """The table row of a run: numbers straight from its files, None where the run has not written them."""
+    cfg, summary = run.config, run.summary
+    return {
+        "run": run.name,
+        "examples": summary.get("examples", cfg.get("examples")),
+        "epochs": summary.get("epochs", cfg.get("epochs")),
+        "steps": summary.get("steps", cfg.get("steps")),
+        "retain_coef": cfg.get("retain_coef"),
+        "remove_coef": cfg.get("remove_coef"),
+        "lr": cfg.get("lr"),
+        "batch": cfg.get("batch"),
+        "retain_loss": summary.get("final_retain_loss", run.last.get("retain_loss")),
+        "forget_loss": summary.get("final_forget_loss", run.last.get("forget_loss")),
+        "forget_acc": score(run.eval, forget_task, metric),
+        "retain_acc": score(run.eval, retain_task, metric),
+        "notes": _notes(run),
+    }
+
+
+def baseline_row(baseline: dict, forget_task: str, retain_task: str, metric: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"run": "baseline", **{c: None for c in RUN_COLUMNS}}
+    row.update(forget_acc=score(baseline, forget_task, metric), retain_acc=score(baseline, retain_task, metric),
+               notes=f"baseline: original model {baseline.get('model', '')}".strip())
+    return row
+
+
+def markdown_table(rows: list[dict], forget_task: str, retain_task: str) -> str:
+    header = [*RUN_COLUMNS, f"{forget_task} (↓)", f"{retain_task} (↑)", "Notes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        if row["run"] == "baseline":
+            cells = ["-"] * len(RUN_COLUMNS)
+        else:
+            cells = [fmt_lr(row[c]) if c == "lr" else f"{row[c]:g}" if c == "epochs" and row[c] is not None
+                     else fmt_number(row[c]) for c in RUN_COLUMNS]
+        cells += [fmt_pct(row["forget_acc"]), fmt_pct(row["retain_acc"]), row["notes"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tamper_rows(attacks: list[tuple[str, dict]]) -> list[dict[str, Any]]:
+    """One row per attack and forget task (attacked / held-out half): step 0, peak, final, recovery."""
+    from .tamper import forget_names
+
+    rows = []
+    for label, results in attacks:
+        cfg = results["config"]
+        metric = cfg.get("metric", "acc")
+        for task in forget_names(results):
+            series = [(r["step"], r["tasks"][task][metric]) for r in results["records"] if task in r["tasks"]]
+            if not series:
+                continue
+            peak = max(series, key=lambda s: s[1])
+            mode = f"LoRA r{cfg.get('rank')}" if cfg.get("lora") else "full"
+            rows.append({"attack": label, "model": Path(str(cfg.get("model"))).name, "task": task,
+                         "config": f"{cfg.get('chunks')} chunks, lr={fmt_lr(cfg.get('lr'))}, "
+                                   f"{cfg.get('epochs'):g} epoch, {cfg.get('schedule')}, {mode}, "
+                                   f"{cfg.get('optimizer')}",
+                         "step0": series[0][1], "peak": peak[1], "peak_step": peak[0], "final": series[-1][1],
+                         "final_step": series[-1][0], "recovery": series[-1][1] - series[0][1]})
+    return rows
+
+
+def tamper_table(rows: list[dict]) -> str:
+    lines = ["| Attack | Model | Task | Attack config | Step 0 | Peak (step) | Final (step) | Recovery |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['attack']} | {r['model']} | {r['task']} | {r['config']} | {fmt_pct(r['step0'])} | "
+                     f"{fmt_pct(r['peak'])} ({r['peak_step']}) | {fmt_pct(r['final'])} ({r['final_step']}) | "
+                     f"{100 * r['recovery']:+.2f} pts |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- the command
+
+
+def _resolve_tasks(cfg: ReportConfig, runs: list[Run], baseline: dict | None) -> tuple[str, str]:
+    names: list[str] = []
+    for run in runs:  # the order the run asked for, then whatever its evaluations hold
+        asked = run.config.get("eval_tasks") or ""
+        asked = asked.split(",") if isinstance(asked, str) else list(asked)
+        names.extend(n for n in (Path(a).stem if a.endswith(".jsonl") else a for a in asked if a) if n not in names)
+        for source in (run.eval, run.base_eval):
+            names.extend(n for n in task_names(source or {}) if n not in names)
+    names.extend(n for n in task_names(baseline or {}) if n not in names)
+    forget = cfg.forget_task or (names[0] if names else None)
+    retain = cfg.retain_task or next((n for n in names if n != forget), None)
+    if forget is None or retain is None:
+        raise ValueError("cannot tell the forget and retain tasks (no eval.json with two tasks): pass --forget_task "
+                         "and --retain_task")
+    return forget, retain
+
+
+def build_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Rows, markdown and tamper rows, computed from the files alone (no plotting, no writing)."""
+    run_dirs = [p for p in map(Path, cfg.runs) if not is_tamper_dir(p)]
+    tamper_dirs = [*cfg.tamper, *(str(p) for p in map(Path, cfg.runs) if is_tamper_dir(p))]
+    runs = [load_run(p) for p in run_dirs]
+    baseline = _read_json(Path(cfg.baseline)) if cfg.baseline else next((r.base_eval for r in runs if r.base_eval),
+                                                                       None)
+    if cfg.baseline and baseline is None:
+        raise FileNotFoundError(f"--baseline {cfg.baseline} does not exist: pass an eval JSON of the original model")
+    attacks = [a for d in tamper_dirs for a in load_tamper(d)]
+    sections = ["# lensunlearn report", ""]
+    rows: list[dict] = []
+    forget = retain = None
+    if runs or baseline:
+        forget, retain = _resolve_tasks(cfg, runs, baseline)
+        rows = ([baseline_row(baseline, forget, retain, cfg.metric)] if baseline else []) + \
+               [run_row(r, forget, retain, cfg.metric) for r in runs]
+        sections += ["## Unlearning runs", "", f"Accuracy: `{cfg.metric}`; chance {100 / NUM_CHOICES:.0f}%.", "",
+                     markdown_table(rows, forget, retain), ""]
+    t_rows = tamper_rows(attacks)
+    if t_rows:
+        sections += ["## Tampering resistance (fine-tune attack)", "", tamper_table(t_rows), ""]
+    return {"forget_task": forget, "retain_task": retain, "metric": cfg.metric, "rows": rows, "tamper": t_rows,
+            "attacks": attacks, "markdown": "\n".join(sections)}
+
+
+def _csv_text(report: dict) -> str:
+    buffer = io.StringIO()
+    fields = ["run", *RUN_COLUMNS, "forget_acc", "retain_acc", "notes"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in fields} for row in report["rows"])
+    return buffer.getvalue()
+
+
+def run_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Write report.md, the trade-off scatter and the tamper curves (and report.csv / report.json)."""
+    from . import plots
+
+    report = build_report(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / REPORT_FILE]
+    _write_text(out / REPORT_FILE, report["markdown"])
+    if report["rows"]:
+        points = [(r["run"], r["forget_acc"], r["retain_acc"]) for r in report["rows"]
+                  if r["run"] != "baseline" and r["forget_acc"] is not None and r["retain_acc"] is not None]
+        base = next((r for r in report["rows"] if r["run"] == "baseline"), None)
+        base_point = (base["forget_acc"], base["retain_acc"]) if base and None not in (
+            base["forget_acc"], base["retain_acc"]) else None
+        written.append(plots.plot_tradeoff(points, out / TRADEOFF_FILE, base_point, 1 / NUM_CHOICES,
+                                           report["forget_task"], report["retain_task"]))
+    if report["attacks"]:
+        written.append(plots.plot_tamper_comparison(report["attacks"], out / TAMPER_FILE, cfg.metric))
+    if cfg.format == "csv":
+        written.append(_write_text(out / "report.csv", _csv_text(report)))
+    elif cfg.format == "json":
+        write_json_atomic(out / "report.json", {k: report[k] for k in ("forget_task", "retain_task", "metric", "rows",
+                                                                         "tamper")})
+        written.append(out / "report.json")
+    print(report["markdown"])
+    log.info("wrote %s", ", ".join(str(p) for p in written))
+    report["files"] = [str(p) for p in written]
+    return report
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text if text.endswith("\n") else text + "\n")
+    tmp.replace(path)
+    return path
+
+
+COMMANDS = [
+    Command(("report",), "one table of unlearning runs (baseline first), a trade-off plot and tamper curves",
+            ReportConfig, run_report),
+]
