@@ -136,10 +136,16 @@ class UnlearnConfig(ModelOptions):
 
 
 SEED = UnlearnConfig()
+# Tuned on the embedded SmolLM2-135M and the fact benchmark (closing note of issue 4): the knowledge
+# forms late in this 30-layer model, so the layers are late; its RMS-normed lens cannot become fully
+# uniform, so the forget term needs a large coefficient; the first token (an attention sink shared by
+# every document, with a norm ~100x the others) is left out of both losses.
 SMALL = replace(
     SEED, forget="facts:country_capital", retain="facts:element_symbol+facts:us_state_capital", retain_config=None,
-    retain_column=None, examples=400, max_length=64, batch=16, per_device_batch=16, layers=(5, 10, 15, 20),
-    eval_tasks="facts:country_capital,facts:element_symbol", eval_format="cloze", eval_base=True)
+    retain_column=None, examples=800, max_length=64, batch=16, per_device_batch=16, layers=(20, 25, 29), lr=1e-2,
+    retain_coef=1.0, remove_coef=20.0, lora_targets="all", skip_first=1, lens_matmul="bfloat16",
+    eval_tasks="facts:country_capital,facts:element_symbol,facts:us_state_capital", eval_format="cloze",
+    eval_base=True)
 PRESETS = {"seed": SEED, "small": SMALL}
 
 

@@ -123,3 +123,32 @@ def test_forget_loss_reads_the_same_streams_as_forward_streams():
     h = select_tokens(streams[2], batch["attention_mask"])
     expected = uniform_ce(lens(h, 2)).mean() / math.log(lens.unembed.weight.shape[0])
     assert objective.forget_loss(batch).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_skip_first_leaves_the_first_positions_out_of_both_losses():
+    model, tokenizer = make_tiny_model("llama")
+    lens = TunedLens.from_model(model).requires_grad_(False)
+    batch = _batch(tokenizer, ["the capital of spain is madrid", "paris is in france"])
+    objective = UnlearnObjective(model, lens, [2], FrozenCopy(model), skip_first=1)
+    streams = forward_streams(model, [2], batch["input_ids"], batch["attention_mask"])
+    mask = batch["attention_mask"].clone()
+    mask[:, 0] = 0
+    expected = uniform_ce(lens(select_tokens(streams[2], mask), 2)).mean() / math.log(lens.unembed.weight.shape[0])
+    assert objective.forget_loss(batch).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="no tokens left"):
+        UnlearnObjective(model, lens, [2], FrozenCopy(model), skip_first=50).forget_loss(batch)
+
+
+def test_frozen_chunked_sum_matches_recomputed_in_value_and_gradient():
+    from lensunlearn.losses import chunked_token_sum
+
+    weight = torch.randn(50, 8)
+    h = torch.randn(13, 8, requires_grad=True)
+    per_token = lambda x: uniform_ce(x @ weight.T)  # noqa: E731
+    recomputed = chunked_token_sum(per_token, h * 2, chunk=4)
+    recomputed.backward()
+    expected_grad, h.grad = h.grad.clone(), None
+    frozen = chunked_token_sum(per_token, h * 2, chunk=4, frozen=True)
+    (3 * frozen).backward()
+    assert frozen.item() == pytest.approx(recomputed.item(), rel=1e-6)
+    torch.testing.assert_close(h.grad, 3 * expected_grad)
