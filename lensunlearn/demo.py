@@ -67,7 +67,8 @@ class Stages:
     def run(self, name: str, done: Path, fn: Callable[[], None]) -> None:
         index = self.names.index(name) + 1
         remaining = sum(EXPECTED_SECONDS[n] for n in self.names[index - 1:])
-        pace = self.spent / self.expected_done if self.expected_done else 1.0
+        # scale the table by how fast this machine has been, once enough has run to tell
+        pace = self.spent / self.expected_done if self.expected_done >= 60 else 1.0
         header = f"[{index}/{len(self.names)}] {name}"
         if done.exists():
             log.info("%s: already done (%s), skipping", header, done)
