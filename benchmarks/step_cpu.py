@@ -27,7 +27,6 @@ import torch.multiprocessing as mp
 
 from lensunlearn.data import collate
 from lensunlearn.facts import DOMAINS, corpus_texts
-from lensunlearn.layers import model_parts
 from lensunlearn.lens import TunedLens
 from lensunlearn.losses import masked_mean, retain_l2, uniform_ce
 from lensunlearn.models import load_model

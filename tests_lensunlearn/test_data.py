@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lensunlearn.data import batch_indices, chunk_documents, collate, load_texts, tokenize
 
