@@ -88,3 +88,21 @@ def text_corpus(tmp_path) -> Path:
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_unlearn_inputs(tmp_path: Path, arch: str = "llama") -> Path:
+    """A tiny model at tmp/tiny, its untrained lens at tmp/lens, and tmp/forget.jsonl + tmp/retain.jsonl."""
+    import json
+
+    from lensunlearn.lens import TunedLens
+    from lensunlearn.models import load_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny", arch)
+    model, _ = load_model(str(model_dir), device="cpu")
+    TunedLens.from_model(model).save(tmp_path / "lens")
+    (tmp_path / "forget.jsonl").write_text("".join(
+        json.dumps({"text": f"the capital of {c} is {p} ."}) + "\n"
+        for c, p in (("france", "paris"), ("italy", "rome"), ("spain", "madrid"))))
+    (tmp_path / "retain.jsonl").write_text("".join(
+        json.dumps({"text": f"the symbol of gold is {i} and iron {i + 1}"}) + "\n" for i in range(8)))
+    return tmp_path

@@ -16,12 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from lensunlearn.distributed import World, shard
-from lensunlearn.lens import TunedLens
-from lensunlearn.models import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import run  # noqa: E402
-from conftest import save_tiny_model  # noqa: E402
+from conftest import write_unlearn_inputs  # noqa: E402
 
 RUNS = {"ddp_lora": dict(full=False, optimizer="adamw"), "fsdp_full": dict(full=True, optimizer="adamw")}
 
@@ -33,14 +31,8 @@ def _free_port() -> int:
 
 
 def _configs(tmp_path: Path, out: str) -> list[dict]:
-    model = save_tiny_model(tmp_path / "tiny", "gpt_neox")
-    loaded, _ = load_model(str(model), device="cpu")
-    TunedLens.from_model(loaded).save(tmp_path / "lens")
-    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
-    forget.write_text("".join(json.dumps({"text": f"the capital of {c} is {p} ."}) + "\n"
-                              for c, p in (("france", "paris"), ("italy", "rome"), ("spain", "madrid"))))
-    retain.write_text("".join(json.dumps({"text": f"the symbol of gold is {i} and iron {i + 1}"}) + "\n"
-                              for i in range(8)))
+    write_unlearn_inputs(tmp_path, "gpt_neox")
+    model, forget, retain = tmp_path / "tiny", tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
     base = dict(model=str(model), lens=str(tmp_path / "lens"), layers=(1, 3), forget=str(forget),
                 retain=str(retain), retain_config=None, retain_column=None, examples=8, batch=4, per_device_batch=1,
                 max_length=16, eval_tasks="", lora_dropout=0.0, device="cpu", checkpoint_every=0)

@@ -18,22 +18,14 @@ from lensunlearn.lens import TunedLens
 from lensunlearn.models import load_model
 from lensunlearn.unlearn import PRESETS, UnlearnConfig, unlearn
 
-from .conftest import save_tiny_model
+from .conftest import save_tiny_model, write_unlearn_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def setup(tmp_path):
-    model_dir = save_tiny_model(tmp_path / "tiny", "llama")
-    model, _ = load_model(str(model_dir), device="cpu")
-    TunedLens.from_model(model).save(tmp_path / "lens")
-    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
-    forget.write_text("".join(json.dumps({"text": f"the capital of {c} is {p} ."}) + "\n"
-                              for c, p in (("france", "paris"), ("italy", "rome"), ("spain", "madrid"))))
-    retain.write_text("".join(json.dumps({"text": f"the symbol of gold is {i} and iron {i + 1}"}) + "\n"
-                              for i in range(8)))
-    return tmp_path
+    return write_unlearn_inputs(tmp_path, "llama")
 
 
 def _args(tmp: Path, *extra: str) -> list[str]:
