@@ -28,7 +28,9 @@ class DemoConfig:
     forget_domain: str = option("country_capital", "fact domain to unlearn and attack")
     retain_domains: tuple[str, ...] = option(("element_symbol", "us_state_capital"), "fact domains that must survive")
     lens_steps: int = option(60, "lens training steps (8 documents each)")
-    unlearn_examples: int | None = option(None, "forget/retain pairs; None keeps the small preset's")
+    unlearn_examples: int | None = option(800, "forget/retain pairs: 800 (one pass over the country sentences) "
+                                               "keeps the demo within 8 minutes on 2 CPU cores; None takes the "
+                                               "small preset's 1600, which forgets more in twice the time")
     unlearn_layers: tuple[int, ...] | None = option(None, "target layers; None keeps the small preset's")
     optimizer: Literal["adamw", "muon"] = option("adamw", "unlearning optimiser")
     tamper_lr: float = option(1e-4, "learning rate of the held-out tamper attack")

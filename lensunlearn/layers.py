@@ -83,11 +83,14 @@ def model_parts(model: nn.Module) -> ModelParts:
     return ModelParts(blocks=blocks, final_norm=norms[-1], unembed=unembed, embed=base.get_input_embeddings())
 
 
-def check_layers(layers: Sequence[int], num_layers: int, what: str = "layer") -> tuple[int, ...]:
-    """Refuse layers outside 0 .. L-1 with a message naming the valid range."""
-    bad = [l for l in layers if not 0 <= int(l) < num_layers]
+def check_layers(layers: Sequence[int], num_layers: int, what: str = "layer",
+                 allow_output: bool = False) -> tuple[int, ...]:
+    """Refuse layers outside 0 .. L-1 (0 .. L with `allow_output`) with a message naming the valid range."""
+    top = num_layers if allow_output else num_layers - 1
+    bad = [l for l in layers if not 0 <= int(l) <= top]
     if bad:
-        raise ValueError(f"{what} {bad} out of range: this model has {num_layers} layers, so use 0..{num_layers - 1}")
+        output = f" ({num_layers} is the model's output)" if allow_output else ""
+        raise ValueError(f"{what} {bad} out of range: this model has {num_layers} layers, so use 0..{top}{output}")
     if not layers:
         raise ValueError(f"no {what}s given: pass at least one, e.g. --layers 5,10")
     return tuple(int(l) for l in layers)
@@ -116,13 +119,16 @@ def capture_streams(model: nn.Module, layers: Sequence[int], stop: bool = False,
                     final: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Capture stream l (the input of block l) for each l in `layers` during forward passes.
 
-    With `final=True` the output of the last block (the final norm's input) is captured too,
-    under key L = number of blocks; the model's logits are `unembed(final_norm(that))`.
+    With `final=True`, or with L = number of blocks among `layers`, the output of the last block
+    (the final norm's input) is captured too, under key L; the model's logits are
+    `unembed(final_norm(that))`.
     With `stop=True` the forward pass ends as soon as everything asked for is captured, so the
     later blocks (and, with `final`, the unembedding) never run; call the model through
     `forward_streams`, which catches the stop. Hooks are always removed on exit.
     """
     parts = model_parts(model)
+    final = final or parts.num_layers in layers
+    layers = [l for l in layers if l != parts.num_layers]
     layers = check_layers(layers, parts.num_layers) if layers or not final else ()
     last = parts.num_layers if final else max(layers)
     captured: dict[int, torch.Tensor] = {}

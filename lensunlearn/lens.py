@@ -74,6 +74,9 @@ class TunedLens(nn.Module):
         return logits if bias is None else logits + bias
 
     def forward(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits of lens `layer`; layer L (the number of blocks) is the model's own output, untranslated."""
+        if layer == self.num_layers:
+            return self.decode(h.float())
         return self.decode(self.transform(h, layer))
 
     def translator_parameters(self) -> list[nn.Parameter]:

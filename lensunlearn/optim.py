@@ -42,6 +42,45 @@ class MultiOptimizer:
             opt.load_state_dict(sub)
 
 
+class ShardedMuon(torch.optim.Muon):
+    """`torch.optim.Muon` for matrices sharded by FSDP2 (DTensors).
+
+    Muon orthogonalises each update as a whole matrix, which a rank holding some rows cannot do.
+    Here the momentum stays sharded (it is elementwise), the update is gathered, orthogonalised
+    identically on every rank, and each rank applies its own rows. The arithmetic is Muon's, step
+    for step, so a sharded run follows a single-process run.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        if closure is not None:
+            raise ValueError("ShardedMuon.step takes no closure")
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            buffers: list[torch.Tensor] = []
+            self._init_group(group, params, grads, buffers)
+            for param, grad, buffer in zip(params, grads, buffers):
+                buffer.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                whole = update.full_tensor() if isinstance(update, DTensor) else update
+                ortho = _zeropower_via_newtonschulz(whole, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if isinstance(param, DTensor):
+                    ortho = distribute_tensor(ortho, param.device_mesh, param.placements, src_data_rank=None)
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(ortho, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], param.shape))
+        return None
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
 def split_for_muon(named_params: Iterable[tuple[str, nn.Parameter]], exclude: Iterable[nn.Parameter] = ()
                    ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(Muon params, AdamW params): 2-D matrices not in `exclude` (embeddings, unembedding) go to Muon."""
@@ -80,8 +119,9 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], name: Opti
         matrices, rest = split_for_muon(named_params, exclude_from_muon)
         optimizers: list[torch.optim.Optimizer] = []
         if matrices:
-            optimizers.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                               adjust_lr_fn="match_rms_adamw"))
+            muon = ShardedMuon if any(_is_sharded(p) for p in matrices) else torch.optim.Muon
+            optimizers.append(muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                   adjust_lr_fn="match_rms_adamw"))
         if rest:
             optimizers.append(torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay))
         return MultiOptimizer(optimizers)

@@ -63,12 +63,15 @@ def _reference_lines(ax, results: dict, tasks: Sequence[str], metric: str, color
         ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1.2, label=f"chance ({100 * chance:.0f}%)")
     drawn: set[float] = set()
     for task in tasks:
-        value = (results.get("original") or {}).get(task, {}).get(metric)
+        original = (results.get("original") or {}).get(task, {})
+        value = original.get(metric)
         if value is None or round(value, 6) in drawn:
             continue
         drawn.add(round(value, 6))
+        measured = original.get("task", task)  # a held-out half's line may be the whole task's accuracy
+        what = _half(measured) + " half" if _half(measured) else measured
         ax.axhline(100 * value, color=colors.get(task, "black"), linestyle="-.", linewidth=1.0, alpha=0.7,
-                   label=f"original model, {_half(task) + ' half' if _half(task) else task} ({100 * value:.1f}%)")
+                   label=f"original model, {what} ({100 * value:.1f}%)")
 
 
 def _style_axes(ax, metric: str, legend_size: int) -> None:

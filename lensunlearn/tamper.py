@@ -300,8 +300,8 @@ def original_scores(cfg: TamperConfig, plan: list[EvalTask], out: Path) -> dict[
         for task in plan:
             for key in (task.key, task.base):  # a held-out half falls back to the whole task
                 found = result.get("results", {}).get(key) or result.get("groups", {}).get(key)
-                if found is not None:
-                    scores[task.name] = {k: found.get(k) for k in ("acc", "acc_norm", "n")}
+                if found is not None:  # "task" says what was measured: the half, or the whole task
+                    scores[task.name] = {**{k: found.get(k) for k in ("acc", "acc_norm", "n")}, "task": key}
                     break
         return scores
     cached = out / ORIGINAL_EVAL_FILE

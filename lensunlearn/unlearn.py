@@ -25,9 +25,10 @@ from .distributed import (World, barrier, cleanup, device_for, full_state_dict, 
 from .layers import check_layers, clip_layers, model_parts, unwrap
 from .lens import TunedLens
 from .lens_train import ModelOptions
-from .loop import CHECKPOINT_FILE, LoopSpec, MetricsLog, load_checkpoint, restore_checkpoint, run_loop, save_checkpoint
+from .loop import (CHECKPOINT_FILE, LoopSpec, MetricsLog, load_checkpoint, remove_checkpoint, restore_checkpoint,
+                   run_loop, save_checkpoint)
 from .models import DTYPES, load_model, model_short_name, set_checkpointing
-from .objective import AdapterDisabled, FrozenCopy, UnlearnObjective, schedule
+from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective, schedule
 from .optim import build_optimizer, embedding_parameters, lr_factor
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,17 @@ SEED_LAYERS = (5, 10, 15, 20, 25, 30)
 RUN_CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "run_config.json", "metrics.jsonl", "summary.json"
 EVAL_FILE, BASE_EVAL_FILE = "eval.json", "base_eval.json"
 LOGGED = ("step", "retain_loss", "forget_loss", "retain_weight", "forget_weight", "lr", "grad_norm", "tokens_per_s",
-          "seconds")
+          "original_cached", "seconds")
 
 
 @dataclass
 class UnlearnConfig(ModelOptions):
     lens: str | None = option(None, "tuned lens folder or hub id; None means runs/lens_<model>, where `lens train` "
                                     "writes")
-    layers: tuple[int, ...] = option(SEED_LAYERS, "target layers l (stream l, read by lens l); the default "
-                                                   "5,...,30 is clipped to the model's depth, explicit layers are not")
+    layers: tuple[int, ...] = option(SEED_LAYERS, "target layers l (stream l, read by lens l; l = number of "
+                                                   "blocks is the model's own output); the default 5,...,30 keeps "
+                                                   "the lens layers a shallower model has, explicit layers are "
+                                                   "not clipped")
     forget: str = option("Unlearning/WMDP-Bio-Remove-Dataset", "forget corpus: hub id, local file/folder or "
                                                                "facts:<domain>")
     forget_config: str | None = option(None, "hub config of the forget corpus")
@@ -88,7 +91,11 @@ class UnlearnConfig(ModelOptions):
                                                                     "forget loss (bfloat16 is several times faster "
                                                                     "on CPU; the loss itself stays float32)")
     gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
-    mixed_precision: bool = option(False, "bfloat16 autocast (GPU only; keep --dtype float32 weights)")
+    mixed_precision: bool = option(False, "bfloat16 autocast of the model's passes on CPU or GPU (keep --dtype "
+                                          "float32 weights); the lens and the losses stay float32")
+    original_cache_mb: int = option(0, "keep the original model's retain streams in CPU memory, up to this many "
+                                       "MiB, for retain documents that come back (a cycled retain corpus, "
+                                       "epochs > 1); 0: recompute every time")
     seed: int = option(0, "seed for adapters, data order, dropout and random targets")
     out: str = option("runs", "parent folder of the run directory")
     run_name: str | None = option(None, "run directory name; None: <model>_lens_ex<examples>_rm<remove>_ret<retain> "
@@ -112,6 +119,8 @@ class UnlearnConfig(ModelOptions):
         if self.batch % self.per_device_batch:
             raise ConfigError(f"--batch {self.batch} is not a multiple of --per_device_batch {self.per_device_batch}: "
                               f"batch = per_device_batch x grad accumulation x number of processes")
+        if self.original_cache_mb < 0:
+            raise ConfigError(f"--original_cache_mb must be >= 0, got {self.original_cache_mb}")
         if self.skip_first < 0:
             raise ConfigError(f"--skip_first must be >= 0, got {self.skip_first}")
         if self.retain_coef < 0 or self.remove_coef < 0:
@@ -136,16 +145,18 @@ class UnlearnConfig(ModelOptions):
 
 
 SEED = UnlearnConfig()
-# Tuned on the embedded SmolLM2-135M and the fact benchmark (closing note of issue 4): the knowledge
+# Tuned on the embedded SmolLM2-135M and the fact benchmark (closing notes of issue 4): the knowledge
 # forms late in this 30-layer model, so the layers are late; its RMS-normed lens cannot become fully
 # uniform, so the forget term needs a large coefficient; the first token (an attention sink shared by
-# every document, with a norm ~100x the others) is left out of both losses.
+# every document, with a norm ~100x the others) is left out of both losses. 1600 pairs are two passes
+# over the 800 country-capital sentences with the retain weight ramping up over both; 800 pairs
+# left country capitals at 43%, 1600 at 29%.
 SMALL = replace(
     SEED, forget="facts:country_capital", retain="facts:element_symbol+facts:us_state_capital", retain_config=None,
-    retain_column=None, examples=800, max_length=64, batch=16, per_device_batch=16, layers=(20, 25, 29), lr=1e-2,
+    retain_column=None, examples=1600, max_length=64, batch=16, per_device_batch=16, layers=(20, 25, 29), lr=1e-2,
     retain_coef=1.0, remove_coef=20.0, lora_targets="all", skip_first=1, lens_matmul="bfloat16",
     eval_tasks="facts:country_capital,facts:element_symbol,facts:us_state_capital", eval_format="cloze",
-    eval_base=True)
+    eval_base=True, original_cache_mb=1024)
 PRESETS = {"seed": SEED, "small": SMALL}
 
 
@@ -175,8 +186,12 @@ class PairedData:
     pad_id: int
 
     def micro_batch(self, pair_ids: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+        """Collated forget and retain documents; the retain side carries its document ids (for the cache)."""
+        retain_ids = [k % len(self.retain) for k in pair_ids]
+        retain = collate([self.retain[k] for k in retain_ids], self.pad_id)
+        retain["doc_ids"] = torch.tensor(retain_ids)
         return {"forget": collate([self.forget[k % len(self.forget)] for k in pair_ids], self.pad_id),
-                "retain": collate([self.retain[k % len(self.retain)] for k in pair_ids], self.pad_id)}
+                "retain": retain}
 
 
 def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
@@ -201,7 +216,7 @@ def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
 def resolve_layers(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
     """The seed's default layers are clipped to the model's depth; explicit layers must exist."""
     layers = clip_layers(cfg.layers, num_layers) if tuple(cfg.layers) == SEED_LAYERS else cfg.layers
-    layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer"))))
+    layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer", allow_output=True))))
     if not cfg.full and max(layers) == 0:
         raise ValueError("target layer 0 is the embedding output, which no LoRA adapter can change: "
                          "choose layers >= 1 or train with --full")
@@ -314,11 +329,9 @@ def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
         raise ValueError(f"--batch {cfg.batch} is not divisible by --per_device_batch {cfg.per_device_batch} x "
                          f"{world.world_size} processes: batch = per_device_batch x grad accumulation x processes")
     device = device_for(world, cfg.device)
-    if cfg.full and cfg.optimizer == "muon" and world.distributed:
-        raise ValueError("--optimizer muon with --full under torchrun is not supported yet: FSDP2 shards each matrix "
-                         "and Muon must orthogonalise whole matrices; use --optimizer adamw, LoRA, or one process")
-    if cfg.mixed_precision and device.type != "cuda":
-        raise ValueError("--mixed_precision needs a GPU (bfloat16 autocast); on CPU train in float32")
+    if cfg.mixed_precision and cfg.dtype not in ("float32", "auto"):
+        raise ValueError(f"--mixed_precision autocasts float32 weights to bfloat16; with --dtype {cfg.dtype} pass "
+                         f"--dtype float32 (or drop --mixed_precision)")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, cfg.dtype, device, cfg.trust_remote_code)
     lens = TunedLens.load(cfg.lens or str(Path("runs") / f"lens_{model_short_name(cfg.model)}"), model)
@@ -353,7 +366,7 @@ def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
 
 
 def setup_training(cfg: UnlearnConfig, world: World, device: torch.device, model, lens, layers):
-    """(objective to call, trained model, named trainable tensors, optimiser) for LoRA or full mode."""
+    """(objective to call, trained model, named trainable tensors, optimiser, original-model cache or None)."""
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
     if cfg.full:
@@ -366,19 +379,24 @@ def setup_training(cfg: UnlearnConfig, world: World, device: torch.device, model
         model = add_lora(model, cfg, layers)
         original = AdapterDisabled(model)
     model.train()
+    cache = OriginalCache(cfg.original_cache_mb * 2**20) if cfg.original_cache_mb else None
     objective = UnlearnObjective(model, lens, layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk,
-                                 cfg.skip_first)
+                                 cfg.skip_first, cache)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
                                 exclude_from_muon=embedding_parameters(unwrap(model)))
     call = wrap_ddp(objective, device) if world.distributed and not cfg.full else objective
-    return call, model, trainable, optimizer
+    return call, model, trainable, optimizer, cache
 
 
 def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokenizer, lens, layers,
           data: PairedData, run_dir: Path, began: float) -> Path:
     plan = _plan(cfg, data, world)
-    call, model, trainable, optimizer = setup_training(cfg, world, device, model, lens, layers)
+    call, model, trainable, optimizer, cache = setup_training(cfg, world, device, model, lens, layers)
+    if cache is not None:
+        revisits = max(0, plan["steps"] * cfg.batch - plan["unique_retain_examples"])
+        log.info("original-model cache: up to %d MiB of retain streams; %d of %d retain documents processed are "
+                 "revisits", cfg.original_cache_mb, revisits, plan["steps"] * cfg.batch)
     fsdp = cfg.full and world.distributed
     start = 0
     state = load_checkpoint(run_dir) if cfg.resume else None
@@ -399,14 +417,17 @@ def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokeniz
     def loss_fn(item, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         index, batch = item
         retain_weight, forget_weight = schedule(step, plan["steps_per_epoch"], cfg.retain_coef, cfg.remove_coef)
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.mixed_precision)
-        with autocast:
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision):
             loss, forget, retain = call(batch["forget"], batch["retain"], retain_weight, forget_weight,
                                         target_seed=(cfg.seed * 1_000_003 + step) * 1_009 + index)
+        extra = {}
+        if cache is not None and retain_weight:
+            hits, misses = cache.take_counts()
+            extra["original_cached"] = hits / max(1, hits + misses)
         tokens = batch["forget"]["attention_mask"].sum() + (batch["retain"]["attention_mask"].sum()
                                                             if retain_weight else 0)
         return loss, {"forget_loss": forget.item(), "retain_loss": retain.item(), "retain_weight": retain_weight,
-                      "forget_weight": forget_weight, "tokens": float(tokens)}
+                      "forget_weight": forget_weight, "tokens": float(tokens), **extra}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         metrics.update(mean_over_ranks(metrics, ("forget_loss", "retain_loss"), world))
@@ -414,18 +435,15 @@ def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokeniz
         metrics_log.write({k: metrics[k] for k in LOGGED if k in metrics})
 
     def checkpoint(step: int) -> None:
-        if world.is_main:
+        if world.is_main or fsdp:  # under FSDP every rank writes its own shards
             save_checkpoint(run_dir, step, trainable, optimizer, extra={"run": cfg.name})
         barrier(world)
 
-    if fsdp and cfg.checkpoint_every:
-        log.warning("checkpoints are not written under FSDP (full mode with several processes): --resume needs "
-                    "a single process or LoRA")
     spec = LoopSpec(params=list(trainable.values()), optimizer=optimizer, base_lr=cfg.lr, total_steps=plan["steps"],
                     micro_batches=micro_batches, loss_fn=loss_fn, clip=cfg.clip,
                     lr_factor=lambda s: lr_factor(s, plan["steps"], cfg.warmup, cfg.schedule),
                     no_sync=no_sync(call if not fsdp else unwrap(model)), on_step=on_step,
-                    checkpoint=checkpoint, checkpoint_every=0 if fsdp else cfg.checkpoint_every, desc="unlearn",
+                    checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, desc="unlearn",
                     postfix=("forget_loss", "retain_loss", "forget_weight", "retain_weight", "lr", "tokens_per_s"))
     trained_at = time.perf_counter()
     last = run_loop(spec, start_step=start)
@@ -433,7 +451,7 @@ def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokeniz
     merged = save_model(cfg, model, tokenizer, run_dir, world)
     if world.is_main:
         _evaluate(cfg, merged, tokenizer, lens, run_dir / EVAL_FILE)
-        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        remove_checkpoint(run_dir)
         write_json_atomic(run_dir / SUMMARY_FILE, {
             "examples": cfg.examples, "epochs": plan["effective_epochs"], "steps": plan["steps"],
             "final_retain_loss": last.get("retain_loss"), "final_forget_loss": last.get("forget_loss"),

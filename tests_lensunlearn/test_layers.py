@@ -75,3 +75,20 @@ def test_layer_out_of_range_is_refused():
     with pytest.raises(ValueError, match="out of range"):
         with capture_streams(model, [7]):
             pass
+
+
+def test_layer_L_is_the_final_stream_and_the_lens_reads_it_as_the_model_output(arch):
+    from lensunlearn.lens import TunedLens
+
+    model, tokenizer = make_tiny_model(arch)
+    ids, mask = _inputs(tokenizer)
+    top = model_parts(model).num_layers
+    streams = forward_streams(model, [1, top], ids, mask)
+    assert sorted(streams) == [1, top]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        lens = TunedLens.from_model(model)
+        torch.nn.init.normal_(lens.translators[top - 1].weight)  # translators never touch the output
+        assert torch.allclose(lens(streams[top], top), logits, atol=1e-5)
+    with pytest.raises(ValueError, match=r"0\.\.4 \(4 is the model's output\)"):
+        check_layers([5], top, allow_output=True)

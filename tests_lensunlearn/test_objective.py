@@ -152,3 +152,67 @@ def test_frozen_chunked_sum_matches_recomputed_in_value_and_gradient():
     (3 * frozen).backward()
     assert frozen.item() == pytest.approx(recomputed.item(), rel=1e-6)
     torch.testing.assert_close(h.grad, 3 * expected_grad)
+
+
+@pytest.mark.parametrize("retain_loss", ["l2", "kl"])
+def test_original_cache_serves_revisited_documents_with_the_same_loss(retain_loss):
+    from peft import LoraConfig, get_peft_model
+
+    from lensunlearn.objective import OriginalCache
+
+    model, tokenizer = make_tiny_model("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lens = TunedLens.from_model(model).requires_grad_(False)
+    texts = ["gold iron oxygen element symbol", "the answer is 3", "the capital of spain is madrid ."]
+    plain = UnlearnObjective(peft_model, lens, [1, 3], AdapterDisabled(peft_model), retain_loss)
+    cache = OriginalCache(max_bytes=2**20)
+    cached = UnlearnObjective(peft_model, lens, [1, 3], AdapterDisabled(peft_model), retain_loss, cache=cache)
+
+    def batch(rows):
+        out = _batch(tokenizer, [texts[r] for r in rows])
+        out["doc_ids"] = torch.tensor(rows)
+        return out
+
+    for rows, hits, misses in (([0, 1], 0, 2), ([1, 2], 1, 1), ([2, 0, 1], 3, 0)):
+        expected = plain.retain_loss(batch(rows)).item()
+        assert expected > 0  # the adapters are not zero, so the models differ
+        assert cached.retain_loss(batch(rows)).item() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+        assert cache.take_counts() == (hits, misses)
+    assert len(cache.store) == 3
+
+
+def test_original_cache_stops_adding_at_its_budget():
+    from lensunlearn.objective import OriginalCache
+
+    cache = OriginalCache(max_bytes=3 * 4 * 10)  # room for three streams of 10 floats
+    for doc in range(5):
+        cache.put(doc, {1: torch.zeros(10)})
+    assert sorted(cache.store) == [0, 1, 2] and cache.bytes == 120 and cache.take_counts() == (0, 5)
+
+
+def test_bfloat16_autocast_on_cpu_keeps_the_losses_float32_and_close():
+    model, tokenizer = make_tiny_model("llama")
+    lens = TunedLens.from_model(model).requires_grad_(False)
+    forget = _batch(tokenizer, ["the capital of spain is madrid", "paris is in france"])
+    retain = _batch(tokenizer, ["gold iron oxygen element symbol", "the answer is 3"])
+    objective = UnlearnObjective(model, lens, [1, 3], FrozenCopy(model))
+    exact = objective.forget_loss(forget)
+    with torch.autocast("cpu", torch.bfloat16):
+        fast, retain_value = objective.losses(forget, retain)
+    assert fast.dtype == torch.float32 and retain_value.dtype == torch.float32
+    assert fast.item() == pytest.approx(exact.item(), rel=1e-2) and fast.item() != exact.item()
+
+
+def test_forget_loss_at_the_output_layer_is_the_uniform_ce_of_the_model_logits():
+    model, tokenizer = make_tiny_model("llama")
+    lens = TunedLens.from_model(model).requires_grad_(False)
+    batch = _batch(tokenizer, ["the capital of spain is madrid", "paris"])
+    top = len(model.model.layers)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    expected = uniform_ce(select_tokens(logits, batch["attention_mask"])).mean() / math.log(logits.shape[-1])
+    objective = UnlearnObjective(model, lens, [2, top], FrozenCopy(model))
+    assert objective.forget_loss(batch).item() == pytest.approx(
+        (expected.item() + UnlearnObjective(model, lens, [2], FrozenCopy(model)).forget_loss(batch).item()) / 2,
+        rel=1e-5)
+    assert objective.retain_loss(batch).item() == pytest.approx(0.0, abs=1e-6)

@@ -93,7 +93,7 @@ def test_bad_input_fails_before_training(setup, case, monkeypatch):
         TunedLens.from_model(other).save(setup / "other_lens")
         kw, match = {"lens": str(setup / "other_lens")}, "was made for a model with 5 layers"
     elif case == "layer_out_of_range":
-        kw, match = {"layers": (1, 7)}, r"out of range.*0\.\.3"
+        kw, match = {"layers": (1, 7)}, r"out of range.*0\.\.4 \(4 is the model's output\)"
     elif case in ("empty_forget", "empty_retain"):
         empty = setup / "empty.jsonl"
         empty.write_text(json.dumps({"text": "   "}) + "\n")
@@ -152,3 +152,29 @@ def test_final_evaluation_on_a_local_task(setup):
     for name in ("eval.json", "base_eval.json"):
         result = json.loads((run_dir / name).read_text())
         assert result["format"] == "cloze" and len(result["results"]) == 1
+
+
+def test_original_cache_gives_the_same_run_and_logs_its_hit_rate(setup):
+    extra = ["--examples", "16", "--retain_coef", "50", "--lr", "1e-2"]
+    plain = main(_args(setup, *extra, "--run_name", "plain"))
+    cached = main(_args(setup, *extra, "--run_name", "cached", "--original_cache_mb", "16"))
+    a = load_file(plain / "adapter" / "adapter_model.safetensors")
+    b = load_file(cached / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    lines = [json.loads(l) for l in (cached / "metrics.jsonl").read_text().splitlines()]
+    assert "original_cached" not in lines[0]  # retain weight 0 at step 0: no original pass at all
+    rates = [l["original_cached"] for l in lines[1:]]
+    assert rates[0] == 0.0 and 0 < rates[-1] <= 1  # 8 retain documents, 16 pairs: the second pass hits
+    assert [l["retain_loss"] for l in lines] == pytest.approx(
+        [json.loads(l)["retain_loss"] for l in (plain / "metrics.jsonl").read_text().splitlines()], rel=1e-5)
+    assert json.loads((cached / "run_config.json").read_text())["original_cache_mb"] == 16
+
+
+def test_mixed_precision_trains_on_cpu_with_float32_adapters(setup):
+    run_dir = main(_args(setup, "--mixed_precision", "--run_name", "bf16"))
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(l["forget_loss"])) and l["forget_loss"] >= 1.0 for l in lines)
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    with pytest.raises(ValueError, match="--dtype float32"):
+        main(_args(setup, "--mixed_precision", "--dtype", "bfloat16", "--run_name", "bad"))
