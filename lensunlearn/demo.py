@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
+import torch
+
 from .cli import Command
 from .config import ConfigError, option, write_json_atomic
 from .models import EMBEDDED_MODEL
@@ -92,7 +94,8 @@ def _evaluate_with_profile(cfg: DemoConfig, model_name: str, lens_dir: Path, out
     from .profile import plot_profile, profile_table
 
     model, tokenizer = load_model(model_name, cfg.dtype, cfg.device)
-    lens = TunedLens.load(lens_dir, model)
+    # The profile's lens product in bfloat16 (3x faster here); the model's own answers stay float32.
+    lens = TunedLens.load(lens_dir, model).set_matmul_dtype(torch.bfloat16)
     result = evaluate(model, tokenizer, cfg.tasks, format="cloze", batch_size=cfg.eval_batch, lens=lens,
                       predictions_path=out.with_suffix(".predictions.jsonl"), model_name=model_name)
     print(results_table(result))
@@ -128,7 +131,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         common = dict(model=cfg.model, dtype=cfg.dtype, device=cfg.device, data="facts:all")
         train_lens(LensTrainConfig(**common, out=str(lens_dir), steps=cfg.lens_steps, resume=(lens_dir /
                                    "checkpoint.pt").exists()))
-        eval_lens(LensEvalConfig(**common, lens=str(lens_dir), out=str(out / "lens_eval.json")))
+        eval_lens(LensEvalConfig(**common, lens=str(lens_dir), out=str(out / "lens_eval.json"), lens_matmul="bfloat16"))
     stages.run("lens", out / "lens_eval.json", lens)
 
     stages.run("base eval", out / "base_eval.json",

@@ -98,6 +98,8 @@ class LensEvalConfig(CorpusOptions, ModelOptions):
     out: str | None = option(None, "write the per-layer table as JSON here (and a PNG plot beside it)")
     batch: int = option(8, "documents per forward pass")
     chunk: int = option(512, "tokens per chunk of full-vocabulary KL")
+    lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product "
+                                                                    "(bfloat16: faster, KL to about 3 digits)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -247,7 +249,7 @@ def plot_lens_table(rows: list[dict], path: Path, title: str) -> None:
 def eval_lens(cfg: LensEvalConfig) -> dict:
     """Per-layer KL and top-1 agreement of the tuned and logit lenses on held-out text."""
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
-    lens = TunedLens.load(cfg.lens, model)
+    lens = TunedLens.load(cfg.lens, model).set_matmul_dtype(DTYPES[cfg.lens_matmul])
     train_docs, held = split_documents(cfg, tokenizer)
     docs = held or train_docs
     if not held:
