@@ -150,7 +150,7 @@ SEED = UnlearnConfig()
 # uniform, so the forget term needs a large coefficient; the first token (an attention sink shared by
 # every document, with a norm ~100x the others) is left out of both losses. 1600 pairs are two passes
 # over the 800 country-capital sentences with the retain weight ramping up over both; 800 pairs
-# left country capitals at 43%, 1600 at 29%.
+# left country capitals at 43%, 1600 at 29-32% (one or two threads; the sums run in another order).
 SMALL = replace(
     SEED, forget="facts:country_capital", retain="facts:element_symbol+facts:us_state_capital", retain_config=None,
     retain_column=None, examples=1600, max_length=64, batch=16, per_device_batch=16, layers=(20, 25, 29), lr=1e-2,
