@@ -105,6 +105,11 @@ def test_lens_train_then_eval_beats_logit_lens(tmp_path, text_corpus):
         assert row["tuned_lens_kl"] < row["logit_lens_kl"]
         assert set(row) == {"layer", "logit_lens_kl", "tuned_lens_kl", "logit_lens_top1", "tuned_lens_top1"}
     assert (tmp_path / "eval.png").stat().st_size > 1000
+    fast = main(["lens", "eval", "--model", str(model_dir), "--data", str(text_corpus), "--lens", str(out),
+                 "--max_length", "16", "--lens_matmul", "bfloat16"])
+    for exact, approx in zip(result["layers"], fast["layers"]):
+        for key in ("logit_lens_kl", "tuned_lens_kl"):
+            assert approx[key] == pytest.approx(exact[key], rel=2e-2, abs=1e-3) and approx[key] != exact[key]
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(_train_args(model_dir, text_corpus, out))
 
