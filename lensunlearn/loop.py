@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .optim import MultiOptimizer, set_lr
+from .optim import MultiOptimizer, is_sharded, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _is_sharded(tensor: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
 def _local(tree: Any) -> Any:
     """`tree` with every DTensor replaced by this rank's shard, on CPU (what one rank saves)."""
     if isinstance(tree, dict):
@@ -159,7 +153,7 @@ def _local(tree: Any) -> Any:
     if isinstance(tree, (list, tuple)):
         return type(tree)(_local(v) for v in tree)
     if isinstance(tree, torch.Tensor):
-        return (tree.to_local() if _is_sharded(tree) else tree).detach().cpu()
+        return (tree.to_local() if is_sharded(tree) else tree).detach().cpu()
     return tree
 
 
@@ -188,7 +182,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"step": step, "trainable": _local(trainable), "optimizer": _local(optimizer.state_dict()),
                "rng": rng_state(), "extra": extra or {}}
-    if not any(_is_sharded(t) for t in trainable.values()):
+    if not any(is_sharded(t) for t in trainable.values()):
         _write_atomic(payload, path)
     else:
         world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -231,10 +225,10 @@ def _reshard_optimizer_state(optimizer: MultiOptimizer) -> None:
 
     for opt in optimizer.optimizers:
         for param, state in opt.state.items():
-            if not _is_sharded(param):
+            if not is_sharded(param):
                 continue
             for key, value in state.items():
-                if isinstance(value, torch.Tensor) and not _is_sharded(value) and value.shape == param.to_local().shape:
+                if isinstance(value, torch.Tensor) and not is_sharded(value) and value.shape == param.to_local().shape:
                     state[key] = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
                                                     shape=param.shape, stride=param.stride())
 
@@ -247,7 +241,7 @@ def restore_checkpoint(state: dict[str, Any], trainable: dict[str, torch.Tensor]
                          f"resume with the same config, or start over with --overwrite")
     with torch.no_grad():
         for name, tensor in trainable.items():
-            target = tensor.to_local() if _is_sharded(tensor) else tensor
+            target = tensor.to_local() if is_sharded(tensor) else tensor
             target.copy_(state["trainable"][name].to(target.device, target.dtype))
     optimizer.load_state_dict(state["optimizer"])
     _reshard_optimizer_state(optimizer)

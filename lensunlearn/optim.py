@@ -75,10 +75,11 @@ class ShardedMuon(torch.optim.Muon):
         return None
 
 
-def _is_sharded(param: torch.Tensor) -> bool:
+def is_sharded(tensor: object) -> bool:
+    """Whether `tensor` is a DTensor (a parameter or state sharded by FSDP2)."""
     from torch.distributed.tensor import DTensor
 
-    return isinstance(param, DTensor)
+    return isinstance(tensor, DTensor)
 
 
 def split_for_muon(named_params: Iterable[tuple[str, nn.Parameter]], exclude: Iterable[nn.Parameter] = ()
@@ -119,7 +120,7 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], name: Opti
         matrices, rest = split_for_muon(named_params, exclude_from_muon)
         optimizers: list[torch.optim.Optimizer] = []
         if matrices:
-            muon = ShardedMuon if any(_is_sharded(p) for p in matrices) else torch.optim.Muon
+            muon = ShardedMuon if any(is_sharded(p) for p in matrices) else torch.optim.Muon
             optimizers.append(muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                    adjust_lr_fn="match_rms_adamw"))
         if rest:

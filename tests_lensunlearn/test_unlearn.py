@@ -178,3 +178,8 @@ def test_mixed_precision_trains_on_cpu_with_float32_adapters(setup):
     assert all(t.dtype == torch.float32 for t in adapter.values())
     with pytest.raises(ValueError, match="--dtype float32"):
         main(_args(setup, "--mixed_precision", "--dtype", "bfloat16", "--run_name", "bad"))
+
+
+def test_negative_original_cache_is_refused(setup):
+    with pytest.raises(ConfigError, match="--original_cache_mb must be >= 0"):
+        _config(setup, original_cache_mb=-1)
