@@ -25,20 +25,21 @@ import argparse
 import copy
 import math
 import re
-import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from _timing import parse_args, time_interleaved
 
 from lensunlearn.data import collate
 from lensunlearn.facts import DOMAINS, corpus_texts
 from lensunlearn.lens import TunedLens
-from lensunlearn.losses import masked_mean, retain_l2, uniform_ce
+from lensunlearn.losses import DEFAULT_CHUNK, masked_mean, retain_l2, uniform_ce
 from lensunlearn.models import load_model
 from lensunlearn.objective import AdapterDisabled, OriginalCache, UnlearnObjective
 
 LAYERS = (5, 10, 15, 20, 25)
+CHUNK = DEFAULT_CHUNK  # tokens per lens chunk, as `unlearn --chunk` by default
 
 
 def documents(tokenizer, domain: str, count: int, length: int) -> list[list[int]]:
@@ -103,7 +104,7 @@ def variants(model, lens, forget, retain):
 
     def objective(lens_, cached: bool) -> UnlearnObjective:
         cache = OriginalCache(2**30) if cached else None
-        return UnlearnObjective(model, lens_, LAYERS, AdapterDisabled(model), "l2", "uniform", chunk=256, cache=cache)
+        return UnlearnObjective(model, lens_, LAYERS, AdapterDisabled(model), "l2", "uniform", chunk=CHUNK, cache=cache)
 
     ours, ours_cached = objective(lens, False), objective(lens, True)
     bf16, bf16_cached = objective(fast_lens, False), objective(fast_lens, True)
@@ -111,7 +112,7 @@ def variants(model, lens, forget, retain):
     for name, param in half.named_parameters():
         if "lora_" not in name:
             param.data = param.data.to(torch.bfloat16)
-    bf16_weights = UnlearnObjective(half, fast_lens, LAYERS, AdapterDisabled(half), "l2", "uniform", chunk=256,
+    bf16_weights = UnlearnObjective(half, fast_lens, LAYERS, AdapterDisabled(half), "l2", "uniform", chunk=CHUNK,
                                     cache=OriginalCache(2**30))
     return {
         "straightforward": lambda: straightforward_step(model, lens, forget, retain, weights),
@@ -179,22 +180,10 @@ def peak_rss(names, args) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4, help="forget and retain documents per step")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens per document")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, batch=(4, "forget and retain documents per step"))
     model, lens, forget, retain = setup(args)
     steps = variants(model, lens, forget, retain)
-    losses = {name: float(step()) for name, step in steps.items()}  # warm-up, and the loss values
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits every variant alike
-        for name, step in steps.items():
-            began = time.perf_counter()
-            losses[name] = float(step())  # the cached variants' timed steps are served from their cache
-            times[name].append(time.perf_counter() - began)
+    losses, times = time_interleaved(steps, args.repeats)  # the cached variants' timed steps hit their cache
     tokens = 2 * args.batch * args.tokens
     base = min(times["straightforward"])
     print("timed:", {name: [round(t, 2) for t in ts] for name, ts in times.items()}, flush=True)

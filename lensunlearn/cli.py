@@ -97,5 +97,12 @@ def main(argv: Sequence[str] | None = None) -> Any:
     return command.run(config)
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """The installed `lensunlearn` command. It exits 0 on success: what `main` returns (a run folder,
+    a lens) is for library callers, and `sys.exit` would print it and exit 1."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(console())

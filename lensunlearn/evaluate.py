@@ -74,6 +74,43 @@ def encode_request(tokenizer, context: str, continuations: Sequence[str]) -> Enc
     return Encoded(ctx, conts)
 
 
+DEFAULT_CONTEXT_LIMIT = 2048
+_UNSET_TOKENIZER_LIMIT = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
+
+
+def context_limit(model, tokenizer) -> int:
+    """The model's context length as lm-eval's HF backend resolves it when not told: the (text)
+    config's n_positions, max_position_embeddings or n_ctx, else the tokenizer's model_max_length,
+    else 2048."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit != _UNSET_TOKENIZER_LIMIT else DEFAULT_CONTEXT_LIMIT
+
+
+def truncate_left(enc: Encoded, max_length: int) -> list[Encoded]:
+    """lm-eval's left truncation: a choice whose context + continuation exceeds max_length + 1 tokens
+    keeps only the last max_length + 1 of them (the model reads all but the last).
+
+    Returns [enc] when every choice fits. Otherwise each choice gets its own Encoded, because the
+    choices of one question then keep different amounts of context and cannot share a packed row.
+    """
+    if all(len(enc.context) + len(cont) <= max_length + 1 for cont in enc.continuations):
+        return [enc]
+    parts = []
+    for cont in enc.continuations:
+        if len(cont) > max_length:
+            raise ValueError(f"an answer of {len(cont)} tokens does not fit the context limit of {max_length}: "
+                             f"raise --max_length or shorten the choices")
+        parts.append(Encoded(enc.context[len(enc.context) + len(cont) - (max_length + 1):]
+                             if len(enc.context) + len(cont) > max_length + 1 else list(enc.context), [cont]))
+    return parts
+
+
 def _pack(enc: Encoded) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
     """One row: context, then each choice's tokens but its last; reads (position, target, choice)."""
     ids, positions, segments = list(enc.context), list(range(len(enc.context))), [-1] * len(enc.context)
@@ -162,19 +199,40 @@ def score_batch(model, encoded: Sequence[Encoded], pad_id: int, lens=None
 
 
 def score_all(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 16, lens=None,
-              progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-    """Score every question in batches of similar length (longest first), in the input order."""
-    order = sorted(range(len(encoded)), key=lambda i: -len(_pack(encoded[i])[0]))
-    finals: list[Any] = [None] * len(encoded)
-    layers: list[Any] = [None] * len(encoded)
-    with tqdm(total=len(encoded), desc="scoring questions", disable=not progress) as bar:
+              progress: bool = True, max_length: int | None = None
+              ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Score every question in batches of similar length (longest first), in the input order.
+
+    With `max_length`, questions longer than it are truncated from the left as lm-eval does
+    (`truncate_left`); their choices are scored as separate rows and put back together.
+    """
+    units: list[Encoded] = []
+    starts, truncated = [], 0  # question q's units are units[starts[q]:starts[q + 1]]
+    for enc in encoded:
+        parts = [enc] if max_length is None else truncate_left(enc, max_length)
+        truncated += parts[0] is not enc
+        starts.append(len(units))
+        units += parts
+    starts.append(len(units))
+    if truncated:
+        log.warning("%d of %d questions exceed the context limit of %d tokens and lose tokens from the left, "
+                    "as in lm-eval", truncated, len(encoded), max_length)
+    order = sorted(range(len(units)), key=lambda i: -len(_pack(units[i])[0]))
+    finals: list[Any] = [None] * len(units)
+    layers: list[Any] = [None] * len(units)
+    with tqdm(total=len(units), desc="scoring questions", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            out, per_layer = score_batch(model, [encoded[i] for i in chunk], pad_id, lens)
+            out, per_layer = score_batch(model, [units[i] for i in chunk], pad_id, lens)
             for k, i in enumerate(chunk):
                 finals[i] = out[k]
                 layers[i] = per_layer[k] if per_layer is not None else None
             bar.update(len(chunk))
+    if truncated:  # a truncated question's units are its choices: join them along the choice axis
+        spans = list(zip(starts[:-1], starts[1:]))
+        finals = [np.concatenate(finals[a:b]) for a, b in spans]
+        if lens is not None:
+            layers = [np.concatenate(layers[a:b], axis=1) for a, b in spans]
     return finals, (layers if lens is not None else None)
 
 
@@ -227,16 +285,21 @@ def _load_tasks(specs: Sequence[TaskSpec], limit: int | None, loader) -> list[tu
 
 def evaluate(model, tokenizer, tasks: str | Sequence[str], format: Format = "letter", batch_size: int = 16,
              limit: int | None = None, lens=None, predictions_path: str | Path | None = None,
-             dataset_loader=None, progress: bool = True, model_name: str | None = None) -> dict:
-    """Evaluate `model` on tasks; returns {"model", "format", "results", "groups"[, "profile"]}.
+             dataset_loader=None, progress: bool = True, model_name: str | None = None,
+             max_length: int | None = None) -> dict:
+    """Evaluate `model` on tasks; returns {"model", "format", "max_length", "results", "groups"[, "profile"]}.
 
     `tasks` names hub tasks and groups, `facts:<domain>` or local jsonl paths; `lens` (a
     TunedLens) adds the knowledge profile; `dataset_loader` replaces `datasets.load_dataset`.
+    Questions longer than `max_length` tokens (default: `context_limit`) lose tokens from the
+    left, as in lm-eval.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
-    if batch_size < 1 or (limit is not None and limit < 1):
-        raise ValueError(f"batch_size and limit must be positive, got batch_size={batch_size}, limit={limit}")
+    if batch_size < 1 or (limit is not None and limit < 1) or (max_length is not None and max_length < 1):
+        raise ValueError(f"batch_size, limit and max_length must be positive, got batch_size={batch_size}, "
+                         f"limit={limit}, max_length={max_length}")
+    max_length = max_length or context_limit(model, tokenizer)
     started = time.perf_counter()
     loaded = _load_tasks(resolve_tasks(tasks), limit, dataset_loader)
     requests, encoded = [], []
@@ -250,12 +313,13 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str], format: Format = "let
     was_training = model.training
     model.eval()
     try:
-        finals, layers = score_all(model, encoded, pad_id, batch_size, lens, progress)
+        finals, layers = score_all(model, encoded, pad_id, batch_size, lens, progress, max_length)
     finally:
         model.train(was_training)
     out = _collect(requests, finals, layers, loaded, predictions_path)
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-    result = {"model": name, "format": format, **out, "wall_time_s": time.perf_counter() - started}
+    result = {"model": name, "format": format, "max_length": max_length, **out,
+              "wall_time_s": time.perf_counter() - started}
     log.info("evaluated %d questions in %.1f s", len(encoded), result["wall_time_s"])
     return result
 
@@ -340,6 +404,9 @@ class EvalConfig:
     format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the answer text as continuation")
     batch_size: int = option(16, "questions per forward pass")
     limit: int | None = option(None, "at most this many questions per task (quick runs)")
+    max_length: int | None = option(None, "context limit in tokens; longer questions lose tokens from the left, as "
+                                          "in lm-eval. None: the model's (config n_positions / "
+                                          "max_position_embeddings / n_ctx, else the tokenizer's, else 2048)")
     out: str | None = option(None, "write the results JSON here")
     predictions: str | None = option(None, "per-question predictions jsonl (default: beside --out)")
     lens: str | None = option(None, "tuned lens folder or hub id: adds the per-layer knowledge profile")
@@ -357,6 +424,8 @@ class EvalConfig:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"--max_length must be at least 2 (context and answer), got {self.max_length}")
         if not self.tasks:
             raise ConfigError("--tasks is empty: name at least one task, e.g. --tasks facts:country_capital")
 
@@ -377,9 +446,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     lens = TunedLens.load(cfg.lens, model) if cfg.lens else None
     predictions = Path(cfg.predictions) if cfg.predictions else _beside(cfg.out, ".predictions.jsonl")
     results = evaluate(model, tokenizer, list(cfg.tasks), cfg.format, cfg.batch_size, cfg.limit, lens,
-                       predictions, model_name=cfg.model)
+                       predictions, model_name=cfg.model, max_length=cfg.max_length)
     results["config"] = {"tasks": list(cfg.tasks), "batch_size": cfg.batch_size, "limit": cfg.limit,
-                         "lens": cfg.lens, "dtype": cfg.dtype}
+                         "max_length": cfg.max_length, "lens": cfg.lens, "dtype": cfg.dtype}
     if lens is not None:
         plot = Path(cfg.plot) if cfg.plot else _beside(cfg.out, ".profile.png")
         if plot is not None:

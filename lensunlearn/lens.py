@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import write_json_atomic
 from .layers import model_parts
+from .losses import vocab_cross_entropy
 
 PARAMS_FILE = "params.pt"
 CONFIG_FILE = "config.json"
@@ -78,6 +79,26 @@ class TunedLens(nn.Module):
         if layer == self.num_layers:
             return self.decode(h.float())
         return self.decode(self.transform(h, layer))
+
+    def cross_entropy(self, h: torch.Tensor, layer: int, targets: torch.Tensor | None = None,
+                      target_mean: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Per-row cross-entropy of lens `layer`'s distribution against a uniform target, the given
+        token ids or a distribution's `expected_unembedding`, computed fused (`vocab_cross_entropy`):
+        `uniform_ce(self(h, layer))` without a target."""
+        normed = self.final_norm(h.float() if layer == self.num_layers else self.transform(h, layer))
+        return vocab_cross_entropy(normed, self._product_weight(), getattr(self.unembed, "bias", None), targets,
+                                   target_mean)
+
+    def expected_unembedding(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(probs W, probs . b) for distributions `probs` [rows, V]: what `cross_entropy` needs of a
+        target distribution, computed once and shared by every layer."""
+        weight = self._product_weight()
+        rows = torch.mm(probs.to(weight.dtype), weight).float()
+        bias = getattr(self.unembed, "bias", None)
+        return rows, None if bias is None else probs @ bias.float()
+
+    def _product_weight(self) -> torch.Tensor:
+        return self.unembed.weight if self._matmul_weight is None else self._matmul_weight
 
     def translator_parameters(self) -> list[nn.Parameter]:
         return list(self.translators.parameters())

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from lensunlearn import facts
-from lensunlearn.evaluate import (EvalConfig, encode_request, evaluate, group_metrics, mean_stderr, pooled_stderr,
-                                  results_table, score_all)
+from lensunlearn.evaluate import (EvalConfig, Encoded, context_limit, encode_request, evaluate, group_metrics,
+                                  mean_stderr, pooled_stderr, results_table, score_all)
 from lensunlearn.tasks import GROUPS, HUB_TASKS, build_request, resolve_tasks
 
 BPE_CORPUS = ["The capital of France is Paris.", "Question: What is the chemical symbol for gold?\nAnswer: Au",
@@ -98,6 +98,45 @@ def test_packed_scoring_equals_one_row_per_choice(bpe, arch, fmt):
     for enc, lls in zip(encoded, packed):
         expected = [naive_loglikelihood(model, enc.context, c) for c in enc.continuations]
         np.testing.assert_allclose(lls, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_lens", [False, True])
+def test_long_questions_lose_tokens_from_the_left_as_lm_eval_does(bpe, llama, with_lens):
+    from lensunlearn.lens import TunedLens
+
+    limit = 12  # three of these five questions fit, two do not
+    encoded = [encode_request(bpe, *build_request(item, "cloze")[:2]) for item in local_items(6)]
+    fits = [all(len(e.context) + len(c) <= limit + 1 for c in e.continuations) for e in encoded]
+    assert any(fits) and not all(fits)
+    lens = TunedLens.from_model(llama) if with_lens else None
+    finals, layers = score_all(llama, encoded, bpe.pad_token_id, batch_size=4, lens=lens, progress=False,
+                               max_length=limit)
+    for enc, lls in zip(encoded, finals):  # lm-eval: the last limit + 1 tokens of context + continuation
+        kept = [(enc.context + cont)[-(limit + 1):] for cont in enc.continuations]
+        expected = [naive_loglikelihood(llama, seq[:len(seq) - len(cont)], cont)
+                    for seq, cont in zip(kept, enc.continuations)]
+        np.testing.assert_allclose(lls, expected, atol=1e-5)
+    if with_lens:  # each layer's scores come back in choice order, as if each choice were scored alone
+        for enc, per_layer in zip(encoded, layers):
+            assert per_layer.shape == (llama.config.num_hidden_layers, len(enc.continuations))
+            for choice, cont in enumerate(enc.continuations):
+                seq = (enc.context + cont)[-(limit + 1):]
+                _, alone = score_all(llama, [Encoded(seq[:len(seq) - len(cont)], [cont])], bpe.pad_token_id,
+                                     lens=lens, progress=False)
+                np.testing.assert_allclose(per_layer[:, choice], alone[0][:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit the context limit"):
+        score_all(llama, [Encoded([1, 2, 3], [[4, 5], [6]])], bpe.pad_token_id, progress=False, max_length=1)
+
+
+def test_context_limit_is_resolved_as_lm_eval_does(bpe):
+    import copy
+
+    assert context_limit(tiny_lm("llama", len(bpe)), bpe) == 256  # max_position_embeddings
+    assert context_limit(tiny_lm("gpt2", len(bpe)), bpe) == 256  # n_positions
+    tokenizer = copy.deepcopy(bpe)
+    assert context_limit(object(), tokenizer) == 2048  # no config, tokenizer without a limit: lm-eval's default
+    tokenizer.model_max_length = 512
+    assert context_limit(object(), tokenizer) == 512
 
 
 def test_encoding_moves_trailing_space_to_the_continuation(bpe):
@@ -230,8 +269,9 @@ def test_lens_scores_read_stream_l_at_the_answer_positions(bpe, arch):
                     assert got[layer, choice] == pytest.approx(want, abs=1e-4)
 
 
-def test_eval_command_writes_json_and_predictions(tmp_path, bpe, llama):
-    from lensunlearn.cli import main
+def test_eval_command_writes_json_and_predictions(tmp_path, bpe, llama, monkeypatch):
+    import importlib.metadata
+    import sys
 
     model_dir = tmp_path / "tiny"
     llama.save_pretrained(model_dir)
@@ -241,8 +281,12 @@ def test_eval_command_writes_json_and_predictions(tmp_path, bpe, llama):
     from lensunlearn.lens import TunedLens
 
     TunedLens.from_model(llama).save(tmp_path / "lens")
-    main(["eval", "--model", str(model_dir), "--tasks", f"{task},facts:us_state_capital", "--format", "cloze",
-          "--limit", "5", "--batch_size", "3", "--out", str(out), "--lens", str(tmp_path / "lens")])
+    # Through the installed `lensunlearn` command, whose return value becomes the exit status.
+    monkeypatch.setattr(sys, "argv", [
+        "lensunlearn", "eval", "--model", str(model_dir), "--tasks", f"{task},facts:us_state_capital", "--format",
+        "cloze", "--limit", "5", "--batch_size", "3", "--out", str(out), "--lens", str(tmp_path / "lens")])
+    (command,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "lensunlearn"]
+    assert command.load()() == 0
     data = json.loads(out.read_text())
     assert len(data["profile"]["tasks"]["mytask"]["acc"]) == 3
     assert (tmp_path / "res" / "eval.profile.png").read_bytes()[:4] == b"\x89PNG"

@@ -176,3 +176,32 @@ def test_bfloat16_matmul_is_close_and_reversible(arch):
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
     torch.testing.assert_close(fast, exact, rtol=0.02, atol=0.02)
     torch.testing.assert_close(lens.set_matmul_dtype(None)(h, 1), exact, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "checkpointed", "backward_scale"])
+def test_chunked_lens_kl_equals_naive_kl_and_its_gradients(arch, mode):
+    from lensunlearn.losses import kl_from_logits, lens_kl
+
+    model, _ = make_tiny_model(arch)
+    lens = _randomise(TunedLens.from_model(model))
+    generator = torch.Generator().manual_seed(3)
+    layers = [0, 2, lens.num_layers - 1]
+    streams, final = torch.randn(7, len(layers), 32, generator=generator), torch.randn(7, 32, generator=generator)
+    naive = torch.stack([kl_from_logits(lens.decode(final), lens(streams[:, i], l)).sum() for i, l in enumerate(layers)])
+    naive_grads = torch.autograd.grad(naive.sum() * 0.5, lens.translator_parameters(), allow_unused=True)
+    if mode == "no_grad":
+        with torch.no_grad():
+            torch.testing.assert_close(lens_kl(lens, layers, streams, final, chunk=3), naive.detach(), rtol=1e-5,
+                                       atol=1e-5)
+        return
+    if mode == "checkpointed":
+        sums = lens_kl(lens, layers, streams, final, chunk=3)
+        (sums.sum() * 0.5).backward()
+    else:
+        sums = lens_kl(lens, layers, streams, final, chunk=3, backward_scale=0.5)
+    torch.testing.assert_close(sums.detach(), naive.detach(), rtol=1e-5, atol=1e-5)
+    for param, expected in zip(lens.translator_parameters(), naive_grads):
+        if expected is None:  # a layer outside `layers`
+            assert param.grad is None or not param.grad.any()
+        else:
+            torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)

@@ -92,3 +92,28 @@ def test_loglikelihoods_and_accuracies_match_lm_eval(tmp_path):
         for metric in ("acc", "acc_norm"):
             assert result[metric] == their_result[f"{metric},none"], (their_name, metric)
             assert result[f"{metric}_stderr"] == pytest.approx(their_result[f"{metric}_stderr,none"], abs=1e-9)
+
+
+def test_left_truncation_of_long_questions_matches_lm_eval(tmp_path):
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tokenizer = tiny_bpe_tokenizer()
+    model = tiny_lm("llama", len(tokenizer), seed=2)
+    prompted = tmp_path / "prompted.jsonl"
+    prompted.write_text("".join(json.dumps(r) + "\n" for r in local_items(12)))
+    _task_yamls(tmp_path, prompted, prompted)
+    limit = 12  # most questions here are longer; the longest answer is 12 tokens
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, device="cpu", max_length=limit)
+    theirs = lm_eval.simple_evaluate(model=lm, tasks=["p_prompted_cloze"], num_fewshot=0, log_samples=True,
+                                     task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    preds = tmp_path / "ours.jsonl"
+    ours = evaluate(model, tokenizer, [str(prompted)], "cloze", predictions_path=preds, progress=False,
+                    max_length=limit)
+    our_lls = [json.loads(line)["loglikelihoods"] for line in preds.read_text().splitlines()]
+    np.testing.assert_allclose(our_lls, _lm_eval_lls(theirs["samples"]["p_prompted_cloze"]), atol=1e-4, rtol=0)
+    assert ours["max_length"] == limit
+    full = tmp_path / "full.jsonl"  # without a limit (the model's 256 tokens) nothing is cut
+    assert evaluate(model, tokenizer, [str(prompted)], "cloze", predictions_path=full, progress=False)["max_length"] == 256
+    full_lls = [json.loads(line)["loglikelihoods"] for line in full.read_text().splitlines()]
+    assert not np.allclose(full_lls, our_lls, atol=1e-4)  # so the limit did cut context

@@ -10,7 +10,7 @@ import torch
 from lensunlearn.layers import forward_streams
 from lensunlearn.lens import TunedLens
 from lensunlearn.losses import (lens_forget_loss, random_ce, random_targets, retain_kl, retain_l2, select_tokens,
-                                uniform_ce)
+                                uniform_ce, vocab_cross_entropy)
 from lensunlearn.objective import AdapterDisabled, FrozenCopy, UnlearnObjective, schedule
 
 from .conftest import make_tiny_model
@@ -28,6 +28,60 @@ def test_random_ce_averaged_over_all_targets_is_uniform_ce():
     every = torch.stack([random_ce(z, torch.full((5,), v)) for v in range(7)]).mean(0)
     torch.testing.assert_close(every, uniform_ce(z))
     assert random_ce(torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])).item() == pytest.approx(-math.log(0.75))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("random_target", [False, True])
+def test_fused_cross_entropy_matches_the_plain_functions_and_their_gradients(with_bias, random_target):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 8, generator=generator)
+    bias = torch.randn(37, generator=generator) if with_bias else None
+    x = torch.randn(6, 8, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 37, (6,), generator=generator) if random_target else None
+    scale = torch.randn(6, generator=generator)  # a non-uniform upstream gradient
+    fused = vocab_cross_entropy(x, weight, bias, targets)
+    (fused_grad,) = torch.autograd.grad((fused * scale).sum(), x)
+    logits = torch.nn.functional.linear(x, weight, bias)
+    plain = random_ce(logits, targets) if random_target else uniform_ce(logits)
+    (plain_grad,) = torch.autograd.grad((plain * scale).sum(), x)
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradient wanted: values only
+        torch.testing.assert_close(vocab_cross_entropy(x, weight, bias, targets), fused.detach())
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_cross_entropy_against_a_distribution_is_its_plain_cross_entropy(with_bias):
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(37, 8, generator=generator)
+    bias = torch.randn(37, generator=generator) if with_bias else None
+    x = torch.randn(6, 8, generator=generator, requires_grad=True)
+    q = torch.softmax(torch.randn(6, 37, generator=generator), dim=-1)
+    expected = (q @ weight, None if bias is None else q @ bias)
+    fused = vocab_cross_entropy(x, weight, bias, target_mean=expected)
+    plain = -(q * torch.log_softmax(torch.nn.functional.linear(x, weight, bias), dim=-1)).sum(-1)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(fused.sum(), x)[0], torch.autograd.grad(plain.sum(), x)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fused_cross_entropy_in_bfloat16_stays_close_and_refuses_a_trainable_weight():
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(50, 16, generator=generator), torch.randn(4, 16, generator=generator)
+    exact = uniform_ce(x @ weight.T)
+    torch.testing.assert_close(vocab_cross_entropy(x, weight.to(torch.bfloat16)), exact, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="freeze it"):
+        vocab_cross_entropy(x, weight.requires_grad_())
+
+
+def test_lens_cross_entropy_is_uniform_ce_of_the_lens_logits_at_every_layer():
+    lens, streams = _lens_and_streams()
+    h = streams[0].detach()
+    for layer in (0, 2, lens.num_layers):  # a translated layer, and the model's own output
+        torch.testing.assert_close(lens.cross_entropy(h, layer), uniform_ce(lens(h, layer)), rtol=1e-6, atol=1e-6)
+    lens.unembed.requires_grad_(True)
+    with pytest.raises(ValueError, match="freeze it"):
+        lens.cross_entropy(h, 2)
 
 
 def test_retain_l2_is_the_unsquared_norm_and_kl_is_zero_for_equal_logits():
@@ -72,8 +126,10 @@ def test_random_target_forget_loss_has_the_uniform_expectation():
     assert every.mean().item() == pytest.approx(uniform.item(), rel=1e-5)
 
 
-def test_chunked_forget_loss_equals_naive_loss_and_gradients():
+@pytest.mark.parametrize("frozen", [False, True])  # recomputed in backward, or differentiated at once
+def test_chunked_forget_loss_equals_naive_loss_and_gradients(frozen):
     lens, streams = _lens_and_streams()
+    lens.requires_grad_(False).translators.requires_grad_(not frozen)
     chunked = lens_forget_loss(lens, [1, 3], streams, chunk=3)
     grads = torch.autograd.grad(chunked, streams)
     naive = torch.stack([uniform_ce(lens(h, l)).mean() for h, l in zip(streams, [1, 3])]).mean()

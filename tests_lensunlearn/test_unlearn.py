@@ -183,3 +183,40 @@ def test_mixed_precision_trains_on_cpu_with_float32_adapters(setup):
 def test_negative_original_cache_is_refused(setup):
     with pytest.raises(ConfigError, match="--original_cache_mb must be >= 0"):
         _config(setup, original_cache_mb=-1)
+
+
+def test_bulk_dropout_drops_at_its_rate_without_bias_and_follows_the_seed():
+    import math
+
+    from lensunlearn.unlearn import BulkDropout
+
+    dropout = BulkDropout(0.05).train()
+    torch.manual_seed(0)
+    first = dropout(torch.ones(1000, 1000))
+    torch.manual_seed(0)
+    assert torch.equal(dropout(torch.ones(1000, 1000)), first)
+    rate, scale = 3277 / 65536, 65536 / (65536 - 3277)  # 0.05 rounded to a multiple of 1/65536
+    assert abs((first == 0).float().mean().item() - rate) < 5 * math.sqrt(rate * (1 - rate) / 1e6)
+    assert first.unique().tolist() == [0.0, pytest.approx(scale)]
+    assert first.mean().item() == pytest.approx(1.0, abs=5 * math.sqrt(rate / (1 - rate) / 1e6))
+    x = torch.randn(50, 40, requires_grad=True)
+    out = dropout(x)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (out != 0).float() * scale)  # the gradient is the same mask
+    x = torch.randn(3, 4)
+    assert torch.equal(dropout.eval()(x), x)
+
+
+@pytest.mark.parametrize("lora_dropout", [0.05, 0.0])
+def test_lora_adapters_get_bulk_dropout(setup, lora_dropout):
+    from lensunlearn.unlearn import BulkDropout, add_lora
+
+    model, _ = load_model(str(setup / "tiny"), "float32", "cpu")
+    model = add_lora(model, _config(setup, lora_dropout=lora_dropout, lora_targets="all"), (1, 3))
+    dropouts = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+                for d in m.lora_dropout.values()]
+    assert dropouts
+    if lora_dropout:
+        assert all(isinstance(d, BulkDropout) and d.p == lora_dropout for d in dropouts)
+    else:
+        assert not any(isinstance(d, (BulkDropout, torch.nn.Dropout)) for d in dropouts)

@@ -1,0 +1,39 @@
+"""Interleaved timing shared by the CPU benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+
+def time_interleaved(steps: dict[str, Callable[[], float]], repeats: int
+                     ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(last value, wall times) per variant: one warm-up call each, then `repeats` timed rounds.
+
+    Rounds visit every variant in turn, so drifting machine load hits all of them alike.
+    """
+    values = {name: float(step()) for name, step in steps.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            began = time.perf_counter()
+            values[name] = float(step())
+            times[name].append(time.perf_counter() - began)
+    return values, times
+
+
+def parse_args(doc: str, batch: tuple[int, str] | None = None) -> argparse.Namespace:
+    """The CPU benchmarks' common flags (--repeats, --threads, and with `batch` = (default, help)
+    --batch and --tokens); sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if batch is not None:
+        parser.add_argument("--batch", type=int, default=batch[0], help=batch[1])
+        parser.add_argument("--tokens", type=int, default=128, help="tokens per document")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
