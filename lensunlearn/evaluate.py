@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .cli import Command
 from .config import ConfigError, option, write_json_atomic
 from .layers import StopForward, capture_streams, model_parts
+from .models import ModelOptions
 from .profile import layer_accuracy, layer_logprobs, plot_profile, profile_table
 from .tasks import FORMATS, Format, TaskSpec, build_request, load_items, resolve_tasks
 
@@ -394,10 +395,9 @@ def results_table(results: dict) -> str:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelOptions):
     """Options of `lensunlearn eval`."""
 
-    model: str = option("smollm2-135m", "model: hub id, local folder, or smollm2-135m (embedded)")
     tasks: tuple[str, ...] = option(("wmdp_bio_robust", "mmlu"),
                                     "comma-separated tasks: wmdp_bio_robust, wmdp_bio, mmlu, mmlu_stem, mmlu_<subject>, "
                                     "facts:<domain>, or a .jsonl of {question, choices, answer[, prompt]}")
@@ -411,9 +411,6 @@ class EvalConfig:
     predictions: str | None = option(None, "per-question predictions jsonl (default: beside --out)")
     lens: str | None = option(None, "tuned lens folder or hub id: adds the per-layer knowledge profile")
     plot: str | None = option(None, "knowledge-profile PNG (default: beside --out when --lens is given)")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on GPU)")
-    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
-    trust_remote_code: bool = option(False, "allow model code from the hub")
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):

@@ -21,7 +21,7 @@ from .layers import forward_streams, model_parts
 from .lens import PARAMS_FILE, TunedLens
 from .losses import lens_kl, select_tokens
 from .loop import LoopSpec, MetricsLog, load_checkpoint, restore_checkpoint, run_loop, save_checkpoint
-from .models import DTYPES, EMBEDDED_MODEL, load_model, model_short_name
+from .models import DTYPES, ModelOptions, load_model, model_short_name
 from .optim import build_optimizer, lr_factor
 
 log = logging.getLogger(__name__)
@@ -49,17 +49,6 @@ class CorpusOptions:
             raise ConfigError(f"--heldout must be in [0, 1), got {self.heldout}")
         if self.max_length < 2:
             raise ConfigError(f"--max_length must be at least 2, got {self.max_length}")
-
-
-@dataclass
-class ModelOptions:
-    """Which model to load and how."""
-
-    model: str = option(EMBEDDED_MODEL, "hub id, local folder, or smollm2-135m (the embedded default)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights dtype: auto is float32 on CPU, "
-                                                                              "bfloat16 on GPU")
-    device: str | None = option(None, "cpu or cuda; None picks cuda when available")
-    trust_remote_code: bool = option(False, "allow the model's own code from the hub (only if you trust it)")
 
 
 @dataclass

