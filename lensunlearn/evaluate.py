@@ -107,8 +107,8 @@ def truncate_left(enc: Encoded, max_length: int) -> list[Encoded]:
         if len(cont) > max_length:
             raise ValueError(f"an answer of {len(cont)} tokens does not fit the context limit of {max_length}: "
                              f"raise --max_length or shorten the choices")
-        parts.append(Encoded(enc.context[len(enc.context) + len(cont) - (max_length + 1):]
-                             if len(enc.context) + len(cont) > max_length + 1 else list(enc.context), [cont]))
+        keep = max_length + 1 - len(cont)  # context tokens left to this choice, at least one
+        parts.append(Encoded(enc.context[-keep:], [cont]))
     return parts
 
 
