@@ -25,11 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from lensunlearn.profile import profile_table
+
 from lensunlearn import facts
 from lensunlearn.evaluate import evaluate
 from lensunlearn.lens import TunedLens
 from lensunlearn.models import load_model
-from lensunlearn.profile import profile_table
 
 CLOZE_YAML = """task: {name}
 dataset_path: json
@@ -82,7 +83,8 @@ def main() -> None:
     our_walls, their_walls = [], []
     with tempfile.TemporaryDirectory() as tmp:
         preds = Path(tmp) / "ours.jsonl"
-        evaluate(model, tokenizer, [f"facts:{args.domain}"], "cloze", args.batch_size, limit=8, progress=False)  # warm-up
+        # warm-up
+        evaluate(model, tokenizer, [f"facts:{args.domain}"], "cloze", args.batch_size, limit=8, progress=False)
         for _ in range(args.repeats):  # interleaved, so a busy machine slows both alike
             ours = evaluate(model, tokenizer, [f"facts:{args.domain}"], "cloze", args.batch_size,
                             predictions_path=preds, progress=False)

@@ -95,7 +95,8 @@ def main() -> None:
     grad_scale = max(float(abs(a).max()) for a in naive_grads)
     logits_mib = args.layers * args.tokens * args.vocab * 4 / 2**20
     report = {"vocab": args.vocab, "tokens": args.tokens, "layers": args.layers, "chunk": args.chunk,
-              "device": args.device, "all_logits_mib": logits_mib, "one_chunk_logits_mib": args.chunk * args.vocab * 4 / 2**20,
+              "device": args.device, "all_logits_mib": logits_mib,
+              "one_chunk_logits_mib": args.chunk * args.vocab * 4 / 2**20,
               "naive": {"loss": naive_loss, "peak_mib": naive_peak, "seconds": naive_s},
               "chunked": {"loss": loss, "peak_mib": peak, "seconds": seconds},
               "loss_abs_diff": abs(loss - naive_loss), "grad_max_abs_diff": grad_diff, "grad_max_abs": grad_scale}

@@ -1,32 +1,58 @@
 """Typed configs whose field help strings become the command line.
 
-Every command's options are one dataclass. `option(default, help)` declares a field; the CLI
-turns each field into `--field_name` with its help and default, and presets are plain instances
-that explicit flags override.
+Every command's options are one dataclass, often made of shared mixins (`models.ModelOptions`,
+`optim.TrainingOptions`). `option(default, help)` declares a field; the CLI turns each field into
+`--field_name` with its help and default, and presets are plain instances that explicit flags
+override. A field keeps one name in every command; a flag that was renamed keeps its old spelling
+as a hidden alias (`option(..., old_names=...)`) for one release.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A bad option value, reported before any compute is spent."""
+class ConfigError(UserError, ValueError):
+    """A bad option value, reported before any compute is spent (the command exits 2, as for a usage error)."""
+
+
+class Options:
+    """Base of every config and option mixin. Each class checks its own fields in `__post_init__`
+    and then calls `super().__post_init__()`, so a config made of several mixins runs every check,
+    and every check raises `ConfigError` before anything is loaded."""
+
+    def __post_init__(self) -> None:
+        pass
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
-    """Declare a config field with its help text (shown by `--help`)."""
+    """Declare a config field with its help text (shown by `--help`).
+
+    Keywords go to the field's metadata: `metavar` (what `--help` shows for the value, e.g. FILE or
+    DIR), `positional`/`nargs`, and `old_names`: former flag names still accepted, hidden from
+    `--help`. For a bool field `old_names` may map a name to the value it sets (`{"lora": False}`:
+    `--lora` sets the field to False, `--no-lora` to True).
+    """
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def redefault(cls: type, name: str, default: Any) -> Any:
+    """The field `name` of the mixin `cls` with another default, for a config that inherits it
+    (help text and old names stay those of `cls`)."""
+    inherited = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return option(default, **inherited.metadata)
 
 
 def parse_int_list(text: str | typing.Sequence[int]) -> tuple[int, ...]:
@@ -50,6 +76,10 @@ def parse_float_list(text: str | typing.Sequence[float]) -> tuple[float, ...]:
     return tuple(float(x) for x in text)
 
 
+def _parse_str_list(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
+
+
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """Return (inner type, optional?) for an annotation such as `int | None`."""
     origin = typing.get_origin(annotation)
@@ -63,7 +93,7 @@ def _converter(annotation: Any) -> Any:
     base, optional = _base_type(annotation)
     if typing.get_origin(base) is tuple:
         inner = typing.get_args(base)[0]
-        conv = parse_int_list if inner is int else parse_float_list if inner is float else (lambda s: tuple(x for x in s.split(",") if x))
+        conv = parse_int_list if inner is int else parse_float_list if inner is float else _parse_str_list
     elif typing.get_origin(base) is typing.Literal:
         conv = str
     else:
@@ -73,8 +103,34 @@ def _converter(annotation: Any) -> Any:
     return lambda s: None if s.lower() in ("none", "null", "") else conv(s)
 
 
+class _OldName(argparse.Action):
+    """A flag's former spelling: accepted for one release, hidden from `--help`, and named on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        sys.stderr.write(f"lensunlearn: {option_string} is now {self.new}; the old name goes in the next release\n")
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def _add_old_names(parser: argparse.ArgumentParser, name: str, is_bool: bool, kwargs: dict[str, Any],
+                   old_names: Any) -> None:
+    values = old_names if isinstance(old_names, dict) else {old: True for old in old_names}
+    for old, value in values.items():
+        if not is_bool:
+            parser.add_argument(f"--{old}", action=_OldName, new=f"--{name}", dest=name, default=argparse.SUPPRESS,
+                                type=kwargs["type"], choices=kwargs.get("choices"), help=argparse.SUPPRESS)
+            continue
+        for flag, const in ((f"--{old}", value), (f"--no-{old}", not value)):
+            new = f"--{name}" if const else f"--no-{name}"
+            parser.add_argument(flag, action=_OldName, new=new, dest=name, nargs=0, const=const,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
-    """Add one `--name` flag per dataclass field; help shows the (preset) default."""
+    """Add one `--name` flag per dataclass field (and its hidden old names); help shows the (preset) default."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli") is False:
@@ -90,7 +146,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, defaults: Any = 
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _converter(annotation)
-            kwargs["metavar"] = f.name.upper()
+            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
             if typing.get_origin(base) is typing.Literal:
                 kwargs["choices"] = typing.get_args(base)
                 kwargs["metavar"] = "{" + ",".join(map(str, kwargs["choices"])) + "}"
@@ -102,6 +158,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, defaults: Any = 
                                 default=argparse.SUPPRESS)
             continue
         parser.add_argument(f"--{f.name}", **kwargs)
+        _add_old_names(parser, f.name, base is bool, kwargs, f.metadata.get("old_names", ()))
 
 
 def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None = None) -> T:
@@ -124,11 +181,3 @@ def to_jsonable(cfg: Any) -> dict[str, Any]:
         out[f.name] = v
     return out
 
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON so that readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)

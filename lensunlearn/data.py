@@ -9,43 +9,61 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
+
+from .errors import InputError, read_json, read_text
 
 log = logging.getLogger(__name__)
 
 FACTS_PREFIX = "facts:"
+GENERIC_PREFIX = "generic:"  # generic:retain / generic:heldout, everyday text naming no fact
+WMDP_BIO_FORGET_CORPUS = "Unlearning/WMDP-Bio-Remove-Dataset"  # the reference experiment's forget corpus
 _TRIPLE = ("title", "abstract", "text")
 
 
-def _rows_from_file(path: Path) -> list[dict]:
+# Rows read from local files travel with where they came from ("notes.jsonl line 7"), so that an
+# error about a row names the file and the line to fix.
+Located = list[tuple[str, dict]]
+
+
+def _rows_from_file(path: Path) -> Located:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [{"text": line} for line in path.read_text().splitlines() if line.strip()]
+        return [(f"{path} line {number}", {"text": line})
+                for number, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
     if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(read_text(path).splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((f"{path} line {number}", json.loads(line)))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number} is not valid JSON: {err}") from err
-        return rows
-    if suffix == ".json":
-        data = json.loads(path.read_text())
+                    raise InputError(f"{path} line {number}: invalid JSON ({err.msg}, column {err.colno}): each line "
+                                    f'must be one object such as {{"text": "..."}}') from err
+    elif suffix == ".json":
+        data = read_json(path)
         if isinstance(data, dict):
             data = data.get("data", data.get("rows", [data]))
-        return list(data)
-    if suffix == ".parquet":
+        rows = [(f"{path} item {index}", row) for index, row in enumerate(data)]
+    elif suffix == ".parquet":
         import datasets
 
-        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-    raise ValueError(f"cannot read corpus file {path}: use .jsonl, .json, .parquet or .txt, or a saved dataset folder")
+        loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        rows = [(f"{path} row {index}", row) for index, row in enumerate(loaded)]
+    else:
+        raise ValueError(f"cannot read corpus file {path}: use .jsonl, .json, .parquet or .txt, or a saved dataset "
+                         f"folder")
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise InputError(f'{where}: expected an object such as {{"text": "..."}}, got {type(row).__name__}')
+    return rows
 
 
-def _rows_from_source(source: str, config: str | None, split: str) -> list[dict] | object:
+def _rows_from_source(source: str, config: str | None, split: str) -> Located | object:
+    """Located rows of a local file or folder of files, else a `datasets.Dataset` (saved or from the hub)."""
     path = Path(source).expanduser()
     if path.is_file():
         return _rows_from_file(path)
@@ -66,31 +84,56 @@ def _rows_from_source(source: str, config: str | None, split: str) -> list[dict]
     return datasets.load_dataset(source, config, split=split)
 
 
-def _texts_from_rows(rows, source: str, column: str | None) -> list[str]:
+def _text(where: str, row: dict, key: str, column_flag: str) -> str:
+    """`row[key]`, which must be a string: a number or null would otherwise be trained on as "12345" or "None"."""
+    if key not in row:
+        raise InputError(f"{where} has no {key!r} field (its fields are {sorted(row)}): add it, drop the row, or "
+                        f"pass another column with {column_flag}")
+    value = row[key]
+    if not isinstance(value, str):
+        held = "null" if value is None else f"{type(value).__name__} {repr(value)[:40]}"
+        raise InputError(f"{where}: {key!r} holds {held}, not text: fix or drop the row, or pass the text column "
+                        f"with {column_flag}")
+    return value
+
+
+def _texts_from_rows(rows, source: str, column: str | None, column_flag: str = "--column") -> list[str]:
     if len(rows) == 0:
         return []
-    columns = list(rows.column_names) if hasattr(rows, "column_names") else (list(rows[0]) if rows else [])
+    located = rows if isinstance(rows, list) else [(f"{source} row {index}", row) for index, row in enumerate(rows)]
+    columns = list(rows.column_names) if hasattr(rows, "column_names") else list(located[0][1])
     if column:
         if column not in columns:
-            raise ValueError(f"corpus {source} has no column {column!r}; its columns are {columns}: pass --column NAME")
-        return [str(r[column]) for r in rows]
+            raise ValueError(f"corpus {source} has no column {column!r}; its columns are {columns}: pass "
+                             f"{column_flag} NAME")
+        return [_text(where, row, column, column_flag) for where, row in located]
     if all(c in columns for c in _TRIPLE):
-        return ["\n\n".join(str(r[c]) for c in _TRIPLE) for r in rows]
+        # a paper may lack a title or an abstract (null): join the parts it has
+        return ["\n\n".join(_text(where, row, c, column_flag) for c in _TRIPLE if c == "text" or row.get(c) is not None)
+                for where, row in located]
     if "text" in columns:
-        return [str(r["text"]) for r in rows]
+        return [_text(where, row, "text", column_flag) for where, row in located]
     raise ValueError(
         f"corpus {source} has no 'text' column (nor title/abstract/text); its columns are {columns}: "
-        f"pass the column to read with --column (or --forget_column / --retain_column)")
+        f"pass the column to read with {column_flag}")
 
 
 def load_texts(source: str, *, config: str | None = None, split: str = "train", column: str | None = None,
-               limit: int | None = None, shuffle_seed: int | None = None, what: str = "corpus") -> list[str]:
-    """Documents from a hub dataset, a local file/folder, or `facts:<domain>`; never empty."""
+               limit: int | None = None, shuffle_seed: int | None = None, what: str = "corpus",
+               column_flag: str = "--column") -> list[str]:
+    """Documents from a hub dataset, a local file/folder, `facts:<domain>` or `generic:retain|heldout`; never empty.
+
+    `column_flag` is the command-line flag that sets `column`, named in the hint when a column is missing.
+    """
     if source.startswith(FACTS_PREFIX):
         from .facts import DOMAINS, corpus_texts
 
         domain = source[len(FACTS_PREFIX):]
         texts = [t for d in DOMAINS for t in corpus_texts(d)] if domain == "all" else corpus_texts(domain)
+    elif source.startswith(GENERIC_PREFIX):
+        from .facts import generic_texts
+
+        texts = generic_texts(source[len(GENERIC_PREFIX):])
     else:
         rows = _rows_from_source(source, config, split)
         if shuffle_seed is not None and hasattr(rows, "shuffle"):
@@ -101,7 +144,7 @@ def load_texts(source: str, *, config: str | None = None, split: str = "train", 
             rows = [rows[i] for i in torch_perm]
         if limit is not None and hasattr(rows, "select"):
             rows = rows.select(range(min(limit, len(rows))))
-        texts = _texts_from_rows(rows, source, column)
+        texts = _texts_from_rows(rows, source, column, column_flag)
     texts = [t for t in texts if t.strip()]
     if limit is not None:
         texts = texts[:limit]

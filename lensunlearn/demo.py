@@ -2,31 +2,55 @@
 
 Stages: fact benchmark -> lens -> base evaluation (with knowledge profile) -> unlearning
 (`--preset small`) -> evaluation after unlearning -> held-out tamper attack -> report. Each stage
-writes its output atomically and is skipped when a rerun finds that output.
+writes its output atomically. The folder keeps the demo's flags and the stages finished with them
+(`layout.DEMO_STATE_FILE`): a rerun with the same flags skips those stages and continues an interrupted
+one from its checkpoint; a rerun with other flags is refused (they would mix results of two
+settings) unless `--overwrite` asks to run every stage again, each stage's old output being
+replaced only once its new one is complete.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
 
 import torch
 
 from .cli import Command
-from .config import ConfigError, option, write_json_atomic
-from .models import EMBEDDED_MODEL
+from .config import ConfigError, option
+from .files import write_json_atomic
+from .layout import (
+    BASE_EVAL_FILE,
+    CHECKPOINT_FILE,
+    DEMO_FACTS_DIR,
+    DEMO_LENS_DIR,
+    DEMO_LENS_EVAL_FILE,
+    DEMO_STATE_FILE,
+    DEMO_TAMPER_DIR,
+    DEMO_TIME_FILE,
+    DEMO_UNLEARN_RUN,
+    DEMO_UNLEARNED_EVAL_FILE,
+    EVAL_FILE,
+    MERGED_DIR,
+    PREDICTIONS_SUFFIX,
+    PROFILE_PLOT_SUFFIX,
+    REPORT_FILE,
+    TAMPER_PLOT_FILE,
+    beside,
+)
+from .models import ModelOptions
+from .optim import OptimizerName
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DemoConfig:
-    out: str = option("demo_out", "folder for every stage's output and report.md")
-    model: str = option(EMBEDDED_MODEL, "model to run the story on (the embedded SmolLM2-135M by default)")
+class DemoConfig(ModelOptions):
+    out: str = option("demo_out", f"the output folder, for every stage's output and {REPORT_FILE}", metavar="DIR")
     forget_domain: str = option("country_capital", "fact domain to unlearn and attack")
     retain_domains: tuple[str, ...] = option(("element_symbol", "us_state_capital"), "fact domains that must survive")
     lens_steps: int = option(60, "lens training steps (8 documents each)")
@@ -34,14 +58,13 @@ class DemoConfig:
                                                "keeps the demo within 8 minutes on 2 CPU cores; None takes the "
                                                "small preset's 1600, which forgets more in twice the time")
     unlearn_layers: tuple[int, ...] | None = option(None, "target layers; None keeps the small preset's")
-    optimizer: Literal["adamw", "muon"] = option("adamw", "unlearning optimiser")
+    optimizer: OptimizerName = option("adamw", "unlearning optimiser")
     tamper_lr: float = option(1e-4, "learning rate of the held-out tamper attack")
     tamper_examples: int = option(64, "attack chunks (fact sentences of the attacked half)")
     holdout: float = option(0.5, "fraction of the forget domain's facts the attack never sees")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights dtype")
-    device: str | None = option(None, "cpu or cuda; None picks cuda when available")
     eval_batch: int = option(32, "questions per evaluation forward pass")
-    overwrite: bool = option(False, "delete --out first and run every stage again")
+    overwrite: bool = option(False, "run every stage again (with new flags), replacing each stage's output once its "
+                                    "new one is complete")
 
     def __post_init__(self) -> None:
         from .facts import DOMAINS
@@ -51,6 +74,7 @@ class DemoConfig:
             raise ConfigError(f"unknown fact domain(s) {unknown}: choose from {', '.join(DOMAINS)}")
         if self.forget_domain in self.retain_domains:
             raise ConfigError("--forget_domain must not also be a retain domain")
+        super().__post_init__()
 
     @property
     def tasks(self) -> list[str]:
@@ -62,11 +86,63 @@ EXPECTED_SECONDS = {"facts": 1, "lens": 180, "base eval": 60, "unlearn": 150, "u
                     "tamper": 120, "report": 5}
 
 
-class Stages:
-    """Runs named stages in order, skipping finished ones, with headers and a running ETA."""
+# Flags that do not change any stage's result: a rerun may change them freely.
+RERUN_MAY_CHANGE = ("overwrite", "device", "eval_batch")
 
-    def __init__(self, names: list[str]) -> None:
+
+def claim_out(cfg: DemoConfig) -> dict:
+    """The demo's state in --out ({"config", "started", "done"}), after refusing a folder that is not a
+    demo's, or one made with other flags (unless --overwrite). Nothing is deleted here."""
+    from .config import to_jsonable
+    from .layout import write_marker
+    from .outputs import is_empty, output_kind
+
+    out = Path(cfg.out)
+    config = to_jsonable(cfg)
+    fresh = {"config": config, "started": [], "done": []}
+    if out.exists() and not (out.is_dir() and is_empty(out)):
+        if not out.is_dir() or output_kind(out) != "demo":
+            raise FileExistsError(f"--out {out} exists and is not a demo folder: refusing to write into it; choose "
+                                  f"another --out")
+        path = out / DEMO_STATE_FILE
+        state = json.loads(path.read_text()) if path.is_file() else None
+        if cfg.overwrite:
+            state = fresh
+        elif state is None:
+            raise FileExistsError(f"--out {out} holds a demo made by an older version, without its flags: pass "
+                                  f"--overwrite to run every stage again, or choose another --out")
+        else:
+            differ = [k for k in config if k not in RERUN_MAY_CHANGE and state["config"].get(k) != config[k]]
+            if differ:
+                changes = ", ".join(f"--{k} {state['config'].get(k)} -> {config[k]}" for k in differ)
+                raise ConfigError(f"--out {out} holds a demo made with other flags ({changes}): pass --overwrite to "
+                                  f"rerun every stage with the new flags, or choose another --out")
+            state["config"] = config
+    else:
+        state = fresh
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo")
+    write_json_atomic(out / DEMO_STATE_FILE, state)
+    return state
+
+
+class Stages:
+    """Runs named stages in order, skipping those finished with these flags, with headers and a running ETA."""
+
+    def __init__(self, names: list[str], out: Path | None = None, state: dict | None = None) -> None:
         self.names, self.began, self.spent, self.expected_done = names, time.perf_counter(), 0.0, 0.0
+        self.out, self.state = out, state if state is not None else {"started": [], "done": []}
+        self.resuming = False
+
+    def started(self, name: str) -> bool:
+        """Whether an earlier invocation with these flags began this stage (its checkpoint may be resumed)."""
+        return name in self.state["started"]
+
+    def _mark(self, key: str, name: str) -> None:
+        if name not in self.state[key]:
+            self.state[key].append(name)
+        if self.out is not None:
+            write_json_atomic(self.out / DEMO_STATE_FILE, self.state)
 
     def run(self, name: str, done: Path, fn: Callable[[], None]) -> None:
         index = self.names.index(name) + 1
@@ -74,12 +150,15 @@ class Stages:
         # scale the table by how fast this machine has been, once enough has run to tell
         pace = self.spent / self.expected_done if self.expected_done >= 60 else 1.0
         header = f"[{index}/{len(self.names)}] {name}"
-        if done.exists():
+        if name in self.state["done"] and done.exists():
             log.info("%s: already done (%s), skipping", header, done)
             return
         log.info("=" * 8 + " %s (ETA for the rest: ~%.0f min) " + "=" * 8, header, remaining * pace / 60)
         started = time.perf_counter()
+        self.resuming = self.started(name)  # begun earlier with these flags: its checkpoint may be continued
+        self._mark("started", name)
         fn()
+        self._mark("done", name)
         elapsed = time.perf_counter() - started
         self.spent += elapsed
         self.expected_done += EXPECTED_SECONDS[name]
@@ -89,58 +168,66 @@ class Stages:
 
 def _evaluate_with_profile(cfg: DemoConfig, model_name: str, lens_dir: Path, out: Path, title: str) -> None:
     from .evaluate import evaluate, results_table
+    from .knowledge_profile import profile_table
     from .lens import TunedLens
     from .models import load_model
-    from .profile import plot_profile, profile_table
+    from .plots import plot_profile
 
-    model, tokenizer = load_model(model_name, cfg.dtype, cfg.device)
+    model, tokenizer = load_model(model_name, cfg.dtype, cfg.device, cfg.trust_remote_code)
     # The profile's lens product in bfloat16 (3x faster here); the model's own answers stay float32.
     lens = TunedLens.load(lens_dir, model).set_matmul_dtype(torch.bfloat16)
     result = evaluate(model, tokenizer, cfg.tasks, format="cloze", batch_size=cfg.eval_batch, lens=lens,
-                      predictions_path=out.with_suffix(".predictions.jsonl"), model_name=model_name)
+                      predictions_path=beside(out, PREDICTIONS_SUFFIX), model_name=model_name)
     print(results_table(result))
     if "profile" in result:
         print(profile_table(result["profile"]))
-        plot_profile(result["profile"], out.with_suffix(".profile.png"), title)
+        plot_profile(result["profile"], beside(out, PROFILE_PLOT_SUFFIX), title)
     write_json_atomic(out, result)
 
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage that has no output yet; return the path of report.md."""
     from .facts import write_questions
-    from .lens_train import LensEvalConfig, LensTrainConfig, eval_lens, train_lens
+    from .lens_eval import LensEvalConfig, eval_lens
+    from .lens_train import LensTrainConfig, train_lens
     from .report import ReportConfig, run_report
     from .tamper import TamperConfig, run_tamper
     from .unlearn import SMALL, unlearn
 
     out = Path(cfg.out)
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lens_dir, run_name = out / "lens", "unlearn"
-    run_dir = out / run_name
-    stages = Stages(list(EXPECTED_SECONDS))
+    state = claim_out(cfg)
+    lens_dir, run_dir = out / DEMO_LENS_DIR, out / DEMO_UNLEARN_RUN
+    base_eval, tamper_dir = out / BASE_EVAL_FILE, out / DEMO_TAMPER_DIR
+    stages = Stages(list(EXPECTED_SECONDS), out, state)
+
+    def continue_or_replace(folder: Path) -> dict:
+        """resume= / overwrite= for a stage's command: continue its checkpoint if this stage was begun
+        with these flags, else replace whatever an earlier demo left there."""
+        from .outputs import staging_path
+
+        resume = stages.resuming and any((f / CHECKPOINT_FILE).exists() for f in (folder, staging_path(folder)))
+        return {"resume": resume, "overwrite": not resume}
     began = time.perf_counter()
 
     def facts() -> None:
         for domain in (cfg.forget_domain, *cfg.retain_domains):
-            write_questions(domain, out / "facts" / f"{domain}.jsonl")
-    stages.run("facts", out / "facts" / f"{cfg.retain_domains[-1]}.jsonl", facts)
+            write_questions(domain, out / DEMO_FACTS_DIR / f"{domain}.jsonl")
+    stages.run("facts", out / DEMO_FACTS_DIR / f"{cfg.retain_domains[-1]}.jsonl", facts)
 
     def lens() -> None:
-        common = dict(model=cfg.model, dtype=cfg.dtype, device=cfg.device, data="facts:all")
-        train_lens(LensTrainConfig(**common, out=str(lens_dir), steps=cfg.lens_steps, resume=(lens_dir /
-                                   "checkpoint.pt").exists()))
-        eval_lens(LensEvalConfig(**common, lens=str(lens_dir), out=str(out / "lens_eval.json"), lens_matmul="bfloat16"))
-    stages.run("lens", out / "lens_eval.json", lens)
+        common = dict(cfg.model_options(), data="facts:all")
+        train_lens(LensTrainConfig(**common, out=str(lens_dir), steps=cfg.lens_steps, **continue_or_replace(lens_dir)))
+        eval_lens(LensEvalConfig(**common, lens=str(lens_dir), out=str(out / DEMO_LENS_EVAL_FILE),
+                                 lens_matmul="bfloat16"))
+    stages.run("lens", out / DEMO_LENS_EVAL_FILE, lens)
 
-    stages.run("base eval", out / "base_eval.json",
-               lambda: _evaluate_with_profile(cfg, cfg.model, lens_dir, out / "base_eval.json", "before unlearning"))
+    stages.run("base eval", base_eval,
+               lambda: _evaluate_with_profile(cfg, cfg.model, lens_dir, base_eval, "before unlearning"))
 
     def run_unlearn() -> None:
-        small = replace(SMALL, model=cfg.model, lens=str(lens_dir), out=str(out), run_name=run_name,
+        small = replace(SMALL, **cfg.model_options(), lens=str(lens_dir), out=str(out), run_name=DEMO_UNLEARN_RUN,
                         optimizer=cfg.optimizer, eval_tasks=",".join(cfg.tasks), eval_base=False,
-                        dtype=cfg.dtype, device=cfg.device, resume=(run_dir / "checkpoint.pt").exists(),
+                        **continue_or_replace(run_dir),
                         forget=f"facts:{cfg.forget_domain}",
                         retain="+".join(f"facts:{d}" for d in cfg.retain_domains))
         if cfg.unlearn_examples:
@@ -148,26 +235,27 @@ def run_demo(cfg: DemoConfig) -> Path:
         if cfg.unlearn_layers:
             small = replace(small, layers=cfg.unlearn_layers)
         unlearn(small)
-    stages.run("unlearn", run_dir / "eval.json", run_unlearn)
+    stages.run("unlearn", run_dir / EVAL_FILE, run_unlearn)
 
-    stages.run("unlearned eval", out / "unlearned_eval.json",
-               lambda: _evaluate_with_profile(cfg, str(run_dir / "merged"), lens_dir, out / "unlearned_eval.json",
+    stages.run("unlearned eval", out / DEMO_UNLEARNED_EVAL_FILE,
+               lambda: _evaluate_with_profile(cfg, str(run_dir / MERGED_DIR), lens_dir, out / DEMO_UNLEARNED_EVAL_FILE,
                                               "after unlearning"))
 
     def tamper() -> None:
-        run_tamper(TamperConfig(model=str(run_dir), forget=f"facts:{cfg.forget_domain}", holdout=cfg.holdout,
-                                eval_tasks=",".join(cfg.tasks[:2]), eval_format="cloze", lr=cfg.tamper_lr,
-                                examples=cfg.tamper_examples, max_length=64, batch=8, per_device_batch=8,
-                                eval_every=2, original=str(out / "base_eval.json"), out=str(out / "tamper"),
-                                overwrite=True, dtype=cfg.dtype, device=cfg.device))
-    stages.run("tamper", out / "tamper" / "tamper.png", tamper)
+        run_tamper(TamperConfig(**cfg.model_options() | {"model": str(run_dir)}, forget=f"facts:{cfg.forget_domain}",
+                                holdout=cfg.holdout, eval_tasks=",".join(cfg.tasks[:2]), eval_format="cloze",
+                                lr=cfg.tamper_lr, examples=cfg.tamper_examples, max_length=64, batch=8,
+                                per_device_batch=8, eval_every=2, baseline=str(base_eval), out=str(tamper_dir),
+                                overwrite=True))
+    stages.run("tamper", tamper_dir / TAMPER_PLOT_FILE, tamper)
 
-    stages.run("report", out / "report.md", lambda: run_report(ReportConfig(
-        runs=(str(run_dir),), tamper=(str(out / "tamper"),), baseline=str(out / "base_eval.json"), out=str(out))))
-    write_json_atomic(out / "demo_time.json", {"seconds_this_invocation": time.perf_counter() - began})
-    log.info("demo finished: %s", out / "report.md")
-    print((out / "report.md").read_text())
-    return out / "report.md"
+    report = out / REPORT_FILE
+    stages.run("report", report, lambda: run_report(ReportConfig(
+        runs=(str(run_dir),), tamper=(str(tamper_dir),), baseline=str(base_eval), out=str(out))))
+    write_json_atomic(out / DEMO_TIME_FILE, {"seconds_this_invocation": time.perf_counter() - began})
+    log.info("demo finished: %s", report)
+    print(report.read_text())
+    return report
 
 
 COMMANDS = [Command(("demo",), "the whole story on the embedded model: lens, evaluation, unlearning, tamper attack, "

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -91,7 +93,7 @@ def shard_fsdp(model: nn.Module) -> nn.Module:
     return model
 
 
-def no_sync(module: nn.Module) -> Callable[[], ContextManager] | None:
+def no_sync(module: nn.Module) -> Callable[[], AbstractContextManager] | None:
     """A context factory that suspends gradient reduction (all micro-steps but the last), or None."""
     if hasattr(module, "no_sync") and hasattr(module, "module"):
         return module.no_sync  # DDP

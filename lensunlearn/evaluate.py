@@ -1,4 +1,4 @@
-"""In-process, batched multiple-choice evaluation with lm-evaluation-harness's numbers (SPEC section 6).
+"""In-process, batched multiple-choice evaluation with lm-evaluation-harness's numbers.
 
 Requests are tokenised exactly as lm-eval's HF backend does (context and continuation encoded
 together, then split; trailing context whitespace moved to the continuation). Each question then
@@ -15,19 +15,22 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .cli import Command
-from .config import ConfigError, option, write_json_atomic
+from .config import ConfigError, option
+from .files import write_json_atomic, write_jsonl_atomic
+from .knowledge_profile import layer_accuracy, layer_logprobs, profile_table
 from .layers import StopForward, capture_streams, model_parts
+from .layout import PREDICTIONS_SUFFIX, PROFILE_PLOT_SUFFIX, beside
 from .models import ModelOptions
-from .profile import layer_accuracy, layer_logprobs, plot_profile, profile_table
 from .tasks import FORMATS, Format, TaskSpec, build_request, load_items, resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -368,12 +371,7 @@ def _profile(per_task: dict, results: dict, num_layers: int) -> dict:
 
 def write_predictions(path: str | Path, rows: Sequence[dict]) -> Path:
     """Per-question predictions as jsonl (one row per question, in task order), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    return path
+    return write_jsonl_atomic(path, rows)
 
 
 def _fmt(value: float | None) -> str:
@@ -398,58 +396,90 @@ def results_table(results: dict) -> str:
 class EvalConfig(ModelOptions):
     """Options of `lensunlearn eval`."""
 
-    tasks: tuple[str, ...] = option(("wmdp_bio_robust", "mmlu"),
-                                    "comma-separated tasks: wmdp_bio_robust, wmdp_bio, mmlu, mmlu_stem, mmlu_<subject>, "
-                                    "facts:<domain>, or a .jsonl of {question, choices, answer[, prompt]}")
-    format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the answer text as continuation")
-    batch_size: int = option(16, "questions per forward pass")
-    limit: int | None = option(None, "at most this many questions per task (quick runs)")
+    eval_tasks: tuple[str, ...] = option(("wmdp_bio_robust", "mmlu"),
+                                         "comma-separated tasks: wmdp_bio_robust, wmdp_bio, mmlu, mmlu_stem, "
+                                         "mmlu_<subject>, facts:<domain>, or a .jsonl of {question, choices, "
+                                         "answer[, prompt]}", old_names=("tasks",))
+    eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
+                                                               "answer text as continuation", old_names=("format",))
+    eval_batch: int = option(16, "questions per evaluation forward pass", old_names=("batch_size",))
+    eval_limit: int | None = option(None, "evaluate only the first N questions of each task",
+                                    old_names=("limit",))
     max_length: int | None = option(None, "context limit in tokens; longer questions lose tokens from the left, as "
                                           "in lm-eval. None: the model's (config n_positions / "
                                           "max_position_embeddings / n_ctx, else the tokenizer's, else 2048)")
-    out: str | None = option(None, "write the results JSON here")
-    predictions: str | None = option(None, "per-question predictions jsonl (default: beside --out)")
+    out: str | None = option(None, "JSON file for the results", metavar="FILE")
+    predictions: str | None = option(None, "per-question predictions jsonl (default: beside --out)", metavar="FILE")
     lens: str | None = option(None, "tuned lens folder or hub id: adds the per-layer knowledge profile")
-    plot: str | None = option(None, "knowledge-profile PNG (default: beside --out when --lens is given)")
+    plot: str | None = option(None, "knowledge-profile PNG (default: beside --out when --lens is given)",
+                              metavar="FILE")
+    overwrite: bool = option(False, "replace existing output files (--out, the predictions and the plot)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.tasks, str):
-            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format {self.format!r} is unknown: use one of {', '.join(FORMATS)}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if isinstance(self.eval_tasks, str):
+            self.eval_tasks = tuple(t.strip() for t in self.eval_tasks.split(",") if t.strip())
+        if self.eval_format not in FORMATS:
+            raise ConfigError(f"--eval_format {self.eval_format!r} is unknown: use one of {', '.join(FORMATS)}")
+        if self.eval_batch < 1:
+            raise ConfigError(f"--eval_batch must be at least 1, got {self.eval_batch}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"--eval_limit must be at least 1, got {self.eval_limit}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"--max_length must be at least 2 (context and answer), got {self.max_length}")
-        if not self.tasks:
-            raise ConfigError("--tasks is empty: name at least one task, e.g. --tasks facts:country_capital")
+        if not self.eval_tasks:
+            raise ConfigError("--eval_tasks is empty: name at least one task, e.g. --eval_tasks facts:country_capital")
+        super().__post_init__()
 
 
 def _beside(out: str | None, suffix: str) -> Path | None:
-    if out is None:
-        return None
-    path = Path(out)
-    return path.with_name(path.stem + suffix)
+    return None if out is None else beside(out, suffix)
+
+
+def _is_eval_json(path: Path) -> bool:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and "results" in result
+
+
+def check_outputs(cfg: EvalConfig) -> None:
+    """Before any scoring: the tasks are known, and every file this run writes may be written
+    (its folder is writable; an existing file is replaced only with --overwrite, and --out only
+    when it is an evaluation result)."""
+    from .outputs import check_file_output
+
+    resolve_tasks(list(cfg.eval_tasks))
+    if cfg.out:
+        check_file_output(Path(cfg.out), cfg.overwrite, "--out", recognise=_is_eval_json)
+    predictions = Path(cfg.predictions) if cfg.predictions else _beside(cfg.out, PREDICTIONS_SUFFIX)
+    plot = (Path(cfg.plot) if cfg.plot else _beside(cfg.out, PROFILE_PLOT_SUFFIX)) if cfg.lens else None
+    for flag, path in (("--predictions", predictions), ("--plot", plot)):
+        if path is not None:
+            check_file_output(path, cfg.overwrite, flag)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """The `eval` command: load, evaluate, write JSON, predictions and profile plot, print the table."""
     from .lens import TunedLens
     from .models import load_model
+    from .plots import plot_profile
+
+    check_outputs(cfg)
 
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     lens = TunedLens.load(cfg.lens, model) if cfg.lens else None
-    predictions = Path(cfg.predictions) if cfg.predictions else _beside(cfg.out, ".predictions.jsonl")
-    results = evaluate(model, tokenizer, list(cfg.tasks), cfg.format, cfg.batch_size, cfg.limit, lens,
+    predictions = Path(cfg.predictions) if cfg.predictions else _beside(cfg.out, PREDICTIONS_SUFFIX)
+    results = evaluate(model, tokenizer, list(cfg.eval_tasks), cfg.eval_format, cfg.eval_batch, cfg.eval_limit, lens,
                        predictions, model_name=cfg.model, max_length=cfg.max_length)
-    results["config"] = {"tasks": list(cfg.tasks), "batch_size": cfg.batch_size, "limit": cfg.limit,
-                         "max_length": cfg.max_length, "lens": cfg.lens, "dtype": cfg.dtype}
+    results["config"] = {"eval_tasks": list(cfg.eval_tasks), "eval_batch": cfg.eval_batch,
+                         "eval_limit": cfg.eval_limit, "max_length": cfg.max_length, "lens": cfg.lens,
+                         "dtype": cfg.dtype}
     if lens is not None:
-        plot = Path(cfg.plot) if cfg.plot else _beside(cfg.out, ".profile.png")
+        plot = Path(cfg.plot) if cfg.plot else _beside(cfg.out, PROFILE_PLOT_SUFFIX)
         if plot is not None:
-            results["profile"]["plot"] = str(plot_profile(results["profile"], plot, title=f"{cfg.model}: knowledge profile"))
+            results["profile"]["plot"] = str(plot_profile(results["profile"], plot,
+                                                          title=f"{cfg.model}: knowledge profile"))
     if cfg.out:
         write_json_atomic(cfg.out, results)
         log.info("wrote %s%s", cfg.out, f" and {predictions}" if predictions else "")

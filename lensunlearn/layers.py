@@ -1,4 +1,4 @@
-"""The model's layer structure and the one hidden-state convention (SPEC section 2).
+"""The model's layer structure and the one hidden-state convention.
 
 For a decoder with L blocks, stream 0 is the embedding output and stream l (1 <= l < L) is the
 residual stream after block l-1, i.e. the input of block l. This equals `hidden_states[l]` of a
@@ -9,8 +9,8 @@ layer l" means stream l everywhere in this package. Stream l depends on blocks 0
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ def check_layers(layers: Sequence[int], num_layers: int, what: str = "layer",
 
 
 def clip_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
-    """Keep the preset layers that exist in a shallower model (the seed's 5..30 on 30 layers)."""
+    """Keep the layers that exist in a shallower model (5..30 on a 30-block model: 5..25); at least the last."""
     kept = tuple(l for l in layers if 0 <= l < num_layers)
     return kept or (num_layers - 1,)
 

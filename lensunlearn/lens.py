@@ -1,4 +1,4 @@
-"""The tuned lens (SPEC section 3), stored in the tuned-lens library's file layout.
+"""The tuned lens, stored in the tuned-lens library's file layout.
 
 Translator l maps stream l residually, h + A_l h + b_l, with A and b starting at zero so that an
 untrained lens is the logit lens; the model's final norm and unembedding (frozen copies) then
@@ -8,19 +8,19 @@ give logits. Translators are float32 whatever the model's dtype.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import write_json_atomic
+from .errors import InputError, load_torch_file, read_json
+from .files import torch_save_atomic, write_json_atomic
 from .layers import model_parts
+from .layout import LENS_CONFIG_FILE as CONFIG_FILE
+from .layout import LENS_PARAMS_FILE as PARAMS_FILE
 from .losses import vocab_cross_entropy
-
-PARAMS_FILE = "params.pt"
-CONFIG_FILE = "config.json"
+from .models import hub_cache_miss, looks_local, model_short_name
 
 
 class TunedLens(nn.Module):
@@ -39,7 +39,7 @@ class TunedLens(nn.Module):
         self.unembed = _plain_copy(unembed)
         self.register_buffer("_matmul_weight", None, persistent=False)
 
-    def set_matmul_dtype(self, dtype: torch.dtype | None) -> "TunedLens":
+    def set_matmul_dtype(self, dtype: torch.dtype | None) -> TunedLens:
         """Run the unembedding product in `dtype` (bfloat16: ~3-7x faster on CPUs with AVX-512 BF16).
 
         The weight is cast once; norms, translators and everything computed from the logits stay
@@ -52,7 +52,7 @@ class TunedLens(nn.Module):
         return self
 
     @classmethod
-    def from_model(cls, model: nn.Module, bias: bool = True) -> "TunedLens":
+    def from_model(cls, model: nn.Module, bias: bool = True) -> TunedLens:
         """A fresh (logit-lens-equivalent) lens for `model`."""
         parts = model_parts(model)
         d_model = parts.unembed.weight.shape[1]
@@ -111,34 +111,35 @@ class TunedLens(nn.Module):
         """Write `params.pt` (keys `0.weight`, `0.bias`, ...) and `config.json`, atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{PARAMS_FILE}.tmp"
         state = {k: v.detach().cpu() for k, v in self.translators.state_dict().items()}
-        torch.save(state, tmp)
-        tmp.replace(path / PARAMS_FILE)
+        torch_save_atomic(state, path / PARAMS_FILE)
         write_json_atomic(path / CONFIG_FILE, self.config_dict())
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module) -> "TunedLens":
+    def load(cls, path: str | Path, model: nn.Module) -> TunedLens:
         """Load a lens saved by us, by the tuned-lens library or from the hub, refusing misfits."""
-        path = _resolve_lens_path(path)
-        config = json.loads((path / CONFIG_FILE).read_text())
+        path = resolve_lens_path(path)
+        config = read_json(path / CONFIG_FILE)
         parts = model_parts(model)
         d_model = parts.unembed.weight.shape[1]
         for key in ("d_model", "num_hidden_layers"):
-            if key not in config:
+            if not isinstance(config, dict) or key not in config:
                 raise ValueError(f"{path / CONFIG_FILE} has no {key!r}: it is not a tuned-lens config")
         if config["num_hidden_layers"] != parts.num_layers or config["d_model"] != d_model:
+            name = getattr(getattr(model, "config", None), "name_or_path", "") or "..."
             raise ValueError(
                 f"lens {path} was made for a model with {config['num_hidden_layers']} layers of width "
                 f"{config['d_model']}, but this model has {parts.num_layers} layers of width {d_model}: "
-                f"train a lens for this model with `lensunlearn lens train --model ...`")
+                f"train a lens for this model with `lensunlearn lens train --model {name}`")
         lens = cls(parts.final_norm, parts.unembed, d_model, parts.num_layers, bias=config.get("bias", True),
                    base_model_name=config.get("base_model_name_or_path", ""))
-        state = torch.load(path / PARAMS_FILE, map_location="cpu", weights_only=True)
+        state = load_torch_file(path / PARAMS_FILE, f"train the lens again with `lensunlearn lens train --out {path} "
+                                                    f"--overwrite` (or copy it again)")
         try:
             lens.translators.load_state_dict({k: v.float() for k, v in state.items()})
-        except RuntimeError as err:
-            raise ValueError(f"{path / PARAMS_FILE} does not match its config.json: {err}") from err
+        except (RuntimeError, AttributeError) as err:
+            raise InputError(f"{path / PARAMS_FILE} does not match its config.json ({' '.join(str(err).split())}): "
+                            f"train the lens again with `lensunlearn lens train --out {path} --overwrite`") from err
         return lens.to(parts.unembed.weight.device)
 
 
@@ -151,18 +152,43 @@ def _plain_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def _resolve_lens_path(path: str | Path) -> Path:
-    """A local lens folder, or a hub repo id (downloaded through huggingface_hub)."""
-    local = Path(path)
+def default_lens_path(model: str) -> Path:
+    """Where `lensunlearn lens train` writes the lens of `model` unless told otherwise: runs/lens_<model>."""
+    return Path("runs") / f"lens_{model_short_name(model)}"
+
+
+def find_lens(lens: str | Path | None, model: str) -> Path:
+    """The lens folder to use, checked before any model is loaded: `lens`, else the default for `model`,
+    which must then exist (a newcomer has to train it first)."""
+    if lens:
+        return resolve_lens_path(lens)
+    default = default_lens_path(model)
+    if not default.is_dir():
+        raise FileNotFoundError(f"no --lens given and {default} does not exist: train a lens first: "
+                                f"lensunlearn lens train --model {model} (writes {default}), or pass --lens")
+    return resolve_lens_path(default)
+
+
+def resolve_lens_path(path: str | Path) -> Path:
+    """A local lens folder, or a hub repo id (from the local hub cache offline, else downloaded)."""
+    local = Path(path).expanduser()
     if local.is_dir():
         missing = [f for f in (PARAMS_FILE, CONFIG_FILE) if not (local / f).exists()]
         if missing:
             raise FileNotFoundError(
-                f"lens folder {local} lacks {', '.join(missing)}: a lens folder holds params.pt and config.json, "
+                f"lens folder {path} lacks {', '.join(missing)}: a lens folder holds params.pt and config.json, "
                 f"as written by `lensunlearn lens train`")
         return local
-    if local.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
-        raise FileNotFoundError(f"no lens folder at {path}: pass a folder from `lensunlearn lens train` or a hub id")
+    if local.exists():
+        raise NotADirectoryError(f"lens {path} is a file: pass the folder that holds params.pt and config.json")
+    if looks_local(str(path)) or str(path).count("/") != 1:
+        raise FileNotFoundError(f"lens folder {path} does not exist: pass a folder written by `lensunlearn lens "
+                                f"train` or a hub id (owner/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path), allow_patterns=[PARAMS_FILE, CONFIG_FILE]))
+    try:
+        folder = Path(snapshot_download(str(path), allow_patterns=[PARAMS_FILE, CONFIG_FILE]))
+    except OSError as err:  # offline without a cached copy, no network, no such repo (all OSErrors)
+        raise FileNotFoundError(hub_cache_miss(str(path), "lens", err)) from err
+    return resolve_lens_path(folder)
+

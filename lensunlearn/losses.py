@@ -8,7 +8,7 @@ backward peak memory is one chunk's logits.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +130,7 @@ def lens_kl(lens, layers: Sequence[int], streams: torch.Tensor, h_final: torch.T
     return torch.stack(sums)
 
 
-# --- Unlearning losses (SPEC section 4) ---------------------------------------------------------
+# --- Unlearning losses --------------------------------------------------------------------------
 
 
 def uniform_ce(logits: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,16 @@ import importlib.util
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import option
+from .config import Options, option
+from .errors import UserError
+from .layout import MODEL_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
-class ModelOptions:
-    """Which model to load and how."""
+class ModelOptions(Options):
+    """Which model to load and how (every command that loads a model takes these)."""
 
     model: str = option(EMBEDDED_MODEL, "hub id, local folder, or smollm2-135m (the embedded default)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights dtype: auto is float32 on CPU, "
                                                                               "bfloat16 on GPU")
     device: str | None = option(None, "cpu or cuda; None picks cuda when available")
     trust_remote_code: bool = option(False, "allow the model's own code from the hub (only if you trust it)")
+
+    def model_options(self) -> dict[str, Any]:
+        """These fields as keywords, to hand on to another command's config (the demo's stages)."""
+        return {f.name: getattr(self, f.name) for f in fields(ModelOptions)}
 
 
 def cache_root() -> Path:
@@ -94,10 +100,10 @@ def embedded_model_dir() -> Path:
     so a crash or a concurrent process never leaves a half-written model that later runs use.
     """
     target = cache_root() / "smollm2-135m-instruct"
-    if (target / "config.json").exists():
+    if (target / MODEL_CONFIG_FILE).exists():
         return target
     with _file_lock(cache_root() / ".smollm2.lock"):
-        if (target / "config.json").exists():
+        if (target / MODEL_CONFIG_FILE).exists():
             return target
         src = _gguf_source()
         log.info("converting the embedded SmolLM2-135M GGUF to safetensors in %s (once, ~30 s)", target)
@@ -117,11 +123,82 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def looks_local(name: str) -> bool:
+    """Whether `name` reads as a path rather than a hub id: it exists, starts with ./ ../ / or ~, has two or
+    more slashes, or its first part is an existing folder (`runs/typo` when `runs/` exists)."""
+    text = str(name)
+    path = Path(text).expanduser()
+    return (path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+            or (text.count("/") == 1 and path.parent.is_dir()))
+
+
+def hub_cache_miss(name: str, kind: str, err: BaseException | None = None) -> str:
+    """The message for a hub id that is neither a local folder nor in the local hub cache (`err`: what the
+    hub answered when there is a network to ask)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        why = "and HF_HUB_OFFLINE=1 forbids downloading it"
+    else:
+        why = "and the hub did not provide it" + (f" ({' '.join(str(err).split())})" if err else "")
+    return (f"{kind} {name} is neither a local folder nor in the local hub cache ({constants.HF_HUB_CACHE}), {why}: "
+            f"run `hf download {name}` on a machine with network and copy its cache here (HF_HOME, default "
+            f"~/.cache/huggingface), or pass a local folder")
+
+
+def _in_hub_cache(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+
 def resolve_model_path(name: str) -> str:
-    """Map the embedded alias to its cache folder; hub ids and paths pass through."""
+    """What `from_pretrained` should load: the embedded alias's cache folder, a local model folder, or a hub
+    id (online, or found in the local hub cache offline); anything else is refused with the fix."""
     if name == EMBEDDED_MODEL:
         return str(embedded_model_dir())
+    if looks_local(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model folder {name} does not exist: pass an existing folder, a hub id "
+                                    f"(owner/name) or {EMBEDDED_MODEL}")
+        if not (path / MODEL_CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{name} holds no config.json, so it is not a model folder: pass the folder with "
+                                    f"config.json and the weights (an unlearning run keeps its model in merged/)")
+        return str(path)
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not _in_hub_cache(name, MODEL_CONFIG_FILE):
+        raise FileNotFoundError(hub_cache_miss(name, "model"))
     return name
+
+
+def _from_hub(name: str, load, *args, **kwargs):
+    """`load(...)` of a hub id, its failures (no network, no such repo, gated) named as one message."""
+    try:
+        return load(*args, **kwargs)
+    except OSError as err:
+        if looks_local(name) or name == EMBEDDED_MODEL or _in_hub_cache(name, MODEL_CONFIG_FILE):
+            raise
+        raise FileNotFoundError(hub_cache_miss(name, "model", err)) from err
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for `device` (None: cuda when available, else cpu), refusing ones this machine lacks
+    before anything is loaded."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("CUDA is not available on this machine: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def model_short_name(name: str) -> str:
@@ -131,7 +208,8 @@ def model_short_name(name: str) -> str:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer with a pad token (the EOS token when the model has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    path = resolve_model_path(name)
+    tokenizer = _from_hub(name, AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -140,12 +218,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a hub id, a local folder or `smollm2-135m`."""
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     path = resolve_model_path(name)
-    if os.path.sep in str(name) and not Path(path).exists():
-        raise FileNotFoundError(f"model folder {path} does not exist: pass a hub id, a folder or {EMBEDDED_MODEL}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = _from_hub(name, AutoModelForCausalLM.from_pretrained, path, dtype=torch_dtype,
+                      trust_remote_code=trust_remote_code)
     model.to(device)
     model.eval()
     # Keep the user's name, not the cache path, so lens configs and run names stay portable.

@@ -1,4 +1,4 @@
-"""The lens unlearning objective (SPEC section 4): forget loss, retain loss and their schedule.
+"""The lens unlearning objective: forget loss, retain loss and their schedule.
 
 One objective serves LoRA and full-parameter training. What differs is only where the original
 model's activations come from, a strategy: `AdapterDisabled` (the same LoRA model with its
@@ -15,14 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import ContextManager, Literal, Protocol, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
 from .layers import forward_streams, model_parts, unwrap
-from .losses import (DEFAULT_CHUNK, chunked_token_sum, lens_forget_loss, masked_mean, random_targets, retain_kl,
-                     retain_l2, select_tokens)
+from .losses import (
+    DEFAULT_CHUNK,
+    chunked_token_sum,
+    lens_forget_loss,
+    masked_mean,
+    random_targets,
+    retain_kl,
+    retain_l2,
+    select_tokens,
+)
 
 ForgetTarget = Literal["uniform", "random"]
 RetainLoss = Literal["l2", "kl"]
@@ -45,7 +55,7 @@ class OriginalModel(Protocol):
 
     model: nn.Module
 
-    def context(self) -> ContextManager: ...
+    def context(self) -> AbstractContextManager: ...
 
 
 class AdapterDisabled:
@@ -54,7 +64,7 @@ class AdapterDisabled:
     def __init__(self, peft_model: nn.Module) -> None:
         self.model = peft_model
 
-    def context(self) -> ContextManager:
+    def context(self) -> AbstractContextManager:
         return self.model.disable_adapter()
 
 
@@ -64,7 +74,7 @@ class FrozenCopy:
     def __init__(self, model: nn.Module) -> None:
         self.model = copy.deepcopy(unwrap(model)).requires_grad_(False).eval()
 
-    def context(self) -> ContextManager:
+    def context(self) -> AbstractContextManager:
         return contextlib.nullcontext()
 
 
@@ -108,7 +118,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _float32(device: torch.device) -> ContextManager:
+def _float32(device: torch.device) -> AbstractContextManager:
     """Autocast off: the lens, the losses and their reductions stay in float32 under --mixed_precision."""
     return torch.autocast(device.type, enabled=False)
 

@@ -1,18 +1,24 @@
-"""Figures for the tamper attack and the report: accuracy against step, sweeps, and the trade-off.
+"""Every figure the package draws: lens KL and knowledge profile by layer, tamper curves, sweeps
+and the unlearning trade-off.
 
 Every figure has a fixed pixel size (figsize x dpi, no tight bounding box), uses the Agg backend
-and is written through a temporary file and a rename, so a reader never sees half a PNG.
+and is written atomically (`files.save_figure_atomic`), so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+
+from .files import save_figure_atomic
+from .tamper_results import ATTACKED, HELDOUT, half, series, split_tasks
 
 DPI = 100
 TAMPER_SIZE = (11.0, 4.5)  # inches: 1100 x 450 pixels
 TRADEOFF_SIZE = (6.0, 5.0)  # 600 x 500 pixels
-HALF_STYLE = {"attacked": "-", "heldout": "--"}
+LENS_KL_SIZE = (6.0, 4.0)
+PROFILE_SIZE = (8.4, 4.8)
+HALF_STYLE = {ATTACKED: "-", HELDOUT: "--"}
 
 
 def _pyplot():
@@ -25,36 +31,49 @@ def _pyplot():
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Save at the figure's own size and close it; atomic via temp file + rename."""
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=DPI)
-    finally:
-        plt.close(fig)
-    tmp.replace(path)
-    return path
+    """Save at the figure's own size (at `DPI`) and close it, atomically."""
+    _pyplot()
+    return save_figure_atomic(fig, path, DPI)
 
 
 def _series(results: dict, task: str, metric: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r["tasks"][task].get(metric)) for r in results["records"] if task in r["tasks"]]
-    points = [(s, v) for s, v in points if v is not None]
+    """Steps and accuracies in percent."""
+    points = series(results, task, metric)
     return [s for s, _ in points], [100 * v for _, v in points]
 
 
-def _split_tasks(results: dict) -> tuple[list[str], list[str]]:
-    from .tamper import forget_names
+def plot_lens_kl(rows: Sequence[dict], path: str | Path, title: str) -> Path:
+    """KL from the model's output to the logit lens and to the tuned lens, by layer (`lens eval`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=LENS_KL_SIZE, dpi=DPI)
+    layers = [r["layer"] for r in rows]
+    ax.plot(layers, [r["logit_lens_kl"] for r in rows], marker="o", label="logit lens")
+    ax.plot(layers, [r["tuned_lens_kl"] for r in rows], marker="o", label="tuned lens")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KL(model || lens) [nats]")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
-    forget = forget_names(results)
-    names = list(results["records"][0]["tasks"]) if results["records"] else []
-    return forget, [n for n in names if n not in forget]
 
-
-def _half(task: str) -> str | None:
-    suffix = task.rsplit(":", 1)[-1]
-    return suffix if suffix in HALF_STYLE else None
+def plot_profile(profile: dict, path: str | Path, title: str = "") -> Path:
+    """Knowledge profile: accuracy through each layer's lens, per task (model output and chance dotted)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=PROFILE_SIZE, dpi=DPI)
+    for name, entry in profile["tasks"].items():
+        (line,) = ax.plot(profile["layers"], entry["acc"], marker="o", markersize=3, label=name)
+        ax.axhline(entry["final_acc"], color=line.get_color(), linestyle=":", linewidth=1)
+    if profile.get("chance") is not None:
+        ax.axhline(profile["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel("layer (lens l reads the input of block l)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "knowledge profile through the tuned lens (dotted: model output)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def _reference_lines(ax, results: dict, tasks: Sequence[str], metric: str, colors: dict[str, str]) -> None:
@@ -69,7 +88,7 @@ def _reference_lines(ax, results: dict, tasks: Sequence[str], metric: str, color
             continue
         drawn.add(round(value, 6))
         measured = original.get("task", task)  # a held-out half's line may be the whole task's accuracy
-        what = _half(measured) + " half" if _half(measured) else measured
+        what = half(measured) + " half" if half(measured) else measured
         ax.axhline(100 * value, color=colors.get(task, "black"), linestyle="-.", linewidth=1.0, alpha=0.7,
                    label=f"original model, {what} ({100 * value:.1f}%)")
 
@@ -89,16 +108,16 @@ def _style_axes(ax, metric: str, legend_size: int) -> None:
 def plot_tamper(results: dict, path: str | Path, metric: str = "acc", title: str | None = None) -> Path:
     """Forget accuracy against step (left; attacked and held-out halves) and retain accuracy (right)."""
     plt = _pyplot()
-    forget, retain = _split_tasks(results)
+    forget, retain = split_tasks(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=TAMPER_SIZE, dpi=DPI)
     colors = {}
     text = []
     for task in forget:
         steps, values = _series(results, task, metric)
-        (line,) = left.plot(steps, values, marker="o", linestyle=HALF_STYLE.get(_half(task), "-"), label=task)
+        (line,) = left.plot(steps, values, marker="o", linestyle=HALF_STYLE.get(half(task), "-"), label=task)
         colors[task] = line.get_color()
         if values:
-            text.append(f"{_half(task) or task}: {values[0]:.2f}% -> {values[-1]:.2f}% "
+            text.append(f"{half(task) or task}: {values[0]:.2f}% -> {values[-1]:.2f}% "
                         f"({values[-1] - values[0]:+.2f} pts)")
     _reference_lines(left, results, forget, metric, colors)
     left.set_title("forget accuracy; recovery (last - first):\n" + "\n".join(text), fontsize=9)
@@ -125,19 +144,19 @@ def plot_tamper_comparison(runs: Sequence[tuple[str, dict]], path: str | Path, m
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, (label, results) in enumerate(runs):
         color = cycle[index % len(cycle)]
-        forget, retain = _split_tasks(results)
+        forget, retain = split_tasks(results)
         for task in forget:
             steps, values = _series(results, task, metric)
-            name = f"{label} {_half(task) or ''}".strip()
+            name = f"{label} {half(task) or ''}".strip()
             gain = values[-1] - values[0] if values else None
-            left.plot(steps, values, color=color, linestyle=HALF_STYLE.get(_half(task), "-"), marker="o",
+            left.plot(steps, values, color=color, linestyle=HALF_STYLE.get(half(task), "-"), marker="o",
                       markersize=3, label=f"{name} ({gain:+.2f} pts)" if gain is not None else name)
         for task in retain:
             steps, values = _series(results, task, metric)
             right.plot(steps, values, color=color, marker="o", markersize=3, label=f"{label} {task}")
     if runs:
         first = runs[0][1]
-        forget, retain = _split_tasks(first)
+        forget, retain = split_tasks(first)
         _reference_lines(left, first, forget, metric, {})
         _reference_lines(right, first, retain, metric, {})
     left.set_title("forget accuracy (solid: attacked, dashed: held out)")

@@ -1,14 +1,15 @@
-"""`report RUN_DIR...`: one table of unlearning runs (as in the seed log), a trade-off plot and tamper curves.
+"""`report RUN_DIR...`: one table of unlearning runs, a trade-off plot and tamper curves.
 
-Everything is read from the files the other commands write, so the report can be rebuilt at any
-time and always gives the same bytes for the same files:
+Everything is read from the files the other commands write (names in `layout`), so the report can
+be rebuilt at any time and always gives the same bytes for the same files:
 
-* an unlearning run directory: `run_config.json`, `summary.json`, `metrics.jsonl`, `eval.json`,
-  and optionally `base_eval.json` (the baseline row);
-* a tamper output (`results.json`, or a sweep's `sweep.json` with one sub-folder per attack),
-  given with `--tamper` or among the positional directories, where it is recognised by its files.
+* an unlearning run directory: its config, summary, metrics and evaluation, and optionally the
+  evaluation before unlearning (the baseline row);
+* a tamper output (one attack's results, or a sweep with one sub-folder per attack), given with
+  `--tamper` or among the positional directories, where it is recognised by its files.
 
-Missing numbers are written `pending`, as in the seed log.
+A number a run has not written yet (an unfinished run) is written `pending`, so a table of runs
+in progress has every row.
 """
 
 from __future__ import annotations
@@ -22,36 +23,54 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .cli import Command
-from .config import ConfigError, option, write_json_atomic
+from .config import ConfigError, Options, option
+from .files import write_json_atomic, write_text_atomic
+from .layout import (
+    BASE_EVAL_FILE,
+    EVAL_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    REPORT_TABLE_FILES,
+    RESULTS_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    TAMPER_CURVES_FILE,
+    TRADEOFF_PLOT_FILE,
+    is_tamper_output,
+    write_marker,
+)
+from .tamper_results import forget_names, load_tamper, series, task_display
 from .tasks import NUM_CHOICES
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.md"
-TRADEOFF_FILE = "tradeoff.png"
-TAMPER_FILE = "tamper_curves.png"
 PENDING = "pending"
 RUN_COLUMNS = ("examples", "epochs", "steps", "retain_coef", "remove_coef", "lr", "batch", "retain_loss",
                "forget_loss")
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Options):
     runs: tuple[str, ...] = option((), "unlearning run directories (tamper outputs are recognised too)",
                                    positional=True, nargs="*")
-    tamper: tuple[str, ...] = option((), "comma-separated tamper output folders (results.json or sweep.json)")
-    baseline: str | None = option(None, "eval JSON of the original model; None uses the first run's base_eval.json")
-    forget_task: str | None = option(None, "forget task column; None means the first task of the runs' eval.json")
-    retain_task: str | None = option(None, "retain task column; None means the second task of the runs' eval.json")
+    tamper: tuple[str, ...] = option((), f"comma-separated tamper output folders ({RESULTS_FILE} or {SWEEP_FILE})")
+    baseline: str | None = option(None, f"eval JSON of the original model; None uses the first run's {BASE_EVAL_FILE}")
+    forget_task: str | None = option(None, f"forget task column; None means the first task of the runs' {EVAL_FILE}")
+    retain_task: str | None = option(None, f"retain task column; None means the second task of the runs' {EVAL_FILE}")
     metric: Literal["acc", "acc_norm"] = option("acc", "accuracy reported")
-    out: str = option(str(Path("runs") / "report"), "output folder for report.md and the plots")
-    format: Literal["md", "csv", "json"] = option("md", "also write the table as report.csv or report.json")
+    out: str = option(str(Path("runs") / "report"), f"the output folder, for {REPORT_FILE} and the plots",
+                      metavar="DIR")
+    table_format: Literal["md", "csv", "json"] = option("md", "also write the table as "
+                                                        + " or ".join(REPORT_TABLE_FILES.values()),
+                                                        old_names=("format",))
 
     def __post_init__(self) -> None:
         self.runs = _flatten(self.runs)
         self.tamper = _flatten(self.tamper)
         if not self.runs and not self.tamper:
             raise ConfigError("give at least one run directory: lensunlearn report RUN_DIR [RUN_DIR ...]")
+        super().__post_init__()
 
 
 def _flatten(values: Any) -> tuple[str, ...]:
@@ -76,26 +95,6 @@ def _last_metrics(path: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def is_tamper_dir(path: Path) -> bool:
-    return (path / "results.json").is_file() or (path / "sweep.json").is_file() or any(path.glob("*/results.json"))
-
-
-def load_tamper(path: str | Path) -> list[tuple[str, dict]]:
-    """(label, results) of every attack in a tamper output folder (one, or each of a sweep)."""
-    path = Path(path)
-    if (path / "sweep.json").is_file():
-        sweep = json.loads((path / "sweep.json").read_text())
-        return [(f"{path.name}/{r['label']}", json.loads((path / r["dir"] / "results.json").read_text()))
-                for r in sweep["runs"] if (path / r["dir"] / "results.json").is_file()]
-    if (path / "results.json").is_file():
-        return [(path.name, json.loads((path / "results.json").read_text()))]
-    found = sorted(path.glob("*/results.json"))  # a sweep killed before it wrote sweep.json
-    if found:
-        return [(f"{path.name}/{p.parent.name}", json.loads(p.read_text())) for p in found]
-    raise FileNotFoundError(f"{path} holds no results.json or sweep.json: pass a folder written by "
-                            f"`lensunlearn tamper`")
-
-
 @dataclass
 class Run:
     """One unlearning run directory, as read from its files."""
@@ -110,11 +109,11 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     path = Path(path)
-    config = _read_json(path / "run_config.json")
+    config = _read_json(path / RUN_CONFIG_FILE)
     if config is None:
-        raise FileNotFoundError(f"{path} has no run_config.json: pass a directory written by `lensunlearn unlearn`")
-    return Run(path.name, config, _read_json(path / "summary.json") or {}, _last_metrics(path / "metrics.jsonl"),
-               _read_json(path / "eval.json"), _read_json(path / "base_eval.json"))
+        raise FileNotFoundError(f"{path} has no {RUN_CONFIG_FILE}: pass a directory written by `lensunlearn unlearn`")
+    return Run(path.name, config, _read_json(path / SUMMARY_FILE) or {}, _last_metrics(path / METRICS_FILE),
+               _read_json(path / EVAL_FILE), _read_json(path / BASE_EVAL_FILE))
 
 
 def task_names(result: dict) -> list[str]:
@@ -139,7 +138,7 @@ def score(result: dict | None, task: str, metric: str) -> float | None:
 
 
 def fmt_number(value: Any) -> str:
-    """Seed-log style: integers as integers, whole floats with one decimal (5.0), others with two."""
+    """Integers as integers, whole floats with one decimal (5.0), others with two (1.19)."""
     if value is None:
         return PENDING
     if isinstance(value, (bool, str, int)):
@@ -148,7 +147,7 @@ def fmt_number(value: Any) -> str:
 
 
 def fmt_lr(value: Any) -> str:
-    """Learning rates as the seed log writes them: 1e-3, 2e-5, 1.5e-4 (0.02 stays 0.02)."""
+    """Small learning rates in short scientific notation: 1e-3, 2e-5, 1.5e-4 (0.02 stays 0.02)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < abs(value) < 1e-2:
         return fmt_number(value) if not isinstance(value, float) else f"{value:g}"
     mantissa, exponent = f"{value:e}".split("e")
@@ -159,11 +158,15 @@ def fmt_pct(value: float | None) -> str:
     return PENDING if value is None else f"{100 * value:.2f}%"
 
 
+def trained_params(cfg: dict) -> str:
+    """"full" or "LoRA r16" from a run's or an attack's config; configs written before the flags were
+    unified say `lora` / `rank` instead of `full` / `lora_rank`."""
+    full = cfg["full"] if "full" in cfg else not cfg.get("lora", False)
+    return "full" if full else f"LoRA r{cfg.get('lora_rank', cfg.get('rank', '?'))}"
+
+
 def _notes(run: Run) -> str:
-    cfg = run.config
-    optimizer = cfg.get("optimizer", "?")
-    mode = "full" if cfg.get("full") else f"LoRA r{cfg.get('rank', cfg.get('lora_rank', '?'))}"
-    return f"{optimizer}, {mode}; {run.name}"
+    return f"{run.config.get('optimizer', '?')}, {trained_params(run.config)}; {run.name}"
 
 
 def run_row(run: Run, forget_task: str, retain_task: str, metric: str) -> dict[str, Any]:
@@ -207,26 +210,35 @@ def markdown_table(rows: list[dict], forget_task: str, retain_task: str) -> str:
     return "\n".join(lines)
 
 
+def attack_status(results: dict) -> str | None:
+    """None for a finished attack, else e.g. "unfinished, step 24 of 64": a killed attack's last
+    numbers are not its final ones. Results written before the "finished" flag existed count as
+    finished when their last evaluation is at the planned last step."""
+    last = results["records"][-1]["step"] if results.get("records") else 0
+    steps = results.get("config", {}).get("steps")
+    finished = results.get("finished", steps is None or last == steps)
+    return None if finished else f"unfinished, step {last} of {steps}"
+
+
 def tamper_rows(attacks: list[tuple[str, dict]]) -> list[dict[str, Any]]:
     """One row per attack and forget task (attacked / held-out half): step 0, peak, final, recovery."""
-    from .tamper import forget_names
-
     rows = []
     for label, results in attacks:
         cfg = results["config"]
         metric = cfg.get("metric", "acc")
+        status = attack_status(results)
+        label = f"{label} ({status})" if status else label
         for task in forget_names(results):
-            series = [(r["step"], r["tasks"][task][metric]) for r in results["records"] if task in r["tasks"]]
-            if not series:
+            points = series(results, task, metric)
+            if not points:
                 continue
-            peak = max(series, key=lambda s: s[1])
-            mode = f"LoRA r{cfg.get('rank')}" if cfg.get("lora") else "full"
+            peak = max(points, key=lambda s: s[1])
             rows.append({"attack": label, "model": Path(str(cfg.get("model"))).name, "task": task,
                          "config": f"{cfg.get('chunks')} chunks, lr={fmt_lr(cfg.get('lr'))}, "
-                                   f"{cfg.get('epochs'):g} epoch, {cfg.get('schedule')}, {mode}, "
+                                   f"{cfg.get('epochs'):g} epoch, {cfg.get('schedule')}, {trained_params(cfg)}, "
                                    f"{cfg.get('optimizer')}",
-                         "step0": series[0][1], "peak": peak[1], "peak_step": peak[0], "final": series[-1][1],
-                         "final_step": series[-1][0], "recovery": series[-1][1] - series[0][1]})
+                         "step0": points[0][1], "peak": peak[1], "peak_step": peak[0], "final": points[-1][1],
+                         "final_step": points[-1][0], "recovery": points[-1][1] - points[0][1]})
     return rows
 
 
@@ -248,22 +260,22 @@ def _resolve_tasks(cfg: ReportConfig, runs: list[Run], baseline: dict | None) ->
     for run in runs:  # the order the run asked for, then whatever its evaluations hold
         asked = run.config.get("eval_tasks") or ""
         asked = asked.split(",") if isinstance(asked, str) else list(asked)
-        names.extend(n for n in (Path(a).stem if a.endswith(".jsonl") else a for a in asked if a) if n not in names)
+        names.extend(n for n in (task_display(a) for a in asked if a) if n not in names)
         for source in (run.eval, run.base_eval):
             names.extend(n for n in task_names(source or {}) if n not in names)
     names.extend(n for n in task_names(baseline or {}) if n not in names)
     forget = cfg.forget_task or (names[0] if names else None)
     retain = cfg.retain_task or next((n for n in names if n != forget), None)
     if forget is None or retain is None:
-        raise ValueError("cannot tell the forget and retain tasks (no eval.json with two tasks): pass --forget_task "
+        raise ValueError(f"cannot tell the forget and retain tasks (no {EVAL_FILE} with two tasks): pass --forget_task "
                          "and --retain_task")
     return forget, retain
 
 
 def build_report(cfg: ReportConfig) -> dict[str, Any]:
     """Rows, markdown and tamper rows, computed from the files alone (no plotting, no writing)."""
-    run_dirs = [p for p in map(Path, cfg.runs) if not is_tamper_dir(p)]
-    tamper_dirs = [*cfg.tamper, *(str(p) for p in map(Path, cfg.runs) if is_tamper_dir(p))]
+    run_dirs = [p for p in map(Path, cfg.runs) if not is_tamper_output(p)]
+    tamper_dirs = [*cfg.tamper, *(str(p) for p in map(Path, cfg.runs) if is_tamper_output(p))]
     runs = [load_run(p) for p in run_dirs]
     baseline = _read_json(Path(cfg.baseline)) if cfg.baseline else next((r.base_eval for r in runs if r.base_eval),
                                                                        None)
@@ -302,35 +314,27 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     report = build_report(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / REPORT_FILE]
-    _write_text(out / REPORT_FILE, report["markdown"])
+    write_marker(out, "report")
+    written = [write_text_atomic(out / REPORT_FILE, report["markdown"])]
     if report["rows"]:
         points = [(r["run"], r["forget_acc"], r["retain_acc"]) for r in report["rows"]
                   if r["run"] != "baseline" and r["forget_acc"] is not None and r["retain_acc"] is not None]
         base = next((r for r in report["rows"] if r["run"] == "baseline"), None)
         base_point = (base["forget_acc"], base["retain_acc"]) if base and None not in (
             base["forget_acc"], base["retain_acc"]) else None
-        written.append(plots.plot_tradeoff(points, out / TRADEOFF_FILE, base_point, 1 / NUM_CHOICES,
+        written.append(plots.plot_tradeoff(points, out / TRADEOFF_PLOT_FILE, base_point, 1 / NUM_CHOICES,
                                            report["forget_task"], report["retain_task"]))
     if report["attacks"]:
-        written.append(plots.plot_tamper_comparison(report["attacks"], out / TAMPER_FILE, cfg.metric))
-    if cfg.format == "csv":
-        written.append(_write_text(out / "report.csv", _csv_text(report)))
-    elif cfg.format == "json":
-        write_json_atomic(out / "report.json", {k: report[k] for k in ("forget_task", "retain_task", "metric", "rows",
-                                                                         "tamper")})
-        written.append(out / "report.json")
+        written.append(plots.plot_tamper_comparison(report["attacks"], out / TAMPER_CURVES_FILE, cfg.metric))
+    if cfg.table_format == "csv":
+        written.append(write_text_atomic(out / REPORT_TABLE_FILES["csv"], _csv_text(report)))
+    elif cfg.table_format == "json":
+        table = {k: report[k] for k in ("forget_task", "retain_task", "metric", "rows", "tamper")}
+        written.append(write_json_atomic(out / REPORT_TABLE_FILES["json"], table))
     print(report["markdown"])
     log.info("wrote %s", ", ".join(str(p) for p in written))
     report["files"] = [str(p) for p in written]
     return report
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n")
-    tmp.replace(path)
-    return path
 
 
 COMMANDS = [

@@ -1,12 +1,8 @@
-"""`tamper`: fine-tune a (unlearned) model on forget-domain text and watch knowledge return (SPEC section 7).
+"""`tamper`: fine-tune a (unlearned) model on forget-domain text and watch knowledge return.
 
 The attack is the package's one training loop with a causal-LM loss. Evaluation runs at step 0,
-every `--eval_every` steps and at the end, and `results.json` is rewritten atomically after each
-one, so a killed attack keeps everything it measured:
-
-    {"config": {...}, "chance": 0.25, "original": {task: {"acc", "acc_norm"}},
-     "records": [{"step": 0, "train_loss": null, "tasks": {task: {"acc", "acc_norm", "n"}}}, ...],
-     "recovery": {task: last acc - first acc}}
+every `--eval_every` steps and at the end, and the results (schema in `tamper_results`) are
+rewritten atomically after each one, so a killed attack keeps everything it measured.
 
 Held-out recovery (`--holdout 0.5`): the facts of the forget corpus are split; the attack trains
 only on text about the attacked half, and every evaluation task whose questions carry a
@@ -24,7 +20,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,75 +28,84 @@ from typing import Literal
 import torch
 
 from .cli import Command
-from .config import ConfigError, option, parse_float_list, to_jsonable, write_json_atomic
-from .data import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
+from .config import ConfigError, option, parse_float_list, redefault, to_jsonable
+from .data import FACTS_PREFIX, WMDP_BIO_FORGET_CORPUS, batch_indices, chunk_documents, collate, load_texts
+from .files import write_json_atomic, write_jsonl_atomic
+from .layout import (
+    BASE_EVAL_FILE,
+    MERGED_DIR,
+    METRICS_FILE,
+    MODEL_CONFIG_FILE,
+    ORIGINAL_EVAL_FILE,
+    RESULTS_FILE,
+    RUN_CONFIG_FILE,
+    SPLIT_FILE,
+    SPLIT_TASKS_DIR,
+    SWEEP_FILE,
+    SWEEP_PLOT_FILE,
+    TAMPER_PLOT_FILE,
+    is_unlearn_run,
+)
 from .loop import LoopSpec, MetricsLog, run_loop
 from .models import ModelOptions, load_model, model_short_name
-from .optim import build_optimizer, embedding_parameters, lr_factor
-from .tasks import NUM_CHOICES, load_items, resolve_tasks
+from .optim import SCHEDULES, TrainingOptions, build_optimizer, embedding_parameters, lr_factor
+from .outputs import Output, prepare_output
+from .preflight import check_tasks, require_positive
+from .tamper_results import ATTACKED, HELDOUT, recovery, task_display
+from .tasks import NUM_CHOICES, REFERENCE_EVAL_TASKS, load_items, resolve_tasks
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
-SWEEP_FILE = "sweep.json"
-PLOT_FILE = "tamper.png"
-SWEEP_PLOT_FILE = "sweep.png"
-ORIGINAL_EVAL_FILE = "original_eval.json"
-SPEC_FORGET_CORPUS = "Unlearning/WMDP-Bio-Remove-Dataset"
-SPEC_EVAL_TASKS = "wmdp_bio_robust,mmlu_stem"
-ATTACKED, HELDOUT = "attacked", "heldout"
 CHANCE = 1.0 / NUM_CHOICES
 
 
 @dataclass
-class TamperConfig(ModelOptions):
+class TamperConfig(TrainingOptions, ModelOptions):
+    lr: float = redefault(TrainingOptions, "lr", 2e-5)
+    batch: int = redefault(TrainingOptions, "batch", 16)
+    per_device_batch: int = redefault(TrainingOptions, "per_device_batch", 4)
     forget: str | None = option(None, "attack corpus: hub id, local file/folder or facts:<domain>; None takes the run "
-                                      "directory's forget corpus, else the SPEC forget corpus")
+                                      "directory's forget corpus, else " + WMDP_BIO_FORGET_CORPUS)
     forget_config: str | None = option(None, "hub dataset config of the attack corpus")
     forget_column: str | None = option(None, "text column of the attack corpus")
     examples: int = option(512, "keep the first N chunks of the attack corpus")
     max_length: int = option(2048, "chunk documents into pieces of at most this many tokens")
     epochs: float = option(1.0, "passes over the kept chunks")
-    lr: float = option(2e-5, "peak learning rate (ignored when --lrs is given)")
-    lrs: tuple[float, ...] = option((), "sweep: comma-separated learning rates, one attack each")
-    schedule: Literal["linear", "cosine", "constant"] = option("linear", "lr schedule after warmup")
+    lrs: tuple[float, ...] = option((), "sweep: comma-separated learning rates, one attack each (replacing --lr)")
     schedules: tuple[str, ...] = option((), "sweep: comma-separated schedules (crossed with --lrs)")
-    warmup: int = option(0, "warmup steps")
-    batch: int = option(16, "effective batch: chunks per optimiser step")
-    per_device_batch: int = option(4, "chunks per forward pass; batch / per_device_batch = grad accumulation")
-    optimizer: Literal["adamw", "muon"] = option("adamw", "adamw, or muon for 2-D matrices (+adamw for the rest)")
-    weight_decay: float = option(0.01, "weight decay")
-    clip: float = option(1.0, "gradient-norm clip (0 disables)")
-    lora: bool = option(False, "attack with a LoRA adapter instead of all parameters")
-    rank: int = option(16, "LoRA rank (alpha = rank)")
+    full: bool = option(True, "attack all parameters; --no-full attacks with a LoRA adapter",
+                        old_names={"lora": False})
+    lora_rank: int = option(16, "LoRA rank of a --no-full attack (alpha = rank)", old_names=("rank",))
     eval_tasks: str | None = option(None, "comma-separated tasks (forget and retain); None takes the run directory's "
-                                          "tasks, else facts:<domain> for a facts corpus, else " + SPEC_EVAL_TASKS)
+                                          "tasks, else facts:<domain> for a facts corpus, else "
+                                          + REFERENCE_EVAL_TASKS)
     forget_task: str | None = option(None, "which eval task measures forgetting; None means the first of --eval_tasks")
-    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze; None takes the run directory's, "
-                                                                  "else letter")
+    eval_format: Literal["letter", "cloze"] | None = option(None, "letter: A/B/C/D after the question; cloze: the "
+                                                                  "answer text as continuation; None takes the run "
+                                                                  "directory's, else letter")
     eval_every: int = option(10, "evaluate every k optimiser steps (and at step 0 and the end)")
     eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
     eval_batch: int = option(32, "questions per evaluation forward pass")
     metric: Literal["acc", "acc_norm"] = option("acc", "accuracy shown on the plots and used for recovery")
     holdout: float = option(0.0, "fraction of facts the attack never trains on (0 = off); needs a facts:<domain> "
                                  "corpus or a jsonl corpus with a fact_id column, and tasks whose rows carry fact_id")
-    original: str | None = option(None, "the original model's accuracy line: an eval JSON, or a model to evaluate; "
-                                        "None uses the run directory's base_eval.json when present")
-    out: str | None = option(None, "output folder; None means runs/tamper_<model>")
+    baseline: str | None = option(None, "the original model's accuracy line: an eval JSON, or a model to evaluate; "
+                                        f"None uses the run directory's {BASE_EVAL_FILE} when present",
+                                  old_names=("original",))
+    out: str | None = option(None, "the output folder; None means runs/tamper_<model>", metavar="DIR")
     overwrite: bool = option(False, "replace earlier results in --out")
     seed: int = option(0, "seed for data order and the held-out split")
 
     def __post_init__(self) -> None:
         self.lrs = parse_float_list(self.lrs)
         self.schedules = tuple(self.schedules)
-        bad = [s for s in self.schedules if s not in ("linear", "cosine", "constant")]
+        bad = [s for s in self.schedules if s not in SCHEDULES]
         if bad:
-            raise ConfigError(f"--schedules has {bad}: use linear, cosine or constant")
-        if any(lr <= 0 for lr in (*self.lrs, self.lr)):
-            raise ConfigError("learning rates must be positive")
-        if self.batch % self.per_device_batch:
-            raise ConfigError(f"--batch {self.batch} is not a multiple of --per_device_batch {self.per_device_batch}: "
-                              f"choose them so batch = per_device_batch x grad accumulation")
+            raise ConfigError(f"--schedules has {bad}: use {', '.join(SCHEDULES)}")
+        super().__post_init__()
+        for lr in self.lrs:
+            require_positive(lrs=lr)
+        require_positive(eval_batch=self.eval_batch, eval_limit=self.eval_limit, lora_rank=self.lora_rank)
         if self.examples < 1 or self.max_length < 2 or self.epochs <= 0:
             raise ConfigError("--examples must be >= 1, --max_length >= 2 and --epochs > 0")
         if self.eval_every < 1:
@@ -123,11 +127,8 @@ class TamperConfig(ModelOptions):
 
 
 def run_directory(model: str) -> Path | None:
-    """The unlearning run directory `model` names (it holds `merged/` or `run_config.json`), else None."""
-    path = Path(model).expanduser()
-    if path.is_dir() and ((path / "merged").is_dir() or (path / "run_config.json").is_file()):
-        return path
-    return None
+    """The unlearning run directory `model` names, else None."""
+    return Path(model).expanduser() if is_unlearn_run(model) else None
 
 
 def model_path(model: str) -> str:
@@ -135,28 +136,28 @@ def model_path(model: str) -> str:
     run = run_directory(model)
     if run is None:
         return model
-    if not (run / "merged" / "config.json").is_file():
-        raise FileNotFoundError(f"run directory {run} has no merged/ model: finish the unlearning run, or pass the "
-                                f"model folder itself as --model")
-    return str(run / "merged")
+    if not (run / MERGED_DIR / MODEL_CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"run directory {run} has no {MERGED_DIR}/ model: finish the unlearning run, or pass "
+                                f"the model folder itself as --model")
+    return str(run / MERGED_DIR)
 
 
 def _run_config(cfg: TamperConfig) -> dict:
     run = run_directory(cfg.model)
-    if run is None or not (run / "run_config.json").is_file():
+    if run is None or not (run / RUN_CONFIG_FILE).is_file():
         return {}
-    return json.loads((run / "run_config.json").read_text())
+    return json.loads((run / RUN_CONFIG_FILE).read_text())
 
 
 def resolve_defaults(cfg: TamperConfig) -> TamperConfig:
-    """Fill forget corpus, eval tasks and format from the run directory, else from the SPEC defaults."""
+    """Fill forget corpus, eval tasks and format from the run directory, else the reference experiment's."""
     run_cfg = _run_config(cfg)
-    forget = cfg.forget or run_cfg.get("forget") or SPEC_FORGET_CORPUS
+    forget = cfg.forget or run_cfg.get("forget") or WMDP_BIO_FORGET_CORPUS
     tasks = cfg.eval_tasks or run_cfg.get("eval_tasks") or run_cfg.get("tasks")
     if isinstance(tasks, (list, tuple)):
         tasks = ",".join(tasks)
     if not tasks:
-        tasks = forget if forget.startswith(FACTS_PREFIX) else SPEC_EVAL_TASKS
+        tasks = forget if forget.startswith(FACTS_PREFIX) else REFERENCE_EVAL_TASKS
     fmt = cfg.eval_format or run_cfg.get("eval_format") or "letter"
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     forget_task = cfg.forget_task or names[0]
@@ -206,11 +207,6 @@ def split_fact_ids(source: str, ids: list[str], holdout: float, seed: int) -> tu
     return set(ordered[n_held:]), set(ordered[:n_held])
 
 
-def task_display(name: str) -> str:
-    """A task's name in results: the file stem for a local jsonl (as `evaluate` names it), else the name."""
-    return Path(name).stem if name.endswith(".jsonl") else name
-
-
 @dataclass
 class EvalTask:
     """One line of the results: its name there, what `evaluate` is asked for, and the key it answers under."""
@@ -239,9 +235,7 @@ def plan_tasks(cfg: TamperConfig, out: Path, split: tuple[set[str], set[str]] | 
             if not rows:
                 raise ValueError(f"the {part} half of {name} is empty: lower or raise --holdout")
             stem = f"{display.replace(':', '-')}.{part}"
-            path = out / "tasks" / f"{stem}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            path = write_jsonl_atomic(out / SPLIT_TASKS_DIR / f"{stem}.jsonl", rows)
             plan.append(EvalTask(f"{display}:{part}", str(path), stem, display))
     if split is not None and not any(t.name != t.base for t in plan):
         raise ValueError(f"--holdout needs an eval task whose questions carry fact_id (e.g. facts:<domain>); "
@@ -252,7 +246,8 @@ def plan_tasks(cfg: TamperConfig, out: Path, split: tuple[set[str], set[str]] | 
 def attack_chunks(cfg: TamperConfig, tokenizer, attacked: set[str] | None) -> list[list[int]]:
     """The first `--examples` chunks of the attack corpus (only attacked facts' text under --holdout)."""
     if attacked is None:
-        texts = load_texts(cfg.forget, config=cfg.forget_config, column=cfg.forget_column, what="attack corpus")
+        texts = load_texts(cfg.forget, config=cfg.forget_config, column=cfg.forget_column, what="attack corpus",
+                           column_flag="--forget_column")
     else:
         texts = [r["text"] for r in fact_records(cfg.forget) if r["fact_id"] in attacked]
     chunks = chunk_documents(texts, tokenizer, cfg.max_length, cfg.examples)
@@ -287,10 +282,10 @@ def _pick(result: dict, key: str, name: str) -> dict:
 
 def original_scores(cfg: TamperConfig, plan: list[EvalTask], out: Path) -> dict[str, dict]:
     """The original model's accuracy per task: from an eval JSON, or by evaluating the model given."""
-    source = cfg.original
+    source = cfg.baseline
     run = run_directory(cfg.model)
-    if source is None and run is not None and (run / "base_eval.json").is_file():
-        source = str(run / "base_eval.json")
+    if source is None and run is not None and (run / BASE_EVAL_FILE).is_file():
+        source = str(run / BASE_EVAL_FILE)
     if source is None:
         return {}
     if source.endswith(".json"):
@@ -316,33 +311,17 @@ def original_scores(cfg: TamperConfig, plan: list[EvalTask], out: Path) -> dict[
     return scores
 
 
-def recovery(records: list[dict], metric: str = "acc") -> dict[str, float]:
-    """Last minus first accuracy per task (SPEC section 7)."""
-    if not records:
-        return {}
-    first, last = records[0]["tasks"], records[-1]["tasks"]
-    return {t: last[t][metric] - first[t][metric] for t in first
-            if t in last and first[t].get(metric) is not None and last[t].get(metric) is not None}
-
-
-def forget_names(results: dict) -> list[str]:
-    """Task names in `results` that measure forgetting (the forget task, or its two halves)."""
-    base = task_display(results["config"]["forget_task"])
-    names = list(results["records"][0]["tasks"]) if results["records"] else []
-    return [n for n in names if n == base or n in (f"{base}:{ATTACKED}", f"{base}:{HELDOUT}")]
-
-
 # ---------------------------------------------------------------------------------------- training
 
 
 def _trainable_model(model, cfg: TamperConfig):
-    if not cfg.lora:
+    if cfg.full:
         model.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
-    return get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=0.05,
+    return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.05,
                                             task_type="CAUSAL_LM"))
 
 
@@ -364,10 +343,10 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
     device = next(model.parameters()).device
     results = {"config": {**to_jsonable(cfg), "lr": lr, "schedule": schedule, "model_path": model_path(cfg.model),
                           "chunks": len(chunks), "steps": steps, "num_attacked_facts": len(attacked or ())},
-               "chance": CHANCE, "original": original, "records": [], "recovery": {}}
+               "chance": CHANCE, "original": original, "records": [], "recovery": {}, "finished": False}
     log.info("attack lr=%g %s: %d chunks, %d steps of %d, evaluating every %d steps", lr, schedule, len(chunks),
              steps, cfg.batch, cfg.eval_every)
-    metrics_log = MetricsLog(out / "metrics.jsonl")
+    metrics_log = MetricsLog(out / METRICS_FILE)
     losses: list[float] = []
     began = time.perf_counter()
 
@@ -378,6 +357,7 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
         results["records"].append({"step": step, "train_loss": train_loss, "tasks": tasks,
                                    "wall_seconds": round(time.perf_counter() - began, 2)})
         results["recovery"] = recovery(results["records"], cfg.metric)
+        results["finished"] = step == steps  # a killed attack's results say so (report marks them)
         write_json_atomic(out / RESULTS_FILE, results)
 
     def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
@@ -410,36 +390,49 @@ def _label(lr: float, schedule: str, several_schedules: bool) -> str:
     return f"lr{lr:g}" + (f"_{schedule}" if several_schedules else "")
 
 
-def _prepare_out(cfg: TamperConfig) -> Path:
+def _finished(out: Path) -> bool:
+    path = out / RESULTS_FILE
+    return path.is_file() and json.loads(path.read_text()).get("finished", True)
+
+
+def _prepare_out(cfg: TamperConfig) -> Output:
+    """Check what can fail before the first attack (tasks, model, reference line), then claim --out:
+    only a tamper output may be replaced, and the replacement is swapped in once every attack is done."""
+    check_tasks(cfg.eval_tasks)
+    model_path(cfg.model)
+    if cfg.baseline and cfg.baseline.endswith(".json") and not Path(cfg.baseline).is_file():
+        raise FileNotFoundError(f"--baseline {cfg.baseline} does not exist: pass an eval JSON of the original model "
+                                f"(e.g. a run's {BASE_EVAL_FILE}) or a model to evaluate")
+    run = run_directory(cfg.model)
     out = Path(cfg.out)
-    if out.exists() and any(out.rglob(RESULTS_FILE)) and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds tamper results: pass --overwrite to replace them, or choose "
-                              f"another --out")
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    if run is not None and (out.resolve() == run.resolve() or out.resolve() in run.resolve().parents):
+        raise FileExistsError(f"--out {out} holds the run being attacked ({run}): choose another --out")
+    return prepare_output(out, "tamper", overwrite=cfg.overwrite, finished=_finished, resumable=False)
 
 
 def run_tamper(cfg: TamperConfig) -> dict:
     """Attack once, or once per (lr, schedule) of a sweep; write results, plots and a sweep summary."""
+    cfg = resolve_defaults(cfg)
+    output = _prepare_out(cfg)
+    return output.run(lambda work: _run_attacks(cfg, work))
+
+
+def _run_attacks(cfg: TamperConfig, out: Path) -> dict:
     from . import plots
 
-    cfg = resolve_defaults(cfg)
-    out = _prepare_out(cfg)
     split = None
     if cfg.holdout > 0:
         records = fact_records(cfg.forget)
         split = split_fact_ids(cfg.forget, [r["fact_id"] for r in records], cfg.holdout, cfg.seed)
         log.info("held-out split: %d attacked facts, %d held out", len(split[0]), len(split[1]))
-        write_json_atomic(out / "split.json", {"attacked": sorted(split[0]), "heldout": sorted(split[1])})
+        write_json_atomic(out / SPLIT_FILE, {"attacked": sorted(split[0]), "heldout": sorted(split[1])})
     plan = plan_tasks(cfg, out, split)
     original = original_scores(cfg, plan, out)
     settings = cfg.sweep
     several = len({s for _, s in settings}) > 1
     if len(settings) == 1 and not cfg.lrs and not cfg.schedules:
         results = attack(cfg, settings[0][0], settings[0][1], out, plan, split and split[0], original)
-        plots.plot_tamper(results, out / PLOT_FILE, cfg.metric)
+        plots.plot_tamper(results, out / TAMPER_PLOT_FILE, cfg.metric)
         _log_recovery(results, out)
         return results
     # The summary lists every planned attack up front, so a killed sweep still names its folders.
@@ -451,7 +444,7 @@ def run_tamper(cfg: TamperConfig) -> dict:
     for run in runs:
         results = attack(cfg, run["lr"], run["schedule"], out / run["dir"], plan, split and split[0], original, step0)
         step0 = results["records"][0]["tasks"]
-        plots.plot_tamper(results, out / run["dir"] / PLOT_FILE, cfg.metric)
+        plots.plot_tamper(results, out / run["dir"] / TAMPER_PLOT_FILE, cfg.metric)
         _log_recovery(results, out / run["dir"])
         run["recovery"] = results["recovery"]
         write_json_atomic(out / SWEEP_FILE, summary)

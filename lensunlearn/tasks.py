@@ -1,4 +1,4 @@
-"""Evaluation tasks as data: where the questions come from and how they are prompted (SPEC section 6).
+"""Evaluation tasks as data: where the questions come from and how they are prompted.
 
 A task is a dataset (hub id, config, split, or a local jsonl file, or the fact benchmark) plus a
 description; a group is a list of tasks aggregated by size. Prompts, descriptions, the target
@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
+
+from .errors import InputError, read_text
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ NUM_CHOICES = 4
 LETTERS = ("A", "B", "C", "D")
 TARGET_DELIMITER = " "
 FACTS_PREFIX = "facts:"
+REFERENCE_EVAL_TASKS = "wmdp_bio_robust,mmlu_stem"  # what the reference experiment reports
 
 WMDP_BIO_ROBUST_CATEGORIES = (
     "bioweapons_and_bioterrorism",
@@ -106,7 +110,8 @@ def resolve_tasks(names: str | Sequence[str]) -> list[TaskSpec]:
         names = [n.strip() for n in names.split(",")]
     names = [n for n in names if n]
     if not names:
-        raise ValueError("no tasks given: pass --tasks, e.g. --tasks wmdp_bio_robust,mmlu or --tasks facts:country_capital")
+        raise ValueError("no tasks given: pass --eval_tasks, e.g. --eval_tasks wmdp_bio_robust,mmlu or "
+                         "--eval_tasks facts:country_capital")
     specs: list[TaskSpec] = []
     for name in names:
         if name in GROUPS:
@@ -151,7 +156,8 @@ def load_items(spec: TaskSpec, loader: DatasetLoader | None = None) -> list[dict
 
         rows = questions(spec.dataset_name)
     elif spec.dataset_path == "json":
-        rows = _read_jsonl(Path(spec.data_files))
+        located = _read_jsonl(Path(spec.data_files))
+        return validate_items([row for _, row in located], spec.name, [where for where, _ in located])
     else:
         if loader is None:
             import datasets
@@ -161,40 +167,49 @@ def load_items(spec: TaskSpec, loader: DatasetLoader | None = None) -> list[dict
     return validate_items(rows, spec.name)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) of every non-blank line, where is "tasks.jsonl line 7"."""
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((f"{path} line {number}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number} is not valid JSON ({err}): each line must be one "
-                             f'{{"question", "choices", "answer"}} object') from err
+            raise InputError(f"{path} line {number}: invalid JSON ({err.msg}, column {err.colno}): each line must be "
+                            f'one {{"question", "choices", "answer"}} object') from err
     return rows
 
 
-def validate_items(rows: Sequence[dict], task: str) -> list[dict]:
-    """Refuse empty tasks, missing fields, a wrong number of choices and answers out of range."""
+def validate_items(rows: Sequence[dict], task: str, locations: Sequence[str] | None = None) -> list[dict]:
+    """Refuse empty tasks, missing fields, a wrong number of choices and answers out of range.
+
+    `locations` names where each row came from (file and line), for the errors; else "task T, question i".
+    """
     if not rows:
         raise ValueError(f"task {task} is empty: it holds no questions; fill the file or pick another task")
     items = []
     for index, row in enumerate(rows):
-        where = f"task {task}, question {index}"
+        where = locations[index] if locations is not None else f"task {task}, question {index}"
         if not isinstance(row, dict) or any(k not in row for k in ("question", "choices", "answer")):
             raise ValueError(f'{where} lacks fields: each row needs "question", "choices" and "answer" '
                              f"(got {sorted(row) if isinstance(row, dict) else type(row).__name__})")
+        question = row["question"]
+        if not isinstance(question, str) or not (question.strip() or row.get("prompt")):
+            raise ValueError(f"{where} has question {question!r}: the question must be non-empty text (it may be "
+                             f"empty only when the row has a prompt)")
         choices = row["choices"]
         if not isinstance(choices, (list, tuple)) or len(choices) != NUM_CHOICES:
             count = len(choices) if isinstance(choices, (list, tuple)) else type(choices).__name__
             raise ValueError(f"{where} has {count} choices, but every question needs exactly {NUM_CHOICES} "
                              f"(A/B/C/D): fix the row or drop it")
         if any(not isinstance(c, str) or not c for c in choices):
-            raise ValueError(f"{where} has an empty or non-text choice {list(choices)!r}: choices must be non-empty strings")
+            raise ValueError(f"{where} has an empty or non-text choice {list(choices)!r}: choices must be non-empty "
+                             f"strings")
         answer = row["answer"]
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < NUM_CHOICES:
-            raise ValueError(f"{where} has answer {answer!r}, out of range: the answer is the index 0..{NUM_CHOICES - 1} "
-                             f"of the correct choice")
+            raise ValueError(f"{where} has answer {answer!r}, out of range: the answer is the index "
+                             f"0..{NUM_CHOICES - 1} of the correct choice")
         item = {"question": str(row["question"]), "choices": [str(c) for c in choices], "answer": int(answer)}
         for key in ("prompt", "fact_id"):
             if row.get(key):  # a missing, null or empty prompt means: build it from the question

@@ -1,4 +1,4 @@
-"""`unlearn`: make a model forget a corpus through its tuned lens (SPEC sections 4 and 5).
+"""`unlearn`: make a model forget a corpus through its tuned lens.
 
 Data flow: config -> model, lens and layers (validated) -> paired forget/retain corpora -> LoRA
 adapters or full parameters (DDP / FSDP2 under torchrun) -> `UnlearnObjective` in the one training
@@ -7,48 +7,66 @@ loop -> run directory (config, metrics, adapter, merged model, evaluation).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from .checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from .cli import Command
-from .config import ConfigError, option, to_jsonable, write_json_atomic
-from .data import batch_indices, collate, load_texts, tokenize
-from .distributed import (World, barrier, cleanup, device_for, full_state_dict, init_distributed,
-                          mean_over_ranks, no_sync, shard, shard_fsdp, wrap_ddp)
+from .config import ConfigError, option, to_jsonable
+from .data import WMDP_BIO_FORGET_CORPUS, batch_indices, collate, load_texts, tokenize
+from .distributed import (
+    World,
+    barrier,
+    cleanup,
+    device_for,
+    full_state_dict,
+    init_distributed,
+    mean_over_ranks,
+    no_sync,
+    shard,
+    shard_fsdp,
+    wrap_ddp,
+)
+from .files import write_json_atomic
 from .layers import check_layers, clip_layers, model_parts, unwrap
-from .lens import TunedLens
-from .loop import (CHECKPOINT_FILE, LoopSpec, MetricsLog, load_checkpoint, remove_checkpoint, restore_checkpoint,
-                   run_loop, save_checkpoint)
-from .models import DTYPES, ModelOptions, load_model, model_short_name, set_checkpointing
+from .layout import ADAPTER_DIR, BASE_EVAL_FILE, EVAL_FILE, MERGED_DIR, METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE
+from .lens import TunedLens, find_lens
+from .loop import LoopSpec, MetricsLog, run_loop
+from .models import DTYPES, ModelOptions, check_device, load_model, model_short_name, set_checkpointing
 from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective, schedule
-from .optim import build_optimizer, embedding_parameters, lr_factor
+from .optim import MultiOptimizer, TrainingOptions, build_optimizer, embedding_parameters, lr_factor
+from .outputs import Output, check_name, prepare_output
+from .preflight import check_resumed_config, check_tasks, require_nonnegative, require_positive
+from .tasks import REFERENCE_EVAL_TASKS
 
 log = logging.getLogger(__name__)
 
-SEED_LAYERS = (5, 10, 15, 20, 25, 30)
-RUN_CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "run_config.json", "metrics.jsonl", "summary.json"
-EVAL_FILE, BASE_EVAL_FILE = "eval.json", "base_eval.json"
+SEED_LAYERS = (5, 10, 15, 20, 25, 30)  # the reference experiment's target layers (a 32-block model)
 LOGGED = ("step", "retain_loss", "forget_loss", "retain_weight", "forget_weight", "lr", "grad_norm", "tokens_per_s",
           "original_cached", "seconds")
 
 
+def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
+    if not full and max(layers) == 0:
+        raise ConfigError("target layer 0 is the embedding output, which no LoRA adapter can change: "
+                          "choose layers >= 1 or train with --full")
+
+
 @dataclass
-class UnlearnConfig(ModelOptions):
+class UnlearnConfig(TrainingOptions, ModelOptions):
     lens: str | None = option(None, "tuned lens folder or hub id; None means runs/lens_<model>, where `lens train` "
                                     "writes")
-    layers: tuple[int, ...] = option(SEED_LAYERS, "target layers l (stream l, read by lens l; l = number of "
-                                                   "blocks is the model's own output); the default 5,...,30 keeps "
-                                                   "the lens layers a shallower model has, explicit layers are "
-                                                   "not clipped")
-    forget: str = option("Unlearning/WMDP-Bio-Remove-Dataset", "forget corpus: hub id, local file/folder or "
-                                                               "facts:<domain>")
+    layers: tuple[int, ...] | None = option(None, "target layers l (stream l, read by lens l; l = number of "
+                                                  "blocks is the model's own output), used as given; None: "
+                                                  "5,10,15,20,25,30, keeping those a shallower model has")
+    forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain>")
     forget_config: str | None = option(None, "hub config of the forget corpus")
     forget_split: str = option("train", "split of the forget corpus")
     forget_column: str | None = option(None, "text column of the forget corpus (None: text or title/abstract/text)")
@@ -62,15 +80,6 @@ class UnlearnConfig(ModelOptions):
     examples: int = option(8192, "forget/retain pairs per epoch (a shorter corpus is cycled)")
     epochs: float = option(1.0, "passes over the --examples pairs")
     max_length: int = option(2048, "truncate documents to this many tokens")
-    batch: int = option(32, "global batch: pairs per optimiser step = per_device_batch x grad accumulation x ranks")
-    per_device_batch: int = option(8, "pairs per forward pass on one device")
-    optimizer: Literal["adamw", "muon"] = option("adamw", "adamw, or muon for 2-D hidden matrices (LoRA A and B "
-                                                          "included) with adamw for the rest")
-    lr: float = option(1e-3, "peak learning rate")
-    weight_decay: float = option(0.01, "weight decay")
-    warmup: int = option(0, "linear warmup steps")
-    schedule: Literal["linear", "cosine", "constant"] = option("linear", "lr schedule after warmup")
-    clip: float = option(1.0, "gradient-norm clip (0 disables)")
     retain_coef: float = option(5.0, "final weight of the retain loss (ramps up from 0 over the first epoch)")
     remove_coef: float = option(5.0, "initial weight of the forget loss (eases to 0.75x over the first epoch)")
     retain_loss: Literal["l2", "kl"] = option("l2", "l2: stream distance to the original model at the target "
@@ -96,28 +105,27 @@ class UnlearnConfig(ModelOptions):
                                        "MiB, for retain documents that come back (a cycled retain corpus, "
                                        "epochs > 1); 0: recompute every time")
     seed: int = option(0, "seed for adapters, data order, dropout and random targets")
-    out: str = option("runs", "parent folder of the run directory")
+    out: str = option("runs", "parent folder: the run directory is OUT/<run_name>", metavar="DIR")
     run_name: str | None = option(None, "run directory name; None: <model>_lens_ex<examples>_rm<remove>_ret<retain> "
-                                        "(+ _full, _muon, _kl, _random when used)")
-    eval_tasks: str = option("wmdp_bio_robust,mmlu_stem", "tasks evaluated after training (\"\" skips)")
-    eval_format: Literal["letter", "cloze"] = option("letter", "letter (A/B/C/D) or cloze scoring")
-    eval_batch: int = option(16, "evaluation batch size")
+                                        "(+ _full, _muon or _sgd, _kl, _random when used)")
+    eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training (\"\" skips)")
+    eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
+                                                               "answer text as continuation")
+    eval_batch: int = option(16, "questions per evaluation forward pass")
     eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
-    eval_base: bool = option(False, "also evaluate the model before unlearning (base_eval.json)")
+    eval_base: bool = option(False, f"also evaluate the model before unlearning ({BASE_EVAL_FILE})")
     checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
     resume: bool = option(False, "continue the unfinished run in the run directory")
     overwrite: bool = option(False, "replace a finished run of the same name")
 
     def __post_init__(self) -> None:
-        positive = {"examples": self.examples, "batch": self.batch, "per_device_batch": self.per_device_batch,
-                    "max_length": self.max_length - 1, "chunk": self.chunk, "lora_rank": self.lora_rank}
+        super().__post_init__()
+        positive = {"examples": self.examples, "max_length": self.max_length - 1, "chunk": self.chunk,
+                    "lora_rank": self.lora_rank}
         bad = [name for name, value in positive.items() if value < 1]
         if bad or self.epochs <= 0:
-            raise ConfigError(f"--{(bad or ['epochs'])[0]} is too small: examples, epochs, batch, per_device_batch, "
-                              f"chunk and lora_rank must be positive and max_length at least 2")
-        if self.batch % self.per_device_batch:
-            raise ConfigError(f"--batch {self.batch} is not a multiple of --per_device_batch {self.per_device_batch}: "
-                              f"batch = per_device_batch x grad accumulation x number of processes")
+            raise ConfigError(f"--{(bad or ['epochs'])[0]} is too small: examples, epochs, chunk and lora_rank must "
+                              f"be positive and max_length at least 2")
         if self.original_cache_mb < 0:
             raise ConfigError(f"--original_cache_mb must be >= 0, got {self.original_cache_mb}")
         if self.skip_first < 0:
@@ -126,35 +134,50 @@ class UnlearnConfig(ModelOptions):
             raise ConfigError("--retain_coef and --remove_coef must be >= 0")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.layers:
-            raise ConfigError("--layers is empty: pass target layers such as 5,10,15")
+        if self.layers is not None:
+            if not self.layers:
+                raise ConfigError("--layers is empty: pass target layers such as 5,10,15, or none for the default")
+            check_lora_layers(self.layers, self.full)
+        if self.mixed_precision and self.dtype not in ("float32", "auto"):
+            raise ConfigError(f"--mixed_precision autocasts float32 weights to bfloat16; with --dtype {self.dtype} "
+                              f"pass --dtype float32 (or drop --mixed_precision)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
+        require_positive(epochs=self.epochs, lora_alpha=self.lora_alpha, eval_batch=self.eval_batch,
+                         eval_limit=self.eval_limit)
+        require_nonnegative(retain_coef=self.retain_coef, remove_coef=self.remove_coef,
+                            checkpoint_every=self.checkpoint_every)
+        if self.run_name is not None:
+            check_name(self.run_name)
 
     @property
     def name(self) -> str:
-        """The run directory name (SPEC section 4), e.g. smollm2-135m_lens_ex400_rm5.0_ret5.0."""
+        """The run directory name: <model>_lens_ex<examples>_rm<remove_coef>_ret<retain_coef>, then a suffix for
+        each setting that differs from the reference recipe, e.g. smollm2-135m_lens_ex400_rm5.0_ret5.0_muon."""
         if self.run_name:
             return self.run_name
         name = f"{model_short_name(self.model)}_lens_ex{self.examples}_rm{float(self.remove_coef)}_" \
                f"ret{float(self.retain_coef)}"
-        extras = [("_full", self.full), ("_muon", self.optimizer == "muon"), ("_kl", self.retain_loss == "kl"),
-                  ("_random", self.forget_target == "random")]
+        extras = [("_full", self.full), (f"_{self.optimizer}", self.optimizer != "adamw"),
+                  ("_kl", self.retain_loss == "kl"), ("_random", self.forget_target == "random")]
         return name + "".join(suffix for suffix, used in extras if used)
 
 
 SEED = UnlearnConfig()
-# Tuned on the embedded SmolLM2-135M and the fact benchmark (closing notes of issue 4): the knowledge
-# forms late in this 30-layer model, so the layers are late; its RMS-normed lens cannot become fully
-# uniform, so the forget term needs a large coefficient; the first token (an attention sink shared by
-# every document, with a norm ~100x the others) is left out of both losses. 1600 pairs are two passes
+# Tuned on the embedded SmolLM2-135M and the fact benchmark: the knowledge forms late in this
+# 30-layer model, so the layers are late; its RMS-normed lens cannot become fully uniform, so the
+# forget term needs a large coefficient; the first token (an attention sink shared by every
+# document, with a norm ~100x the others) is left out of both losses. 1600 pairs are two passes
 # over the 800 country-capital sentences with the retain weight ramping up over both; 800 pairs
 # left country capitals at 43%, 1600 at 29-32% (one or two threads; the sums run in another order).
+# The retain corpus is everyday text that names no evaluated fact, so that the domains reported as
+# kept measure collateral damage rather than what the retain loss was trained to preserve.
 SMALL = replace(
-    SEED, forget="facts:country_capital", retain="facts:element_symbol+facts:us_state_capital", retain_config=None,
+    SEED, forget="facts:country_capital", retain="generic:retain", retain_config=None,
     retain_column=None, examples=1600, max_length=64, batch=16, per_device_batch=16, layers=(20, 25, 29), lr=1e-2,
     retain_coef=1.0, remove_coef=20.0, lora_targets="all", skip_first=1, lens_matmul="bfloat16",
-    eval_tasks="facts:country_capital,facts:element_symbol,facts:us_state_capital", eval_format="cloze",
+    eval_tasks="facts:country_capital,facts:country_language,facts:country_currency,facts:element_symbol,"
+               "facts:us_state_capital,facts:us_state_abbreviation", eval_format="cloze",
     eval_base=True, original_cache_mb=1024)
 PRESETS = {"seed": SEED, "small": SMALL}
 
@@ -170,7 +193,7 @@ def load_corpus(source: str, cfg_config: str | None, split: str, column: str | N
         raise ValueError(f"{what} corpus is empty: pass --{what} with a dataset, a file or facts:<domain>")
     corpora = [load_texts(p.strip(), config=cfg_config if len(parts) == 1 else None, split=split,
                           column=column if len(parts) == 1 else None, limit=limit, shuffle_seed=shuffle_seed,
-                          what=f"{what} corpus") for p in parts]
+                          what=f"{what} corpus", column_flag=f"--{what}_column") for p in parts]
     mixed = [c[i] for i in range(max(map(len, corpora))) for c in corpora if i < len(c)]
     return mixed[:limit]
 
@@ -213,12 +236,10 @@ def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
 
 
 def resolve_layers(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
-    """The seed's default layers are clipped to the model's depth; explicit layers must exist."""
-    layers = clip_layers(cfg.layers, num_layers) if tuple(cfg.layers) == SEED_LAYERS else cfg.layers
+    """Explicit layers as given (they must exist); without --layers, the reference layers this model has."""
+    layers = clip_layers(SEED_LAYERS, num_layers) if cfg.layers is None else cfg.layers
     layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer", allow_output=True))))
-    if not cfg.full and max(layers) == 0:
-        raise ValueError("target layer 0 is the embedding output, which no LoRA adapter can change: "
-                         "choose layers >= 1 or train with --full")
+    check_lora_layers(layers, cfg.full)
     return layers
 
 
@@ -303,6 +324,7 @@ def _evaluate(cfg: UnlearnConfig, model, tokenizer, lens, path: Path) -> dict | 
 
     result = evaluate(model, tokenizer, cfg.eval_tasks, format=cfg.eval_format, batch_size=cfg.eval_batch,
                       limit=cfg.eval_limit, model_name=cfg.model)
+    result["request"] = eval_request(cfg)
     write_json_atomic(path, result)
     log.info("evaluation -> %s: %s", path, {k: round(v.get("acc", float("nan")), 4)
                                             for k, v in result.get("results", {}).items()})
@@ -312,22 +334,79 @@ def _evaluate(cfg: UnlearnConfig, model, tokenizer, lens, path: Path) -> dict | 
 # --- run directory ----------------------------------------------------------------------------------
 
 
-def check_run_dir(cfg: UnlearnConfig) -> Path:
-    """Refuse to clobber a finished run (or silently restart an unfinished one); read-only."""
-    run_dir = Path(cfg.out) / cfg.name
-    if (run_dir / SUMMARY_FILE).exists() and not cfg.overwrite:
-        raise FileExistsError(f"{run_dir} holds a finished run: pass --overwrite to replace it or --run_name to "
-                              f"choose another name")
-    if (run_dir / CHECKPOINT_FILE).exists() and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(f"{run_dir} holds an unfinished run: pass --resume to continue it or --overwrite to "
-                              f"start over")
-    return run_dir
+def eval_request(cfg: UnlearnConfig) -> dict:
+    """What an evaluation of this run measures; saved in eval.json and base_eval.json so that a base
+    evaluation left by an earlier attempt with other tasks, format, limit or model is never reused."""
+    return {"model": cfg.model, "dtype": cfg.dtype, "tasks": cfg.eval_tasks, "format": cfg.eval_format,
+            "limit": cfg.eval_limit}
 
 
-def prepare_run_dir(run_dir: Path, cfg: UnlearnConfig) -> None:
-    if cfg.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def reusable_eval(path: Path, cfg: UnlearnConfig) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text()).get("request")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if saved != eval_request(cfg):
+        log.info("%s was measured with other settings (%s, now %s): evaluating again", path, saved,
+                 eval_request(cfg))
+        return False
+    return True
+
+
+# Settings that may change when a run is resumed: where it runs, how often it checkpoints, how much
+# memory it trades for speed (the cache and recomputation give the same numbers), and the final
+# evaluation's batch size. Everything else shapes the result and must match the saved run_config.json.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "original_cache_mb",
+                     "gradient_checkpointing", "eval_batch", "out", "run_name", "layers")
+
+
+def check_run_dir(cfg: UnlearnConfig) -> Output:
+    """Where this run writes (see `outputs.prepare_output`), after refusing anything that would lose or
+    clobber a run, resume with other settings, or fail on its evaluation tasks after training."""
+    if cfg.eval_tasks.strip():
+        check_tasks(cfg.eval_tasks)
+    output = prepare_output(Path(cfg.out) / cfg.name, "unlearn", overwrite=cfg.overwrite, resume=cfg.resume,
+                            finished=lambda p: (p / SUMMARY_FILE).is_file(), flag="--run_name")
+    saved = output.work / RUN_CONFIG_FILE
+    if cfg.resume and saved.is_file():
+        try:
+            check_resumed_config(json.loads(saved.read_text()), cfg, RESUME_MAY_CHANGE, str(output.final))
+        except ConfigError:
+            output.discard_if_empty()
+            raise
+    return output
+
+
+def _check_resumed_layers(run_dir: Path, cfg: UnlearnConfig, layers: tuple[int, ...]) -> None:
+    """The layers as resolved against the model (the default is clipped to its depth) must be the saved ones."""
+    path = run_dir / RUN_CONFIG_FILE
+    if cfg.resume and path.is_file():
+        saved = json.loads(path.read_text()).get("layers")
+        if saved is not None and list(saved) != list(layers):
+            raise ConfigError(f"--resume: {run_dir} was started with --layers {','.join(map(str, saved))}, now "
+                              f"{','.join(map(str, layers))}: resume with the saved layers, or start over with "
+                              f"--overwrite")
+
+
+def prepare_run_dir(cfg: UnlearnConfig, world: World) -> Output:
+    """`check_run_dir` on rank 0, its answer (or its error) shared with every rank."""
+    answer: Output | BaseException | None = None
+    if world.is_main:
+        try:
+            answer = check_run_dir(cfg)
+        except (OSError, ValueError) as err:
+            answer = err
+    if world.distributed:
+        import torch.distributed as dist
+
+        box = [answer]
+        dist.broadcast_object_list(box, src=0)
+        answer = box[0]
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
 
 
 def save_model(cfg: UnlearnConfig, model, tokenizer, run_dir: Path, world: World):
@@ -337,17 +416,17 @@ def save_model(cfg: UnlearnConfig, model, tokenizer, run_dir: Path, world: World
         if not world.is_main:
             return None
         base = unwrap(model)
-        base.save_pretrained(run_dir / "merged", state_dict=state)
-        tokenizer.save_pretrained(run_dir / "merged")
+        base.save_pretrained(run_dir / MERGED_DIR, state_dict=state)
+        tokenizer.save_pretrained(run_dir / MERGED_DIR)
         if world.distributed:  # the live model is sharded: evaluate a plain copy
-            return load_model(str(run_dir / "merged"), cfg.dtype, "cpu" if not torch.cuda.is_available() else None)[0]
+            return load_model(str(run_dir / MERGED_DIR), cfg.dtype, "cpu" if not torch.cuda.is_available() else None)[0]
         return base
     if not world.is_main:
         return None
-    model.save_pretrained(run_dir / "adapter")
+    model.save_pretrained(run_dir / ADAPTER_DIR)
     merged = model.merge_and_unload()
-    merged.save_pretrained(run_dir / "merged")
-    tokenizer.save_pretrained(run_dir / "merged")
+    merged.save_pretrained(run_dir / MERGED_DIR)
+    tokenizer.save_pretrained(run_dir / MERGED_DIR)
     return merged
 
 
@@ -365,27 +444,35 @@ def unlearn(cfg: UnlearnConfig) -> Path:
 
 
 def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
-    run_dir = check_run_dir(cfg)
     if cfg.batch % (cfg.per_device_batch * world.world_size):
-        raise ValueError(f"--batch {cfg.batch} is not divisible by --per_device_batch {cfg.per_device_batch} x "
+        raise ConfigError(f"--batch {cfg.batch} is not divisible by --per_device_batch {cfg.per_device_batch} x "
                          f"{world.world_size} processes: batch = per_device_batch x grad accumulation x processes")
+    check_device(cfg.device)
     device = device_for(world, cfg.device)
-    if cfg.mixed_precision and cfg.dtype not in ("float32", "auto"):
-        raise ValueError(f"--mixed_precision autocasts float32 weights to bfloat16; with --dtype {cfg.dtype} pass "
-                         f"--dtype float32 (or drop --mixed_precision)")
+    find_lens(cfg.lens, cfg.model)  # a missing lens is reported before the model is loaded
+    output = prepare_run_dir(cfg, world)
+    try:
+        return _load_and_train(cfg, world, device, output, began)
+    except BaseException:
+        if world.is_main:
+            output.discard_if_empty()  # a folder this attempt created and never wrote to
+        raise
+
+
+def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, output: Output, began: float) -> Path:
+    run_dir = output.work
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, cfg.dtype, device, cfg.trust_remote_code)
-    lens = TunedLens.load(cfg.lens or str(Path("runs") / f"lens_{model_short_name(cfg.model)}"), model)
+    lens = TunedLens.load(find_lens(cfg.lens, cfg.model), model)
     lens.requires_grad_(False).set_matmul_dtype(DTYPES[cfg.lens_matmul])
     layers = resolve_layers(cfg, model_parts(model).num_layers)
+    _check_resumed_layers(run_dir, cfg, layers)
     data = load_pairs(cfg, tokenizer)
     barrier(world)
-    if world.is_main:
-        prepare_run_dir(run_dir, cfg)
-        if cfg.eval_base and not (run_dir / BASE_EVAL_FILE).exists():
-            _evaluate(cfg, model, tokenizer, lens, run_dir / BASE_EVAL_FILE)
+    if world.is_main and cfg.eval_base and not reusable_eval(run_dir / BASE_EVAL_FILE, cfg):
+        _evaluate(cfg, model, tokenizer, lens, run_dir / BASE_EVAL_FILE)
     barrier(world)
-    return train(cfg, world, device, model, tokenizer, lens, layers, data, run_dir, began)
+    return train(UnlearnJob(cfg, world, device, model, tokenizer, lens, layers, data, output, began))
 
 
 def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
@@ -406,34 +493,67 @@ def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
     return plan
 
 
-def setup_training(cfg: UnlearnConfig, world: World, device: torch.device, model, lens, layers):
-    """(objective to call, trained model, named trainable tensors, optimiser, original-model cache or None)."""
+@dataclass
+class UnlearnJob:
+    """A checked run, ready to train: the config, the processes and device, the loaded model and lens,
+    the resolved target layers, the paired data and the run directory."""
+
+    cfg: UnlearnConfig
+    world: World
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: Any
+    lens: TunedLens
+    layers: tuple[int, ...]
+    data: PairedData
+    output: Output
+    began: float
+
+
+@dataclass
+class TrainingSetup:
+    """What `setup_training` hands to the loop."""
+
+    objective: torch.nn.Module  # what each micro-step calls (under DDP with LoRA on several processes)
+    model: torch.nn.Module  # the model being trained (peft-wrapped with LoRA)
+    trainable: dict[str, torch.Tensor]  # what the optimiser updates and the checkpoint saves
+    optimizer: MultiOptimizer
+    cache: OriginalCache | None
+
+
+def setup_training(job: UnlearnJob) -> TrainingSetup:
+    """LoRA adapters (original model: adapters off) or all parameters (original model: a frozen copy,
+    FSDP2 under torchrun), the objective and the optimiser."""
+    cfg, model = job.cfg, job.model
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
     if cfg.full:
         original = FrozenCopy(model)
         model.requires_grad_(True)
-        if world.distributed:
+        if job.world.distributed:
             shard_fsdp(model)
     else:
         torch.manual_seed(cfg.seed)
-        model = add_lora(model, cfg, layers)
+        model = add_lora(model, cfg, job.layers)
         original = AdapterDisabled(model)
     model.train()
     cache = OriginalCache(cfg.original_cache_mb * 2**20) if cfg.original_cache_mb else None
-    objective = UnlearnObjective(model, lens, layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk,
+    objective = UnlearnObjective(model, job.lens, job.layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk,
                                  cfg.skip_first, cache)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
                                 exclude_from_muon=embedding_parameters(unwrap(model)))
-    call = wrap_ddp(objective, device) if world.distributed and not cfg.full else objective
-    return call, model, trainable, optimizer, cache
+    if job.world.distributed and not cfg.full:
+        objective = wrap_ddp(objective, job.device)
+    return TrainingSetup(objective, model, trainable, optimizer, cache)
 
 
-def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokenizer, lens, layers,
-          data: PairedData, run_dir: Path, began: float) -> Path:
+def train(job: UnlearnJob) -> Path:
+    """Resume or start, run the loop, save the model, evaluate it and write the summary; return the run."""
+    cfg, world, run_dir, data = job.cfg, job.world, job.output.work, job.data
     plan = _plan(cfg, data, world)
-    call, model, trainable, optimizer, cache = setup_training(cfg, world, device, model, lens, layers)
+    setup = setup_training(job)
+    cache = setup.cache
     if cache is not None:
         revisits = max(0, plan["steps"] * cfg.batch - plan["unique_retain_examples"])
         log.info("original-model cache: up to %d MiB of retain streams; %d of %d retain documents processed are "
@@ -442,11 +562,11 @@ def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokeniz
     start = 0
     state = load_checkpoint(run_dir) if cfg.resume else None
     if state is not None:
-        start = restore_checkpoint(state, trainable, optimizer)
+        start = restore_checkpoint(state, setup.trainable, setup.optimizer)
         log.info("resuming %s at step %d of %d", run_dir, start, plan["steps"])
     if world.is_main:
-        write_json_atomic(run_dir / RUN_CONFIG_FILE, {**to_jsonable(cfg), **plan, "layers": list(layers),
-                                                      "run_dir": str(run_dir)})
+        write_json_atomic(run_dir / RUN_CONFIG_FILE, {**to_jsonable(cfg), **plan, "layers": list(job.layers),
+                                                      "run_dir": str(job.output.final)})
     metrics_log = MetricsLog(run_dir / METRICS_FILE, resume_step=start)
 
     def micro_batches(step: int) -> list:
@@ -458,9 +578,9 @@ def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokeniz
     def loss_fn(item, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         index, batch = item
         retain_weight, forget_weight = schedule(step, plan["steps_per_epoch"], cfg.retain_coef, cfg.remove_coef)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision):
-            loss, forget, retain = call(batch["forget"], batch["retain"], retain_weight, forget_weight,
-                                        target_seed=(cfg.seed * 1_000_003 + step) * 1_009 + index)
+        with torch.autocast(job.device.type, torch.bfloat16, enabled=cfg.mixed_precision):
+            loss, forget, retain = setup.objective(batch["forget"], batch["retain"], retain_weight, forget_weight,
+                                                   target_seed=(cfg.seed * 1_000_003 + step) * 1_009 + index)
         extra = {}
         if cache is not None and retain_weight:
             hits, misses = cache.take_counts()
@@ -477,31 +597,36 @@ def train(cfg: UnlearnConfig, world: World, device: torch.device, model, tokeniz
 
     def checkpoint(step: int) -> None:
         if world.is_main or fsdp:  # under FSDP every rank writes its own shards
-            save_checkpoint(run_dir, step, trainable, optimizer, extra={"run": cfg.name})
+            save_checkpoint(run_dir, step, setup.trainable, setup.optimizer, extra={"run": cfg.name})
         barrier(world)
 
-    spec = LoopSpec(params=list(trainable.values()), optimizer=optimizer, base_lr=cfg.lr, total_steps=plan["steps"],
-                    micro_batches=micro_batches, loss_fn=loss_fn, clip=cfg.clip,
+    spec = LoopSpec(params=list(setup.trainable.values()), optimizer=setup.optimizer, base_lr=cfg.lr,
+                    total_steps=plan["steps"], micro_batches=micro_batches, loss_fn=loss_fn, clip=cfg.clip,
                     lr_factor=lambda s: lr_factor(s, plan["steps"], cfg.warmup, cfg.schedule),
-                    no_sync=no_sync(call if not fsdp else unwrap(model)), on_step=on_step,
+                    no_sync=no_sync(setup.objective if not fsdp else unwrap(setup.model)), on_step=on_step,
                     checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, desc="unlearn",
                     postfix=("forget_loss", "retain_loss", "forget_weight", "retain_weight", "lr", "tokens_per_s"))
     trained_at = time.perf_counter()
     last = run_loop(spec, start_step=start)
-    train_seconds = time.perf_counter() - trained_at
-    merged = save_model(cfg, model, tokenizer, run_dir, world)
+    return _finish(job, setup.model, plan, last, time.perf_counter() - trained_at)
+
+
+def _finish(job: UnlearnJob, model: torch.nn.Module, plan: dict, last: dict[str, float], train_seconds: float) -> Path:
+    """Save the trained model, evaluate it, drop the checkpoint and write the summary, which marks the run done."""
+    cfg, world, run_dir = job.cfg, job.world, job.output.work
+    merged = save_model(cfg, model, job.tokenizer, run_dir, world)
     if world.is_main:
-        _evaluate(cfg, merged, tokenizer, lens, run_dir / EVAL_FILE)
+        _evaluate(cfg, merged, job.tokenizer, job.lens, run_dir / EVAL_FILE)
         remove_checkpoint(run_dir)
         write_json_atomic(run_dir / SUMMARY_FILE, {
             "examples": cfg.examples, "epochs": plan["effective_epochs"], "steps": plan["steps"],
             "final_retain_loss": last.get("retain_loss"), "final_forget_loss": last.get("forget_loss"),
-            "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - began, "layers": list(layers),
-            "world_size": world.world_size})
-        log.info("run finished in %.1f s -> %s", time.perf_counter() - began, run_dir)
+            "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - job.began,
+            "layers": list(job.layers), "world_size": world.world_size})
+        job.output.commit()
+        log.info("run finished in %.1f s -> %s", time.perf_counter() - job.began, job.output.final)
     barrier(world)
-    return run_dir
-
+    return job.output.final
 
 COMMANDS = [Command(("unlearn",), "unlearn a corpus through the tuned lens (LoRA or full parameters)", UnlearnConfig,
                     unlearn, presets=PRESETS, default_preset="seed")]

@@ -48,7 +48,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_texts(str(tmp_path / "nope.jsonl"))
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: invalid JSON"):
         load_texts(str(tmp_path / "bad.jsonl"))
 
 

@@ -63,7 +63,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             # Muon orthogonalises in bfloat16: gradients that differ in the last float32 bits (reduce-scatter
             # order) flip a few bfloat16 roundings, moving those weights by about one bfloat16 step of the update.
             atol = 2e-5 if RUNS[name]["optimizer"] == "muon" else 1e-6
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {key}: {m}")
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=atol,
+                                       msg=lambda m, name=name, key=key: f"{name}: {key}: {m}")
         base = load_file(tmp_path / "tiny" / "model.safetensors")
         assert any(not torch.equal(base[k], a[k]) for k in base if k in a), f"{name}: training changed nothing"
         m1 = [json.loads(l) for l in (tmp_path / "one" / name / "metrics.jsonl").read_text().splitlines()]

@@ -14,8 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from lensunlearn import facts
-from lensunlearn.evaluate import (EvalConfig, Encoded, context_limit, encode_request, evaluate, group_metrics,
-                                  mean_stderr, pooled_stderr, results_table, score_all)
+from lensunlearn.evaluate import (
+    Encoded,
+    EvalConfig,
+    context_limit,
+    encode_request,
+    evaluate,
+    group_metrics,
+    mean_stderr,
+    pooled_stderr,
+    results_table,
+    score_all,
+)
 from lensunlearn.tasks import GROUPS, HUB_TASKS, build_request, resolve_tasks
 
 BPE_CORPUS = ["The capital of France is Paris.", "Question: What is the chemical symbol for gold?\nAnswer: Au",
@@ -232,7 +242,7 @@ def test_unknown_task_and_missing_file_are_refused(tmp_path):
 
 def test_knowledge_profile_with_a_lens(tmp_path, bpe, llama):
     from lensunlearn.lens import TunedLens
-    from lensunlearn.profile import plot_profile
+    from lensunlearn.plots import plot_profile
 
     lens = TunedLens.from_model(llama)
     out = evaluate(llama, bpe, "facts:element_symbol", "cloze", limit=10, lens=lens, progress=False)
@@ -301,11 +311,11 @@ def test_eval_command_writes_json_and_predictions(tmp_path, bpe, llama, monkeypa
 def test_config_is_validated():
     from lensunlearn.config import ConfigError
 
-    with pytest.raises(ConfigError, match="--format"):
-        EvalConfig(format="essay")
-    with pytest.raises(ConfigError, match="--batch_size"):
-        EvalConfig(batch_size=0)
-    assert EvalConfig(tasks="a.jsonl,mmlu").tasks == ("a.jsonl", "mmlu")
+    with pytest.raises(ConfigError, match="--eval_format"):
+        EvalConfig(eval_format="essay")
+    with pytest.raises(ConfigError, match="--eval_batch"):
+        EvalConfig(eval_batch=0)
+    assert EvalConfig(eval_tasks="a.jsonl,mmlu").eval_tasks == ("a.jsonl", "mmlu")
 
 
 @pytest.mark.slow

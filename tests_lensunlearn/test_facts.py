@@ -40,7 +40,8 @@ def test_known_facts_are_right():
 
 def test_output_does_not_depend_on_the_hash_seed():
     code = ("import json; from lensunlearn import facts; "
-            "print(json.dumps([facts.questions(d) for d in facts.DOMAINS] + [facts.split_facts('country_capital', 0.2, 1)]))")
+            "print(json.dumps([facts.questions(d) for d in facts.DOMAINS] "
+            "+ [facts.split_facts('country_capital', 0.2, 1)]))")
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
     assert outs[0] == outs[1]

@@ -34,7 +34,8 @@ METRICS = """metric_list:
 
 def _task_yamls(folder: Path, data: Path, prompted: Path) -> None:
     tasks_dir = Path(lm_eval.__file__).parent / "tasks"
-    local = f"dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files: {data}\ntest_split: train\nfewshot_split: null\n"
+    local = (f"dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files: {data}\ntest_split: train\n"
+             f"fewshot_split: null\n")
     (folder / "p_wmdp_bio.yaml").write_text(
         f"include: {tasks_dir / 'wmdp' / '_default_template_yaml'}\ntask: p_wmdp_bio\n{local}"
         'description: "The following are multiple choice questions (with answers) about biology.\\n\\n"\n' + METRICS)
@@ -114,6 +115,7 @@ def test_left_truncation_of_long_questions_matches_lm_eval(tmp_path):
     np.testing.assert_allclose(our_lls, _lm_eval_lls(theirs["samples"]["p_prompted_cloze"]), atol=1e-4, rtol=0)
     assert ours["max_length"] == limit
     full = tmp_path / "full.jsonl"  # without a limit (the model's 256 tokens) nothing is cut
-    assert evaluate(model, tokenizer, [str(prompted)], "cloze", predictions_path=full, progress=False)["max_length"] == 256
+    result = evaluate(model, tokenizer, [str(prompted)], "cloze", predictions_path=full, progress=False)
+    assert result["max_length"] == 256
     full_lls = [json.loads(line)["loglikelihoods"] for line in full.read_text().splitlines()]
     assert not np.allclose(full_lls, our_lls, atol=1e-4)  # so the limit did cut context

@@ -9,8 +9,16 @@ import torch
 
 from lensunlearn.layers import forward_streams
 from lensunlearn.lens import TunedLens
-from lensunlearn.losses import (lens_forget_loss, random_ce, random_targets, retain_kl, retain_l2, select_tokens,
-                                uniform_ce, vocab_cross_entropy)
+from lensunlearn.losses import (
+    lens_forget_loss,
+    random_ce,
+    random_targets,
+    retain_kl,
+    retain_l2,
+    select_tokens,
+    uniform_ce,
+    vocab_cross_entropy,
+)
 from lensunlearn.objective import AdapterDisabled, FrozenCopy, UnlearnObjective, schedule
 
 from .conftest import make_tiny_model

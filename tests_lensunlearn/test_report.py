@@ -12,6 +12,7 @@ import pytest
 from lensunlearn import report
 from lensunlearn.cli import build_parser
 from lensunlearn.config import ConfigError, config_from_args
+from lensunlearn.layout import is_tamper_output
 from lensunlearn.plots import DPI, TAMPER_SIZE, TRADEOFF_SIZE
 from lensunlearn.report import ReportConfig, fmt_lr, fmt_number
 
@@ -48,7 +49,8 @@ def _run_dir(root: Path, name: str, *, examples: int, steps: int, lr: float, for
                for s in range(1, steps + 1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     if losses is not None:
-        _write(run / "summary.json", {"examples": examples, "epochs": 1.0, "steps": steps, "final_retain_loss": losses[0],
+        _write(run / "summary.json", {"examples": examples, "epochs": 1.0, "steps": steps,
+                                      "final_retain_loss": losses[0],
                                       "final_forget_loss": losses[1], "wall_seconds": 12.5})
     if forget is not None:
         _write(run / "eval.json", _eval(forget, retain))
@@ -114,7 +116,7 @@ def test_killed_sweep_without_summary_is_read(tmp_path):
     sweep = tmp_path / "sweep"
     (sweep / "lr2e-05").mkdir(parents=True)
     (attack / "results.json").rename(sweep / "lr2e-05" / "results.json")
-    assert report.is_tamper_dir(sweep)
+    assert is_tamper_output(sweep)
     assert [label for label, _ in report.load_tamper(sweep)] == ["sweep/lr2e-05"]
 
 

@@ -17,7 +17,8 @@ from lensunlearn import tamper
 from lensunlearn.cli import build_parser
 from lensunlearn.config import ConfigError, config_from_args
 from lensunlearn.plots import DPI, TAMPER_SIZE
-from lensunlearn.tamper import TamperConfig, fact_records, recovery, split_fact_ids
+from lensunlearn.tamper import TamperConfig, fact_records, split_fact_ids
+from lensunlearn.tamper_results import recovery
 
 from .conftest import save_tiny_model
 
@@ -105,7 +106,7 @@ def test_lr_sweep_with_lora_and_muon(tmp_path, fact_files):
     assert first[0]["tasks"] == first[1]["tasks"]  # every attack starts from the same weights
     for run in summary["runs"]:
         results = json.loads((out / run["dir"] / "results.json").read_text())
-        assert results["config"]["lr"] == run["lr"] and results["config"]["lora"]
+        assert results["config"]["lr"] == run["lr"] and not results["config"]["full"]  # --lora: a LoRA attack
         assert [r["step"] for r in results["records"]] == [0, 1, 2, 3]  # 12 chunks / batch 4
         assert set(results["original"]) == {"capitals", "symbols"}
         assert _png_shape(out / run["dir"] / "tamper.png") == TAMPER_PIXELS

@@ -62,7 +62,7 @@ def test_cli_run_writes_the_run_directory_and_refuses_to_overwrite(setup):
     base = load_file(setup / "tiny" / "model.safetensors")
     changed = [k for k, v in merged.state_dict().items() if k in base and not torch.equal(v, base[k])]
     assert changed and all(int(k.split(".")[2]) < 3 for k in changed)  # LoRA on blocks 0 .. max(layers) - 1
-    with pytest.raises(FileExistsError, match="finished run"):
+    with pytest.raises(FileExistsError, match="finished unlearning run"):
         main(_args(setup, "--optimizer", "muon"))
     assert main(_args(setup, "--optimizer", "muon", "--overwrite")) == run_dir
 
@@ -128,7 +128,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights(setup):
     extra = ["--examples", "16", "--checkpoint_every", "2", "--forget_target", "random", "--lora_dropout", "0.3"]
     straight = main(_args(setup, *extra, "--run_name", "straight"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, *_args(setup, *extra, "--run_name", "killed")],
+    argv = _args(setup, *extra, "--run_name", "killed")
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, *argv],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_dir = setup / "runs" / "killed"
@@ -176,8 +177,11 @@ def test_mixed_precision_trains_on_cpu_with_float32_adapters(setup):
     assert all(torch.isfinite(torch.tensor(l["forget_loss"])) and l["forget_loss"] >= 1.0 for l in lines)
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in adapter.values())
-    with pytest.raises(ValueError, match="--dtype float32"):
+    with pytest.raises(ValueError, match="--dtype float32"):  # a ConfigError, so the command line exits 2
+        _config(setup, mixed_precision=True, dtype="bfloat16", run_name="bad")
+    with pytest.raises(SystemExit) as exit_info:
         main(_args(setup, "--mixed_precision", "--dtype", "bfloat16", "--run_name", "bad"))
+    assert exit_info.value.code == 2
 
 
 def test_negative_original_cache_is_refused(setup):
@@ -220,3 +224,15 @@ def test_lora_adapters_get_bulk_dropout(setup, lora_dropout):
         assert all(isinstance(d, BulkDropout) and d.p == lora_dropout for d in dropouts)
     else:
         assert not any(isinstance(d, (BulkDropout, torch.nn.Dropout)) for d in dropouts)
+
+
+def test_explicit_layers_are_used_as_given_and_only_the_default_is_clipped():
+    from lensunlearn.unlearn import SEED_LAYERS, resolve_layers
+
+    assert UnlearnConfig().layers is None
+    assert resolve_layers(UnlearnConfig(), 30) == (5, 10, 15, 20, 25)  # the default, clipped to 30 blocks
+    assert resolve_layers(UnlearnConfig(layers=SEED_LAYERS), 30) == SEED_LAYERS  # 30 is the model's output
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers(UnlearnConfig(layers=SEED_LAYERS), 20)  # given explicitly: never clipped
+    with pytest.raises(ConfigError, match="embedding output"):
+        UnlearnConfig(layers=(0,))

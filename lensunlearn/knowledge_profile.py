@@ -3,12 +3,12 @@
 For every layer l in 0..L-1 the answer log-likelihoods are read from `lens(stream_l, l)` at the
 answer positions, the same positions and targets the model's own output is scored at. Accuracy
 per layer shows whether knowledge removed from the output still sits in intermediate layers.
+`plots.plot_profile` draws it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,30 +53,3 @@ def profile_table(profile: dict) -> str:
     lines.append("| final | " + " | ".join(f"{profile['tasks'][t]['final_acc']:.4f}" for t in tasks) + " |")
     return "\n".join(lines)
 
-
-def plot_profile(profile: dict, path: str | Path, title: str = "") -> Path:
-    """Draw accuracy against layer for each task (final output and chance as dotted lines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, entry in profile["tasks"].items():
-        line, = ax.plot(profile["layers"], entry["acc"], marker="o", markersize=3, label=name)
-        ax.axhline(entry["final_acc"], color=line.get_color(), linestyle=":", linewidth=1)
-    if profile.get("chance") is not None:
-        ax.axhline(profile["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
-    ax.set_xlabel("layer (lens l reads the input of block l)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title or "knowledge profile through the tuned lens (dotted: model output)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
