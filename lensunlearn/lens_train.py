@@ -59,8 +59,8 @@ class LensTrainConfig(CorpusOptions, ModelOptions):
     per_device_batch: int = option(8, "documents per forward pass; batch / per_device_batch = grad accumulation")
     optimizer: Literal["muon", "adamw", "sgd"] = option("muon", "muon (2-D weights) + adamw (biases), adamw, "
                                                                 "or sgd with Nesterov momentum")
-    lr: float = option(1e-2, "peak learning rate (Muon's matched to AdamW's update size; 1e-3 learnt a third as "
-                             "much on the embedded model, 5e-2 overshoots the last layers; sgd wants about 0.1)")
+    lr: float = option(1e-2, "peak learning rate (Muon's, matched to AdamW's update size: 1e-3 leaves one epoch far "
+                             "short, 5e-2 overshoots the last layers; sgd wants about 0.1)")
     weight_decay: float = option(0.01, "weight decay")
     warmup: int = option(0, "warmup steps")
     schedule: Literal["linear", "cosine", "constant"] = option("linear", "lr schedule after warmup")
