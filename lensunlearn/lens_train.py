@@ -62,6 +62,8 @@ class LensTrainConfig(CorpusOptions, TrainingOptions, ModelOptions):
     batch: int = redefault(TrainingOptions, "batch", 8)
     out: str | None = option(None, "the lens folder; None means runs/lens_<model>", metavar="DIR")
     steps: int | None = option(None, "optimiser steps; None means one epoch over the training documents")
+    lr: float = option(1e-2, "peak learning rate (Muon's, matched to AdamW's update size: 1e-3 leaves one epoch far "
+                             "short, 5e-2 overshoots the last layers; sgd wants about 0.1)")
     chunk: int = option(512, "tokens per chunk of full-vocabulary KL (bounds memory)")
     lens_matmul: Literal["bfloat16", "float32"] = option("bfloat16", "dtype of the lens's unembedding product during "
                                                                      "training (bfloat16 is several times faster; the "
@@ -122,7 +124,7 @@ def _prepare_out(cfg: LensTrainConfig) -> Output:
 
 
 def train_lens(cfg: LensTrainConfig) -> TunedLens:
-    """Fit a tuned lens to a frozen model: mean over tokens and layers of KL(p_final || q_lens)."""
+    """Fit a tuned lens to a frozen model: KL(p_final || q_lens) summed over layers, mean over tokens."""
     output = _prepare_out(cfg)
     lens = output.run(lambda work: _train(cfg, work))
     log.info("lens saved to %s", output.final)
@@ -158,7 +160,9 @@ def _train(cfg: LensTrainConfig, out: Path) -> TunedLens:
 
     def loss_fn(batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         streams, final = lens_streams(model, batch, num_layers)
-        scale = 1.0 / (streams.shape[0] * num_layers * accumulation)
+        # Summed over layers, not averaged: translator l gets its own layer's gradient whatever the
+        # depth, so one learning rate fits every model (averaging divided it by the layer count).
+        scale = 1.0 / (streams.shape[0] * accumulation)
         loss = lens_kl(lens, layers, streams, final, chunk=cfg.chunk, backward_scale=scale).sum() * scale * accumulation
         return loss, {"loss": loss.item(), "tokens": float(streams.shape[0])}
 
