@@ -217,7 +217,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     def lens() -> None:
         common = dict(cfg.model_options(), data="facts:all")
         train_lens(LensTrainConfig(**common, out=str(lens_dir), steps=cfg.lens_steps, **continue_or_replace(lens_dir)))
-        eval_lens(LensEvalConfig(**common, lens=str(lens_dir), out=str(out / DEMO_LENS_EVAL_FILE),
+        eval_lens(LensEvalConfig(**common, lens=str(lens_dir), out=str(out / DEMO_LENS_EVAL_FILE), overwrite=True,
                                  lens_matmul="bfloat16"))
     stages.run("lens", out / DEMO_LENS_EVAL_FILE, lens)
 

@@ -7,8 +7,10 @@ corpus options and seed).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,6 +25,7 @@ from .layout import LENS_CONFIG_FILE, LENS_PARAMS_FILE, LENS_PLOT_SUFFIX, beside
 from .lens import TunedLens
 from .lens_train import CorpusOptions, lens_streams, split_documents
 from .models import DTYPES, ModelOptions, load_model, model_short_name
+from .outputs import check_file_output
 from .plots import plot_lens_kl
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class LensEvalConfig(CorpusOptions, ModelOptions):
     chunk: int = option(512, "tokens per chunk of full-vocabulary KL")
     lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product "
                                                                     "(bfloat16: faster, KL to about 3 digits)")
+    overwrite: bool = option(False, "replace an existing --out written by `lens eval`")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,8 +78,20 @@ def format_lens_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _is_lens_table(path: Path) -> bool:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and "layers" in result and "lens" in result
+
+
 def eval_lens(cfg: LensEvalConfig) -> dict:
     """Per-layer KL and top-1 agreement of the tuned and logit lenses on held-out text."""
+    if cfg.out:
+        for path in (Path(cfg.out), beside(cfg.out, LENS_PLOT_SUFFIX)):
+            recognise = _is_lens_table if path.suffix == ".json" else None
+            check_file_output(path, cfg.overwrite, "--out", recognise=recognise)
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     lens = TunedLens.load(cfg.lens, model).set_matmul_dtype(DTYPES[cfg.lens_matmul])
     train_docs, held = split_documents(cfg, tokenizer)

@@ -319,6 +319,22 @@ def test_eval_out_needs_overwrite_and_a_writable_folder_before_scoring(tmp_path,
     assert existing.read_text() == json.dumps({"results": {}}) and notes.read_text() == "{}"
 
 
+def test_lens_eval_out_needs_overwrite_before_any_model_is_loaded(tmp_path, monkeypatch, text_corpus):
+    existing = tmp_path / "lens_eval.json"
+    existing.write_text(json.dumps({"lens": "x", "layers": []}))
+    notes = tmp_path / "notes.json"
+    notes.write_text("{}")
+    _no_model(monkeypatch, "lensunlearn.lens_eval")
+    base = ["lens", "eval", "--model", str(tmp_path / "none"), "--data", str(text_corpus), "--lens", "x"]
+    with pytest.raises(FileExistsError, match="--out .* already exists: pass --overwrite"):
+        main([*base, "--out", str(existing)])
+    with pytest.raises(FileExistsError, match="is not a file this command wrote"):
+        main([*base, "--out", str(notes), "--overwrite"])
+    with pytest.raises(AssertionError, match="a model was loaded"):  # a result of ours may be replaced
+        main([*base, "--out", str(existing), "--overwrite"])
+    assert json.loads(existing.read_text()) == {"lens": "x", "layers": []} and notes.read_text() == "{}"
+
+
 # ---------------------------------------------------------------------------------------- demo
 
 
