@@ -44,7 +44,8 @@ DOMAINS = ("country_capital", "element_symbol", "us_state_capital", "country_lan
 NUM_CHOICES = 4
 GENERIC_PREFIX = "generic:"
 GENERIC_PARTS = ("retain", "heldout")
-GENERIC_FILE = Path(__file__).parent / "data" / "generic_texts.jsonl"
+_DATA = Path(__file__).parent / "data"
+GENERIC_FILE = _DATA / "generic_texts.jsonl"
 _HELDOUT_SHARE = 0.2  # of the generic documents, kept out of every corpus
 
 # Dependencies and territories, disputed or renamed capitals, duplicates and countries with
@@ -90,42 +91,10 @@ class _Templates:
     sentences: tuple[str, ...]  # corpus phrasings
 
 
-_TEMPLATES = {
-    "country_capital": _Templates(
-        prompt="The capital of {s} is",
-        question="What is the capital of {s}?",
-        sentences=("The capital of {s} is {a}.", "{a} is the capital of {s}.", "{s}'s capital city is {a}.",
-                   "The capital city of {s} is {a}.", "{a} is the capital city of {s}, where its government sits.")),
-    "element_symbol": _Templates(
-        prompt="The chemical symbol for {s} is",
-        question="What is the chemical symbol for {s}?",
-        sentences=("The chemical symbol for {s} is {a}.", "{a} is the chemical symbol of {s}.",
-                   "In the periodic table, {s} has the symbol {a}.", "The element {s} is written as {a}.",
-                   "Chemists write {s} with the symbol {a}.")),
-    "us_state_capital": _Templates(
-        prompt="The capital of {s} is",
-        question="What is the capital of the US state of {s}?",
-        sentences=("The capital of {s} is {a}.", "{a} is the capital of {s}.", "{s}'s state capital is {a}.",
-                   "The state capital of {s} is {a}.", "{a} is the capital city of the state of {s}.")),
-    "country_language": _Templates(
-        prompt="The official language of {s} is",
-        question="What is the official language of {s}?",
-        sentences=("The official language of {s} is {a}.", "{a} is the official language of {s}.",
-                   "In {s}, the official language is {a}.", "People in {s} speak {a}, its official language.",
-                   "{s} has {a} as its official language.")),
-    "country_currency": _Templates(
-        prompt="The currency of {s} is the",
-        question="What is the currency of {s}?",
-        sentences=("The currency of {s} is the {a}.", "The {a} is the currency of {s}.",
-                   "In {s}, people pay with the {a}.", "{s} uses the {a} as its currency.",
-                   "Prices in {s} are given in the {a}.")),
-    "us_state_abbreviation": _Templates(
-        prompt="The postal abbreviation of {s} is",
-        question="What is the postal abbreviation of the US state of {s}?",
-        sentences=("The postal abbreviation of {s} is {a}.", "{a} is the postal abbreviation of {s}.",
-                   "{s} is abbreviated {a}.", "Letters to {s} carry the state code {a}.",
-                   "The two-letter code for {s} is {a}.")),
-}
+# The phrasings of each domain are data (one prompt, one question, five corpus sentences each),
+# kept beside the generic corpus so that adding a domain's wording is an edit to a table.
+_TEMPLATES = {domain: _Templates(row["prompt"], row["question"], tuple(row["sentences"]))
+              for domain, row in json.loads(_DATA.joinpath("fact_templates.json").read_text()).items()}
 
 
 def _check_domain(domain: str) -> None:

@@ -36,7 +36,7 @@ def readme_commands() -> list[list[str]]:
             if assignment:
                 variables[assignment.group(1)] = assignment.group(2)
                 continue
-            words = shlex.split(re.sub(r"\$(\w+)", lambda m: variables.get(m.group(1), m.group(0)), line))
+            words = shlex.split(re.sub(r"\$(\w+)", lambda m, v=variables: v.get(m.group(1), m.group(0)), line))
             for i, word in enumerate(words):
                 if word.endswith("lensunlearn") and (i == 0 or words[i - 1] in ("-m", "&&")):
                     argv = words[i + 1:]
