@@ -13,7 +13,8 @@ Folders:
                     metrics.jsonl  checkpoint.pt (until done)
     <tamper out>/   results.json  tamper.png  metrics.jsonl  split.json  tasks/  original_eval.json
                     or, for a sweep, sweep.json  sweep.png  and one such folder per setting
-    <report out>/   report.md  tradeoff.png  tamper_curves.png  report.csv | report.json
+    <report out>/   report.md  tradeoff.png  tamper_curves.png  robustness_curves.png
+                    report.csv + report_robustness.csv | report.json
     <eval --out>    X.json  X.predictions.jsonl  X.profile.png (with a lens)
     <demo out>/     facts/  lens/  lens_eval.json  base_eval.json  unlearn/  unlearned_eval.json
                     tamper/  report.md  demo_time.json
@@ -64,6 +65,9 @@ REPORT_FILE = "report.md"
 REPORT_TABLE_FILES = {"csv": "report.csv", "json": "report.json"}
 TRADEOFF_PLOT_FILE = "tradeoff.png"
 TAMPER_CURVES_FILE = "tamper_curves.png"
+ROBUSTNESS_CURVES_FILE = "robustness_curves.png"
+# the robustness table has other columns than the runs' table, so its csv is a file of its own
+REPORT_ROBUSTNESS_CSV_FILE = "report_robustness.csv"
 
 # files written beside an `eval --out` / `lens eval --out` JSON file
 PREDICTIONS_SUFFIX = ".predictions.jsonl"
@@ -123,6 +127,12 @@ def is_tamper_output(path: str | Path) -> bool:
     """Whether `path` holds tamper results: one attack, a sweep, or a sweep killed before its summary."""
     path = Path(path)
     return (path / RESULTS_FILE).is_file() or (path / SWEEP_FILE).is_file() or any(path.glob(f"*/{RESULTS_FILE}"))
+
+
+def is_robustness_output(path: str | Path) -> bool:
+    """Whether `path` is a robustness output: finished (it holds robustness.json) or still running (its marker)."""
+    path = Path(path)
+    return (path / ROBUSTNESS_FILE).is_file() or read_marker(path) == "robustness"
 
 
 def sweep_results(path: Path) -> list[Path]:

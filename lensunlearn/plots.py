@@ -1,5 +1,5 @@
-"""Every figure the package draws: lens KL and knowledge profile by layer, tamper curves, sweeps
-and the unlearning trade-off.
+"""Every figure the package draws: lens KL and knowledge profile by layer, tamper curves, sweeps,
+the unlearning trade-off and robustness runs compared.
 
 Every figure has a fixed pixel size (figsize x dpi, no tight bounding box), uses the Agg backend
 and is written atomically (`files.save_figure_atomic`), so a reader never sees half a PNG.
@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .files import save_figure_atomic
+from .robustness_results import capability, unseen_curves
 from .tamper_results import ATTACKED, HELDOUT, half, series, split_tasks
 
 DPI = 100
 TAMPER_SIZE = (11.0, 4.5)  # inches: 1100 x 450 pixels
 TRADEOFF_SIZE = (6.0, 5.0)  # 600 x 500 pixels
+ROBUSTNESS_SIZE = (9.0, 5.5)  # 900 x 550 pixels
 LENS_KL_SIZE = (6.0, 4.0)
 PROFILE_SIZE = (8.4, 4.8)
 HALF_STYLE = {ATTACKED: "-", HELDOUT: "--"}
@@ -189,5 +191,44 @@ def plot_tradeoff(points: Sequence[tuple[str, float, float]], path: str | Path,
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# the curves of one robustness run: solid the best attack, dashed the base model, dotted the floor
+ROBUSTNESS_STYLE = {"best attack": ("-", "o"), "base model": ("--", "s"), "floor": (":", "v")}
+
+
+def plot_robustness_comparison(runs: Sequence[tuple[str, dict]], path: str | Path) -> Path:
+    """Unseen-half accuracy against attack steps, one colour per robustness run: the envelope over its
+    grid, the base model attacked the same way and the fictional-facts floor, each shaded ± sd over
+    seeds where there were several, so runs (and their grids) compare in one figure."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=ROBUSTNESS_SIZE, dpi=DPI)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, result) in enumerate(runs):
+        color = cycle[index % len(cycle)]
+        failing = "; fails capability" if capability(result) == "fails" else ""
+        for name, (steps, means, sds) in unseen_curves(result).items():
+            style, marker = ROBUSTNESS_STYLE[name]
+            ys = [100 * m if m is not None else float("nan") for m in means]
+            ax.plot(steps, ys, color=color, linestyle=style, marker=marker, markersize=4,
+                    label=f"{label}: {name}" + (f" ({result['grid']} grid{failing})" if name == "best attack" else ""))
+            if any(sd is not None for sd in sds):
+                spread = [100 * (sd or 0.0) for sd in sds]
+                ax.fill_between(steps, [y - d for y, d in zip(ys, spread)], [y + d for y, d in zip(ys, spread)],
+                                color=color, alpha=0.12, linewidth=0)
+    chance = runs[0][1].get("chance") if runs else None
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1.2, label=f"chance ({100 * chance:.0f}%)")
+    ax.set_title("unseen-half accuracy under relearning attacks\n"
+                 "solid: best attack over the grid; dashed: base model attacked; dotted: fictional-facts floor",
+                 fontsize=10)
+    _style_axes(ax, "unseen-half accuracy", 7)
+    ax.set_xlabel("attack steps (0: before the attack)")
+    counts = sorted({n for _, result in runs for n in result["steps"]})
+    if counts and counts[-1] > 10 * counts[0]:  # 8 ... 512: spread the short attacks out, linear up to the first
+        ax.set_xscale("symlog", linthresh=counts[0], linscale=0.5)
+    ax.set_xticks([0, *counts], [str(n) for n in [0, *counts]])
     fig.tight_layout()
     return save_figure(fig, path)

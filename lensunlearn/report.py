@@ -1,4 +1,5 @@
-"""`report RUN_DIR...`: one table of unlearning runs, a trade-off plot and tamper curves.
+"""`report RUN_DIR...`: one table of unlearning runs, a trade-off plot, tamper curves and a robustness
+table with its curves.
 
 Everything is read from the files the other commands write (names in `layout`), so the report can
 be rebuilt at any time and always gives the same bytes for the same files:
@@ -6,7 +7,10 @@ be rebuilt at any time and always gives the same bytes for the same files:
 * an unlearning run directory: its config, summary, metrics and evaluation, and optionally the
   evaluation before unlearning (the baseline row);
 * a tamper output (one attack's results, or a sweep with one sub-folder per attack), given with
-  `--tamper` or among the positional directories, where it is recognised by its files.
+  `--tamper` or among the positional directories, where it is recognised by its files;
+* a robustness output (`robustness.json`), given with `--robustness` or among the positional
+  directories, where it is recognised by that file or its marker: one row per output, so runs
+  attacked by the same protocol compare side by side, and their unseen-half curves in one plot.
 
 A number a run has not written yet (an unfinished run) is written `pending`, so a table of runs
 in progress has every row.
@@ -30,15 +34,27 @@ from .layout import (
     EVAL_FILE,
     METRICS_FILE,
     REPORT_FILE,
+    REPORT_ROBUSTNESS_CSV_FILE,
     REPORT_TABLE_FILES,
     RESULTS_FILE,
+    ROBUSTNESS_CURVES_FILE,
+    ROBUSTNESS_FILE,
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
     SWEEP_FILE,
     TAMPER_CURVES_FILE,
     TRADEOFF_PLOT_FILE,
+    is_robustness_output,
     is_tamper_output,
     write_marker,
+)
+from .robustness_results import (
+    KEPT_SHARE_LIMIT,
+    PPL_RATIO_LIMIT,
+    grid_lines,
+    load_robustness,
+    robustness_row,
+    robustness_table,
 )
 from .tamper_results import forget_names, load_tamper, series, task_display
 from .tasks import NUM_CHOICES
@@ -52,9 +68,11 @@ RUN_COLUMNS = ("examples", "epochs", "steps", "retain_coef", "remove_coef", "lr"
 
 @dataclass
 class ReportConfig(Options):
-    runs: tuple[str, ...] = option((), "unlearning run directories (tamper outputs are recognised too)",
-                                   positional=True, nargs="*")
+    runs: tuple[str, ...] = option((), "unlearning run directories (tamper and robustness outputs are recognised "
+                                       "too)", positional=True, nargs="*")
     tamper: tuple[str, ...] = option((), f"comma-separated tamper output folders ({RESULTS_FILE} or {SWEEP_FILE})")
+    robustness: tuple[str, ...] = option((), f"comma-separated robustness output folders ({ROBUSTNESS_FILE}), one "
+                                             f"table row and one set of curves each")
     baseline: str | None = option(None, f"eval JSON of the original model; None uses the first run's {BASE_EVAL_FILE}")
     forget_task: str | None = option(None, f"forget task column; None means the first task of the runs' {EVAL_FILE}")
     retain_task: str | None = option(None, f"retain task column; None means the second task of the runs' {EVAL_FILE}")
@@ -68,7 +86,8 @@ class ReportConfig(Options):
     def __post_init__(self) -> None:
         self.runs = _flatten(self.runs)
         self.tamper = _flatten(self.tamper)
-        if not self.runs and not self.tamper:
+        self.robustness = _flatten(self.robustness)
+        if not self.runs and not self.tamper and not self.robustness:
             raise ConfigError("give at least one run directory: lensunlearn report RUN_DIR [RUN_DIR ...]")
         super().__post_init__()
 
@@ -272,10 +291,36 @@ def _resolve_tasks(cfg: ReportConfig, runs: list[Run], baseline: dict | None) ->
     return forget, retain
 
 
+def robustness_section(runs: list[tuple[str, dict | None]]) -> list[str]:
+    """The robustness table with what its columns mean and which grid produced each row."""
+    return ["## Robustness to relearning attacks", "",
+            "Accuracy in percent on the forget task's unseen half (the facts no attack trains on), mean ± sd "
+            "over seeds where there were several; (base ...) is the base model before unlearning, attacked the "
+            "same way. forget: the unlearned model before any attack; unseen, N steps: the best of the grid's "
+            "attacks after N steps (the envelope); attacked half: the best attack's accuracy on the half it "
+            "trained on; floor: fictional facts the model never knew (what format and prior alone recover); "
+            "benign: an attack on text unrelated to the forget domain. Kept tasks: the unlearned model's "
+            "accuracy. Perplexity ratio: unlearned over base on held-out generic text. A run whose ratio "
+            f"exceeds {PPL_RATIO_LIMIT:.2f} or whose kept accuracy falls below {100 * KEPT_SHARE_LIMIT:.0f}% of "
+            "the base model's **fails** capability: it resists by wrecking general ability.", "",
+            robustness_table(runs), "",
+            *grid_lines(runs), ""]
+
+
+def _inputs(cfg: ReportConfig) -> tuple[list[Path], list[str], list[str]]:
+    """(run directories, tamper outputs, robustness outputs): the flags' folders and the positional ones
+    sorted by what their files say they are."""
+    positional = [Path(p) for p in cfg.runs]
+    robust = [p for p in positional if is_robustness_output(p)]
+    tamper = [p for p in positional if p not in robust and is_tamper_output(p)]
+    runs = [p for p in positional if p not in robust and p not in tamper]
+    return runs, [*cfg.tamper, *map(str, tamper)], [*cfg.robustness, *map(str, robust)]
+
+
 def build_report(cfg: ReportConfig) -> dict[str, Any]:
     """Rows, markdown and tamper rows, computed from the files alone (no plotting, no writing)."""
-    run_dirs = [p for p in map(Path, cfg.runs) if not is_tamper_output(p)]
-    tamper_dirs = [*cfg.tamper, *(str(p) for p in map(Path, cfg.runs) if is_tamper_output(p))]
+    run_dirs, tamper_dirs, robustness_dirs = _inputs(cfg)
+    robustness = [load_robustness(d) for d in robustness_dirs]
     runs = [load_run(p) for p in run_dirs]
     baseline = _read_json(Path(cfg.baseline)) if cfg.baseline else next((r.base_eval for r in runs if r.base_eval),
                                                                        None)
@@ -294,21 +339,39 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     t_rows = tamper_rows(attacks)
     if t_rows:
         sections += ["## Tampering resistance (fine-tune attack)", "", tamper_table(t_rows), ""]
+    if robustness:
+        sections += robustness_section(robustness)
     return {"forget_task": forget, "retain_task": retain, "metric": cfg.metric, "rows": rows, "tamper": t_rows,
-            "attacks": attacks, "markdown": "\n".join(sections)}
+            "attacks": attacks, "robustness": [robustness_row(label, result) for label, result in robustness],
+            "robustness_results": robustness, "markdown": "\n".join(sections)}
 
 
-def _csv_text(report: dict) -> str:
+def _csv_text(rows: list[dict], fields: list[str]) -> str:
     buffer = io.StringIO()
-    fields = ["run", *RUN_COLUMNS, "forget_acc", "retain_acc", "notes"]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
     writer.writeheader()
-    writer.writerows({k: row[k] for k in fields} for row in report["rows"])
+    writer.writerows({k: row.get(k) for k in fields} for row in rows)
     return buffer.getvalue()
 
 
+def _tables(report: dict, table_format: str, out: Path) -> list[Path]:
+    """report.csv (and report_robustness.csv: other columns) or report.json, as --table_format asks."""
+    if table_format == "csv":
+        written = [write_text_atomic(out / REPORT_TABLE_FILES["csv"], _csv_text(
+            report["rows"], ["run", *RUN_COLUMNS, "forget_acc", "retain_acc", "notes"]))]
+        if report["robustness"]:  # columns in order of first appearance: runs may differ in steps and tasks
+            fields = list(dict.fromkeys(k for row in report["robustness"] for k in row))
+            written.append(write_text_atomic(out / REPORT_ROBUSTNESS_CSV_FILE, _csv_text(report["robustness"],
+                                                                                        fields)))
+        return written
+    if table_format == "json":
+        table = {k: report[k] for k in ("forget_task", "retain_task", "metric", "rows", "tamper", "robustness")}
+        return [write_json_atomic(out / REPORT_TABLE_FILES["json"], table)]
+    return []
+
+
 def run_report(cfg: ReportConfig) -> dict[str, Any]:
-    """Write report.md, the trade-off scatter and the tamper curves (and report.csv / report.json)."""
+    """Write report.md, the trade-off scatter, the tamper and robustness curves (and report.csv / report.json)."""
     from . import plots
 
     report = build_report(cfg)
@@ -326,11 +389,10 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
                                            report["forget_task"], report["retain_task"]))
     if report["attacks"]:
         written.append(plots.plot_tamper_comparison(report["attacks"], out / TAMPER_CURVES_FILE, cfg.metric))
-    if cfg.table_format == "csv":
-        written.append(write_text_atomic(out / REPORT_TABLE_FILES["csv"], _csv_text(report)))
-    elif cfg.table_format == "json":
-        table = {k: report[k] for k in ("forget_task", "retain_task", "metric", "rows", "tamper")}
-        written.append(write_json_atomic(out / REPORT_TABLE_FILES["json"], table))
+    finished = [(label, result) for label, result in report["robustness_results"] if result is not None]
+    if finished:
+        written.append(plots.plot_robustness_comparison(finished, out / ROBUSTNESS_CURVES_FILE))
+    written += _tables(report, cfg.table_format, out)
     print(report["markdown"])
     log.info("wrote %s", ", ".join(str(p) for p in written))
     report["files"] = [str(p) for p in written]
@@ -338,6 +400,6 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
 
 
 COMMANDS = [
-    Command(("report",), "one table of unlearning runs (baseline first), a trade-off plot and tamper curves",
-            ReportConfig, run_report),
+    Command(("report",), "one table of unlearning runs (baseline first), a trade-off plot, tamper curves and a "
+                         "robustness table with its curves", ReportConfig, run_report),
 ]
