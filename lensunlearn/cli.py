@@ -21,11 +21,10 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-from .config import ConfigError, add_config_args, config_from_args
+from .config import Command, ConfigError, add_config_args, config_from_args
 from .errors import USER_ERRORS, UserError
 
 # Modules that define commands, in the order of the data flow.
@@ -39,18 +38,6 @@ COMMAND_MODULES = (
     "lensunlearn.report",
     "lensunlearn.demo",
 )
-
-
-@dataclass
-class Command:
-    """A subcommand: its words (`("lens", "train")`), config class, runner and named presets."""
-
-    words: tuple[str, ...]
-    help: str
-    config: type
-    run: Callable[[Any], Any]
-    presets: dict[str, Any] = field(default_factory=dict)
-    default_preset: str | None = None
 
 
 def all_commands() -> list[Command]:

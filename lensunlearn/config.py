@@ -14,6 +14,7 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -181,3 +182,15 @@ def to_jsonable(cfg: Any) -> dict[str, Any]:
         out[f.name] = v
     return out
 
+
+@dataclasses.dataclass
+class Command:
+    """A subcommand: its words (`("lens", "train")`), config class, runner and named presets. It lives
+    beside the configs, not in `cli`, so that command modules never import the module that imports them."""
+
+    words: tuple[str, ...]
+    help: str
+    config: type
+    run: Callable[[Any], Any]
+    presets: dict[str, Any] = dataclasses.field(default_factory=dict)
+    default_preset: str | None = None

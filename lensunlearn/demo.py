@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import Command
-from .config import ConfigError, option
+from .config import Command, ConfigError, option
 from .files import write_json_atomic
 from .layout import (
     BASE_EVAL_FILE,

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cli import Command
-from .config import ConfigError, option
+from .config import Command, ConfigError, option
 from .files import write_json_atomic, write_jsonl_atomic
 from .knowledge_profile import layer_accuracy, layer_logprobs, profile_table
 from .layers import StopForward, capture_streams, model_parts

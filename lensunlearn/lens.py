@@ -138,7 +138,7 @@ class TunedLens(nn.Module):
         try:
             lens.translators.load_state_dict({k: v.float() for k, v in state.items()})
         except (RuntimeError, AttributeError) as err:
-            raise InputError(f"{path / PARAMS_FILE} does not match its config.json ({' '.join(str(err).split())}): "
+            raise InputError(f"{path / PARAMS_FILE} does not match its {CONFIG_FILE} ({' '.join(str(err).split())}): "
                             f"train the lens again with `lensunlearn lens train --out {path} --overwrite`") from err
         return lens.to(parts.unembed.weight.device)
 
@@ -176,7 +176,7 @@ def resolve_lens_path(path: str | Path) -> Path:
         missing = [f for f in (PARAMS_FILE, CONFIG_FILE) if not (local / f).exists()]
         if missing:
             raise FileNotFoundError(
-                f"lens folder {path} lacks {', '.join(missing)}: a lens folder holds params.pt and config.json, "
+                f"lens folder {path} lacks {', '.join(missing)}: a lens folder holds {PARAMS_FILE} and {CONFIG_FILE}, "
                 f"as written by `lensunlearn lens train`")
         return local
     if local.exists():

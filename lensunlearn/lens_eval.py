@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cli import Command
-from .config import ConfigError, option
+from .config import Command, ConfigError, option
 from .data import collate
 from .files import write_json_atomic
 from .layout import LENS_CONFIG_FILE, LENS_PARAMS_FILE, LENS_PLOT_SUFFIX, beside

@@ -13,8 +13,7 @@ from typing import Literal
 import torch
 
 from .checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
-from .cli import Command
-from .config import ConfigError, Options, option, redefault, to_jsonable
+from .config import Command, ConfigError, Options, option, redefault, to_jsonable
 from .data import batch_indices, collate, load_texts, tokenize
 from .files import write_json_atomic
 from .layers import forward_streams, model_parts

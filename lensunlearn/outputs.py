@@ -139,7 +139,7 @@ def check_file_output(path: Path, overwrite: bool, flag: str = "--out",
     """An output file: refuse to replace it without `overwrite` (or at all if it is not ours); its
     folder must be writable. The file itself is later written atomically (temporary file, rename)."""
     if path.is_dir():
-        raise IsADirectoryError(f"{flag} {path} is a folder: give a file name such as {path / 'eval.json'}")
+        raise IsADirectoryError(f"{flag} {path} is a folder: give a file name such as {path / layout.EVAL_FILE}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{flag} {path} already exists: pass --overwrite to replace it, or choose another "
                               f"{flag}")

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .cli import Command
-from .config import ConfigError, Options, option
+from .config import Command, ConfigError, Options, option
 from .files import write_json_atomic, write_text_atomic
 from .layout import (
     BASE_EVAL_FILE,

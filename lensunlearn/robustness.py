@@ -35,8 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from .cli import Command
-from .config import ConfigError, option, parse_float_list, parse_int_list, to_jsonable
+from .config import Command, ConfigError, option, parse_float_list, parse_int_list, to_jsonable
 from .data import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
 from .errors import InputError, read_text
 from .files import write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -52,6 +51,7 @@ from .layout import (
     ROBUSTNESS_START_FILE,
     ROBUSTNESS_TABLE_FILE,
     RUN_CONFIG_FILE,
+    SPLIT_FILE,
     robustness_seed_dir,
 )
 from .models import ModelOptions
@@ -366,7 +366,7 @@ class Protocol:
         questions, fiction = fictional_facts(len(items), [i["choices"][i["answer"]] for i in items],
                                              [c for i in items for c in i["choices"]], seed)
         f_attacked, f_unseen = split_ids([q["fact_id"] for q in questions], self.cfg.holdout, seed)
-        write_json_atomic(folder / "split.json", {"attacked": attacked, "unseen": unseen,
+        write_json_atomic(folder / SPLIT_FILE, {"attacked": attacked, "unseen": unseen,
                                                   "fictional_attacked": f_attacked, "fictional_unseen": f_unseen})
         for name, rows, ids in (("forget_attacked", items, attacked), ("forget_unseen", items, unseen),
                                 ("fictional_attacked", questions, f_attacked),

@@ -27,8 +27,7 @@ from typing import Literal
 
 import torch
 
-from .cli import Command
-from .config import ConfigError, option, parse_float_list, redefault, to_jsonable
+from .config import Command, ConfigError, option, parse_float_list, redefault, to_jsonable
 from .data import FACTS_PREFIX, WMDP_BIO_FORGET_CORPUS, batch_indices, chunk_documents, collate, load_texts
 from .files import write_json_atomic, write_jsonl_atomic
 from .layout import (

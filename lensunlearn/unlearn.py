@@ -18,8 +18,7 @@ from typing import Any, Literal
 import torch
 
 from .checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
-from .cli import Command
-from .config import ConfigError, option, to_jsonable
+from .config import Command, ConfigError, option, to_jsonable
 from .data import WMDP_BIO_FORGET_CORPUS, batch_indices, collate, load_texts, tokenize
 from .distributed import (
     World,
