@@ -107,7 +107,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, Command
 
 def _config(command: Command, args: argparse.Namespace) -> Any:
     base = command.presets.get(getattr(args, "preset", None)) if command.presets else None
-    return config_from_args(command.config, args, base)
+    return config_from_args(command.config, args, base, command.derived)
 
 
 def _prog(command: Command | None) -> str:

@@ -3,23 +3,29 @@
 Every command's options are one dataclass, often made of shared mixins (`models.ModelOptions`,
 `optim.TrainingOptions`). `option(default, help)` declares a field; the CLI turns each field into
 `--field_name` with its help and default, and presets are plain instances that explicit flags
-override. A field keeps one name in every command; a flag that was renamed keeps its old spelling
-as a hidden alias (`option(..., old_names=...)`) for one release.
+override. `--config FILE` (a run's saved config or a hand-written YAML/JSON file) sits between the
+two: defaults < preset < file < explicit flags. A field keeps one name in every command; a flag
+that was renamed keeps its old spelling as a hidden alias (`option(..., old_names=...)`) for one
+release.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import json
+import logging
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import UserError
+from .errors import InputError, UserError, read_text
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -131,7 +137,9 @@ def _add_old_names(parser: argparse.ArgumentParser, name: str, is_bool: bool, kw
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
-    """Add one `--name` flag per dataclass field (and its hidden old names); help shows the (preset) default."""
+    """Add `--config FILE` and one `--name` flag per dataclass field (and its hidden old names); help shows
+    the (preset) default."""
+    parser.add_argument("--config", dest=CONFIG_FILE_DEST, metavar="FILE", default=None, help=CONFIG_FILE_HELP)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli") is False:
@@ -162,12 +170,142 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, defaults: Any = 
         _add_old_names(parser, f.name, base is bool, kwargs, f.metadata.get("old_names", ()))
 
 
-def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None = None) -> T:
-    """Build `cls` from parsed flags; fields not given keep the values of `base` (a preset)."""
-    given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None = None,
+                     derived: Iterable[str] = ()) -> T:
+    """Build `cls` from parsed flags over the values of `--config FILE` (when given) over `base` (a preset)
+    over the field defaults. `derived`: keys the command's own saved config holds beside its fields (a
+    run's plan), skipped when such a file is read back."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    path = getattr(namespace, CONFIG_FILE_DEST, None)
+    from_file = read_config_file(cls, path, derived) if path else {}
+    given = {name: getattr(namespace, name) for name in fields if hasattr(namespace, name)}
+    values = {**from_file, **given}
     if base is None:
-        return cls(**given)
-    return dataclasses.replace(base, **given)
+        return cls(**values)
+    return dataclasses.replace(base, **values)
+
+
+# --- config files -----------------------------------------------------------------------------------
+
+CONFIG_FILE_DEST = "config_file"  # not "config": a command may one day have a field of that name
+# Flags that say what to do with an existing run rather than what the run is: a rerun from a finished
+# run's saved config must neither replace nor continue anything unless the command line says so.
+FLAG_ONLY = ("resume", "overwrite")
+CONFIG_FILE_HELP = ("read options from FILE: the run_config.json a run wrote, or a YAML or JSON mapping of "
+                    "option names to values. Precedence: built-in defaults < --preset (where the command has "
+                    "one) < FILE < flags given on the line. Unknown keys and wrong types are errors; resume "
+                    "and overwrite are read only from the line, never from FILE")
+
+
+def _load_mapping(path: Path) -> dict[str, Any]:
+    """The mapping a JSON (.json) or YAML (anything else; YAML reads JSON too) file holds."""
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        text = read_text(path)
+    except InputError as err:
+        raise ConfigError(f"--config {err}") from err
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config {path} line {err.lineno}: invalid JSON ({err.msg}, column {err.colno})") \
+                from err
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"--config {path}{where}: invalid YAML ({problem})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values, got a "
+                          f"{type(data).__name__}")
+    return data
+
+
+def read_config_file(cls: type, path: str | Path, derived: Iterable[str] = ()) -> dict[str, Any]:
+    """The field values of `cls` that the config file `path` sets, checked and converted to the field
+    types (lists become tuples); keys in `derived` are skipped, `FLAG_ONLY` keys dropped."""
+    path = Path(path)
+    data = _load_mapping(path)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    skipped = set(derived)
+    unknown = [str(key) for key in data if key not in fields and key not in skipped]
+    if unknown:
+        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, fields, 1)) else key
+                 for key in unknown]
+        raise ConfigError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: "
+                          f"see --help for the options of this command")
+    types_ = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key in skipped:
+            continue
+        if key in FLAG_ONLY:
+            if value:
+                log.warning("--config %s sets %s: ignored, pass --%s on the command line to %s", path, key, key, key)
+            continue
+        values[key] = _file_value(value, types_[key], f"--config {path}: {key}")
+    return values
+
+
+def _file_value(value: Any, annotation: Any, what: str) -> Any:
+    """`value` as read from a config file, checked against the field's type."""
+    base, optional = _base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{what} must be {_type_name(base)}, got null")
+    if typing.get_origin(base) is tuple:
+        inner = typing.get_args(base)[0]
+        if isinstance(value, str):  # the flag's spelling, "5,10,15"
+            return _converter(base)(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{what} must be a list, got {value!r}")
+        return tuple(_file_value(item, inner, what) for item in value)
+    if typing.get_origin(base) is typing.Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{what} must be an integer, got {value!r}")
+        return value
+    if base is float:
+        # YAML reads 1e-5 (no dot) as a string, so a number written as text is accepted
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{what} must be a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{what} must be a string, got {value!r}")
+        return value
+    return base(value)
+
+
+def _type_name(annotation: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    return "a list" if typing.get_origin(annotation) is tuple else getattr(annotation, "__name__", str(annotation))
 
 
 def to_jsonable(cfg: Any) -> dict[str, Any]:
@@ -194,3 +332,5 @@ class Command:
     run: Callable[[Any], Any]
     presets: dict[str, Any] = dataclasses.field(default_factory=dict)
     default_preset: str | None = None
+    # keys the command's saved config holds beside its fields (a run's plan): `--config` skips them
+    derived: tuple[str, ...] = ()

@@ -289,14 +289,19 @@ def _load_tasks(specs: Sequence[TaskSpec], limit: int | None, loader) -> list[tu
 def evaluate(model, tokenizer, tasks: str | Sequence[str], format: Format = "letter", batch_size: int = 16,
              limit: int | None = None, lens=None, predictions_path: str | Path | None = None,
              dataset_loader=None, progress: bool = True, model_name: str | None = None,
-             max_length: int | None = None) -> dict:
+             max_length: int | None = None, lm_eval_include: str | Path | None = None) -> dict:
     """Evaluate `model` on tasks; returns {"model", "format", "max_length", "results", "groups"[, "profile"]}.
 
-    `tasks` names hub tasks and groups, `facts:<domain>` or local jsonl paths; `lens` (a
-    TunedLens) adds the knowledge profile; `dataset_loader` replaces `datasets.load_dataset`.
+    `tasks` names hub tasks and groups, `facts:<domain>` or local jsonl paths, scored here, and
+    `lm_eval:<task>` tasks of lm-eval's registry (or YAML files under `lm_eval_include`), which
+    lm-eval itself runs on the same model (`lm_eval_tasks`); `lens` (a TunedLens) adds the
+    knowledge profile of the native tasks; `dataset_loader` replaces `datasets.load_dataset`.
     Questions longer than `max_length` tokens (default: `context_limit`) lose tokens from the
     left, as in lm-eval.
     """
+    from .lm_eval_tasks import split_names
+
+    native, theirs = split_names(tasks)
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     if batch_size < 1 or (limit is not None and limit < 1) or (max_length is not None and max_length < 1):
@@ -304,6 +309,40 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str], format: Format = "let
                          f"limit={limit}, max_length={max_length}")
     max_length = max_length or context_limit(model, tokenizer)
     started = time.perf_counter()
+    if theirs:  # before any scoring: an unknown name or a missing lm-eval fails in seconds
+        from .lm_eval_tasks import check_names
+
+        check_names(theirs, None if lm_eval_include is None else str(lm_eval_include))
+    out: dict[str, Any] = {"results": {}, "groups": {}}
+    count = 0
+    if native or not theirs:
+        out, count = _evaluate_native(model, tokenizer, native, format, batch_size, limit, lens, predictions_path,
+                                      dataset_loader, progress, max_length)
+    elif lens is not None:
+        log.warning("the knowledge profile covers native tasks only: lm_eval: tasks have none")
+    if theirs:
+        from .lm_eval_tasks import evaluate_lm_eval
+
+        was_training = model.training
+        model.eval()
+        try:
+            extra = evaluate_lm_eval(model, tokenizer, theirs, batch_size, limit,
+                                     None if lm_eval_include is None else str(lm_eval_include), max_length)
+        finally:
+            model.train(was_training)
+        out["results"].update(extra["results"])
+        out["groups"].update(extra["groups"])
+    name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    result = {"model": name, "format": format, "max_length": max_length, **out,
+              "wall_time_s": time.perf_counter() - started}
+    log.info("evaluated %d native questions and %d lm-eval task(s) in %.1f s", count, len(theirs),
+             result["wall_time_s"])
+    return result
+
+
+def _evaluate_native(model, tokenizer, tasks, format, batch_size, limit, lens, predictions_path, dataset_loader,
+                     progress, max_length) -> tuple[dict, int]:
+    """The tasks lensunlearn scores itself: (results, groups[, profile]) and the number of questions."""
     loaded = _load_tasks(resolve_tasks(tasks), limit, dataset_loader)
     requests, encoded = [], []
     for spec, items in loaded:
@@ -319,12 +358,7 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str], format: Format = "let
         finals, layers = score_all(model, encoded, pad_id, batch_size, lens, progress, max_length)
     finally:
         model.train(was_training)
-    out = _collect(requests, finals, layers, loaded, predictions_path)
-    name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-    result = {"model": name, "format": format, "max_length": max_length, **out,
-              "wall_time_s": time.perf_counter() - started}
-    log.info("evaluated %d questions in %.1f s", len(encoded), result["wall_time_s"])
-    return result
+    return _collect(requests, finals, layers, loaded, predictions_path), len(encoded)
 
 
 def _collect(requests, finals, layers, loaded, predictions_path) -> dict:
@@ -377,15 +411,24 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+_TABLE_KEYS = {"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+
+
 def results_table(results: dict) -> str:
     """The results as a markdown table: tasks, then groups."""
     lines = [f"model: {results.get('model', '')}   format: {results.get('format', '')}",
              "| task | n | acc | ± | acc_norm | ± |", "|---|---:|---:|---:|---:|---:|"]
+    others = []
     for kind in ("results", "groups"):
         for name, r in results.get(kind, {}).items():
             label = f"**{name}**" if kind == "groups" else name
-            lines.append(f"| {label} | {r['n']} | {_fmt(r['acc'])} | {_fmt(r['acc_stderr'])} | "
-                         f"{_fmt(r['acc_norm'])} | {_fmt(r['acc_norm_stderr'])} |")
+            lines.append(f"| {label} | {r.get('n', '-')} | {_fmt(r.get('acc'))} | {_fmt(r.get('acc_stderr'))} | "
+                         f"{_fmt(r.get('acc_norm'))} | {_fmt(r.get('acc_norm_stderr'))} |")
+            # lm_eval: tasks may report other metrics (exact_match, f1, ...): list them below the table
+            extra = {k: v for k, v in r.items() if k not in _TABLE_KEYS and isinstance(v, (int, float))}
+            if extra:
+                others.append(f"{name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in extra.items()))
+    lines += others
     if "profile" in results:
         lines += ["", "knowledge profile (accuracy through lens l):", profile_table(results["profile"])]
     return "\n".join(lines)
@@ -397,8 +440,9 @@ class EvalConfig(ModelOptions):
 
     eval_tasks: tuple[str, ...] = option(("wmdp_bio_robust", "mmlu"),
                                          "comma-separated tasks: wmdp_bio_robust, wmdp_bio, mmlu, mmlu_stem, "
-                                         "mmlu_<subject>, facts:<domain>, or a .jsonl of {question, choices, "
-                                         "answer[, prompt]}", old_names=("tasks",))
+                                         "mmlu_<subject>, facts:<domain>, a .jsonl of {question, choices, "
+                                         "answer[, prompt]}, or lm_eval:<task> (run by lm-eval itself)",
+                                         old_names=("tasks",))
     eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
                                                                "answer text as continuation", old_names=("format",))
     eval_batch: int = option(16, "questions per evaluation forward pass", old_names=("batch_size",))
@@ -413,6 +457,9 @@ class EvalConfig(ModelOptions):
     plot: str | None = option(None, "knowledge-profile PNG (default: beside --out when --lens is given)",
                               metavar="FILE")
     overwrite: bool = option(False, "replace existing output files (--out, the predictions and the plot)")
+    lm_eval_include: str | None = option(None, "folder of your own lm-eval task YAML files, for lm_eval:<task> "
+                                               "in --eval_tasks (passed to lm-eval's TaskManager as include_path)",
+                                         metavar="DIR")
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_tasks, str):
@@ -446,9 +493,14 @@ def check_outputs(cfg: EvalConfig) -> None:
     """Before any scoring: the tasks are known, and every file this run writes may be written
     (its folder is writable; an existing file is replaced only with --overwrite, and --out only
     when it is an evaluation result)."""
+    from .lm_eval_tasks import check_names, split_names
     from .outputs import check_file_output
 
-    resolve_tasks(list(cfg.eval_tasks))
+    native, theirs = split_names(list(cfg.eval_tasks))
+    if native:
+        resolve_tasks(native)
+    if theirs or cfg.lm_eval_include:
+        check_names(theirs, cfg.lm_eval_include)
     if cfg.out:
         check_file_output(Path(cfg.out), cfg.overwrite, "--out", recognise=_is_eval_json)
     predictions = Path(cfg.predictions) if cfg.predictions else _beside(cfg.out, PREDICTIONS_SUFFIX)
@@ -470,10 +522,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     lens = TunedLens.load(cfg.lens, model) if cfg.lens else None
     predictions = Path(cfg.predictions) if cfg.predictions else _beside(cfg.out, PREDICTIONS_SUFFIX)
     results = evaluate(model, tokenizer, list(cfg.eval_tasks), cfg.eval_format, cfg.eval_batch, cfg.eval_limit, lens,
-                       predictions, model_name=cfg.model, max_length=cfg.max_length)
+                       predictions, model_name=cfg.model, max_length=cfg.max_length,
+                       lm_eval_include=cfg.lm_eval_include)
     results["config"] = {"eval_tasks": list(cfg.eval_tasks), "eval_batch": cfg.eval_batch,
                          "eval_limit": cfg.eval_limit, "max_length": cfg.max_length, "lens": cfg.lens,
-                         "dtype": cfg.dtype}
+                         "dtype": cfg.dtype, "lm_eval_include": cfg.lm_eval_include}
     if lens is not None:
         plot = Path(cfg.plot) if cfg.plot else _beside(cfg.out, PROFILE_PLOT_SUFFIX)
         if plot is not None:

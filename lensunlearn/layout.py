@@ -13,7 +13,7 @@ Folders:
                     metrics.jsonl  checkpoint.pt (until done)
     <tamper out>/   results.json  tamper.png  metrics.jsonl  split.json  tasks/  original_eval.json
                     or, for a sweep, sweep.json  sweep.png  and one such folder per setting
-    <report out>/   report.md  tradeoff.png  tamper_curves.png  robustness_curves.png
+    <report out>/   report.md  tradeoff.png  training_curves.png  tamper_curves.png  robustness_curves.png
                     report.csv + report_robustness.csv | report.json
     <eval --out>    X.json  X.predictions.jsonl  X.profile.png (with a lens)
     <demo out>/     facts/  lens/  lens_eval.json  base_eval.json  unlearn/  unlearned_eval.json
@@ -37,6 +37,8 @@ OutputKind = Literal["unlearn", "lens", "tamper", "report", "demo", "robustness"
 # unlearning run
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
+# evaluations during training (`unlearn --eval_every`): flat keys eval/<task>/<metric> in a step's metrics line
+EVAL_KEY_PREFIX = "eval/"
 SUMMARY_FILE = "summary.json"
 EVAL_FILE = "eval.json"
 BASE_EVAL_FILE = "base_eval.json"
@@ -66,6 +68,7 @@ REPORT_TABLE_FILES = {"csv": "report.csv", "json": "report.json"}
 TRADEOFF_PLOT_FILE = "tradeoff.png"
 TAMPER_CURVES_FILE = "tamper_curves.png"
 ROBUSTNESS_CURVES_FILE = "robustness_curves.png"
+TRAINING_CURVES_FILE = "training_curves.png"
 # the robustness table has other columns than the runs' table, so its csv is a file of its own
 REPORT_ROBUSTNESS_CSV_FILE = "report_robustness.csv"
 

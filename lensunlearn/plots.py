@@ -1,5 +1,5 @@
 """Every figure the package draws: lens KL and knowledge profile by layer, tamper curves, sweeps,
-the unlearning trade-off and robustness runs compared.
+the unlearning trade-off, unlearning runs' training curves and robustness runs compared.
 
 Every figure has a fixed pixel size (figsize x dpi, no tight bounding box), uses the Agg backend
 and is written atomically (`files.save_figure_atomic`), so a reader never sees half a PNG.
@@ -7,17 +7,19 @@ and is written atomically (`files.save_figure_atomic`), so a reader never sees h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .files import save_figure_atomic
-from .robustness_results import capability, unseen_curves
+from .robustness_results import UNSEEN, capability, is_number, unseen_curves
 from .tamper_results import ATTACKED, HELDOUT, half, series, split_tasks
 
 DPI = 100
 TAMPER_SIZE = (11.0, 4.5)  # inches: 1100 x 450 pixels
 TRADEOFF_SIZE = (6.0, 5.0)  # 600 x 500 pixels
 ROBUSTNESS_SIZE = (9.0, 5.5)  # 900 x 550 pixels
+TRAINING_CURVES_SIZE = TAMPER_SIZE  # the same two panels: forget left, kept right
 LENS_KL_SIZE = (6.0, 4.0)
 PROFILE_SIZE = (8.4, 4.8)
 HALF_STYLE = {ATTACKED: "-", HELDOUT: "--"}
@@ -230,5 +232,71 @@ def plot_robustness_comparison(runs: Sequence[tuple[str, dict]], path: str | Pat
     if counts and counts[-1] > 10 * counts[0]:  # 8 ... 512: spread the short attacks out, linear up to the first
         ax.set_xscale("symlog", linthresh=counts[0], linscale=0.5)
     ax.set_xticks([0, *counts], [str(n) for n in [0, *counts]])
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+KEPT_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
+
+def plot_training_curves(runs: Sequence[tuple[str, dict[str, tuple[list[int], list[float]]]]], forget_task: str,
+                         path: str | Path, metric: str = "acc") -> Path:
+    """Accuracy against optimiser step during unlearning, one colour per run: the forget task on the
+    left (where forgetting happens), each other task on the right, told apart by marker (where
+    collateral damage starts). `runs` holds (label, {task: (steps, accuracies)})."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=TRAINING_CURVES_SIZE, dpi=DPI)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    kept = sorted({task for _, curves in runs for task in curves if task != forget_task})
+    for index, (label, curves) in enumerate(runs):
+        color = cycle[index % len(cycle)]
+        if forget_task in curves:
+            steps, values = curves[forget_task]
+            left.plot(steps, [100 * v for v in values], color=color, marker="o", markersize=3, label=label)
+        for task in kept:
+            if task in curves:
+                steps, values = curves[task]
+                right.plot(steps, [100 * v for v in values], color=color, markersize=4, label=f"{label}: {task}",
+                           marker=KEPT_MARKERS[kept.index(task) % len(KEPT_MARKERS)])
+    left.set_title(f"forget: {forget_task}")
+    right.set_title("kept: " + ", ".join(kept) if len(kept) <= 3 else f"kept: {len(kept)} tasks (markers)")
+    for ax in (left, right):
+        _style_axes(ax, metric, 7)
+    fig.suptitle("accuracy during unlearning (step 0: before unlearning)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_robustness(result: Mapping, path: str | Path) -> Path:
+    """Unseen-half accuracy against attack steps: each grid attack faint, the envelope, the base
+    model attacked, the benign attack and the fictional floor; chance and the base model dotted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=TAMPER_SIZE, dpi=DPI)
+    xs = [0, *result["steps"]]
+
+    def curve(start: float | None, points: Mapping, key: str = UNSEEN) -> list[float]:
+        values = [start] + [points.get(str(n), {}).get(key) if isinstance(points.get(str(n)), Mapping)
+                            else points.get(str(n)) for n in result["steps"]]
+        return [100 * v if is_number(v) else math.nan for v in values]
+
+    start = result["unlearned"][UNSEEN]
+    for attack in result["attacks"].values():
+        ax.plot(xs, curve(start, attack["steps"]), color="tab:blue", alpha=0.25, linewidth=1)
+    ax.plot(xs, curve(start, result["envelope"]), color="tab:blue", linewidth=2.5, marker="o",
+            label="best attack (envelope over the grid)")
+    ax.plot(xs, curve(result["base"][UNSEEN], result["base_model_envelope"]), color="tab:green", marker="s",
+            label="base model, attacked the same way")
+    ax.plot(xs, curve(start, result["benign"]["steps"]), color="tab:orange", marker="^", label="benign attack")
+    ax.plot(xs, curve(result["floor"].get("0"), result["floor"]), color="tab:red", marker="v",
+            label="floor: fictional facts, unseen half")
+    ax.axhline(100 * result["chance"], color="grey", linestyle=":", linewidth=1.2, label="chance")
+    ax.axhline(100 * result["base"][UNSEEN], color="tab:green", linestyle=":", linewidth=1.2,
+               label="base model, not attacked")
+    ax.set_xlabel("attack steps")
+    ax.set_ylabel("unseen-half accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"robustness of the unlearned model ({result['grid']} grid; faint: each grid attack)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -32,13 +32,20 @@ def require_nonnegative(**values: float | None) -> None:
             raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
 
 
-def check_tasks(tasks: str | Sequence[str], flag: str = "--eval_tasks", loader=None) -> list:
+def check_tasks(tasks: str | Sequence[str], flag: str = "--eval_tasks", loader=None,
+                lm_eval_include: str | None = None) -> list:
     """Resolve task names and load their questions once, so an unknown name, an unreadable file or a
-    hub dataset that cannot be reached (offline) fails now rather than after training."""
+    hub dataset that cannot be reached (offline) fails now rather than after training.
+
+    `lm_eval:<task>` names are checked against lm-eval's registry (and `lm_eval_include`) only: lm-eval
+    loads their data when it runs them. The native tasks' specs are returned."""
+    from .lm_eval_tasks import check_names, split_names
     from .tasks import load_items, resolve_tasks
 
     try:
-        specs = resolve_tasks(tasks)
+        native, theirs = split_names(tasks)
+        check_names(theirs, lm_eval_include)
+        specs = resolve_tasks(native) if native or not theirs else []
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{flag}: {err}") from err
     for spec in specs:

@@ -5,7 +5,8 @@ Everything is read from the files the other commands write (names in `layout`), 
 be rebuilt at any time and always gives the same bytes for the same files:
 
 * an unlearning run directory: its config, summary, metrics and evaluation, and optionally the
-  evaluation before unlearning (the baseline row);
+  evaluation before unlearning (the baseline row) and evaluations during training (its training
+  curves, `unlearn --eval_every`);
 * a tamper output (one attack's results, or a sweep with one sub-folder per attack), given with
   `--tamper` or among the positional directories, where it is recognised by its files;
 * a robustness output (`robustness.json`), given with `--robustness` or among the positional
@@ -31,6 +32,7 @@ from .files import write_json_atomic, write_text_atomic
 from .layout import (
     BASE_EVAL_FILE,
     EVAL_FILE,
+    EVAL_KEY_PREFIX,
     METRICS_FILE,
     REPORT_FILE,
     REPORT_ROBUSTNESS_CSV_FILE,
@@ -43,6 +45,7 @@ from .layout import (
     SWEEP_FILE,
     TAMPER_CURVES_FILE,
     TRADEOFF_PLOT_FILE,
+    TRAINING_CURVES_FILE,
     is_robustness_output,
     is_tamper_output,
     write_marker,
@@ -108,9 +111,9 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _last_metrics(path: Path) -> dict:
+def _metrics(path: Path) -> list[dict]:
     lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    return [json.loads(line) for line in lines]
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Run:
     last: dict
     eval: dict | None
     base_eval: dict | None
+    evals: list[dict]  # the metrics lines that hold evaluations during training (`unlearn --eval_every`)
 
 
 def load_run(path: str | Path) -> Run:
@@ -130,8 +134,38 @@ def load_run(path: str | Path) -> Run:
     config = _read_json(path / RUN_CONFIG_FILE)
     if config is None:
         raise FileNotFoundError(f"{path} has no {RUN_CONFIG_FILE}: pass a directory written by `lensunlearn unlearn`")
-    return Run(path.name, config, _read_json(path / SUMMARY_FILE) or {}, _last_metrics(path / METRICS_FILE),
-               _read_json(path / EVAL_FILE), _read_json(path / BASE_EVAL_FILE))
+    metrics = _metrics(path / METRICS_FILE)
+    evals = [m for m in metrics if any(k.startswith(EVAL_KEY_PREFIX) for k in m)]
+    return Run(path.name, config, _read_json(path / SUMMARY_FILE) or {}, metrics[-1] if metrics else {},
+               _read_json(path / EVAL_FILE), _read_json(path / BASE_EVAL_FILE), evals)
+
+
+Curve = tuple[list[int], list[float]]  # steps and accuracies
+
+
+def training_curves(run: Run, metric: str) -> dict[str, Curve]:
+    """Accuracy against step for each task the run evaluated during training, from its
+    `eval/<task>/<metric>` keys (a task name may itself hold a slash: the metric is the last part)."""
+    curves: dict[str, Curve] = {}
+    for line in run.evals:
+        for key, value in line.items():
+            task, _, name = key.removeprefix(EVAL_KEY_PREFIX).rpartition("/")
+            if key.startswith(EVAL_KEY_PREFIX) and task and name == metric:
+                steps, values = curves.setdefault(task, ([], []))
+                steps.append(line["step"])
+                values.append(value)
+    return curves
+
+
+def curves_section(curves: list[tuple[str, dict[str, Curve]]], forget_task: str) -> list[str]:
+    """The report's paragraph for the training-curves figure, naming what its panels show."""
+    names = ", ".join(label for label, _ in curves)
+    return ["## Training curves", "",
+            f"Accuracy during unlearning (`unlearn --eval_every`, on `--eval_limit` questions per task) for "
+            f"{names}: {forget_task} on the left (where forgetting happens), every other evaluated task on the "
+            f"right (where collateral damage starts), one colour per run; step 0 is the model before unlearning.",
+            "",
+            f"![training curves]({TRAINING_CURVES_FILE})", ""]
 
 
 def task_names(result: dict) -> list[str]:
@@ -335,13 +369,17 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
                [run_row(r, forget, retain, cfg.metric) for r in runs]
         sections += ["## Unlearning runs", "", f"Accuracy: `{cfg.metric}`; chance {100 / NUM_CHOICES:.0f}%.", "",
                      markdown_table(rows, forget, retain), ""]
+    curves: list[tuple[str, dict[str, Curve]]] = [(r.name, c) for r in runs if (c := training_curves(r, cfg.metric))]
+    if curves:
+        sections += curves_section(curves, forget)
     t_rows = tamper_rows(attacks)
     if t_rows:
         sections += ["## Tampering resistance (fine-tune attack)", "", tamper_table(t_rows), ""]
     if robustness:
         sections += robustness_section(robustness)
-    return {"forget_task": forget, "retain_task": retain, "metric": cfg.metric, "rows": rows, "tamper": t_rows,
-            "attacks": attacks, "robustness": [robustness_row(label, result) for label, result in robustness],
+    return {"forget_task": forget, "retain_task": retain, "metric": cfg.metric, "rows": rows, "curves": curves,
+            "tamper": t_rows, "attacks": attacks,
+            "robustness": [robustness_row(label, result) for label, result in robustness],
             "robustness_results": robustness, "markdown": "\n".join(sections)}
 
 
@@ -370,7 +408,8 @@ def _tables(report: dict, table_format: str, out: Path) -> list[Path]:
 
 
 def run_report(cfg: ReportConfig) -> dict[str, Any]:
-    """Write report.md, the trade-off scatter, the tamper and robustness curves (and report.csv / report.json)."""
+    """Write report.md, the trade-off scatter, the training, tamper and robustness curves (and report.csv /
+    report.json)."""
     from . import plots
 
     report = build_report(cfg)
@@ -386,6 +425,9 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
             base["forget_acc"], base["retain_acc"]) else None
         written.append(plots.plot_tradeoff(points, out / TRADEOFF_PLOT_FILE, base_point, 1 / NUM_CHOICES,
                                            report["forget_task"], report["retain_task"]))
+    if report["curves"]:
+        written.append(plots.plot_training_curves(report["curves"], report["forget_task"], out / TRAINING_CURVES_FILE,
+                                                  cfg.metric))
     if report["attacks"]:
         written.append(plots.plot_tamper_comparison(report["attacks"], out / TAMPER_CURVES_FILE, cfg.metric))
     finished = [(label, result) for label, result in report["robustness_results"] if result is not None]

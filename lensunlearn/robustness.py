@@ -56,6 +56,7 @@ from .layout import (
 )
 from .models import ModelOptions
 from .outputs import Output, prepare_output
+from .plots import plot_robustness
 from .preflight import check_resumed_config, check_tasks, require_nonnegative, require_positive
 from .robustness_grid import (
     ATTACKED,
@@ -66,7 +67,6 @@ from .robustness_grid import (
     fictional_facts,
     grid_settings,
     markdown_table,
-    plot_robustness,
     split_ids,
     summarise_seed,
 )
@@ -78,7 +78,9 @@ ROLES = ("grid", "base", "benign", "fictional")
 HALF_TASKS = {"forget_attacked": "forget", "forget_unseen": "forget", "fictional_attacked": "fictional",
               "fictional_unseen": "fictional"}
 # Settings that may change on --resume: where it runs and how evaluation is batched (same numbers).
-RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out")
+# Each seed's attacks are stored apart and depend only on the other settings and that seed, so a
+# resumed protocol may add seeds (`--seeds 0` then `--seeds 0,1,2`) and reuses the finished ones.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out", "seeds")
 
 
 @dataclass

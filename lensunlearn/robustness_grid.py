@@ -14,14 +14,14 @@ import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from .optim import SCHEDULES
+from .robustness_results import ATTACKED, UNSEEN, describe_setting
+from .robustness_results import is_number as _is_number
 
 KINDS = ("full", "lora")
 GRIDS = ("default", "full")
-ATTACKED, UNSEEN = "attacked", "unseen"
 
 
 @dataclass(frozen=True)
@@ -193,10 +193,6 @@ def summarise_seed(start: Mapping, attacks: Mapping[str, Sequence[Mapping]], ste
     }
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def combine(values: Sequence[Any]) -> Any:
     """One seed's summaries averaged: numbers become their mean with a `<key>_sd` (sample standard
     deviation) beside them when there are several seeds; a `setting` becomes the most frequent one,
@@ -237,12 +233,6 @@ def _pct(value: Any, sd: Any = None) -> str:
 
 def _ppl(value: Any) -> str:
     return f"{value:.2f}" if _is_number(value) else "-"
-
-
-def describe_setting(setting: Mapping | None) -> str:
-    if not setting:
-        return "-"
-    return f"{setting['kind']} lr {setting['lr']:g} {setting['schedule']}"
 
 
 def markdown_table(result: Mapping) -> str:
@@ -292,40 +282,3 @@ def markdown_table(result: Mapping) -> str:
         lines.append(f"| after {label.replace('_', ' ')} | {_ppl(value)} |")
     lines.append(f"| after the benign attack | {_ppl(ppl.get('benign'))} |")
     return "\n".join(lines)
-
-
-def plot_robustness(result: Mapping, path: str | Path) -> Path:
-    """Unseen-half accuracy against attack steps: each grid attack faint, the envelope, the base
-    model attacked, the benign attack and the fictional floor; chance and the base model dotted."""
-    from .plots import DPI, TAMPER_SIZE, _pyplot, save_figure
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=TAMPER_SIZE, dpi=DPI)
-    xs = [0, *result["steps"]]
-
-    def curve(start: float | None, points: Mapping, key: str = UNSEEN) -> list[float]:
-        values = [start] + [points.get(str(n), {}).get(key) if isinstance(points.get(str(n)), Mapping)
-                            else points.get(str(n)) for n in result["steps"]]
-        return [100 * v if _is_number(v) else math.nan for v in values]
-
-    start = result["unlearned"][UNSEEN]
-    for attack in result["attacks"].values():
-        ax.plot(xs, curve(start, attack["steps"]), color="tab:blue", alpha=0.25, linewidth=1)
-    ax.plot(xs, curve(start, result["envelope"]), color="tab:blue", linewidth=2.5, marker="o",
-            label="best attack (envelope over the grid)")
-    ax.plot(xs, curve(result["base"][UNSEEN], result["base_model_envelope"]), color="tab:green", marker="s",
-            label="base model, attacked the same way")
-    ax.plot(xs, curve(start, result["benign"]["steps"]), color="tab:orange", marker="^", label="benign attack")
-    ax.plot(xs, curve(result["floor"].get("0"), result["floor"]), color="tab:red", marker="v",
-            label="floor: fictional facts, unseen half")
-    ax.axhline(100 * result["chance"], color="grey", linestyle=":", linewidth=1.2, label="chance")
-    ax.axhline(100 * result["base"][UNSEEN], color="tab:green", linestyle=":", linewidth=1.2,
-               label="base model, not attacked")
-    ax.set_xlabel("attack steps")
-    ax.set_ylabel("unseen-half accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"robustness of the unlearned model ({result['grid']} grid; faint: each grid attack)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return save_figure(fig, path)

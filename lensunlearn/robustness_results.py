@@ -128,10 +128,19 @@ def unseen_curves(result: Mapping) -> dict[str, tuple[list[int], list[float | No
 # --- the table -----------------------------------------------------------------------------------
 
 
-def _setting(setting: Mapping | None) -> str:
-    from .robustness_grid import describe_setting
+def is_number(value: Any) -> bool:
+    """A real number (a bool is not one, though Python says it is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    return describe_setting(setting)
+
+def describe_setting(setting: Mapping | None) -> str:
+    """An attack setting in a few words: `full lr 0.001 constant`."""
+    if not setting:
+        return "-"
+    return f"{setting['kind']} lr {setting['lr']:g} {setting['schedule']}"
+
+
+_setting = describe_setting
 
 
 def _put(row: dict, key: str, pair: tuple[float | None, float | None]) -> None:

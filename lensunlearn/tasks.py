@@ -101,7 +101,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 
 def known_task_names() -> list[str]:
-    return sorted(GROUPS) + ["wmdp_bio", "mmlu_<subject>", "facts:<domain>", "<path>.jsonl"]
+    return sorted(GROUPS) + ["wmdp_bio", "mmlu_<subject>", "facts:<domain>", "<path>.jsonl", "lm_eval:<task>"]
 
 
 def resolve_tasks(names: str | Sequence[str]) -> list[TaskSpec]:
@@ -126,6 +126,9 @@ def resolve_tasks(names: str | Sequence[str]) -> list[TaskSpec]:
                 raise ValueError(f"unknown fact domain {domain!r} in task {name!r}: use one of "
                                  f"{', '.join(FACTS_PREFIX + d for d in DOMAINS)}")
             specs.append(TaskSpec(name, "facts", domain))
+        elif name.startswith("lm_eval:"):  # evaluate() hands these to lm-eval; other commands cannot
+            raise ValueError(f"task {name!r} is run by lm-eval, which only evaluation supports (eval, unlearn's "
+                             f"--eval_tasks): use a native task here")
         elif name.endswith(".jsonl") or Path(name).expanduser().is_file():
             path = Path(name).expanduser()
             if not path.is_file():

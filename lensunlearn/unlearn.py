@@ -35,7 +35,16 @@ from .distributed import (
 )
 from .files import write_json_atomic
 from .layers import check_layers, clip_layers, model_parts, unwrap
-from .layout import ADAPTER_DIR, BASE_EVAL_FILE, EVAL_FILE, MERGED_DIR, METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE
+from .layout import (
+    ADAPTER_DIR,
+    BASE_EVAL_FILE,
+    EVAL_FILE,
+    EVAL_KEY_PREFIX,
+    MERGED_DIR,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+)
 from .lens import TunedLens, find_lens
 from .loop import LoopSpec, MetricsLog, run_loop
 from .models import DTYPES, ModelOptions, check_device, load_model, model_short_name, set_checkpointing
@@ -113,6 +122,9 @@ class UnlearnConfig(TrainingOptions, ModelOptions):
     eval_batch: int = option(16, "questions per evaluation forward pass")
     eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
     eval_base: bool = option(False, f"also evaluate the model before unlearning ({BASE_EVAL_FILE})")
+    eval_every: int = option(0, f"also evaluate the eval tasks at step 0 and every N optimiser steps (on --eval_limit "
+                                f"questions), logged to {METRICS_FILE} as {EVAL_KEY_PREFIX}<task>/acc; 0: only after "
+                                f"training")
     checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
     resume: bool = option(False, "continue the unfinished run in the run directory")
     overwrite: bool = option(False, "replace a finished run of the same name")
@@ -145,7 +157,9 @@ class UnlearnConfig(TrainingOptions, ModelOptions):
         require_positive(epochs=self.epochs, lora_alpha=self.lora_alpha, eval_batch=self.eval_batch,
                          eval_limit=self.eval_limit)
         require_nonnegative(retain_coef=self.retain_coef, remove_coef=self.remove_coef,
-                            checkpoint_every=self.checkpoint_every)
+                            checkpoint_every=self.checkpoint_every, eval_every=self.eval_every)
+        if self.eval_every and not self.eval_tasks.strip():
+            raise ConfigError("--eval_every needs tasks to evaluate: pass --eval_tasks, or drop --eval_every")
         if self.run_name is not None:
             check_name(self.run_name)
 
@@ -330,6 +344,47 @@ def _evaluate(cfg: UnlearnConfig, model, tokenizer, lens, path: Path) -> dict | 
     return result
 
 
+def curve_point(result: dict) -> dict[str, float]:
+    """An evaluation as flat `eval/<task>/<metric>` numbers: a metrics line stays one level deep, so a
+    tracker can log it as it is and a plot finds the curves by prefix. A group stands for its members,
+    as in the report's table."""
+    groups = result.get("groups", {})
+    members = {m for info in groups.values() for m in info.get("tasks", [])}
+    tasks = {**{k: v for k, v in result.get("results", {}).items() if k not in members}, **groups}
+    return {f"{EVAL_KEY_PREFIX}{task}/{metric}": float(values[metric]) for task, values in tasks.items()
+            for metric in ("acc", "acc_norm") if values.get(metric) is not None}
+
+
+def evaluate_in_training(cfg: UnlearnConfig, model: torch.nn.Module, tokenizer, device: torch.device) -> dict:
+    """Evaluate the model being trained without changing its training: eval mode and no gradients
+    inside, train mode after, and torch's random state (CPU and the training device) put back, so the
+    dropout masks and random targets of later steps are those of a run that never evaluates and
+    --eval_every leaves the adapter exactly as it is."""
+    from .evaluate import evaluate
+
+    began, was_training = time.perf_counter(), model.training
+    accelerator = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(accelerator, device_type=None if device.type == "cpu" else device.type), \
+            torch.no_grad():
+        try:
+            model.eval()
+            result = evaluate(model, tokenizer, cfg.eval_tasks, format=cfg.eval_format, batch_size=cfg.eval_batch,
+                              limit=cfg.eval_limit, model_name=cfg.model, progress=False)
+        finally:
+            model.train(was_training)
+    return {**curve_point(result), f"{EVAL_KEY_PREFIX}seconds": time.perf_counter() - began}
+
+
+def first_curve_point(cfg: UnlearnConfig, model: torch.nn.Module, tokenizer, device: torch.device,
+                      run_dir: Path) -> dict:
+    """The curve at step 0: the model before any step is the base model (LoRA starts as a no-op), so a
+    base evaluation of the same request is reused rather than measured twice."""
+    base = run_dir / BASE_EVAL_FILE
+    if cfg.eval_base and reusable_eval(base, cfg):
+        return curve_point(json.loads(base.read_text()))
+    return evaluate_in_training(cfg, model, tokenizer, device)
+
+
 # --- run directory ----------------------------------------------------------------------------------
 
 
@@ -355,10 +410,11 @@ def reusable_eval(path: Path, cfg: UnlearnConfig) -> bool:
 
 
 # Settings that may change when a run is resumed: where it runs, how often it checkpoints, how much
-# memory it trades for speed (the cache and recomputation give the same numbers), and the final
-# evaluation's batch size. Everything else shapes the result and must match the saved run_config.json.
+# memory it trades for speed (the cache and recomputation give the same numbers), the evaluations'
+# batch size and how often training is evaluated (neither changes the weights). Everything else
+# shapes the result and must match the saved run_config.json.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "original_cache_mb",
-                     "gradient_checkpointing", "eval_batch", "out", "run_name", "layers")
+                     "gradient_checkpointing", "eval_batch", "eval_every", "out", "run_name", "layers")
 
 
 def check_run_dir(cfg: UnlearnConfig) -> Output:
@@ -446,6 +502,9 @@ def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
     if cfg.batch % (cfg.per_device_batch * world.world_size):
         raise ConfigError(f"--batch {cfg.batch} is not divisible by --per_device_batch {cfg.per_device_batch} x "
                          f"{world.world_size} processes: batch = per_device_batch x grad accumulation x processes")
+    if cfg.eval_every and cfg.full and world.distributed:
+        raise ConfigError("--eval_every with --full under torchrun is not supported: FSDP shards the model over the "
+                          "processes, and only rank 0 evaluates; train with LoRA or drop --eval_every")
     check_device(cfg.device)
     device = device_for(world, cfg.device)
     find_lens(cfg.lens, cfg.model)  # a missing lens is reported before the model is loaded
@@ -547,6 +606,18 @@ def setup_training(job: UnlearnJob) -> TrainingSetup:
     return TrainingSetup(objective, model, trainable, optimizer, cache)
 
 
+def curve_at(job: UnlearnJob, model: torch.nn.Module, step: int) -> dict:
+    """The training curve's point after `step` steps. Rank 0 evaluates, as for the final evaluation (a
+    LoRA model is whole on every rank), and the others wait for it; their point is empty."""
+    point = {}
+    if job.world.is_main:
+        point = (first_curve_point(job.cfg, model, job.tokenizer, job.device, job.output.work) if step == 0 else
+                 evaluate_in_training(job.cfg, model, job.tokenizer, job.device))
+        log.info("step %d: %s", step, {k: round(v, 4) for k, v in point.items() if k.endswith("/acc")})
+    barrier(job.world)
+    return point
+
+
 def train(job: UnlearnJob) -> Path:
     """Resume or start, run the loop, save the model, evaluate it and write the summary; return the run."""
     cfg, world, run_dir, data = job.cfg, job.world, job.output.work, job.data
@@ -567,6 +638,11 @@ def train(job: UnlearnJob) -> Path:
         write_json_atomic(run_dir / RUN_CONFIG_FILE, {**to_jsonable(cfg), **plan, "layers": list(job.layers),
                                                       "run_dir": str(job.output.final)})
     metrics_log = MetricsLog(run_dir / METRICS_FILE, resume_step=start)
+    if cfg.eval_every > plan["steps"]:
+        log.warning("--eval_every %d is more than the run's %d steps: only step 0 is evaluated during training",
+                    cfg.eval_every, plan["steps"])
+    if cfg.eval_every and start == 0:
+        metrics_log.write({"step": 0, **curve_at(job, setup.model, 0)})
 
     def micro_batches(step: int) -> list:
         ids = batch_indices(data.pairs, cfg.batch, step, cfg.seed)
@@ -592,7 +668,10 @@ def train(job: UnlearnJob) -> Path:
     def on_step(step: int, metrics: dict[str, float]) -> None:
         metrics.update(mean_over_ranks(metrics, ("forget_loss", "retain_loss"), world))
         metrics["tokens_per_s"] = metrics.get("tokens_per_s", 0.0) * world.world_size
-        metrics_log.write({k: metrics[k] for k in LOGGED if k in metrics})
+        line = {k: metrics[k] for k in LOGGED if k in metrics}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            line.update(curve_at(job, setup.model, step + 1))
+        metrics_log.write(line)
 
     def checkpoint(step: int) -> None:
         if world.is_main or fsdp:  # under FSDP every rank writes its own shards
@@ -627,5 +706,8 @@ def _finish(job: UnlearnJob, model: torch.nn.Module, plan: dict, last: dict[str,
     barrier(world)
     return job.output.final
 
+# What run_config.json holds beside the config (the plan of `_plan` and the run's folder): `--config` skips it.
+SAVED_PLAN_KEYS = ("steps", "steps_per_epoch", "world_size", "grad_accum", "unique_forget_examples",
+                   "unique_retain_examples", "effective_epochs", "run_dir")
 COMMANDS = [Command(("unlearn",), "unlearn a corpus through the tuned lens (LoRA or full parameters)", UnlearnConfig,
-                    unlearn, presets=PRESETS, default_preset="seed")]
+                    unlearn, presets=PRESETS, default_preset="seed", derived=SAVED_PLAN_KEYS)]
