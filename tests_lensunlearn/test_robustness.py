@@ -164,6 +164,23 @@ def _argv(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
             "--max_new_tokens", "3", "--fluency_prompts", "1", "--seeds", "0", "--out", str(out), *extra]
 
 
+def test_the_documented_interface_with_explicit_files(run_files):
+    """`robustness RUN --forget C --forget_task T --kept_tasks K --generic G --seeds 0 --out D` on a run whose
+    run_config.json names only its base model: every input comes from the flags."""
+    (run_files["run"] / "run_config.json").write_text(json.dumps({"model": str(run_files["base"])}))
+    out = run_files["tmp"] / "explicit"
+    main(["robustness", str(run_files["run"]), "--forget", str(run_files["corpus"]),
+          "--forget_task", str(run_files["task"]), "--kept_tasks", str(run_files["kept"]),
+          "--generic", str(run_files["generic"]), "--benign", str(run_files["benign"]), "--kinds", "lora",
+          "--lrs", "1e-2", "--steps", "2", "--batch", "4", "--lora_rank", "4", "--max_new_tokens", "2",
+          "--fluency_prompts", "1", "--seeds", "0", "--out", str(out)])
+    saved = json.loads((out / "robustness.json").read_text())
+    for key in ("unlearned", "envelope", "floor", "benign", "base_model_envelope", "kept", "perplexity"):
+        assert key in saved
+    assert set(saved["kept"]) == {"symbols"} and set(saved["envelope"]) == {"2"}
+    assert 0 <= saved["envelope"]["2"]["unseen"] <= 1 and saved["perplexity"]["base"] > 1
+
+
 def test_protocol_on_a_tiny_run(run_files):
     """The documented interface: defaults from the run directory, the documented JSON shape, one file per attack."""
     out = run_files["tmp"] / "robust"
