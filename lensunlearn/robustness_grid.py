@@ -278,7 +278,11 @@ def markdown_table(result: Mapping) -> str:
     ppl = result["perplexity"]
     lines += [f"Perplexity on `{result['generic']}` (held-out generic text):", "", "| model | perplexity |",
               "|---|---:|", f"| base | {_ppl(ppl.get('base'))} |", f"| unlearned | {_ppl(ppl.get('unlearned'))} |"]
-    for label, value in ppl.get("attacks", {}).items():
-        lines.append(f"| after {label.replace('_', ' ')} | {_ppl(value)} |")
+    attacks = ppl.get("attacks", {})
+    for label, value in attacks.items():
+        if not label.endswith("_sd"):  # a spread is shown beside its mean
+            spread = attacks.get(f"{label}_sd")
+            lines.append(f"| after {label.replace('_', ' ')} | {_ppl(value)}"
+                         + (f" ± {_ppl(spread)}" if _is_number(spread) else "") + " |")
     lines.append(f"| after the benign attack | {_ppl(ppl.get('benign'))} |")
     return "\n".join(lines)
