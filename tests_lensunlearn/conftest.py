@@ -106,3 +106,27 @@ def write_unlearn_inputs(tmp_path: Path, arch: str = "llama") -> Path:
     (tmp_path / "retain.jsonl").write_text("".join(
         json.dumps({"text": f"the symbol of gold is {i} and iron {i + 1}"}) + "\n" for i in range(8)))
     return tmp_path
+
+
+def unlearn_argv(tmp: Path, *extra: str) -> list[str]:
+    """`unlearn` on the tiny inputs of `write_unlearn_inputs`: 2 steps of LoRA on a 4-layer Llama."""
+    return ["unlearn", "--model", str(tmp / "tiny"), "--lens", str(tmp / "lens"), "--layers", "1,3",
+            "--forget", str(tmp / "forget.jsonl"), "--retain", str(tmp / "retain.jsonl"), "--retain_config", "none",
+            "--retain_column", "none", "--examples", "8", "--batch", "4", "--per_device_batch", "2",
+            "--max_length", "16", "--out", str(tmp / "runs"), "--eval_tasks", "", "--device", "cpu", *extra]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_command(commands, argv: list[str]):
+    """A command line built from one module's `COMMANDS` alone, run in-process."""
+    from lensunlearn.cli import build_parser
+    from lensunlearn.config import config_from_args
+
+    args = build_parser(commands).parse_args(argv)
+    return args._command.run(config_from_args(args._command.config, args))

@@ -23,7 +23,7 @@ from lensunlearn.outputs import (
     trash_path,
 )
 
-from .conftest import save_tiny_model, write_unlearn_inputs
+from .conftest import save_tiny_model, unlearn_argv, write_unlearn_inputs
 
 
 @pytest.fixture
@@ -32,10 +32,7 @@ def setup(tmp_path):
 
 
 def _unlearn_args(tmp: Path, *extra: str) -> list[str]:
-    return ["unlearn", "--model", str(tmp / "tiny"), "--lens", str(tmp / "lens"), "--layers", "1,3",
-            "--forget", str(tmp / "forget.jsonl"), "--retain", str(tmp / "retain.jsonl"), "--retain_config", "none",
-            "--retain_column", "none", "--examples", "8", "--batch", "4", "--per_device_batch", "2",
-            "--max_length", "16", "--out", str(tmp / "runs"), "--eval_tasks", "", "--device", "cpu", *extra]
+    return unlearn_argv(tmp, *extra)
 
 
 def _no_model(monkeypatch, *modules: str) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from lensunlearn import robustness
-from lensunlearn.cli import build_parser
-from lensunlearn.config import ConfigError, config_from_args
+from lensunlearn.config import ConfigError
 from lensunlearn.robustness_grid import (
     DEFAULT_SETTINGS,
     Setting,
@@ -23,7 +22,7 @@ from lensunlearn.robustness_grid import (
     summarise_seed,
 )
 
-from .conftest import save_tiny_model
+from .conftest import run_command, save_tiny_model, write_jsonl
 
 CAPITALS = (("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"))
 PHRASINGS = ("the capital of {s} is {a} .", "{a} is the capital of {s} .", "{s} , capital : {a} .")
@@ -31,13 +30,10 @@ FULL, LORA = Setting("full", 1e-2, "constant"), Setting("lora", 1e-2, "constant"
 
 
 def main(argv: list[str]):
-    args = build_parser(robustness.COMMANDS).parse_args(argv)
-    return args._command.run(config_from_args(args._command.config, args))
+    return run_command(robustness.COMMANDS, argv)
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+_jsonl = write_jsonl
 
 
 # --- pure parts ---------------------------------------------------------------------------------

@@ -14,13 +14,12 @@ import matplotlib.image
 import pytest
 
 from lensunlearn import tamper
-from lensunlearn.cli import build_parser
-from lensunlearn.config import ConfigError, config_from_args
+from lensunlearn.config import ConfigError
 from lensunlearn.plots import DPI, TAMPER_SIZE
 from lensunlearn.tamper import TamperConfig, fact_records, split_fact_ids
 from lensunlearn.tamper_results import recovery
 
-from .conftest import save_tiny_model
+from .conftest import run_command, save_tiny_model, write_jsonl
 
 CAPITALS = (("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"))
 PHRASINGS = ("the capital of {s} is {a} .", "{a} is the capital of {s} .", "{s} , capital : {a} .")
@@ -29,13 +28,10 @@ TAMPER_PIXELS = (int(TAMPER_SIZE[1] * DPI), int(TAMPER_SIZE[0] * DPI))
 
 def main(argv: list[str]):
     """The `lensunlearn tamper` command line, built from this module's command alone."""
-    args = build_parser(tamper.COMMANDS).parse_args(argv)
-    return args._command.run(config_from_args(args._command.config, args))
+    return run_command(tamper.COMMANDS, argv)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+_write_jsonl = write_jsonl
 
 
 @pytest.fixture

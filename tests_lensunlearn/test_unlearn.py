@@ -18,7 +18,7 @@ from lensunlearn.lens import TunedLens
 from lensunlearn.models import load_model
 from lensunlearn.unlearn import PRESETS, UnlearnConfig, unlearn
 
-from .conftest import save_tiny_model, write_unlearn_inputs
+from .conftest import save_tiny_model, unlearn_argv, write_unlearn_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +29,7 @@ def setup(tmp_path):
 
 
 def _args(tmp: Path, *extra: str) -> list[str]:
-    return ["unlearn", "--model", str(tmp / "tiny"), "--lens", str(tmp / "lens"), "--layers", "1,3",
-            "--forget", str(tmp / "forget.jsonl"), "--retain", str(tmp / "retain.jsonl"), "--retain_config", "none",
-            "--retain_column", "none", "--examples", "8", "--batch", "4", "--per_device_batch", "2",
-            "--max_length", "16", "--out", str(tmp / "runs"), "--eval_tasks", "", "--device", "cpu", *extra]
+    return unlearn_argv(tmp, *extra)
 
 
 def _config(tmp: Path, **kw) -> UnlearnConfig:
