@@ -33,8 +33,10 @@ COMMAND_MODULES = (
     "lensunlearn.lens_eval",
     "lensunlearn.evaluate",
     "lensunlearn.unlearn",
+    "lensunlearn.distill",
     "lensunlearn.tamper",
     "lensunlearn.robustness",
+    "lensunlearn.search",
     "lensunlearn.report",
     "lensunlearn.demo",
 )

@@ -46,9 +46,10 @@ def option(default: Any, help: str, **kw: Any) -> Any:
     """Declare a config field with its help text (shown by `--help`).
 
     Keywords go to the field's metadata: `metavar` (what `--help` shows for the value, e.g. FILE or
-    DIR), `positional`/`nargs`, and `old_names`: former flag names still accepted, hidden from
-    `--help`. For a bool field `old_names` may map a name to the value it sets (`{"lora": False}`:
-    `--lora` sets the field to False, `--no-lora` to True).
+    DIR), `positional`/`nargs`, `append` (a tuple of strings whose flag is repeated, one item each), and
+    `old_names`: former flag names still accepted, hidden from `--help`. For a bool field `old_names`
+    may map a name to the value it sets (`{"lora": False}`: `--lora` sets the field to False,
+    `--no-lora` to True).
     """
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
@@ -159,6 +160,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, defaults: Any = 
             if typing.get_origin(base) is typing.Literal:
                 kwargs["choices"] = typing.get_args(base)
                 kwargs["metavar"] = "{" + ",".join(map(str, kwargs["choices"])) + "}"
+            if f.metadata.get("append"):  # a repeatable flag: each occurrence is one item, commas included
+                kwargs.update(action="append", type=str)
         if f.metadata.get("positional"):
             kwargs.pop("dest")
             kwargs["nargs"] = f.metadata.get("nargs", None)

@@ -119,6 +119,22 @@ def mean_over_ranks(values: dict[str, float], keys: Sequence[str], world: World)
     return {**values, **{k: float(v) / world.world_size for k, v in zip(present, tensor.tolist())}}
 
 
+def average_over_ranks(tensors: Sequence[torch.Tensor], world: World) -> None:
+    """Replace each tensor, in place, by its mean over ranks (one all-reduce of them all, flattened).
+
+    For gradients formed by hand rather than by a backward pass that DDP or FSDP would reduce.
+    """
+    if not world.distributed or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world.world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU (a collective under FSDP: every rank must call it)."""
     if not world.distributed:

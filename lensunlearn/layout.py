@@ -3,12 +3,14 @@
 Each command writes its outputs here and the readers (`tamper` reading an unlearning run, `report`
 reading runs and attacks, `demo` skipping finished stages) find them by the same names, so a name
 changes in one line. Every output folder a command creates holds a marker file naming the kind of
-output (`unlearn`, `lens`, `tamper`, `report`, `demo`), so a folder can be recognised as ours.
+output (`unlearn`, `distill`, `lens`, `tamper`, `report`, `demo`, ...), so a folder can be recognised
+as ours.
 
 Folders:
 
     <unlearn run>/  run_config.json  metrics.jsonl  summary.json  eval.json  base_eval.json
                     adapter/ (LoRA)  merged/ (a Hugging Face model folder)  checkpoint.pt (until done)
+    <distill run>/  an unlearning run's files but adapter/ (base_eval.json is the source run's)
     <lens>/         params.pt  config.json (the tuned-lens library's files)  train_config.json
                     metrics.jsonl  checkpoint.pt (until done)
     <tamper out>/   results.json  tamper.png  metrics.jsonl  split.json  tasks/  original_eval.json
@@ -21,6 +23,10 @@ Folders:
     <robustness out>/  robustness.json  robustness.md  robustness.png  robustness_config.json
                     reference.json  seeds/seed<N>/{split.json, tasks/, start.json, fluency.json,
                     attacks/<role>_<setting>.json}
+    <search out>/   search.json  search.md  runs/<point>/ (unlearn runs)  robustness/<point>/
+                    points/<point>.json  base/ (the base model's evaluation and perplexity)
+    with `--tracker`, a lens, unlearn run, tamper attack's or robustness output folder also holds
+                    wandb/ (wandb's run folders) or tensorboard/ (event files)
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Literal
 from .files import write_json_atomic
 
 MARKER_FILE = ".lensunlearn"
-OutputKind = Literal["unlearn", "lens", "tamper", "report", "demo", "robustness"]
+OutputKind = Literal["unlearn", "lens", "tamper", "report", "demo", "robustness", "search", "distill"]
 
 # unlearning run
 RUN_CONFIG_FILE = "run_config.json"
@@ -98,6 +104,20 @@ ROBUSTNESS_SEEDS_DIR = "seeds"
 ROBUSTNESS_START_FILE = "start.json"
 ROBUSTNESS_FLUENCY_FILE = "fluency.json"
 ROBUSTNESS_ATTACKS_DIR = "attacks"
+
+# experiment trackers (`--tracker`), inside the command's output folder; wandb names its folder itself
+# (`<dir>/wandb/`) and it is written here so that every output name is in this file
+WANDB_DIR = "wandb"
+TENSORBOARD_DIR = "tensorboard"
+
+# grid search over unlearn settings: the summary and its ranked table; one unlearning run, one robustness
+# output and one measured record per point; the base model's numbers, measured once and shared
+SEARCH_FILE = "search.json"
+SEARCH_TABLE_FILE = "search.md"
+SEARCH_RUNS_DIR = "runs"
+SEARCH_ROBUSTNESS_DIR = "robustness"
+SEARCH_POINTS_DIR = "points"
+SEARCH_BASE_DIR = "base"
 
 
 def robustness_seed_dir(out: str | Path, seed: int) -> Path:

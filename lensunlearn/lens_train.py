@@ -25,6 +25,7 @@ from .models import DTYPES, ModelOptions, load_model
 from .optim import OptimizerName, TrainingOptions, build_optimizer, lr_factor
 from .outputs import Output, prepare_output
 from .preflight import check_resumed_config, require_nonnegative, require_positive
+from .tracking import TRACKING_FIELDS, TrackingOptions, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class CorpusOptions(Options):
 
 
 @dataclass
-class LensTrainConfig(CorpusOptions, TrainingOptions, ModelOptions):
+class LensTrainConfig(TrackingOptions, CorpusOptions, TrainingOptions, ModelOptions):
     optimizer: OptimizerName = redefault(TrainingOptions, "optimizer", "muon")
     batch: int = redefault(TrainingOptions, "batch", 8)
     out: str | None = option(None, "the lens folder; None means runs/lens_<model>", metavar="DIR")
@@ -107,8 +108,8 @@ def lens_streams(model, batch: dict[str, torch.Tensor], num_layers: int) -> tupl
     return streams, select_tokens(captured[num_layers], mask).detach()
 
 
-# Settings a resumed lens training may change: where it runs and how often it checkpoints.
-RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "out")
+# Settings a resumed lens training may change: where it runs, how often it checkpoints, where it is tracked.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "out", *TRACKING_FIELDS)
 
 
 def _prepare_out(cfg: LensTrainConfig) -> Output:
@@ -149,7 +150,9 @@ def _train(cfg: LensTrainConfig, out: Path) -> TunedLens:
     write_json_atomic(out / LENS_TRAIN_CONFIG_FILE, to_jsonable(cfg))
     log.info("lens for %s: %d layers, %d training documents, %d steps of %d documents (%.2f epochs)",
              cfg.model, num_layers, len(train_docs), steps, cfg.batch, steps * cfg.batch / len(train_docs))
-    metrics_log = MetricsLog(out / METRICS_FILE, resume_step=start)
+    tracker = open_tracker(cfg, out, Path(cfg.out).name, "lens", resume_step=start)
+    tracker.log_config({**to_jsonable(cfg), "steps": steps, "num_layers": num_layers})
+    metrics_log = MetricsLog(out / METRICS_FILE, resume_step=start, tracker=tracker)
     layers = list(range(num_layers))
 
     def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
@@ -172,9 +175,12 @@ def _train(cfg: LensTrainConfig, out: Path) -> TunedLens:
                     checkpoint=lambda s: save_checkpoint(out, s, trainable, optimizer),
                     checkpoint_every=cfg.checkpoint_every, desc="lens train", postfix=("loss", "tokens_per_s"))
     began = time.perf_counter()
-    run_loop(spec, start_step=start)
-    lens.save(out)
-    remove_checkpoint(out)
+    with tracker:  # closed before the lens folder is swapped in; marked failed on an error
+        last = run_loop(spec, start_step=start)
+        lens.save(out)
+        remove_checkpoint(out)
+        tracker.log_summary({"steps": steps, "final_loss": last.get("loss"), "train_seconds":
+                             time.perf_counter() - began})
     log.info("lens trained in %.1f s", time.perf_counter() - began)
     return lens
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .files import write_text_atomic
 from .optim import MultiOptimizer, set_lr
+
+if TYPE_CHECKING:
+    from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class LoopSpec:
     checkpoint_every: int = 0
     desc: str = "train"
     postfix: Sequence[str] = field(default_factory=tuple)
+    # called after each step (and its on_step) with the number of steps done; True ends the run there
+    stop: Callable[[int], bool] | None = None
 
 
 def _step(spec: LoopSpec, step: int) -> dict[str, float]:
@@ -107,6 +112,8 @@ def run_loop(spec: LoopSpec, start_step: int = 0) -> dict[str, float]:
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in spec.postfix if k in metrics}, refresh=False)
             done = step + 1
+            if spec.stop is not None and spec.stop(done):
+                break
             if spec.checkpoint is not None and spec.checkpoint_every > 0 and done % spec.checkpoint_every == 0 \
                     and done < spec.total_steps:
                 spec.checkpoint(done)
@@ -116,10 +123,13 @@ def run_loop(spec: LoopSpec, start_step: int = 0) -> dict[str, float]:
 
 
 class MetricsLog:
-    """Per-step metrics as JSONL; on resume, lines past the resumed step are dropped."""
+    """Per-step metrics as JSONL; on resume, lines past the resumed step are dropped. Every line also goes
+    to `tracker` (see `tracking`), when one is given, with its `step` as the step: the one place training
+    metrics pass through, so a tracker holds what the file holds."""
 
-    def __init__(self, path: Path, resume_step: int = 0) -> None:
+    def __init__(self, path: Path, resume_step: int = 0, tracker: Tracker | None = None) -> None:
         self.path = Path(path)
+        self.tracker = tracker
         self.enabled = is_main_process()
         if not self.enabled:
             return
@@ -133,3 +143,5 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(metrics, int(metrics["step"]))

@@ -61,7 +61,8 @@ LEGACY_LAYOUTS: dict[str, Callable[[Path], bool]] = {
     "demo": lambda p: (p / layout.DEMO_FACTS_DIR).is_dir() and ((p / layout.DEMO_LENS_DIR).is_dir()
                                                                 or (p / layout.REPORT_FILE).is_file()),
 }
-NOUNS = {"unlearn": "unlearning run", "lens": "tuned lens", "tamper": "tamper output", "demo": "demo folder"}
+NOUNS = {"unlearn": "unlearning run", "lens": "tuned lens", "tamper": "tamper output", "demo": "demo folder",
+         "search": "grid search", "distill": "distillation run"}
 
 
 def _a(kind: str) -> str:

@@ -71,6 +71,7 @@ from .robustness_grid import (
     summarise_seed,
 )
 from .tasks import NUM_CHOICES
+from .tracking import TRACKING_FIELDS, Tracker, TrackingOptions, flatten, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,14 @@ HALF_TASKS = {"forget_attacked": "forget", "forget_unseen": "forget", "fictional
 # Settings that may change on --resume: where it runs and how evaluation is batched (same numbers).
 # Each seed's attacks are stored apart and depend only on the other settings and that seed, so a
 # resumed protocol may add seeds (`--seeds 0` then `--seeds 0,1,2`) and reuses the finished ones.
-RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out", "seeds")
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out", "seeds", *TRACKING_FIELDS)
+# What the tracker's summary holds: robustness.json's numbers, without the per-seed and per-attack detail.
+TRACKED_SUMMARY = ("headline", "unlearned", "envelope", "floor", "benign", "base_model_envelope", "kept", "perplexity",
+                   "wall_seconds")
 
 
 @dataclass
-class RobustnessConfig(ModelOptions):
+class RobustnessConfig(TrackingOptions, ModelOptions):
     run_dir: str = option("", "the unlearning run directory; its merged/ model is attacked", positional=True)
     model: str | None = option(None, "the base model (before unlearning); None: the run's run_config.json model")
     forget: str | None = option(None, "forget corpus with fact_id per row: facts:<domain> or a .jsonl of {text, "
@@ -282,12 +286,15 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Protocol:
     """One model in memory, its weights swapped between the unlearned and base state dicts."""
 
-    def __init__(self, cfg: RobustnessConfig, inputs: Inputs, out: Path) -> None:
+    def __init__(self, cfg: RobustnessConfig, inputs: Inputs, out: Path, tracker: Tracker | None = None) -> None:
         from tqdm.auto import tqdm
 
         from .models import load_model
 
         self.cfg, self.inputs, self.out = cfg, inputs, out
+        # every attack's steps in one tracked run: the tracker's step counts the steps of all attacks
+        # (a tracker's steps only grow); `<attack>/step` is the attack's own
+        self.tracker, self.tracked_steps = tracker or Tracker(), 0
         self.model, self.tokenizer = load_model(str(Path(cfg.run_dir).expanduser() / MERGED_DIR), cfg.dtype, cfg.device,
                                                 cfg.trust_remote_code)
         self.unlearned = snapshot(self.model)
@@ -303,6 +310,10 @@ class Protocol:
         self.bar = tqdm(total=self.total, desc="robustness attacks", dynamic_ncols=True)
         self.durations: list[float] = []
         self.fiction: dict[int, list[str]] = {}
+
+    def track(self, values: dict[str, float]) -> None:
+        self.tracked_steps += 1
+        self.tracker.log(values, self.tracked_steps)
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -506,6 +517,7 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
     points: dict[str, dict] = {}
     losses: list[float] = []
     fiction = role == "fictional"
+    name = f"seed{seed}/{role}_{setting.label}"
 
     def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
         idx = batch_indices(len(chunks), cfg.batch, step, seed)
@@ -518,6 +530,7 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         losses.append(metrics["loss"])
+        tracked = {f"{name}/loss": metrics["loss"], f"{name}/step": step + 1}
         if step + 1 in counts:
             acc = protocol.halves(seed, trainable, fiction)
             # the fictional attack is judged on its own halves; the forget halves ride along
@@ -526,6 +539,8 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
                      if fiction else {ATTACKED: acc["forget_attacked"], UNSEEN: acc["forget_unseen"]})
             points[str(step + 1)] = {**point, "train_loss": statistics.fmean(losses)}
             losses.clear()
+            tracked.update({f"{name}/{half}": value for half, value in point.items()})
+        protocol.track(tracked)
 
     spec = LoopSpec(params=[p for _, p in named], optimizer=optimizer, base_lr=setting.lr, total_steps=total,
                     micro_batches=micro_batches, loss_fn=loss_fn,
@@ -587,12 +602,16 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     output = _prepare(cfg)
     try:
         began = time.perf_counter()
-        protocol = Protocol(cfg, inputs, output.work)
-        reference = protocol.reference()
-        seeds = [protocol.run_seed(seed, first=k == 0) for k, seed in enumerate(cfg.seeds)]
-        protocol.bar.close()
-        result = assemble(cfg, inputs, reference, seeds, time.perf_counter() - began)
-        write_outputs(result, output.work)
+        with open_tracker(cfg, output.work, output.final.name, "robustness") as tracker:
+            tracker.log_config(to_jsonable(cfg))
+            protocol = Protocol(cfg, inputs, output.work, tracker)
+            reference = protocol.reference()
+            seeds = [protocol.run_seed(seed, first=k == 0) for k, seed in enumerate(cfg.seeds)]
+            protocol.bar.close()
+            result = assemble(cfg, inputs, reference, seeds, time.perf_counter() - began)
+            write_outputs(result, output.work)
+            tracker.log_summary(flatten({k: result[k] for k in TRACKED_SUMMARY if k in result}))
+            tracker.log_images([output.work / ROBUSTNESS_PLOT_FILE])
     except BaseException:
         output.discard_if_empty()
         raise

@@ -32,6 +32,7 @@ from .data import FACTS_PREFIX, WMDP_BIO_FORGET_CORPUS, batch_indices, chunk_doc
 from .files import write_json_atomic, write_jsonl_atomic
 from .layout import (
     BASE_EVAL_FILE,
+    EVAL_KEY_PREFIX,
     MERGED_DIR,
     METRICS_FILE,
     MODEL_CONFIG_FILE,
@@ -52,6 +53,7 @@ from .outputs import Output, prepare_output
 from .preflight import check_tasks, require_positive
 from .tamper_results import ATTACKED, HELDOUT, recovery, task_display
 from .tasks import NUM_CHOICES, REFERENCE_EVAL_TASKS, load_items, resolve_tasks
+from .tracking import Tracker, TrackingOptions, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ CHANCE = 1.0 / NUM_CHOICES
 
 
 @dataclass
-class TamperConfig(TrainingOptions, ModelOptions):
+class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
     lr: float = redefault(TrainingOptions, "lr", 2e-5)
     batch: int = redefault(TrainingOptions, "batch", 16)
     per_device_batch: int = redefault(TrainingOptions, "per_device_batch", 4)
@@ -325,12 +327,15 @@ def _trainable_model(model, cfg: TamperConfig):
 
 
 def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[EvalTask],
-           attacked: set[str] | None, original: dict[str, dict], step0: dict[str, dict] | None = None) -> dict:
+           attacked: set[str] | None, original: dict[str, dict], step0: dict[str, dict] | None = None,
+           tracker: Tracker | None = None) -> dict:
     """One fine-tuning attack on a freshly loaded model; `out/results.json` after every evaluation.
 
     `step0` reuses a step-0 measurement of the same weights (every attack of a sweep starts from the
-    same model), which saves one evaluation per extra sweep setting.
+    same model), which saves one evaluation per extra sweep setting. `tracker` gets every metrics
+    line and every evaluation (as `eval/<task>/<metric>` at its step).
     """
+    tracker = tracker or Tracker()
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(model_path(cfg.model), cfg.dtype, cfg.device, cfg.trust_remote_code)
     chunks = attack_chunks(cfg, tokenizer, attacked)
@@ -345,7 +350,8 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
                "chance": CHANCE, "original": original, "records": [], "recovery": {}, "finished": False}
     log.info("attack lr=%g %s: %d chunks, %d steps of %d, evaluating every %d steps", lr, schedule, len(chunks),
              steps, cfg.batch, cfg.eval_every)
-    metrics_log = MetricsLog(out / METRICS_FILE)
+    tracker.log_config(results["config"])
+    metrics_log = MetricsLog(out / METRICS_FILE, tracker=tracker)
     losses: list[float] = []
     began = time.perf_counter()
 
@@ -355,6 +361,8 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
         tasks = tasks if tasks is not None else measure(model, tokenizer, plan, cfg)
         results["records"].append({"step": step, "train_loss": train_loss, "tasks": tasks,
                                    "wall_seconds": round(time.perf_counter() - began, 2)})
+        tracker.log({f"{EVAL_KEY_PREFIX}{task}/{metric}": value for task, scores in tasks.items()
+                     for metric, value in scores.items() if metric in ("acc", "acc_norm")}, step)
         results["recovery"] = recovery(results["records"], cfg.metric)
         results["finished"] = step == steps  # a killed attack's results say so (report marks them)
         write_json_atomic(out / RESULTS_FILE, results)
@@ -430,8 +438,11 @@ def _run_attacks(cfg: TamperConfig, out: Path) -> dict:
     settings = cfg.sweep
     several = len({s for _, s in settings}) > 1
     if len(settings) == 1 and not cfg.lrs and not cfg.schedules:
-        results = attack(cfg, settings[0][0], settings[0][1], out, plan, split and split[0], original)
-        plots.plot_tamper(results, out / TAMPER_PLOT_FILE, cfg.metric)
+        with open_tracker(cfg, out, Path(cfg.out).name, "tamper") as tracker:
+            results = attack(cfg, settings[0][0], settings[0][1], out, plan, split and split[0], original,
+                             tracker=tracker)
+            plots.plot_tamper(results, out / TAMPER_PLOT_FILE, cfg.metric)
+            _track_results(tracker, results, out)
         _log_recovery(results, out)
         return results
     # The summary lists every planned attack up front, so a killed sweep still names its folders.
@@ -441,9 +452,14 @@ def _run_attacks(cfg: TamperConfig, out: Path) -> dict:
     write_json_atomic(out / SWEEP_FILE, summary)
     step0 = None
     for run in runs:
-        results = attack(cfg, run["lr"], run["schedule"], out / run["dir"], plan, split and split[0], original, step0)
+        # one tracked run per attack (a sweep's runs grouped under --out's name), each in its own folder
+        with open_tracker(cfg, out / run["dir"], f"{Path(cfg.out).name}/{run['dir']}", "tamper",
+                          group=Path(cfg.out).name) as tracker:
+            results = attack(cfg, run["lr"], run["schedule"], out / run["dir"], plan, split and split[0], original,
+                             step0, tracker)
+            plots.plot_tamper(results, out / run["dir"] / TAMPER_PLOT_FILE, cfg.metric)
+            _track_results(tracker, results, out / run["dir"])
         step0 = results["records"][0]["tasks"]
-        plots.plot_tamper(results, out / run["dir"] / TAMPER_PLOT_FILE, cfg.metric)
         _log_recovery(results, out / run["dir"])
         run["recovery"] = results["recovery"]
         write_json_atomic(out / SWEEP_FILE, summary)
@@ -451,6 +467,12 @@ def _run_attacks(cfg: TamperConfig, out: Path) -> dict:
                                  out / SWEEP_PLOT_FILE, cfg.metric)
     log.info("sweep plot: %s", out / SWEEP_PLOT_FILE)
     return summary
+
+
+def _track_results(tracker: Tracker, results: dict, out: Path) -> None:
+    """The attack's plot and its recovery per task (last minus first evaluation) as summary numbers."""
+    tracker.log_images([out / TAMPER_PLOT_FILE])
+    tracker.log_summary({f"recovery/{task}": value for task, value in results["recovery"].items()})
 
 
 def _log_recovery(results: dict, out: Path) -> None:

@@ -52,13 +52,23 @@ from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObject
 from .optim import MultiOptimizer, TrainingOptions, build_optimizer, embedding_parameters, lr_factor
 from .outputs import Output, check_name, prepare_output
 from .preflight import check_resumed_config, check_tasks, require_nonnegative, require_positive
+from .robust import (
+    ROBUST_LOGGED,
+    ROBUST_SUMMARY_KEYS,
+    RobustOptions,
+    build_robust_step,
+    check_robust_options,
+    cir_modules,
+    freeze_all_but_cir,
+)
 from .tasks import REFERENCE_EVAL_TASKS
+from .tracking import TRACKING_FIELDS, Tracker, TrackingOptions, open_tracker
 
 log = logging.getLogger(__name__)
 
 SEED_LAYERS = (5, 10, 15, 20, 25, 30)  # the reference experiment's target layers (a 32-block model)
 LOGGED = ("step", "retain_loss", "forget_loss", "retain_weight", "forget_weight", "lr", "grad_norm", "tokens_per_s",
-          "original_cached", "seconds")
+          "original_cached", "seconds") + ROBUST_LOGGED
 
 
 def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
@@ -68,7 +78,7 @@ def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
 
 
 @dataclass
-class UnlearnConfig(TrainingOptions, ModelOptions):
+class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOptions):
     lens: str | None = option(None, "tuned lens folder or hub id; None means runs/lens_<model>, where `lens train` "
                                     "writes")
     layers: tuple[int, ...] | None = option(None, "target layers l (stream l, read by lens l; l = number of "
@@ -115,12 +125,15 @@ class UnlearnConfig(TrainingOptions, ModelOptions):
     seed: int = option(0, "seed for adapters, data order, dropout and random targets")
     out: str = option("runs", "parent folder: the run directory is OUT/<run_name>", metavar="DIR")
     run_name: str | None = option(None, "run directory name; None: <model>_lens_ex<examples>_rm<remove>_ret<retain> "
-                                        "(+ _full, _muon or _sgd, _kl, _random when used)")
+                                        "(+ _full, _muon or _sgd, _kl, _random, _cir, _mask, _norm, _adv when "
+                                        "used)")
     eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training (\"\" skips)")
     eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
                                                                "answer text as continuation")
     eval_batch: int = option(16, "questions per evaluation forward pass")
     eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
+    lm_eval_include: str | None = option(None, "folder of your own lm-eval task YAML files, for lm_eval:<task> "
+                                               "names in --eval_tasks", metavar="DIR")
     eval_base: bool = option(False, f"also evaluate the model before unlearning ({BASE_EVAL_FILE})")
     eval_every: int = option(0, f"also evaluate the eval tasks at step 0 and every N optimiser steps (on --eval_limit "
                                 f"questions), logged to {METRICS_FILE} as {EVAL_KEY_PREFIX}<task>/acc; 0: only after "
@@ -149,6 +162,7 @@ class UnlearnConfig(TrainingOptions, ModelOptions):
             if not self.layers:
                 raise ConfigError("--layers is empty: pass target layers such as 5,10,15, or none for the default")
             check_lora_layers(self.layers, self.full)
+        check_robust_options(self)
         if self.mixed_precision and self.dtype not in ("float32", "auto"):
             raise ConfigError(f"--mixed_precision autocasts float32 weights to bfloat16; with --dtype {self.dtype} "
                               f"pass --dtype float32 (or drop --mixed_precision)")
@@ -173,7 +187,7 @@ class UnlearnConfig(TrainingOptions, ModelOptions):
                f"ret{float(self.retain_coef)}"
         extras = [("_full", self.full), (f"_{self.optimizer}", self.optimizer != "adamw"),
                   ("_kl", self.retain_loss == "kl"), ("_random", self.forget_target == "random")]
-        return name + "".join(suffix for suffix, used in extras if used)
+        return name + "".join(suffix for suffix, used in extras if used) + self.robust_suffix()
 
 
 SEED = UnlearnConfig()
@@ -336,7 +350,7 @@ def _evaluate(cfg: UnlearnConfig, model, tokenizer, lens, path: Path) -> dict | 
     from .evaluate import evaluate
 
     result = evaluate(model, tokenizer, cfg.eval_tasks, format=cfg.eval_format, batch_size=cfg.eval_batch,
-                      limit=cfg.eval_limit, model_name=cfg.model)
+                      limit=cfg.eval_limit, model_name=cfg.model, lm_eval_include=cfg.lm_eval_include)
     result["request"] = eval_request(cfg)
     write_json_atomic(path, result)
     log.info("evaluation -> %s: %s", path, {k: round(v.get("acc", float("nan")), 4)
@@ -355,6 +369,14 @@ def curve_point(result: dict) -> dict[str, float]:
             for metric in ("acc", "acc_norm") if values.get(metric) is not None}
 
 
+def tracked_evals(run_dir: Path) -> dict[str, float]:
+    """The evaluations after and before unlearning as `final/eval/<task>/<metric>` and `base/eval/...`
+    (apart from the curve's own `eval/...` keys, whose points may be on --eval_limit questions)."""
+    files = {"final": run_dir / EVAL_FILE, "base": run_dir / BASE_EVAL_FILE}
+    return {f"{when}/{key}": value for when, path in files.items() if path.is_file()
+            for key, value in curve_point(json.loads(path.read_text())).items()}
+
+
 def evaluate_in_training(cfg: UnlearnConfig, model: torch.nn.Module, tokenizer, device: torch.device) -> dict:
     """Evaluate the model being trained without changing its training: eval mode and no gradients
     inside, train mode after, and torch's random state (CPU and the training device) put back, so the
@@ -369,7 +391,8 @@ def evaluate_in_training(cfg: UnlearnConfig, model: torch.nn.Module, tokenizer, 
         try:
             model.eval()
             result = evaluate(model, tokenizer, cfg.eval_tasks, format=cfg.eval_format, batch_size=cfg.eval_batch,
-                              limit=cfg.eval_limit, model_name=cfg.model, progress=False)
+                              limit=cfg.eval_limit, model_name=cfg.model, progress=False,
+                              lm_eval_include=cfg.lm_eval_include)
         finally:
             model.train(was_training)
     return {**curve_point(result), f"{EVAL_KEY_PREFIX}seconds": time.perf_counter() - began}
@@ -409,19 +432,20 @@ def reusable_eval(path: Path, cfg: UnlearnConfig) -> bool:
     return True
 
 
-# Settings that may change when a run is resumed: where it runs, how often it checkpoints, how much
+# Settings that may change when a run is resumed: where it runs and is tracked, how often it checkpoints, how much
 # memory it trades for speed (the cache and recomputation give the same numbers), the evaluations'
 # batch size and how often training is evaluated (neither changes the weights). Everything else
 # shapes the result and must match the saved run_config.json.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "original_cache_mb",
-                     "gradient_checkpointing", "eval_batch", "eval_every", "out", "run_name", "layers")
+                     "gradient_checkpointing", "eval_batch", "eval_every", "out", "run_name", "layers",
+                     *TRACKING_FIELDS)
 
 
 def check_run_dir(cfg: UnlearnConfig) -> Output:
     """Where this run writes (see `outputs.prepare_output`), after refusing anything that would lose or
     clobber a run, resume with other settings, or fail on its evaluation tasks after training."""
     if cfg.eval_tasks.strip():
-        check_tasks(cfg.eval_tasks)
+        check_tasks(cfg.eval_tasks, lm_eval_include=cfg.lm_eval_include)
     output = prepare_output(Path(cfg.out) / cfg.name, "unlearn", overwrite=cfg.overwrite, resume=cfg.resume,
                             finished=lambda p: (p / SUMMARY_FILE).is_file(), flag="--run_name")
     saved = output.work / RUN_CONFIG_FILE
@@ -533,6 +557,13 @@ def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, outp
     return train(UnlearnJob(cfg, world, device, model, tokenizer, lens, layers, data, output, began))
 
 
+def global_micro_batches(cfg: UnlearnConfig, data: PairedData, step: int) -> list[tuple[int, list[int]]]:
+    """(index, pair ids) of every micro-batch of global step `step`; each process takes its share."""
+    ids = batch_indices(data.pairs, cfg.batch, step, cfg.seed)
+    return [(k // cfg.per_device_batch, ids[k:k + cfg.per_device_batch])
+            for k in range(0, cfg.batch, cfg.per_device_batch)]
+
+
 def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
     """Steps, accumulation and effective epochs; logged before training and saved in run_config.json."""
     steps = max(1, math.ceil(cfg.examples * cfg.epochs / cfg.batch))
@@ -579,17 +610,28 @@ class TrainingSetup:
     cache: OriginalCache | None
 
 
+def sharded(cfg: UnlearnConfig, world: World) -> bool:
+    """Full parameters under torchrun are sharded with FSDP2, except with the robust step: it forms the
+    gradients by hand and averages them itself, so every process holds the whole model (as under DDP)."""
+    return cfg.full and world.distributed and not cfg.robust_step
+
+
 def setup_training(job: UnlearnJob) -> TrainingSetup:
     """LoRA adapters (original model: adapters off) or all parameters (original model: a frozen copy,
-    FSDP2 under torchrun), the objective and the optimiser."""
+    FSDP2 under torchrun; with --cir only the MLP weights it projects), the objective and the optimiser."""
     cfg, model = job.cfg, job.model
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
     if cfg.full:
         original = FrozenCopy(model)
-        model.requires_grad_(True)
-        if job.world.distributed:
+        if cfg.cir:
+            freeze_all_but_cir(model, cir_modules(model, cfg, job.layers, model_parts(model).num_layers))
+        else:
+            model.requires_grad_(True)
+        if sharded(cfg, job.world):
             shard_fsdp(model)
+        elif job.world.distributed:
+            log.info("the robust step averages its own gradients: every process holds the whole model (no FSDP)")
     else:
         torch.manual_seed(cfg.seed)
         model = add_lora(model, cfg, job.layers)
@@ -601,7 +643,7 @@ def setup_training(job: UnlearnJob) -> TrainingSetup:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
                                 exclude_from_muon=embedding_parameters(unwrap(model)))
-    if job.world.distributed and not cfg.full:
+    if job.world.distributed and not cfg.full and not cfg.robust_step:  # the robust step averages by itself
         objective = wrap_ddp(objective, job.device)
     return TrainingSetup(objective, model, trainable, optimizer, cache)
 
@@ -623,21 +665,29 @@ def train(job: UnlearnJob) -> Path:
     cfg, world, run_dir, data = job.cfg, job.world, job.output.work, job.data
     plan = _plan(cfg, data, world)
     setup = setup_training(job)
+    robust = None  # with any robust option on, the step that forms the gradients (checked before training)
+    if cfg.robust_step:
+        robust = build_robust_step(job, setup, plan, lambda step: [
+            data.micro_batch(ids)["forget"] for _, ids in global_micro_batches(cfg, data, step)])
     cache = setup.cache
     if cache is not None:
         revisits = max(0, plan["steps"] * cfg.batch - plan["unique_retain_examples"])
         log.info("original-model cache: up to %d MiB of retain streams; %d of %d retain documents processed are "
                  "revisits", cfg.original_cache_mb, revisits, plan["steps"] * cfg.batch)
-    fsdp = cfg.full and world.distributed
+    fsdp = sharded(cfg, world)
     start = 0
     state = load_checkpoint(run_dir) if cfg.resume else None
     if state is not None:
         start = restore_checkpoint(state, setup.trainable, setup.optimizer)
+        if robust is not None:
+            robust.load_state_dict(state["extra"]["robust"])
         log.info("resuming %s at step %d of %d", run_dir, start, plan["steps"])
+    run_config = {**to_jsonable(cfg), **plan, "layers": list(job.layers), "run_dir": str(job.output.final)}
     if world.is_main:
-        write_json_atomic(run_dir / RUN_CONFIG_FILE, {**to_jsonable(cfg), **plan, "layers": list(job.layers),
-                                                      "run_dir": str(job.output.final)})
-    metrics_log = MetricsLog(run_dir / METRICS_FILE, resume_step=start)
+        write_json_atomic(run_dir / RUN_CONFIG_FILE, run_config)
+    tracker = open_tracker(cfg, run_dir, job.output.final.name, "unlearn", resume_step=start)
+    tracker.log_config(run_config)
+    metrics_log = MetricsLog(run_dir / METRICS_FILE, resume_step=start, tracker=tracker)
     if cfg.eval_every > plan["steps"]:
         log.warning("--eval_every %d is more than the run's %d steps: only step 0 is evaluated during training",
                     cfg.eval_every, plan["steps"])
@@ -645,17 +695,20 @@ def train(job: UnlearnJob) -> Path:
         metrics_log.write({"step": 0, **curve_at(job, setup.model, 0)})
 
     def micro_batches(step: int) -> list:
-        ids = batch_indices(data.pairs, cfg.batch, step, cfg.seed)
-        micro = [(k // cfg.per_device_batch, ids[k:k + cfg.per_device_batch])
-                 for k in range(0, cfg.batch, cfg.per_device_batch)]
-        return [(index, data.micro_batch(pair_ids)) for index, pair_ids in shard(micro, world)]
+        return [(index, data.micro_batch(pair_ids)) for index, pair_ids in
+                shard(global_micro_batches(cfg, data, step), world)]
 
     def loss_fn(item, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         index, batch = item
         retain_weight, forget_weight = schedule(step, plan["steps_per_epoch"], cfg.retain_coef, cfg.remove_coef)
+        target_seed = (cfg.seed * 1_000_003 + step) * 1_009 + index
         with torch.autocast(job.device.type, torch.bfloat16, enabled=cfg.mixed_precision):
-            loss, forget, retain = setup.objective(batch["forget"], batch["retain"], retain_weight, forget_weight,
-                                                   target_seed=(cfg.seed * 1_000_003 + step) * 1_009 + index)
+            if robust is not None:  # forms and writes the gradients itself: the loss comes back detached
+                loss, forget, retain = robust(batch["forget"], batch["retain"], retain_weight, forget_weight,
+                                              target_seed, step)
+            else:
+                loss, forget, retain = setup.objective(batch["forget"], batch["retain"], retain_weight,
+                                                       forget_weight, target_seed=target_seed)
         extra = {}
         if cache is not None and retain_weight:
             hits, misses = cache.take_counts()
@@ -668,6 +721,8 @@ def train(job: UnlearnJob) -> Path:
     def on_step(step: int, metrics: dict[str, float]) -> None:
         metrics.update(mean_over_ranks(metrics, ("forget_loss", "retain_loss"), world))
         metrics["tokens_per_s"] = metrics.get("tokens_per_s", 0.0) * world.world_size
+        if robust is not None:
+            metrics.update(robust.after_step(step, metrics))
         line = {k: metrics[k] for k in LOGGED if k in metrics}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             line.update(curve_at(job, setup.model, step + 1))
@@ -675,7 +730,8 @@ def train(job: UnlearnJob) -> Path:
 
     def checkpoint(step: int) -> None:
         if world.is_main or fsdp:  # under FSDP every rank writes its own shards
-            save_checkpoint(run_dir, step, setup.trainable, setup.optimizer, extra={"run": cfg.name})
+            extra = {"run": cfg.name, **({"robust": robust.state_dict()} if robust is not None else {})}
+            save_checkpoint(run_dir, step, setup.trainable, setup.optimizer, extra=extra)
         barrier(world)
 
     spec = LoopSpec(params=list(setup.trainable.values()), optimizer=setup.optimizer, base_lr=cfg.lr,
@@ -683,24 +739,35 @@ def train(job: UnlearnJob) -> Path:
                     lr_factor=lambda s: lr_factor(s, plan["steps"], cfg.warmup, cfg.schedule),
                     no_sync=no_sync(setup.objective if not fsdp else unwrap(setup.model)), on_step=on_step,
                     checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, desc="unlearn",
-                    postfix=("forget_loss", "retain_loss", "forget_weight", "retain_weight", "lr", "tokens_per_s"))
+                    postfix=("forget_loss", "retain_loss", "forget_weight", "retain_weight", "lr", "tokens_per_s"),
+                    stop=robust.should_stop if robust is not None else None)
     trained_at = time.perf_counter()
-    last = run_loop(spec, start_step=start)
-    return _finish(job, setup.model, plan, last, time.perf_counter() - trained_at)
+    with tracker:  # closed before the run is committed; marked failed on an error
+        last = run_loop(spec, start_step=start)
+        if robust is not None:
+            last.update(robust.summary(last))
+        return _finish(job, setup.model, plan, last, time.perf_counter() - trained_at, tracker)
 
 
-def _finish(job: UnlearnJob, model: torch.nn.Module, plan: dict, last: dict[str, float], train_seconds: float) -> Path:
-    """Save the trained model, evaluate it, drop the checkpoint and write the summary, which marks the run done."""
+def _finish(job: UnlearnJob, model: torch.nn.Module, plan: dict, last: dict[str, float], train_seconds: float,
+            tracker: Tracker | None = None) -> Path:
+    """Save the trained model, evaluate it, drop the checkpoint and write the summary, which marks the run done;
+    the tracker gets the summary and the evaluations before and after unlearning."""
     cfg, world, run_dir = job.cfg, job.world, job.output.work
     merged = save_model(cfg, model, job.tokenizer, run_dir, world)
     if world.is_main:
         _evaluate(cfg, merged, job.tokenizer, job.lens, run_dir / EVAL_FILE)
         remove_checkpoint(run_dir)
-        write_json_atomic(run_dir / SUMMARY_FILE, {
+        summary = {
             "examples": cfg.examples, "epochs": plan["effective_epochs"], "steps": plan["steps"],
             "final_retain_loss": last.get("retain_loss"), "final_forget_loss": last.get("forget_loss"),
             "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - job.began,
-            "layers": list(job.layers), "world_size": world.world_size})
+            "layers": list(job.layers), "world_size": world.world_size,
+            **{k: last[k] for k in ROBUST_SUMMARY_KEYS if k in last}}
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+        if tracker is not None:
+            tracker.log_summary({**summary, **tracked_evals(run_dir)})
+            tracker.close()  # its files are complete before the run folder is swapped in
         job.output.commit()
         log.info("run finished in %.1f s -> %s", time.perf_counter() - job.began, job.output.final)
     barrier(world)

@@ -12,8 +12,8 @@ from lensunlearn.cli_reference import _subparser
 
 def test_help_documents_every_field_with_default():
     commands = all_commands()
-    assert {c.words for c in commands} == {("lens", "train"), ("lens", "eval"), ("eval",), ("unlearn",), ("tamper",),
-                                           ("robustness",), ("report",), ("demo",)}
+    assert {c.words for c in commands} == {("lens", "train"), ("lens", "eval"), ("eval",), ("unlearn",), ("distill",),
+                                           ("tamper",), ("robustness",), ("search",), ("report",), ("demo",)}
     parser = build_parser(commands)
     for command in commands:
         text = _subparser(parser, command.words).format_help()
@@ -88,8 +88,9 @@ def test_one_flag_name_per_concept():
     assert {name for name in retired if name in visible_anywhere} == {"batch", "limit"}
     # the pairs, resolved: one name each, wherever the concept appears
     for name, commands_using in (("holdout", {"lens train", "lens eval", "tamper", "robustness", "demo"}),
-                                 ("eval_batch", {"lens eval", "eval", "unlearn", "tamper", "robustness", "demo"}),
-                                 ("eval_format", {"eval", "unlearn", "tamper", "robustness"}),
+                                 ("eval_batch", {"lens eval", "eval", "unlearn", "distill", "tamper", "robustness",
+                                                 "demo"}),
+                                 ("eval_format", {"eval", "unlearn", "distill", "tamper", "robustness"}),
                                  ("full", {"unlearn", "tamper"}), ("lora_rank", {"unlearn", "tamper", "robustness"})):
         assert visible_anywhere[name] == commands_using, name
 

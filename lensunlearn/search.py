@@ -1,0 +1,740 @@
+"""`search`: a small grid search over `unlearn` settings, run in this process and resumable.
+
+`--grid KEY=V1,V2` (repeated) names an unlearn option and the values to try; the grid is the cross
+product of the options given. Every other unlearn setting is fixed: `--preset`, then unlearn's own
+flags in one quoted string (`--unlearn "--forget facts:x --eval_tasks ..."`, a `--config FILE` among
+them). Both go through unlearn's option machinery, so a grid value is read exactly as the same flag
+on an `unlearn` line would be, and every point's config is built (and refused, with one line) before
+anything trains.
+
+Each point is one unlearning run, `OUT/runs/<point>`, named from its grid values
+(`lr1e-3_remove_coef10`), run after the others in this process. Rerunning the same command
+continues the search: a finished run is reused once its saved config is checked to be the point's,
+an interrupted one continues from its checkpoint (unlearn's `--resume`), and a value added to the
+grid adds runs. A finished run is then measured (`--measure`):
+
+* `eval`: its `eval.json` against the base model's accuracy (the run's `base_eval.json`, else one
+  base evaluation that the search makes and keeps under `OUT/base/`): the forget-domain accuracy
+  (`--forget_task`, by default the first eval task), every kept domain (the other eval tasks) as a
+  share of the base model's, and the perplexity of held-out generic text (`--generic`) as a multiple
+  of the base model's;
+* `robustness`: the same accuracies, and the robustness protocol on the run
+  (`OUT/robustness/<point>`, its options from `--robustness_args`): the unseen-half envelope after
+  the largest attack, the unlearned model's unseen-half accuracy and the fictional-facts floor; the
+  perplexities are the protocol's.
+
+`search.json` holds every point (settings, metrics, which targets it meets, wall times) and
+`search.md` the table in the order of `rank_points`, which never puts a point that broke the model
+ahead of one that kept its general ability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import time
+import types
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import Command, ConfigError, Options, add_config_args, config_from_args, option, to_jsonable
+from .errors import InputError, read_json
+from .files import write_json_atomic, write_text_atomic
+from .layout import (
+    BASE_EVAL_FILE,
+    EVAL_FILE,
+    MERGED_DIR,
+    ROBUSTNESS_CONFIG_FILE,
+    ROBUSTNESS_FILE,
+    RUN_CONFIG_FILE,
+    SEARCH_BASE_DIR,
+    SEARCH_FILE,
+    SEARCH_POINTS_DIR,
+    SEARCH_ROBUSTNESS_DIR,
+    SEARCH_RUNS_DIR,
+    SEARCH_TABLE_FILE,
+    SUMMARY_FILE,
+)
+from .loop import NonFiniteLossError
+from .outputs import Output, is_empty, prepare_output, staging_path
+from .preflight import check_tasks, require_nonnegative, require_positive
+from .robustness import RobustnessConfig, run_robustness
+from .tamper_results import task_display
+from .unlearn import PRESETS, RESUME_MAY_CHANGE, SAVED_PLAN_KEYS, UnlearnConfig, eval_request, reusable_eval, unlearn
+
+log = logging.getLogger(__name__)
+
+# What the search sets for every point itself: where its run goes and what becomes of an earlier one.
+SET_BY_SEARCH = ("out", "run_name", "resume", "overwrite")
+ROBUSTNESS_SET_BY_SEARCH = ("out", "resume", "overwrite")  # and the run directory, its positional argument
+ROBUSTNESS_RUN_PLACEHOLDER = "RUN_DIR"
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+TOLERANCE = 1e-9  # a number at a target's threshold meets it, whatever the float sums round to
+ABILITY_ORDER = {"kept": 0, "unmeasured": 1, "lost": 2}
+RANKING = ("points that keep general ability (every kept domain and the perplexity measured and within "
+           "their targets) first; then points with a capability target left unmeasured and none missed; then "
+           "points that miss a capability target, however well they forget (breaking a model makes it forget "
+           "everything); then points that did not finish. Within each group: lowest unseen-half envelope "
+           "after the attack first (robustness), then lowest forget-domain accuracy; ties keep grid order")
+
+
+@dataclass
+class SearchConfig(Options):
+    grid: tuple[str, ...] = option((), "an unlearn option and the values to try; repeat the flag for each "
+                                       "option searched (the grid is the cross product); separate values by ';' "
+                                       "when they hold commas, e.g. 'layers=20,25;25,29'", metavar="KEY=V1,V2",
+                                   append=True)
+    preset: str = option("seed", "the unlearn preset the fixed settings start from (lensunlearn unlearn --preset)")
+    unlearn: str = option("", "the fixed unlearn settings, as unlearn's flags in one quoted string, e.g. \"--forget "
+                              "facts:country_capital --retain generic:retain\" (a --config FILE among them); the "
+                              "search sets --out, --run_name, --resume and --overwrite of each point", metavar="FLAGS")
+    measure: Literal["eval", "robustness"] = option("eval", "eval: accuracies from each run's eval.json and the "
+                                                            "perplexity of --generic; robustness: the accuracies "
+                                                            "and the robustness protocol on each run")
+    forget_task: str | None = option(None, "the eval task that measures forgetting (the other eval tasks are the "
+                                           "kept domains); None: the first of the points' --eval_tasks")
+    generic: str = option("generic:heldout", "held-out text for perplexity (in no corpus): generic:heldout, a .txt "
+                                             "or .jsonl file; '' skips the perplexity of --measure eval",
+                          metavar="TEXT")
+    robustness_args: str = option("", "for --measure robustness: robustness's flags in one quoted string, e.g. "
+                                      "\"--seeds 0 --grid default\"; the search sets the run directory, --out, "
+                                      "--resume and --overwrite, and passes its --forget_task and --generic unless "
+                                      "given here", metavar="FLAGS")
+    target_forget: float = option(0.35, "target: forget-domain accuracy at most this")
+    target_kept: float = option(0.95, "target: every kept domain's accuracy at least this share of the base model's")
+    target_perplexity: float = option(1.10, "target: perplexity at most this multiple of the base model's")
+    target_envelope: float = option(0.10, "target (robustness): the unseen-half envelope after the largest attack "
+                                          "at most this above the unlearned model's unseen-half accuracy")
+    target_floor: float = option(0.10, "target (robustness): the same envelope at most this above the "
+                                       "fictional-facts floor")
+    out: str = option("runs/search", "the search's folder: runs/<point>/, search.json, search.md", metavar="DIR")
+    overwrite: bool = option(False, "start over: replace --out once every point is done (without it, rerunning "
+                                    "the same command continues the search)")
+
+    def __post_init__(self) -> None:
+        self.grid = tuple(self.grid)
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset {self.preset} is not an unlearn preset: use one of {', '.join(PRESETS)}")
+        require_positive(target_kept=self.target_kept, target_perplexity=self.target_perplexity)
+        require_nonnegative(target_forget=self.target_forget, target_envelope=self.target_envelope,
+                            target_floor=self.target_floor)
+        super().__post_init__()
+        self.plan = make_plan(self)
+
+
+# --- reading the grid and the fixed settings -----------------------------------------------------------
+
+
+class _OptionParser(argparse.ArgumentParser):
+    """A command's options read from a string on the search's line: an error is a ConfigError that
+    names the search flag which held it, never an exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def options_parser(cls: type, flag: str) -> argparse.ArgumentParser:
+    """The parser of a command's config, as `lensunlearn <command>` builds it (with `--config FILE`)."""
+    parser = _OptionParser(prog=flag, add_help=False)
+    add_config_args(parser, cls)
+    return parser
+
+
+def parse_options(cls: type, flag: str, command: str, text: str, set_by_search: tuple[str, ...],
+                  head: tuple[str, ...] = ()) -> argparse.Namespace:
+    """`text`, flags of `command`, parsed by that command's own parser; flags the search sets and unknown
+    ones are refused (naming close matches)."""
+    try:
+        tokens = shlex.split(text)
+    except ValueError as err:
+        raise ConfigError(f"{flag} {text!r}: {err}") from None
+    namespace, unknown = options_parser(cls, flag).parse_known_args([*head, *tokens])
+    if unknown:
+        word = unknown[0]
+        if word.split("=")[0] == "--preset":
+            raise ConfigError(f"{flag}: give the preset as the search's own --preset")
+        close = difflib.get_close_matches(word.lstrip("-").split("=")[0], [f.name for f in dataclasses.fields(cls)],
+                                          1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise ConfigError(f"{flag}: {word} is not an option of lensunlearn {command}{hint}")
+    given = [name for name in set_by_search if hasattr(namespace, name)]
+    if given:
+        raise ConfigError(f"{flag}: the search sets --{given[0]} of every point itself: drop it")
+    return namespace
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One `--grid` option and its values, as typed (for run names) and as read (for the configs)."""
+
+    key: str
+    texts: tuple[str, ...]
+    values: tuple[Any, ...]
+
+
+def type_name(annotation: Any) -> str:
+    """What a value of a config field's type looks like, for an error message."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else annotation
+    if typing.get_origin(base) is Literal:
+        name = "one of " + ", ".join(map(str, typing.get_args(base)))
+    elif typing.get_origin(base) is tuple:
+        inner = typing.get_args(base)[0]
+        name = f"comma-separated {'integers' if inner is int else 'numbers' if inner is float else 'names'}"
+    else:
+        name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+            base, getattr(base, "__name__", str(base)))
+    return name + (" or none" if optional else "")
+
+
+def grid_value(parser: argparse.ArgumentParser, key: str, annotation: Any, text: str) -> Any:
+    """`text` read as `--key text` on an unlearn line; a bool (a flag without a value there) takes true/false."""
+    if annotation is bool:
+        if text.lower() not in TRUE_WORDS + FALSE_WORDS:
+            raise ConfigError(f"--grid {key}={text}: {key} takes true or false, got {text!r}")
+        return text.lower() in TRUE_WORDS
+    try:
+        namespace, _ = parser.parse_known_args([f"--{key}={text}"])
+    except ConfigError:
+        raise ConfigError(f"--grid {key}={text}: {key} takes {type_name(annotation)}, got {text!r}") from None
+    return getattr(namespace, key)
+
+
+def parse_grid(entries: typing.Sequence[str], parser: argparse.ArgumentParser) -> list[Axis]:
+    """The grid's options, each an unlearn field with distinct values of its type."""
+    if not entries:
+        raise ConfigError("--grid is empty: name at least one unlearn option and its values, e.g. --grid lr=1e-3,1e-2")
+    fields = [f.name for f in dataclasses.fields(UnlearnConfig) if f.init and f.metadata.get("cli") is not False]
+    hints = typing.get_type_hints(UnlearnConfig)
+    axes: list[Axis] = []
+    for entry in entries:
+        key, sep, text = (part.strip() for part in entry.partition("="))
+        if not sep or not key or not text:
+            raise ConfigError(f"--grid {entry!r}: write KEY=V1,V2, an unlearn option and the values to try")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, 3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"--grid {key}: not an option of lensunlearn unlearn{hint}")
+        if key in SET_BY_SEARCH:
+            raise ConfigError(f"--grid {key}: the search sets --{key} of every point itself")
+        if any(axis.key == key for axis in axes):
+            raise ConfigError(f"--grid {key} is given twice: list all its values in one --grid {key}=V1,V2")
+        texts = tuple(t.strip() for t in text.split(";" if ";" in text else ","))
+        if not all(texts) or len(set(texts)) != len(texts):
+            raise ConfigError(f"--grid {key}={text}: the values must be distinct and none empty")
+        axes.append(Axis(key, texts, tuple(grid_value(parser, key, hints[key], t) for t in texts)))
+    return axes
+
+
+@dataclass
+class Point:
+    """One grid point: its run's name, its grid values, and the unlearn config that trains it."""
+
+    name: str
+    settings: dict[str, Any]
+    config: UnlearnConfig
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{key}={_show(value)}" for key, value in self.settings.items())
+
+
+def point_name(pairs: typing.Iterable[tuple[str, str]]) -> str:
+    """`lr1e-3_remove_coef10`: each grid option and its value as typed, made safe as a folder name."""
+    name = "_".join(key + re.sub(r"[^A-Za-z0-9.+-]+", "-", text) for key, text in pairs)
+    if len(name) > 96:  # long values (paths) would make a long folder name: keep it readable and unique
+        name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def eval_tasks(config: UnlearnConfig) -> list[str]:
+    return [t.strip() for t in config.eval_tasks.split(",") if t.strip()]
+
+
+def forget_task(cfg: SearchConfig, config: UnlearnConfig) -> str:
+    return cfg.forget_task or eval_tasks(config)[0]
+
+
+def check_measurable(cfg: SearchConfig, config: UnlearnConfig, where: str) -> None:
+    tasks = eval_tasks(config)
+    if not tasks:
+        raise ConfigError(f"{where}: the search measures each run on its eval tasks, and --eval_tasks is empty: "
+                          f"pass --unlearn \"--eval_tasks FORGET_TASK,KEPT_TASK,...\"")
+    if cfg.forget_task and task_display(cfg.forget_task) not in {task_display(t) for t in tasks}:
+        raise ConfigError(f"{where}: --forget_task {cfg.forget_task} is not one of --eval_tasks {','.join(tasks)}")
+
+
+def plan_points(cfg: SearchConfig, axes: list[Axis], fixed: argparse.Namespace) -> list[Point]:
+    """Every point's unlearn config: preset < --unlearn's --config FILE < --unlearn's flags < grid values."""
+    both = [axis.key for axis in axes if hasattr(fixed, axis.key)]
+    if both:
+        raise ConfigError(f"--grid {both[0]} and --unlearn --{both[0]} both set {both[0]}: keep one")
+    points: list[Point] = []
+    for combo in itertools.product(*(range(len(axis.values)) for axis in axes)):
+        settings = {axis.key: axis.values[i] for axis, i in zip(axes, combo)}
+        name = point_name((axis.key, axis.texts[i]) for axis, i in zip(axes, combo))
+        where = "grid point " + " ".join(f"{axis.key}={axis.texts[i]}" for axis, i in zip(axes, combo))
+        clash = next((p for p in points if p.name == name), None)
+        if clash is not None:
+            raise ConfigError(f"{where} and {clash.label} would share the run folder {name}: write their values "
+                              f"so that they differ in letters, digits or . + -")
+        try:
+            config = config_from_args(UnlearnConfig, argparse.Namespace(**vars(fixed), **settings),
+                                      PRESETS[cfg.preset], SAVED_PLAN_KEYS)
+            config = replace(config, out=str(Path(cfg.out) / SEARCH_RUNS_DIR), run_name=name)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        check_measurable(cfg, config, where)
+        points.append(Point(name, settings, config))
+    return points
+
+
+@dataclass
+class Plan:
+    """What a search will do, read and checked when its config is built."""
+
+    axes: list[Axis]
+    points: list[Point]
+    robustness: RobustnessConfig | None  # the protocol's options; its run directory a placeholder
+    robustness_given: frozenset[str]  # the options --robustness_args sets
+
+
+def make_plan(cfg: SearchConfig) -> Plan:
+    fixed = parse_options(UnlearnConfig, "--unlearn", "unlearn", cfg.unlearn, SET_BY_SEARCH)
+    axes = parse_grid(cfg.grid, options_parser(UnlearnConfig, "--grid"))
+    points = plan_points(cfg, axes, fixed)
+    if cfg.measure != "robustness":
+        if cfg.robustness_args.strip():
+            raise ConfigError("--robustness_args is read by --measure robustness only: add it, or drop the arguments")
+        return Plan(axes, points, None, frozenset())
+    namespace = parse_options(RobustnessConfig, "--robustness_args", "robustness", cfg.robustness_args,
+                              ROBUSTNESS_SET_BY_SEARCH, head=(ROBUSTNESS_RUN_PLACEHOLDER,))
+    try:
+        robustness = config_from_args(RobustnessConfig, namespace)
+    except ConfigError as err:
+        raise ConfigError(f"--robustness_args: {err}") from None
+    return Plan(axes, points, robustness, frozenset(vars(namespace)))
+
+
+# --- before anything trains ---------------------------------------------------------------------------
+
+
+def claim_out(cfg: SearchConfig) -> Output:
+    """The search's folder: new, or (rerun without --overwrite) the earlier search to continue, which
+    must be a search's; `--overwrite` writes beside it and swaps the new search in at the end."""
+    final = Path(cfg.out)
+    continuing = not cfg.overwrite and ((final.is_dir() and not is_empty(final)) or staging_path(final).is_dir())
+    return prepare_output(final, "search", overwrite=cfg.overwrite, resume=continuing, finished=lambda _: False)
+
+
+def differences(saved: dict, config: Any, may_change: typing.Iterable[str]) -> str:
+    """'--lr 0.001 -> 0.01, ...': the settings of `config` that a saved config of it holds otherwise."""
+    now, skip = to_jsonable(config), set(may_change)
+    normal = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return ", ".join(f"--{key} {_show(saved[key])} -> {_show(value)}" for key, value in now.items()
+                     if key not in skip and key in saved and normal(saved[key]) != normal(value))
+
+
+def check_points(cfg: SearchConfig, points: list[Point], work: Path) -> None:
+    """What can be refused before the first run trains: every point's tasks and lens, a run (finished or
+    not) or a finished robustness output of other settings, and (robustness) forget corpora and tasks
+    without fact ids."""
+    from .lens import find_lens
+
+    for tasks in {p.config.eval_tasks for p in points}:
+        check_tasks(tasks)
+    for lens, model in {(p.config.lens, p.config.model) for p in points}:
+        find_lens(lens, model)
+    for point in points:
+        run = run_dir_of(point.config)
+        if (run / RUN_CONFIG_FILE).is_file():
+            changed = differences(read_json(run / RUN_CONFIG_FILE), point.config, RESUME_MAY_CHANGE)
+            if changed:
+                raise ConfigError(f"{run} was trained with other settings ({changed}): {cfg.out} holds another "
+                                  f"search; choose another --out, or pass --overwrite to start over")
+    if cfg.plan.robustness is None:
+        return
+    from .robustness import RESUME_MAY_CHANGE as ROBUSTNESS_MAY_CHANGE
+    from .robustness import corpus_rows, forget_items, resolve
+
+    for forget, task in {(p.config.forget, robustness_task(cfg, p)) for p in points}:
+        corpus_rows(forget)
+        forget_items(task)
+    for point in points:
+        out = robustness_dir(work, point)
+        if (out / ROBUSTNESS_FILE).is_file():  # read back later, so it must be of these settings, seeds included
+            changed = differences(read_json(out / ROBUSTNESS_CONFIG_FILE), resolve(robustness_config(cfg, point, out)),
+                                  set(ROBUSTNESS_MAY_CHANGE) - {"seeds"})
+            if changed:
+                raise ConfigError(f"{out} was measured with other robustness settings ({changed}): choose another "
+                                  f"--out, or pass --overwrite to start the search over")
+
+
+# --- running and measuring one point --------------------------------------------------------------------
+
+
+def run_point(cfg: SearchConfig, point: Point, work: Path) -> dict:
+    """Train the point's run unless it is finished (continuing an interrupted one), then measure it; a
+    measured point whose run and measuring settings are unchanged is read back."""
+    run, record_path = run_dir_of(point.config), work / SEARCH_POINTS_DIR / f"{point.name}.json"
+    saved = read_json(record_path) if record_path.is_file() else {}
+    summary = read_json(run / SUMMARY_FILE) if (run / SUMMARY_FILE).is_file() else None
+    if saved.get("status") == "finished" and summary is not None and saved.get("run_summary") == summary \
+            and saved.get("measured_with") == measured_with(cfg):
+        log.info("%s: finished and measured earlier", point.label)
+        return saved
+    if saved.get("status") == "diverged" and summary is None and \
+            not differences(saved["unlearn_config"], point.config, RESUME_MAY_CHANGE):
+        log.info("%s: diverged earlier (%s)", point.label, saved["error"])
+        return saved
+    record: dict[str, Any] = {"name": point.name, "settings": point.settings,
+                              "run_dir": str(Path(cfg.out) / SEARCH_RUNS_DIR / point.name),
+                              "unlearn_config": to_jsonable(point.config)}
+    began = time.perf_counter()
+    if summary is None:
+        resume = run.is_dir() and not is_empty(run)
+        log.info("%s: %s", point.label, "continuing its interrupted run" if resume else "training")
+        try:
+            unlearn(replace(point.config, resume=resume))
+        except NonFiniteLossError as err:
+            log.warning("%s diverged: %s", point.label, err)
+            record.update(status="diverged", error=str(err), seconds={"this_search": time.perf_counter() - began})
+            write_json_atomic(record_path, record)
+            return record
+        summary = read_json(run / SUMMARY_FILE)
+    metrics = measure(cfg, point, work)
+    record.update(status="finished", metrics=metrics, measured_with=measured_with(cfg), run_summary=summary,
+                  seconds={"unlearn": summary.get("wall_seconds"),
+                           "robustness": metrics.get("robustness", {}).get("wall_seconds"),
+                           "this_search": round(time.perf_counter() - began, 1)})
+    write_json_atomic(record_path, record)
+    return record
+
+
+def measured_with(cfg: SearchConfig) -> dict:
+    """The settings a point's metrics depend on besides its run (the targets only judge them)."""
+    return {"measure": cfg.measure, "forget_task": cfg.forget_task, "generic": cfg.generic,
+            "robustness_args": cfg.robustness_args if cfg.measure == "robustness" else None}
+
+
+def measure(cfg: SearchConfig, point: Point, work: Path) -> dict:
+    metrics = accuracies(cfg, point.config, work)
+    if cfg.measure == "robustness":
+        metrics.update(robustness_metrics(cfg, point, work))
+    elif cfg.generic:
+        metrics["perplexity"] = perplexity_ratio(cfg, point.config, work)
+    return metrics
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def accuracy(result: dict, task: str, path: Path) -> float:
+    key = task_display(task)
+    found = result.get("results", {}).get(key) or result.get("groups", {}).get(key)
+    if found is None or found.get("acc") is None:
+        raise InputError(f"{path} has no accuracy for task {key}: the run was evaluated on other tasks")
+    return float(found["acc"])
+
+
+def base_evaluation(config: UnlearnConfig, work: Path) -> tuple[dict, Path]:
+    """The base model's accuracies on the run's eval tasks: the run's base_eval.json, else the search's
+    own evaluation of the same request, made once and shared by every point."""
+    own = run_dir_of(config) / BASE_EVAL_FILE
+    if own.is_file() and reusable_eval(own, config):
+        return read_json(own), own
+    path = work / SEARCH_BASE_DIR / f"eval_{_digest(eval_request(config))}.json"
+    if path.is_file() and reusable_eval(path, config):
+        return read_json(path), path
+    from .evaluate import evaluate
+    from .models import load_model
+
+    log.info("evaluating the base model %s once for every point without a %s", config.model, BASE_EVAL_FILE)
+    model, tokenizer = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
+    result = evaluate(model, tokenizer, config.eval_tasks, format=config.eval_format, batch_size=config.eval_batch,
+                      limit=config.eval_limit, model_name=config.model)
+    result["request"] = eval_request(config)
+    write_json_atomic(path, result)
+    return result, path
+
+
+def run_dir_of(config: UnlearnConfig) -> Path:
+    return Path(config.out) / config.name
+
+
+def accuracies(cfg: SearchConfig, config: UnlearnConfig, work: Path) -> dict:
+    """Forget-domain and kept-domain accuracies of the run, each beside the base model's and as a ratio."""
+    path = run_dir_of(config) / EVAL_FILE
+    result = read_json(path)
+    base, base_path = base_evaluation(config, work)
+    forget = forget_task(cfg, config)
+
+    def row(task: str) -> dict:
+        acc, ref = accuracy(result, task, path), accuracy(base, task, base_path)
+        return {"acc": acc, "base": ref, "ratio": acc / ref if ref > 0 else None}
+
+    kept = [t for t in eval_tasks(config) if task_display(t) != task_display(forget)]
+    return {"forget": {"task": task_display(forget), **row(forget)},
+            "kept": {task_display(t): row(t) for t in kept}}
+
+
+def perplexity_ratio(cfg: SearchConfig, config: UnlearnConfig, work: Path) -> dict:
+    """Perplexity of held-out generic text, unlearned over base (the base model's measured once)."""
+    from .data import load_texts
+    from .fluency import text_perplexity
+    from .models import load_model
+
+    texts = load_texts(cfg.generic, what="--generic text")
+
+    def perplexity(model_name: str) -> float:
+        model, tokenizer = load_model(model_name, config.dtype, config.device, config.trust_remote_code)
+        return text_perplexity(model, tokenizer, texts)
+
+    key = {"model": config.model, "dtype": config.dtype, "generic": cfg.generic}
+    path = work / SEARCH_BASE_DIR / f"perplexity_{_digest(key)}.json"
+    if path.is_file():
+        base = read_json(path)["perplexity"]
+    else:
+        base = perplexity(config.model)
+        write_json_atomic(path, {**key, "perplexity": base})
+    unlearned = perplexity(str(run_dir_of(config) / MERGED_DIR))
+    return {"text": cfg.generic, "base": base, "unlearned": unlearned, "ratio": unlearned / base}
+
+
+def robustness_task(cfg: SearchConfig, point: Point) -> str:
+    given = cfg.plan.robustness_given
+    return cfg.plan.robustness.forget_task if "forget_task" in given else forget_task(cfg, point.config)
+
+
+def robustness_config(cfg: SearchConfig, point: Point, out: Path) -> RobustnessConfig:
+    """The protocol's options for one run: --robustness_args, with the search's forget task and generic text
+    unless those set their own."""
+    extra: dict[str, Any] = {"forget_task": robustness_task(cfg, point)}
+    if "generic" not in cfg.plan.robustness_given and cfg.generic:
+        extra["generic"] = cfg.generic
+    return replace(cfg.plan.robustness, run_dir=str(run_dir_of(point.config)), out=str(out), **extra)
+
+
+def robustness_dir(work: Path, point: Point) -> Path:
+    return work / SEARCH_ROBUSTNESS_DIR / point.name
+
+
+def robustness_metrics(cfg: SearchConfig, point: Point, work: Path) -> dict:
+    """Run the protocol on the point's run (continuing an interrupted output; a finished one, checked by
+    `check_points`, is read back), and read its headline."""
+    out = robustness_dir(work, point)
+    if not (out / ROBUSTNESS_FILE).is_file():
+        run_robustness(replace(robustness_config(cfg, point, out), resume=out.is_dir() and not is_empty(out)))
+    result = read_json(out / ROBUSTNESS_FILE)
+    steps = str(result["headline"]["steps"])
+    ppl = result["perplexity"]
+    return {"robustness": {"dir": str(Path(cfg.out) / SEARCH_ROBUSTNESS_DIR / point.name), "steps": int(steps),
+                           "envelope": result["headline"]["unseen"], "setting": result["headline"].get("setting"),
+                           "unlearned_unseen": result["unlearned"]["unseen"], "base_unseen": result["base"]["unseen"],
+                           "floor": result["floor"].get(steps), "seeds": result["seeds"],
+                           "wall_seconds": result.get("wall_seconds")},
+            "perplexity": {"text": result["generic"], "base": ppl["base"], "unlearned": ppl["unlearned"],
+                           "ratio": ppl["unlearned"] / ppl["base"]}}
+
+
+# --- judging and ranking --------------------------------------------------------------------------------
+
+
+def targets_met(cfg: SearchConfig, metrics: dict) -> dict[str, bool | None]:
+    """Each target: met, missed, or None when this search did not measure it."""
+    kept = list(metrics["kept"].values())
+    met: dict[str, bool | None] = {
+        "forget": metrics["forget"]["acc"] <= cfg.target_forget + TOLERANCE,
+        "kept": all(r["acc"] >= cfg.target_kept * r["base"] - TOLERANCE for r in kept) if kept else None,
+        "perplexity": None, "envelope": None, "floor": None}
+    if metrics.get("perplexity"):
+        met["perplexity"] = metrics["perplexity"]["ratio"] <= cfg.target_perplexity + TOLERANCE
+    robust = metrics.get("robustness")
+    if robust:
+        met["envelope"] = robust["envelope"] <= robust["unlearned_unseen"] + cfg.target_envelope + TOLERANCE
+        if robust["floor"] is not None:
+            met["floor"] = robust["envelope"] <= robust["floor"] + cfg.target_floor + TOLERANCE
+    return met
+
+
+def general_ability(met: dict[str, bool | None]) -> str:
+    """kept (kept domains and perplexity measured and within target), lost (either missed) or unmeasured."""
+    capability = [met["kept"], met["perplexity"]]
+    if False in capability:
+        return "lost"
+    return "kept" if None not in capability else "unmeasured"
+
+
+def rank_points(records: list[dict]) -> list[dict]:
+    """The records in the order of RANKING (finished records carry `ability`); stable, so ties keep grid order."""
+    def key(record: dict) -> tuple:
+        if record.get("status") != "finished":
+            return (len(ABILITY_ORDER), math.inf, math.inf)
+        metrics = record["metrics"]
+        envelope = metrics.get("robustness", {}).get("envelope")
+        return (ABILITY_ORDER[record["ability"]], math.inf if envelope is None else envelope,
+                metrics["forget"]["acc"])
+
+    return sorted(records, key=key)
+
+
+def summarise(cfg: SearchConfig, records: list[dict], seconds: float) -> dict:
+    """search.json: the grid, the targets, every point judged and ranked, and the best point (the first in
+    rank order that misses no capability target; None when every point broke the model)."""
+    import torch
+
+    judged = []
+    for record in records:
+        record = dict(record)
+        if record.get("status") == "finished":
+            record["targets"] = targets_met(cfg, record["metrics"])
+            record["ability"] = general_ability(record["targets"])
+            measured = [met for met in record["targets"].values() if met is not None]
+            record["measured_targets_met"] = all(measured)  # forget accuracy is always measured
+        judged.append(record)
+    ranked = rank_points(judged)
+    for rank, record in enumerate(ranked, 1):
+        record["rank"] = rank
+    best = next((r["name"] for r in ranked if r.get("status") == "finished" and r["ability"] != "lost"), None)
+    targets = {"forget": cfg.target_forget, "kept": cfg.target_kept, "perplexity": cfg.target_perplexity,
+               "envelope": cfg.target_envelope, "floor": cfg.target_floor}
+    return {"config": to_jsonable(cfg), "measure": cfg.measure,
+            "grid": {axis.key: [_jsonable(v) for v in axis.values] for axis in cfg.plan.axes},
+            "targets": targets, "ranking": RANKING, "best": best, "points": ranked,
+            "wall_seconds": round(seconds, 1), "threads": torch.get_num_threads()}
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _mark(met: bool | None) -> str:
+    return {True: " ✓", False: " ✗", None: ""}[met]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _row(summary: dict, record: dict) -> list[str]:
+    settings = [_show(record["settings"][key]) for key in summary["grid"]]
+    robust = summary["measure"] == "robustness"
+    if record.get("status") != "finished":
+        status = record.get("status", "pending")
+        return [str(record["rank"]), *settings, status, *["-"] * (7 if robust else 4)]
+    metrics, met = record["metrics"], record["targets"]
+    forget = metrics["forget"]
+    kept = metrics["kept"]
+    worst = min(kept, key=lambda t: kept[t]["acc"] / kept[t]["base"] if kept[t]["base"] else math.inf) if kept else None
+    kept_cell = "-" if worst is None else (
+        f"{_pct(kept[worst]['ratio'])} ({worst}){_mark(met['kept'])}" if kept[worst]["ratio"] is not None else
+        f"base 0 ({worst}){_mark(met['kept'])}")
+    ppl = metrics.get("perplexity")
+    cells = [f"{_pct(forget['acc'])} ({_pct(forget['base'])}){_mark(met['forget'])}", kept_cell,
+             "-" if not ppl else f"{ppl['ratio']:.3f}{_mark(met['perplexity'])}"]
+    if robust:
+        r = metrics["robustness"]
+        cells += [f"{_pct(r['envelope'])}{_mark(met['envelope'])}", _pct(r["unlearned_unseen"]),
+                  f"{_pct(r['floor'])}{_mark(met['floor'])}"]
+    all_met = "yes" if record["measured_targets_met"] else "no"
+    ability = {"kept": "kept", "lost": "**LOST**", "unmeasured": "unmeasured"}[record["ability"]]
+    seconds = record.get("seconds", {}).get("unlearn")
+    return [str(record["rank"]), *settings, *cells, ability, all_met, "-" if seconds is None else f"{seconds:.0f}"]
+
+
+def markdown_table(summary: dict) -> str:
+    """search.md: the targets, the ranking rule and one row per point in rank order."""
+    cfg, t = summary["config"], summary["targets"]
+    robust = summary["measure"] == "robustness"
+    head = [*summary["grid"], "forget acc % (base)", "worst kept domain, % of base", "perplexity / base"]
+    if robust:
+        head += ["unseen envelope %", "unlearned unseen %", "floor %"]
+    head += ["general ability", "all measured targets met", "unlearn s"]
+    fixed = f", fixed settings `{cfg['unlearn']}`" if cfg["unlearn"] else ""
+    lines = [f"Grid search of `unlearn` settings ({len(summary['points'])} points), preset `{cfg['preset']}`{fixed}, "
+             f"measured by `{cfg['measure']}`.",
+             "",
+             f"Targets: forget-domain accuracy <= {100 * t['forget']:.0f}%; every kept domain >= "
+             f"{100 * t['kept']:.0f}% of the base model's; perplexity of `{cfg['generic'] or '-'}` <= "
+             f"{t['perplexity']:.2f}x the base model's"
+             + (f"; unseen-half envelope after the largest attack <= the unlearned model's unseen half + "
+                f"{100 * t['envelope']:.0f} points and <= the fictional-facts floor + {100 * t['floor']:.0f} points"
+                if robust else "") + ". ✓ met, ✗ missed; general ability is **LOST** when a kept domain or the "
+             "perplexity misses its target.", "", f"Order: {summary['ranking']}.", "",
+             "| rank | " + " | ".join(head) + " |", "|" + "---:|" * (len(head) + 1)]
+    lines += ["| " + " | ".join(_row(summary, r)) + " |" for r in summary["points"]]
+    best = next((r for r in summary["points"] if r["name"] == summary["best"]), None)
+    if best is not None:
+        lines += ["", f"**Best:** `{best['name']}` ({best['run_dir']})"
+                  + ("; general ability only partly measured" if best["ability"] == "unmeasured" else "") + "."]
+    elif any(r.get("status") == "finished" for r in summary["points"]):
+        lines += ["", "**No point keeps general ability:** every finished point misses the kept-domain or the "
+                      "perplexity target, so none is called best."]
+    return "\n".join(lines)
+
+
+def write_summary(cfg: SearchConfig, records: list[dict], work: Path, seconds: float) -> dict:
+    summary = summarise(cfg, records, seconds)
+    write_text_atomic(work / SEARCH_TABLE_FILE, markdown_table(summary))
+    write_json_atomic(work / SEARCH_FILE, summary)
+    return summary
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+
+def run_search(cfg: SearchConfig) -> dict:
+    """Train and measure every point not done yet, then write search.json and search.md; return the summary."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the search's files
+        raise ConfigError("search runs its points one after another in one process: start it without torchrun")
+    output = claim_out(cfg)
+    try:
+        summary = _search(cfg, output.work)
+    except BaseException:
+        output.discard_if_empty()
+        raise
+    output.commit()
+    print(markdown_table(summary))
+    log.info("search: %d points -> %s", len(summary["points"]), output.final / SEARCH_FILE)
+    return summary
+
+
+def _search(cfg: SearchConfig, work: Path) -> dict:
+    began = time.perf_counter()
+    points = [replace(p, config=replace(p.config, out=str(work / SEARCH_RUNS_DIR))) for p in cfg.plan.points]
+    check_points(cfg, points, work)
+    records = {p.name: {"name": p.name, "settings": p.settings, "status": "pending",
+                        "run_dir": str(Path(cfg.out) / SEARCH_RUNS_DIR / p.name)} for p in points}
+    write_summary(cfg, list(records.values()), work, 0.0)  # a killed search still lists its points
+    for k, point in enumerate(points, 1):
+        log.info("search point %d of %d: %s", k, len(points), point.label)
+        records[point.name] = run_point(cfg, point, work)
+        write_summary(cfg, list(records.values()), work, time.perf_counter() - began)
+    return write_summary(cfg, list(records.values()), work, time.perf_counter() - began)
+
+
+COMMANDS = [
+    Command(("search",), "grid search over unlearn settings: one unlearning run per point, each measured (accuracies "
+                         "and perplexity, or the robustness protocol) and ranked against the targets; rerun to "
+                         "continue", SearchConfig, run_search),
+]
