@@ -24,6 +24,7 @@ from lensunlearn.tracking import Tracker, TrackingOptions, numbers, open_tracker
 
 from .conftest import run_command, save_tiny_model, unlearn_argv, write_jsonl, write_unlearn_inputs
 from .test_hardening_cli import one_line
+from .test_robustness import run_files  # noqa: F401  (a fixture: pytest finds it by name)
 
 
 @pytest.fixture
@@ -315,27 +316,13 @@ def test_tamper_sweep_tracks_each_attack_in_its_folder(tmp_path, tamper_argv, of
         assert (run.display_name, run.run_group) == (f"sweep/{label}", "sweep")
 
 
-def test_robustness_tracked_with_wandb(tmp_path, offline_wandb):
+def test_robustness_tracked_with_wandb(tmp_path, offline_wandb, run_files):  # noqa: F811 (the fixture)
     """Every attack's steps in one run (the tracker's step counts all attacks' steps), the summary numbers of
     robustness.json, and its plot."""
-    from .test_robustness import CAPITALS as ROBUST_CAPITALS
-    from .test_robustness import PHRASINGS
-
-    base = save_tiny_model(tmp_path / "base", seed=1)
-    run = tmp_path / "run"
-    save_tiny_model(run / "merged", seed=2)
-    answers = [a for _, a in ROBUST_CAPITALS]
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"fact_id": f"cap:{s}", "text": p.format(s=s, a=a)}
-                                                     for s, a in ROBUST_CAPITALS for p in PHRASINGS])
-    task = write_jsonl(tmp_path / "capitals.jsonl", [
-        {"fact_id": f"cap:{s}", "question": s, "prompt": f"the capital of {s} is", "choices": answers,
-         "answer": answers.index(a)} for s, a in ROBUST_CAPITALS])
-    (tmp_path / "generic.txt").write_text("it was a question of gold and iron .\n")
-    (run / "run_config.json").write_text(json.dumps({"model": str(base), "forget": str(corpus),
-                                                     "eval_tasks": [str(task)], "eval_format": "cloze"}))
+    run, generic = run_files["run"], run_files["generic"]
     out = tmp_path / "robust"
     result = run_command(robustness.COMMANDS, [
-        "robustness", str(run), "--generic", str(tmp_path / "generic.txt"), "--benign", str(tmp_path / "generic.txt"),
+        "robustness", str(run), "--generic", str(generic), "--benign", str(generic),
         "--kinds", "lora", "--lrs", "1e-2", "--steps", "2", "--batch", "2", "--lora_rank", "2",
         "--fluency_prompts", "0", "--out", str(out), "--tracker", "wandb"])
     records = wandb_records(out)
