@@ -173,8 +173,32 @@ def robustness_row(label: str, result: Mapping | None) -> dict[str, Any]:
     _put(row, "attacked", _at(result["headline"], ATTACKED))
     _put(row, "floor", _at(result["floor"], top))
     _put(row, "benign_unseen", _at(result["benign"], UNSEEN))
+    for group, key in FLUENCY_GROUPS.items():
+        row[f"fluency_{key}"], row[f"fluency_{key}_base"] = fluency_median(result, group)
     row.update(capability=capability(result), capability_failures="; ".join(capability_failures(result)))
     return row
+
+
+# The fluency groups shown in the table: the unseen half's prompts (what a user would ask about the
+# forgotten facts) and neighbouring relations of the same subjects.
+FLUENCY_GROUPS = {"forget (unseen half)": "forget", "neighbour": "neighbour"}
+
+
+def fluency_median(result: Mapping, group: str) -> tuple[float | None, float | None]:
+    """The median base-model perplexity of the unlearned model's greedy continuations in `group`, and
+    the base model's own; (None, None) when the output recorded no fluency. Near the base model's means
+    the model answers in words (wrong or right); hundreds mean token salad."""
+    models = ((result.get("fluency") or {}).get("groups") or {}).get(group, {}).get("models") or {}
+    return tuple(_number((models.get(name) or {}).get("summary", {}).get("median"))  # type: ignore[return-value]
+                 for name in ("unlearned", "base"))
+
+
+def fmt_fluency(row: Mapping, key: str) -> str:
+    """"12.3 (base 2.9)", the continuation perplexities of one fluency group; "-" when not recorded."""
+    value, base = _number(row.get(f"fluency_{key}")), _number(row.get(f"fluency_{key}_base"))
+    if value is None:
+        return "-"
+    return f"{value:.1f}" + (f" (base {base:.1f})" if base is not None else "")
 
 
 def fmt_acc(row: Mapping, key: str, base_key: str | None = None, pending: str = "pending") -> str:
@@ -206,7 +230,7 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
     last = f"{tops.pop()} steps" if len(tops) == 1 else "last step"
     header = ["run", "grid", "forget ↓", *(f"{t} ↑" for t in tasks), "perplexity ratio",
               *(f"unseen, {n} steps" for n in steps), f"attacked half, {last}", f"floor, {last}",
-              f"benign, {last}", "best attack", "capability"]
+              f"benign, {last}", "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 4) + "---|---|"]
     for r in rows:
         done = r["capability"] != "pending"
@@ -217,6 +241,7 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
                  (f"{ratio:.2f}" if ratio is not None else "-") if done else "pending",
                  *(fmt_acc(r, f"unseen_{n}", f"base_unseen_{n}") for n in steps),
                  fmt_acc(r, "attacked"), fmt_acc(r, "floor"), fmt_acc(r, "benign_unseen"),
+                 *((fmt_fluency(r, key) if done else "pending") for key in FLUENCY_GROUPS.values()),
                  r.get("best_attack", "pending"), _capability_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -72,6 +72,8 @@ class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
     examples: int = option(512, "keep the first N chunks of the attack corpus")
     max_length: int = option(2048, "chunk documents into pieces of at most this many tokens")
     epochs: float = option(1.0, "passes over the kept chunks")
+    steps: int | None = option(None, "attack for exactly this many optimiser steps, cycling the chunks (as the "
+                                     "robustness grid does); None: --epochs decides")
     lrs: tuple[float, ...] = option((), "sweep: comma-separated learning rates, one attack each (replacing --lr)")
     schedules: tuple[str, ...] = option((), "sweep: comma-separated schedules (crossed with --lrs)")
     full: bool = option(True, "attack all parameters; --no-full attacks with a LoRA adapter",
@@ -109,6 +111,7 @@ class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
         require_positive(eval_batch=self.eval_batch, eval_limit=self.eval_limit, lora_rank=self.lora_rank)
         if self.examples < 1 or self.max_length < 2 or self.epochs <= 0:
             raise ConfigError("--examples must be >= 1, --max_length >= 2 and --epochs > 0")
+        require_positive(steps=self.steps)
         if self.eval_every < 1:
             raise ConfigError(f"--eval_every must be >= 1, got {self.eval_every}")
         if not 0.0 <= self.holdout < 1.0:
@@ -339,7 +342,7 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(model_path(cfg.model), cfg.dtype, cfg.device, cfg.trust_remote_code)
     chunks = attack_chunks(cfg, tokenizer, attacked)
-    steps = max(1, math.ceil(len(chunks) * cfg.epochs / cfg.batch))
+    steps = cfg.steps or max(1, math.ceil(len(chunks) * cfg.epochs / cfg.batch))
     model = _trainable_model(model, cfg)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(named, cfg.optimizer, lr, cfg.weight_decay,

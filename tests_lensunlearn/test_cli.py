@@ -84,7 +84,8 @@ def test_one_flag_name_per_concept():
             assert f"--{name} " not in help_text and f"--{name}\n" not in help_text, (command.words, name)
             assert name not in visible, (command.words, name)
             retired[name] = new
-    assert set(retired) == {"heldout", "batch_size", "tasks", "format", "limit", "batch", "lora", "rank", "original"}
+    assert set(retired) == {"heldout", "batch_size", "tasks", "format", "limit", "batch", "lora", "rank", "original",
+                            "retain_domains"}
     assert {name for name in retired if name in visible_anywhere} == {"batch", "limit"}
     # the pairs, resolved: one name each, wherever the concept appears
     for name, commands_using in (("holdout", {"lens train", "lens eval", "tamper", "robustness", "demo"}),

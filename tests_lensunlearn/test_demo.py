@@ -18,7 +18,8 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     model_dir = save_tiny_model(tmp_path / "tiny", "llama", layers=4)
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(model_dir), "--out", str(out), "--lens_steps", "2", "--unlearn_examples", "32",
-            "--unlearn_layers", "1,3", "--tamper_examples", "16"]
+            "--unlearn_layers", "1,3", "--tamper_examples", "16", "--tamper_steps", "17",
+            "--cir_act_components", "3", "--cir_grad_components", "4"]
     main(argv)
     for name in ("facts/country_capital.jsonl", "lens/params.pt", "lens_eval.json", "base_eval.json",
                  "base_eval.profile.png", "unlearn/eval.json", "unlearn/merged/config.json", "unlearned_eval.json",
@@ -30,7 +31,13 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     report = (out / "report.md").read_text()
     assert "| baseline" in report.lower() or "baseline" in report.lower()
     records = json.loads((out / "tamper" / "results.json").read_text())["records"]
-    assert records[0]["step"] == 0 and len(records) >= 2
+    assert [r["step"] for r in records] == [0, 16, 17]  # the attack cycles its 16 chunks for --tamper_steps
+    assert "facts:country_capital:heldout" in records[-1]["tasks"]  # the unseen half is measured apart
+    run_config = json.loads((out / "unlearn" / "run_config.json").read_text())
+    # the robust preset as a user runs it: its own retain corpus, never the kept domains it is judged on
+    assert run_config["retain"] == "generic:retain" and run_config["examples"] == 32
+    assert run_config["layers"] == [1, 3] and run_config["forget"] == "facts:country_capital"
+    assert run_config["cir"] and run_config["cir_grad_components"] == 4 and run_config["optimizer"] == "muon"
     caplog.clear()
     with caplog.at_level("INFO"):
         main(argv)

@@ -34,7 +34,7 @@ def _point(unseen: float, attacked: float, setting: dict | None = None, sd: floa
 
 
 def _result(*, unseen: tuple[float, float, float], kept: float, ppl: float, sd: float | None = None,
-            grid: str = "default") -> dict:
+            grid: str = "default", fluency: dict | None = None) -> dict:
     """A robustness.json as `robustness` writes it, at 8 and 64 steps; `sd` adds seeds' spreads."""
     spread = (lambda key, v: {key: v, f"{key}_sd": sd}) if sd is not None else (lambda key, v: {key: v})
     seeds = [0, 1, 2] if sd is not None else [0]
@@ -50,8 +50,18 @@ def _result(*, unseen: tuple[float, float, float], kept: float, ppl: float, sd: 
         "base_model_envelope": {"8": _point(0.9, 0.95, LORA), "64": _point(0.92, 1.0, LORA)},
         "kept": {"element_symbol": {"base": 0.96, "unlearned": kept, **spread("after_best_attack", 0.9)}},
         "perplexity": {"base": 20.0, "unlearned": ppl, "after_best_attack": 21.0, "attacks": {}},
-        "fluency": None,
+        "fluency": fluency,
     }
+
+
+def _fluency(forget: float, neighbour: float) -> dict:
+    """A fluency record as `robustness` writes it: median continuation perplexities per group and model."""
+    def models(unlearned: float) -> dict:
+        return {"models": {"base": {"summary": {"median": 3.0}}, "unlearned": {"summary": {"median": unlearned}},
+                           "best attack": {"summary": {"median": 9.0}}}}
+    return {"max_new_tokens": 12, "best_attack": LORA,
+            "groups": {"forget (attacked half)": models(999.0), "forget (unseen half)": models(forget),
+                       "neighbour": models(neighbour), "kept": models(2.5)}}
 
 
 def _output(root: Path, name: str, result: dict | None) -> Path:
@@ -68,7 +78,8 @@ def _output(root: Path, name: str, result: dict | None) -> Path:
 def outputs(tmp_path) -> dict[str, Path]:
     """Two runs: `seeded` (three seeds, holds up, keeps capability) and `wrecked` (one seed, resists only
     because its perplexity rose 30% and a kept task fell to 60% of base)."""
-    return {"seeded": _output(tmp_path, "seeded", _result(unseen=(0.2, 0.4, 0.55), kept=0.95, ppl=21.0, sd=0.05)),
+    return {"seeded": _output(tmp_path, "seeded", _result(unseen=(0.2, 0.4, 0.55), kept=0.95, ppl=21.0, sd=0.05,
+                                                           fluency=_fluency(412.5, 4.25))),
             "wrecked": _output(tmp_path, "wrecked", _result(unseen=(0.05, 0.1, 0.15), kept=0.576, ppl=26.0,
                                                             grid="full"))}
 
@@ -90,16 +101,18 @@ def test_the_table_holds_each_runs_numbers_spreads_and_verdict(outputs, tmp_path
     header, rows = _header(out["markdown"]), _rows(out["markdown"])
     assert header == ["run", "grid", "forget ↓", "element_symbol ↑", "perplexity ratio", "unseen, 8 steps",
                       "unseen, 64 steps", "attacked half, 64 steps", "floor, 64 steps", "benign, 64 steps",
-                      "best attack", "capability"]
+                      "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
     seeded, wrecked = rows["seeded"], rows["wrecked"]
     assert seeded[1] == "default (2 attacks, seeds 0,1,2)" and wrecked[1] == "full (2 attacks, seeds 0)"
     assert seeded[2] == "20.0 ± 5.0 (base 85.0)" and wrecked[2] == "5.0 (base 85.0)"
     assert seeded[3] == "95.0 (base 96.0)" and seeded[4] == "1.05"
     assert seeded[5:10] == ["40.0 ± 5.0 (base 90.0)", "55.0 ± 5.0 (base 92.0)", "95.0 ± 5.0", "30.0 ± 5.0",
                             "15.0 ± 5.0"]
-    assert seeded[10] == "lora lr 0.001 constant" and seeded[11] == "ok"
+    # the unseen half's continuations (not the attacked half's 999) and the neighbours', beside the base model's
+    assert seeded[10:12] == ["412.5 (base 3.0)", "4.2 (base 3.0)"] and wrecked[10:12] == ["-", "-"]
+    assert seeded[12] == "lora lr 0.001 constant" and seeded[13] == "ok"
     assert wrecked[4] == "1.30" and wrecked[6] == "15.0 (base 92.0)"
-    assert wrecked[11] == "**fails**: perplexity x1.30 of base; element_symbol at 60% of base"
+    assert wrecked[13] == "**fails**: perplexity x1.30 of base; element_symbol at 60% of base"
     assert "grid `full` (full lr 0.0001 constant, lora lr 0.001 constant), evaluated after 8, 64 steps" \
         in out["markdown"]
     written = (tmp_path / "rep" / "report.md").read_text()

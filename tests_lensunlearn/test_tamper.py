@@ -112,6 +112,17 @@ def test_lr_sweep_with_lora_and_muon(tmp_path, fact_files):
         main(_args(model, fact_files, out, "--lrs", "1e-3"))
 
 
+def test_steps_cycles_the_chunks_for_exactly_that_many_steps(tmp_path, fact_files):
+    """--steps 7 over 12 chunks in batches of 4 (3 steps an epoch) cycles them past the first pass."""
+    model = save_tiny_model(tmp_path / "tiny")
+    main(_args(model, fact_files, tmp_path / "long", "--steps", "7", "--eval_every", "3"))
+    saved = json.loads((tmp_path / "long" / "results.json").read_text())
+    assert saved["config"]["chunks"] == 12 and saved["config"]["steps"] == 7
+    assert [r["step"] for r in saved["records"]] == [0, 3, 6, 7] and saved["finished"]
+    with pytest.raises(ConfigError, match="--steps"):
+        TamperConfig(steps=0)
+
+
 def test_killed_attack_keeps_its_results(tmp_path, fact_files):
     """SIGKILL mid-attack: results.json still parses and holds every evaluation made so far."""
     model = save_tiny_model(tmp_path / "tiny")

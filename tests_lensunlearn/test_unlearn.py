@@ -81,6 +81,32 @@ def test_presets_and_run_name():
         UnlearnConfig(batch=10, per_device_batch=4)
 
 
+def test_robust_preset_runs_on_the_users_corpora_and_tasks(setup, capsys):
+    """`--preset robust` brings its method (CIR under Muon) and keeps the user's forget, retain and eval tasks;
+    the preset's PCA sizes are cut to what the tiny model's width allows, as a user would."""
+    tasks = str(setup / "forget_questions.jsonl")
+    (setup / "forget_questions.jsonl").write_text(json.dumps(
+        {"question": "q", "prompt": "the capital of france is", "choices": ["paris", "rome", "oslo", "bern"],
+         "answer": 0}) + "\n")
+    run_dir = main(_args(setup, "--preset", "robust", "--eval_tasks", tasks, "--eval_format", "cloze",
+                         "--cir_act_components", "3", "--cir_grad_components", "4", "--no-eval_base",
+                         "--original_cache_mb", "0", "--lens_matmul", "float32"))
+    config = json.loads((run_dir / "run_config.json").read_text())
+    robust = PRESETS["robust"]
+    assert robust.cir and robust.full and robust.optimizer == "muon" and robust.weight_decay == 0.0
+    assert {k: config[k] for k in ("cir", "full", "optimizer", "lr", "cir_refresh", "cir_max_loss_rise")} == \
+        {"cir": True, "full": True, "optimizer": "muon", "lr": robust.lr, "cir_refresh": robust.cir_refresh,
+         "cir_max_loss_rise": robust.cir_max_loss_rise}
+    assert config["forget"] == str(setup / "forget.jsonl") and config["retain"] == str(setup / "retain.jsonl")
+    assert config["eval_tasks"] == tasks and config["layers"] == [1, 3]
+    assert "general_loss_start" in json.loads((run_dir / "summary.json").read_text())
+    assert (run_dir / "eval.json").is_file() and not (run_dir / "adapter").exists()
+    with pytest.raises(SystemExit):
+        main(_args(setup, "--preset", "robust", "--no-full", "--run_name", "lora"))
+    assert "cannot use LoRA adapters: add --full" in capsys.readouterr().err
+    assert not (setup / "runs" / "lora").exists()
+
+
 @pytest.mark.parametrize("case", ["other_model_lens", "layer_out_of_range", "empty_forget", "empty_retain",
                                   "batch_over_ranks", "layer_zero_lora"])
 def test_bad_input_fails_before_training(setup, case, monkeypatch):
