@@ -58,7 +58,8 @@ class DemoConfig(ModelOptions):
                                            "retain corpus is the preset's everyday text)",
                                            old_names=("retain_domains",))
     # 60 steps left a lens under which the robust preset's general-text check stopped unlearning after
-    # 10 steps with country capitals at 48 %; twice that fits the demo's 12 minutes on 2 cores.
+    # 10 steps with country capitals at 48 %; with 120 it ran 20 steps to 33.75 %, and the whole demo
+    # took 12 to 14 minutes on 2 cores.
     lens_steps: int = option(120, "lens training steps (8 documents each)")
     unlearn_examples: int | None = option(None, "forget/retain pairs; None keeps the robust preset's")
     unlearn_layers: tuple[int, ...] | None = option(None, "target layers; None keeps the robust preset's")
@@ -259,7 +260,7 @@ def run_demo(cfg: DemoConfig) -> Path:
                                 holdout=cfg.holdout, eval_tasks=",".join(cfg.tasks[:2]), eval_format="cloze",
                                 lr=cfg.tamper_lr, full=cfg.tamper_full, examples=cfg.tamper_examples,
                                 steps=cfg.tamper_steps, schedule="constant", max_length=64, batch=8,
-                                per_device_batch=8, eval_every=16, baseline=str(base_eval), out=str(tamper_dir),
+                                per_device_batch=8, eval_every=32, baseline=str(base_eval), out=str(tamper_dir),
                                 overwrite=True))
     stages.run("tamper", tamper_dir / TAMPER_PLOT_FILE, tamper)
 

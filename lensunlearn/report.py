@@ -285,9 +285,12 @@ def tamper_rows(attacks: list[tuple[str, dict]]) -> list[dict[str, Any]]:
             if not points:
                 continue
             peak = max(points, key=lambda s: s[1])
+            # steps and their batch say how long the attack was even when --steps cycled the chunks
+            length = f"{cfg['steps']} steps of {cfg['batch']}" if cfg.get("steps") and cfg.get("batch") \
+                else f"{cfg.get('epochs'):g} epoch"
             rows.append({"attack": label, "model": Path(str(cfg.get("model"))).name, "task": task,
-                         "config": f"{cfg.get('chunks')} chunks, lr={fmt_lr(cfg.get('lr'))}, "
-                                   f"{cfg.get('epochs'):g} epoch, {cfg.get('schedule')}, {trained_params(cfg)}, "
+                         "config": f"{cfg.get('chunks')} chunks, lr={fmt_lr(cfg.get('lr'))}, {length}, "
+                                   f"{cfg.get('schedule')}, {trained_params(cfg)}, "
                                    f"{cfg.get('optimizer')}",
                          "step0": points[0][1], "peak": peak[1], "peak_step": peak[0], "final": points[-1][1],
                          "final_step": points[-1][0], "recovery": points[-1][1] - points[0][1]})

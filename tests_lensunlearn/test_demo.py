@@ -18,7 +18,7 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     model_dir = save_tiny_model(tmp_path / "tiny", "llama", layers=4)
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(model_dir), "--out", str(out), "--lens_steps", "2", "--unlearn_examples", "32",
-            "--unlearn_layers", "1,3", "--tamper_examples", "16", "--tamper_steps", "17",
+            "--unlearn_layers", "1,3", "--tamper_examples", "16", "--tamper_steps", "33",
             "--cir_act_components", "3", "--cir_grad_components", "4"]
     main(argv)
     for name in ("facts/country_capital.jsonl", "lens/params.pt", "lens_eval.json", "base_eval.json",
@@ -31,7 +31,7 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     report = (out / "report.md").read_text()
     assert "| baseline" in report.lower() or "baseline" in report.lower()
     records = json.loads((out / "tamper" / "results.json").read_text())["records"]
-    assert [r["step"] for r in records] == [0, 16, 17]  # the attack cycles its 16 chunks for --tamper_steps
+    assert [r["step"] for r in records] == [0, 32, 33]  # the attack cycles its 16 chunks for --tamper_steps
     assert "facts:country_capital:heldout" in records[-1]["tasks"]  # the unseen half is measured apart
     run_config = json.loads((out / "unlearn" / "run_config.json").read_text())
     # the robust preset as a user runs it: its own retain corpus, never the kept domains it is judged on

@@ -64,7 +64,8 @@ def _tamper_dir(root: Path) -> Path:
                           {"acc": h, "acc_norm": h}, "mmlu_stem": {"acc": 0.34, "acc_norm": 0.33}}}
                for s, a, h in ((0, 0.2482, 0.25), (50, 0.5208, 0.30), (100, 0.5161, 0.31))]
     results = {"config": {"model": "runs/best", "forget_task": "wmdp_bio_robust", "lr": 2e-5, "epochs": 1.0,
-                          "schedule": "linear", "chunks": 512, "lora": False, "optimizer": "adamw", "metric": "acc"},
+                          "schedule": "linear", "chunks": 512, "steps": 100, "batch": 8, "lora": False,
+                          "optimizer": "adamw", "metric": "acc"},
                "chance": 0.25, "original": {"wmdp_bio_robust:attacked": {"acc": 0.4297}}, "records": records,
                "recovery": {}}
     _write(root / "attack" / "results.json", results)
@@ -100,7 +101,7 @@ def test_table_rebuilds_identically_from_the_files(tmp_path, runs):
     # No summary.json: losses come from the last metrics line; no eval.json: accuracies are pending.
     assert lines[3] == ("| 16384 | 1 | 1024 | 5.0 | 5.0 | 1e-3 | 32 | 1.00 | 0.50 | pending | pending | "
                         "adamw, full; m_lens_ex16384_rm5.0_ret5.0 |")
-    assert "| attack | best | wmdp_bio_robust:attacked | 512 chunks, lr=2e-5, 1 epoch, linear, full, adamw | " \
+    assert "| attack | best | wmdp_bio_robust:attacked | 512 chunks, lr=2e-5, 100 steps of 8, linear, full, adamw | " \
            "24.82% | 52.08% (50) | 51.61% (100) | +26.79 pts |" in text
     assert "| wmdp_bio_robust:heldout |" in text
     rows = list(csv.DictReader((tmp_path / "r1" / "report.csv").open()))
