@@ -59,7 +59,7 @@ class DemoConfig(ModelOptions):
                                            old_names=("retain_domains",))
     # 60 steps left a lens under which the robust preset's general-text check stopped unlearning after
     # 10 steps with country capitals at 48 %; with 120 it ran 20 steps to 33.75 %, and the whole demo
-    # took 12 to 14 minutes on 2 cores.
+    # took 9 to 12 minutes on 2 cores.
     lens_steps: int = option(120, "lens training steps (8 documents each)")
     unlearn_examples: int | None = option(None, "forget/retain pairs; None keeps the robust preset's")
     unlearn_layers: tuple[int, ...] | None = option(None, "target layers; None keeps the robust preset's")
@@ -98,8 +98,8 @@ class DemoConfig(ModelOptions):
 
 
 # Rough seconds per stage on a 2-core CPU, for the ETA before any stage has been timed.
-EXPECTED_SECONDS = {"facts": 1, "lens": 330, "base eval": 20, "unlearn": 240, "unlearned eval": 20,
-                    "tamper": 110, "report": 5}
+EXPECTED_SECONDS = {"facts": 1, "lens": 240, "base eval": 20, "unlearn": 240, "unlearned eval": 20,
+                    "tamper": 90, "report": 5}
 
 
 # Flags that do not change any stage's result: a rerun may change them freely.

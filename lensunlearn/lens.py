@@ -67,7 +67,10 @@ class TunedLens(nn.Module):
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding, the logit lens; float32 logits."""
-        normed = self.final_norm(h)
+        return self.decode_normed(self.final_norm(h))
+
+    def decode_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """The unembedding of an already normed stream; float32 logits."""
         if self._matmul_weight is None:
             return self.unembed(normed)
         logits = F.linear(normed.to(self._matmul_weight.dtype), self._matmul_weight).float()

@@ -135,6 +135,19 @@ def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where torch has one for these parameters.
+
+    The default implementation loops over parameters with several elementwise passes each; the
+    fused one makes a single pass, which on a CPU took a full-parameter step of the 135M embedded
+    model from 0.44 s to 0.12 s (`benchmarks/adamw_cpu.py`). Sharded (FSDP2) parameters, devices
+    without a fused kernel and non-float parameters keep the default: the update is the same.
+    """
+    fusable = all(p.is_floating_point() and not is_sharded(p) and p.device.type in ("cpu", "cuda")
+                  for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fusable or None)
+
+
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], name: OptimizerName, lr: float,
                     weight_decay: float, exclude_from_muon: Iterable[nn.Parameter] = (),
                     momentum: float = 0.95) -> MultiOptimizer:
@@ -144,7 +157,7 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], name: Opti
         raise ValueError("no trainable parameters: nothing to optimise")
     params = [p for _, p in named_params]
     if name == "adamw":
-        return MultiOptimizer([torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)])
+        return MultiOptimizer([adamw(params, lr, weight_decay)])
     if name == "sgd":
         return MultiOptimizer([torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)])
     if name == "muon":
@@ -155,7 +168,7 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], name: Opti
             optimizers.append(muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                    adjust_lr_fn="match_rms_adamw"))
         if rest:
-            optimizers.append(torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay))
+            optimizers.append(adamw(rest, lr, weight_decay))
         return MultiOptimizer(optimizers)
     raise ValueError(f"unknown optimizer {name!r}: use adamw, muon or sgd")
 

@@ -13,7 +13,10 @@ micro-batch's gradients are formed here and the loop only clips and steps:
    gradient of next-token cross-entropy on the retain text; each summed over micro-batches;
 3. after the last micro-batch: the sums averaged over processes (the step bypasses DDP), the
    forget gradient rescaled (`--normalise_grad`) and masked (`--disruption_mask`), and
-   param.grad = forget weight x forget gradient + retain weight x retain gradient.
+   param.grad = forget weight x forget gradient + retain weight x retain gradient;
+4. after the optimiser step, at each re-estimate (`--cir`): next-token loss on the general text
+   against its budget (`--cir_max_loss_rise`); past it, training stops or, with
+   `--cir_on_loss_rise shrink`, goes on at a learning rate shrunk by `--cir_shrink`.
 
 Shared directions after "Collapse of Irrelevant Representations" (Sondej & Yang 2025, code
 filyp/unlearning src/CIR.py, configs/CIR_simple.yaml); masking, normalisation and the adversary
@@ -28,7 +31,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,8 +49,12 @@ log = logging.getLogger(__name__)
 
 Batch = Mapping[str, torch.Tensor]
 # What the step adds to each line of the metrics log, and to the run's summary.
-ROBUST_LOGGED = ("forget_grad_norm", "masked_fraction", "adversary_loss", "general_loss", "cir_refreshed")
-ROBUST_SUMMARY_KEYS = ("general_loss_start", "general_loss_end", "stopped_early_at_step")
+ROBUST_LOGGED = ("forget_grad_norm", "masked_fraction", "adversary_loss", "general_loss", "cir_refreshed",
+                 "lr_scale")
+ROBUST_SUMMARY_KEYS = ("general_loss_start", "general_loss_end", "stopped_early_at_step", "lr_shrunk_at_steps")
+# --cir_on_loss_rise shrink stops once the learning rate is shrunk below this share of the schedule's:
+# by then the updates are too small to move the loss, and the run would only spend time.
+MIN_LR_SCALE = 0.01
 # The --cir_corpus value that means the forget documents themselves (CIR's own code estimates its
 # directions on the forget set).
 FORGET_CORPUS = "forget"
@@ -78,6 +85,12 @@ class RobustOptions(Options):
     cir_max_loss_rise: float = option(0.01, "stop training when next-token loss on the general text rises more "
                                             "than this fraction over its start, checked at each re-estimate (CIR's "
                                             "loss budget: 1.01x in its code, 1.001x in its configs); 0: never stop")
+    cir_on_loss_rise: Literal["stop", "shrink"] = option("stop", "what a general-text loss past --cir_max_loss_rise "
+                                                                 "does: stop training, or shrink the learning rate "
+                                                                 "by --cir_shrink and go on (stopping once it is "
+                                                                 "below 1/100 of the schedule's)")
+    cir_shrink: float = option(0.5, "factor on the learning rate at each check past the loss budget, with "
+                                    "--cir_on_loss_rise shrink")
     disruption_mask: bool = option(False, "keep the forget update only where its sign agrees with the retain "
                                           "gradient's (MUDMAN's disruption masking); the retain gradient here is "
                                           "that of next-token loss on the retain text, averaged over steps")
@@ -96,6 +109,8 @@ class RobustOptions(Options):
                             cir_max_loss_rise=self.cir_max_loss_rise, adversary_steps=self.adversary_steps)
         require_positive(cir_pca_docs=self.cir_pca_docs, adversary_lr=self.adversary_lr,
                          adversary_every=self.adversary_every)
+        if not 0 < self.cir_shrink < 1:
+            raise ConfigError(f"--cir_shrink must be in (0, 1), got {self.cir_shrink}")
         if not 0 <= self.mask_momentum < 1:
             raise ConfigError(f"--mask_momentum must be in [0, 1), got {self.mask_momentum}")
         if self.cir_blocks is not None and (not self.cir_blocks or min(self.cir_blocks) < 0):
@@ -116,6 +131,9 @@ class RobustOptions(Options):
 
 def check_robust_options(cfg: Any) -> None:
     """Refuse robust options combined with a setting they cannot use (unlearn's config calls this)."""
+    if cfg.cir_on_loss_rise == "shrink" and not (cfg.cir and cfg.cir_max_loss_rise):
+        raise ConfigError("--cir_on_loss_rise shrink acts on --cir's general-text loss budget: add --cir with a "
+                          "--cir_max_loss_rise above 0")
     if not cfg.cir:
         return
     if not cfg.full:
@@ -264,6 +282,8 @@ class RobustStep:
         self.retain_average: dict[str, torch.Tensor] = {}
         self.general_start: float | None = None
         self.stopped_at: int | None = None
+        self.lr_scale = 1.0  # the factor --cir_on_loss_rise shrink puts on the schedule's learning rate
+        self.shrunk_at: list[int] = []
         self.step_metrics: dict[str, float] = {}
         self._sums: dict[str, dict[str, torch.Tensor]] = {}
         self._micro = 0
@@ -414,8 +434,10 @@ class RobustStep:
 
     def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """The step's own metrics for the log; at each re-estimate (and the last step) the general-text
-        loss, and a stop when it rose past --cir_max_loss_rise."""
+        loss, and a stop (or a shrunk learning rate) when it rose past --cir_max_loss_rise."""
         out = dict(self.step_metrics)
+        if self.cfg.cir_on_loss_rise == "shrink":
+            out["lr_scale"] = self.lr_scale  # the factor this step's learning rate had
         done = step + 1
         if self.general_start is not None and (done % self.inputs.refresh_every == 0
                                                or done == self.inputs.total_steps):
@@ -423,10 +445,18 @@ class RobustStep:
             out["general_loss"] = loss
             limit = self.general_start * (1 + self.cfg.cir_max_loss_rise)
             if loss > limit and done < self.inputs.total_steps:
-                self.stopped_at = done
-                log.warning("step %d: general-text loss %.4f is past %.4f (%.2f%% over its start %.4f): stopping "
-                            "(--cir_max_loss_rise)", done, loss, limit, 100 * self.cfg.cir_max_loss_rise,
-                            self.general_start)
+                past = (f"step {done}: general-text loss {loss:.4f} is past {limit:.4f} "
+                        f"({100 * self.cfg.cir_max_loss_rise:.2f}% over its start {self.general_start:.4f})")
+                shrunk = self.lr_scale * self.cfg.cir_shrink
+                if self.cfg.cir_on_loss_rise == "shrink" and shrunk >= MIN_LR_SCALE:
+                    self.lr_scale = shrunk
+                    self.shrunk_at.append(done)
+                    log.warning("%s: learning rate shrunk to %.3g of the schedule's (--cir_on_loss_rise shrink)",
+                                past, shrunk)
+                else:
+                    self.stopped_at = done
+                    log.warning("%s: stopping (%s)", past, "--cir_max_loss_rise" if self.cfg.cir_on_loss_rise ==
+                                "stop" else f"the learning rate would fall below {MIN_LR_SCALE} of the schedule's")
         return out
 
     def should_stop(self, done: int) -> bool:
@@ -437,13 +467,14 @@ class RobustStep:
         if self.general_start is None:
             return {}
         return {"general_loss_start": self.general_start, "general_loss_end": last.get("general_loss"),
-                "stopped_early_at_step": self.stopped_at}
+                "stopped_early_at_step": self.stopped_at, "lr_shrunk_at_steps": list(self.shrunk_at)}
 
     # -- checkpoints --
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly (the trained weights are saved apart)."""
         state: dict[str, Any] = {"target_norm": self.target_norm, "general_start": self.general_start,
+                                 "lr_scale": self.lr_scale, "shrunk_at": list(self.shrunk_at),
                                  "retain_average": {n: t.cpu() for n, t in self.retain_average.items()}}
         if self.directions is not None:
             state["directions"] = self.directions.state_dict()
@@ -454,6 +485,7 @@ class RobustStep:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.target_norm, self.general_start = state["target_norm"], state["general_start"]
+        self.lr_scale, self.shrunk_at = state.get("lr_scale", 1.0), list(state.get("shrunk_at", []))
         self.retain_average = {n: t.to(self.device) for n, t in state["retain_average"].items()}
         if self.directions is not None:
             self.directions.load_state_dict(state["directions"])

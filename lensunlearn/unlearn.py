@@ -751,7 +751,8 @@ def train(job: UnlearnJob) -> Path:
 
     spec = LoopSpec(params=list(setup.trainable.values()), optimizer=setup.optimizer, base_lr=cfg.lr,
                     total_steps=plan["steps"], micro_batches=micro_batches, loss_fn=loss_fn, clip=cfg.clip,
-                    lr_factor=lambda s: lr_factor(s, plan["steps"], cfg.warmup, cfg.schedule),
+                    lr_factor=lambda s: lr_factor(s, plan["steps"], cfg.warmup, cfg.schedule) * (
+                        robust.lr_scale if robust is not None else 1.0),
                     no_sync=no_sync(setup.objective if not fsdp else unwrap(setup.model)), on_step=on_step,
                     checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, desc="unlearn",
                     postfix=("forget_loss", "retain_loss", "forget_weight", "retain_weight", "lr", "tokens_per_s"),

@@ -206,3 +206,37 @@ def test_chunked_lens_kl_equals_naive_kl_and_its_gradients(arch, mode):
             assert param.grad is None or not param.grad.any()
         else:
             torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lens_table_equals_kl_and_top1_from_whole_distributions(arch):
+    # lens_table reads each layer's logits only for logsumexp and argmax; the reference builds both
+    # distributions and takes KL(p || q) and top-1 agreement directly
+    import torch.nn.functional as F
+
+    from lensunlearn.data import collate
+    from lensunlearn.lens_eval import lens_table
+    from lensunlearn.lens_train import lens_streams
+
+    model, tokenizer = make_tiny_model(arch)
+    model.requires_grad_(False)
+    lens = _randomise(TunedLens.from_model(model))
+    generator = torch.Generator().manual_seed(5)
+    docs = [torch.randint(3, len(tokenizer), (n,), generator=generator).tolist() for n in (5, 9, 3, 7, 6)]
+    rows = lens_table(model, lens, docs, tokenizer.pad_token_id, batch=2, chunk=4)
+    sums, tokens = torch.zeros(lens.num_layers, 4, dtype=torch.float64), 0
+    for start in range(0, len(docs), 2):
+        streams, final = lens_streams(model, collate(docs[start:start + 2], tokenizer.pad_token_id), lens.num_layers)
+        tokens += streams.shape[0]
+        with torch.no_grad():
+            target = F.log_softmax(lens.decode(final), dim=-1)
+            for layer in range(lens.num_layers):
+                for column, logits in ((0, lens.decode(streams[:, layer])), (1, lens(streams[:, layer], layer))):
+                    pred = F.log_softmax(logits, dim=-1)
+                    sums[layer, column] += (target.exp() * (target - pred)).sum().double()
+                    sums[layer, column + 2] += (pred.argmax(-1) == target.argmax(-1)).sum().double()
+    expected = (sums / tokens).tolist()
+    assert tokens == sum(len(d) for d in docs)
+    for row, ref in zip(rows, expected, strict=True):
+        got = [row["logit_lens_kl"], row["tuned_lens_kl"], row["logit_lens_top1"], row["tuned_lens_top1"]]
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-5)
+        assert row["tuned_lens_kl"] != row["logit_lens_kl"]  # the randomised lens is not the logit lens

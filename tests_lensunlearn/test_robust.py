@@ -200,7 +200,8 @@ def test_all_options_off_never_build_the_step_and_leave_training_unchanged(setup
 
 
 @pytest.mark.parametrize("case", ["cir_lora", "cir_adamw", "cir_decay", "cir_blocks", "momentum", "adversary_every",
-                                  "act_over_width", "grad_over_tokens", "empty_corpus"])
+                                  "act_over_width", "grad_over_tokens", "empty_corpus", "shrink_without_cir",
+                                  "shrink_without_budget", "shrink_factor"])
 def test_bad_input_fails_before_training(setup, case):
     cir = {**CIR}
     kw, match = {
@@ -214,6 +215,10 @@ def test_bad_input_fails_before_training(setup, case):
         "grad_over_tokens": ({**cir, "cir_grad_components": 30, "cir_pca_docs": 2},
                              "need at least 30 general-text tokens.*hold 18"),
         "empty_corpus": ({**cir, "cir_corpus": str(setup / "empty.jsonl")}, "--cir_corpus corpus .* is empty"),
+        "shrink_without_cir": ({"cir_on_loss_rise": "shrink"}, "--cir_on_loss_rise shrink acts on --cir's"),
+        "shrink_without_budget": ({**cir, "cir_on_loss_rise": "shrink", "cir_max_loss_rise": 0.0},
+                                  "a --cir_max_loss_rise above 0"),
+        "shrink_factor": ({**cir, "cir_shrink": 1.0}, r"--cir_shrink must be in \(0, 1\)"),
     }[case]
     (setup / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
     error = InputError if case == "empty_corpus" else ConfigError
@@ -242,6 +247,44 @@ def test_general_loss_budget_stops_training_and_the_summary_says_where(setup, mo
     assert (run_dir / "merged" / "model.safetensors").exists()
 
 
+
+
+def test_shrink_rule_halves_the_learning_rate_past_the_budget_and_goes_on(setup, monkeypatch):
+    """Checks after steps 2, 4, 6 and 8 against 2.0 with a 10 % budget: 2.1 passes, 2.3 and 2.25 each halve the
+    learning rate from the next step on; the last step's 2.3 changes nothing (the run ends there anyway)."""
+    from lensunlearn.optim import lr_factor
+
+    measured = iter([2.0, 2.1, 2.3, 2.25, 2.3])
+    monkeypatch.setattr(RobustStep, "general_loss", lambda self: next(measured))
+    cfg = _config(setup, **CIR, examples=32, cir_refresh=2, cir_max_loss_rise=0.1, cir_on_loss_rise="shrink")
+    run_dir = unlearn(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 8 and len(lines) == 8 and summary["stopped_early_at_step"] is None
+    assert summary["lr_shrunk_at_steps"] == [4, 6]
+    scales = [1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+    for step, (line, scale) in enumerate(zip(lines, scales, strict=True)):
+        assert line["lr"] == pytest.approx(cfg.lr * lr_factor(step, 8, cfg.warmup, cfg.schedule) * scale)
+    assert [line["lr_scale"] for line in lines] == scales
+
+
+def test_shrink_rule_stops_once_the_learning_rate_would_fall_below_a_hundredth(setup, monkeypatch):
+    measured = iter([2.0, 2.3, 2.3, 2.3])
+    monkeypatch.setattr(RobustStep, "general_loss", lambda self: next(measured))
+    run_dir = unlearn(_config(setup, **CIR, examples=32, cir_refresh=2, cir_max_loss_rise=0.1,
+                              cir_on_loss_rise="shrink", cir_shrink=0.05))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # 0.05 after step 2; 0.0025 would be below 0.01, so step 4 stops the run
+    assert summary["lr_shrunk_at_steps"] == [2] and summary["stopped_early_at_step"] == 4
+
+
+def test_the_shrunk_learning_rate_is_in_the_checkpoint_state(setup):
+    step, *_ = _step(setup, **CIR, cir_max_loss_rise=0.1, cir_on_loss_rise="shrink")
+    step.lr_scale, step.shrunk_at = 0.25, [4, 6]
+    fresh, *_ = _step(setup, **CIR, cir_max_loss_rise=0.1, cir_on_loss_rise="shrink")
+    assert fresh.lr_scale == 1.0
+    fresh.load_state_dict(step.state_dict())
+    assert fresh.lr_scale == 0.25 and fresh.shrunk_at == [4, 6]
 
 
 def test_resume_after_a_kill_ends_with_the_same_weights(setup):
