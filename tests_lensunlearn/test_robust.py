@@ -280,6 +280,7 @@ def test_shrink_rule_stops_once_the_learning_rate_would_fall_below_a_hundredth(s
 
 def test_the_shrunk_learning_rate_is_in_the_checkpoint_state(setup):
     step, *_ = _step(setup, **CIR, cir_max_loss_rise=0.1, cir_on_loss_rise="shrink")
+    step.refresh(0)  # a checkpoint is written after the first estimate of the shared directions
     step.lr_scale, step.shrunk_at = 0.25, [4, 6]
     fresh, *_ = _step(setup, **CIR, cir_max_loss_rise=0.1, cir_on_loss_rise="shrink")
     assert fresh.lr_scale == 1.0
