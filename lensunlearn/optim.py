@@ -47,6 +47,10 @@ class TrainingOptions(Options):
         super().__post_init__()
 
 
+# Param-group settings that pick how a step is computed, not what it computes.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
+
+
 class MultiOptimizer:
     """Several optimisers stepped as one (Muon for matrices plus AdamW for the rest)."""
 
@@ -70,7 +74,13 @@ class MultiOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         for opt, sub in zip(self.optimizers, state["optimizers"], strict=True):
+            # torch takes every group setting from the saved state, including which implementation
+            # runs the step; a checkpoint from another torch or device would otherwise choose it
+            # (say, the slow unfused loop): the live optimiser's choice is kept, the numbers are loaded
+            chosen = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in opt.param_groups]
             opt.load_state_dict(sub)
+            for group, flags in zip(opt.param_groups, chosen, strict=True):
+                group.update(flags)
 
 
 class ShardedMuon(torch.optim.Muon):

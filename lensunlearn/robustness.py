@@ -16,6 +16,11 @@ and prior, which makes it the floor. Capability is the kept tasks' accuracy and 
 held-out generic text before unlearning, after it and after every attack; fluency is the base
 model's perplexity of the base, unlearned and best-attacked models' greedy continuations.
 
+Other phrasings of the forget facts (`--phrasings`: the questions asked as "Q: ... A:", or the
+user's own question files) are measured on both halves for the base and unlearned models and at
+the end of every grid attack: forgetting that holds only for the phrasing it was trained on, or
+relearning that carries to phrasings the attack never used, shows there.
+
 One model is loaded; the unlearned and base weights stay in memory as CPU state dicts and are
 copied back before each attack. Each finished attack is written to its own file, so a killed
 protocol continues with `--resume`, skipping finished attacks (with the same settings only).
@@ -76,6 +81,7 @@ from .tracking import TRACKING_FIELDS, Tracker, TrackingOptions, flatten, open_t
 log = logging.getLogger(__name__)
 
 ROLES = ("grid", "base", "benign", "fictional")
+AUTO_PHRASING, QA_PHRASING = "auto", "qa"
 HALF_TASKS = {"forget_attacked": "forget", "forget_unseen": "forget", "fictional_attacked": "fictional",
               "fictional_unseen": "fictional"}
 # Settings that may change on --resume: where it runs and how evaluation is batched (same numbers).
@@ -118,6 +124,12 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
     holdout: float = option(0.5, "fraction of the forget task's facts in the unseen half")
     seeds: tuple[int, ...] = option((0,), "comma-separated seeds; each repeats the split and the attacks")
     eval_batch: int = option(32, "questions per evaluation forward pass")
+    phrasings: tuple[str, ...] = option(("auto",), "other phrasings of the forget task's facts, measured on "
+                                                   "both halves before and after every grid attack: qa (each "
+                                                   "question's `question` field as 'Q: <question>\\nA:', cloze "
+                                                   "only) or .jsonl question files whose rows carry the forget "
+                                                   "task's fact_id; auto: qa in cloze format, none in letter; "
+                                                   "'' none")
     fluency_prompts: int = option(3, "prompts per group whose greedy continuations are recorded (0: none)")
     max_new_tokens: int = option(12, "tokens of each greedy continuation")
     out: str | None = option(None, "the output folder; None: runs/robustness_<run name>", metavar="DIR")
@@ -129,6 +141,8 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
             tuple(k for k in self.kinds.split(",") if k)
         self.schedules = tuple(s for s in self.schedules if s) if not isinstance(self.schedules, str) else \
             tuple(s for s in self.schedules.split(",") if s)
+        self.phrasings = tuple(s.strip() for s in (self.phrasings.split(",") if isinstance(self.phrasings, str)
+                                                   else self.phrasings) if s.strip())
         self.lrs, self.steps, self.seeds = parse_float_list(self.lrs), parse_int_list(self.steps), \
             parse_int_list(self.seeds)
         if not self.run_dir:
@@ -148,6 +162,11 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
             raise ConfigError(f"--max_length must be at least 2, got {self.max_length}")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}: it is the unseen half's share")
+        for name in self.phrasings:
+            if name not in (AUTO_PHRASING, QA_PHRASING) and not name.endswith(".jsonl"):
+                raise ConfigError(f"--phrasings {name}: name qa, auto or a .jsonl question file")
+        if AUTO_PHRASING in self.phrasings and len(self.phrasings) > 1:
+            raise ConfigError("--phrasings auto stands alone: list qa and the files instead")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds must name distinct seeds, got {','.join(map(str, self.seeds))}")
         super().__post_init__()
@@ -176,6 +195,7 @@ class Inputs:
     generic: list[str]
     benign: list[str]
     splits: dict[int, tuple[list[str], list[str]]]
+    phrasings: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # name -> rows with fact_id
 
 
 def _run_config(run: Path) -> dict:
@@ -203,8 +223,14 @@ def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
     kept = cfg.kept_tasks if cfg.kept_tasks is not None else ",".join(t for t in tasks if t != forget_task)
     fmt = cfg.eval_format or saved.get("eval_format") or "cloze"
     out = cfg.out or str(Path("runs") / f"robustness_{run.resolve().name}")
+    phrasings = cfg.phrasings
+    if phrasings == (AUTO_PHRASING,):
+        phrasings = (QA_PHRASING,) if fmt == "cloze" else ()
+    elif QA_PHRASING in phrasings and fmt != "cloze":
+        raise ConfigError(f"--phrasings qa scores the question field as a cloze prompt, but the format is {fmt}, "
+                          f"which already asks the question field: drop qa or pass --eval_format cloze")
     return dataclasses.replace(cfg, model=model, forget=forget, forget_task=forget_task, kept_tasks=kept,
-                               eval_format=fmt, out=out)
+                               eval_format=fmt, out=out, phrasings=phrasings)
 
 
 def corpus_rows(source: str) -> list[dict]:
@@ -248,6 +274,40 @@ def forget_items(task: str) -> list[dict]:
     return items
 
 
+def qa_prompt(question: str) -> str:
+    """The question asked as a dialogue turn the answer completes, a phrasing no fact corpus uses."""
+    return f"Q: {question.strip()}\nA:"
+
+
+def phrasing_items(cfg: RobustnessConfig, items: list[dict]) -> dict[str, list[dict]]:
+    """{name: question rows with fact_id} for every other phrasing (`cfg` resolved): `qa` from the forget
+    task's own rows, a file's rows restricted to the forget task's facts."""
+    from .tamper_results import task_display
+    from .tasks import load_items
+
+    ids = {i["fact_id"] for i in items}
+    out: dict[str, list[dict]] = {}
+    for source in cfg.phrasings:
+        if source == QA_PHRASING:
+            name, rows = QA_PHRASING, [{**i, "prompt": qa_prompt(i["question"])} for i in items]
+        else:
+            name = task_display(source)
+            rows = load_items(check_tasks(source, "--phrasings")[0])
+            missing = sum("fact_id" not in r for r in rows)
+            if missing:
+                raise ValueError(f"--phrasings {source}: {missing} of {len(rows)} questions lack fact_id, which "
+                                 f"ties each question to a fact of the forget task: add it to every row")
+            rows = [r for r in rows if r["fact_id"] in ids]
+            if not rows:
+                raise ValueError(f"--phrasings {source} asks about none of the forget task's facts (no fact_id in "
+                                 f"common with {cfg.forget_task}): give questions about the forgotten facts")
+        if name in out or name in HALF_TASKS:
+            raise ValueError(f"--phrasings: two phrasings are named {name!r} (a file's name is its stem): rename "
+                             f"one file")
+        out[name] = rows
+    return out
+
+
 def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
     """Everything that can be wrong with the inputs, found before any attack (`cfg` resolved)."""
     items = forget_items(cfg.forget_task)
@@ -271,7 +331,7 @@ def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
         splits[seed] = (attacked, unseen)
     if not chunk_documents(benign, tokenizer, cfg.max_length):
         raise ValueError(f"--benign {cfg.benign} yields no chunks of 2+ tokens")
-    return Inputs(items, corpus, kept, generic, benign, splits)
+    return Inputs(items, corpus, kept, generic, benign, splits, phrasing_items(cfg, items))
 
 
 # --- the protocol -------------------------------------------------------------------------------
@@ -342,6 +402,15 @@ class Protocol:
 
         return text_perplexity(model or self.model, self.tokenizer, self.inputs.generic)
 
+    def phrasing_halves(self, seed: int, model=None) -> dict[str, dict[str, float]]:
+        """{phrasing: {attacked, unseen}}: each other phrasing's accuracy on the seed's two halves."""
+        tasks = self.seed_dir(seed) / "tasks"
+        files = [tasks / f"phrasing_{name}_{half}.jsonl" for name in self.inputs.phrasings
+                 for half in (ATTACKED, UNSEEN)]
+        acc = self.accuracy([str(f) for f in files if f.is_file()], model)
+        return {name: {half: acc.get(f"phrasing_{name}_{half}") for half in (ATTACKED, UNSEEN)}
+                for name in self.inputs.phrasings}
+
     def halves(self, seed: int, model=None, fiction: bool = False) -> dict[str, float]:
         names = [n for n, kind in HALF_TASKS.items() if fiction or kind == "forget"]
         tasks = self.seed_dir(seed) / "tasks"
@@ -386,6 +455,12 @@ class Protocol:
                                 ("fictional_unseen", questions, f_unseen)):
             keep = set(ids)
             write_jsonl_atomic(folder / "tasks" / f"{name}.jsonl", [r for r in rows if r["fact_id"] in keep])
+        for name, rows in self.inputs.phrasings.items():
+            for half, ids in ((ATTACKED, attacked), (UNSEEN, unseen)):
+                keep = set(ids)
+                chosen = [r for r in rows if r["fact_id"] in keep]
+                if chosen:  # a file may ask about some facts only: a half it misses is reported as None
+                    write_jsonl_atomic(folder / "tasks" / f"phrasing_{name}_{half}.jsonl", chosen)
         self.fiction[seed] = [r["text"] for r in fiction if r["fact_id"] in set(f_attacked)]
 
         def compute() -> dict:
@@ -393,6 +468,8 @@ class Protocol:
             for name, state in (("unlearned", self.unlearned), ("base", self.base)):
                 self.restore(state)
                 out[name] = self.halves(seed, fiction=True)
+                if self.inputs.phrasings:
+                    out[name]["phrasings"] = self.phrasing_halves(seed)
             return out
 
         return self.stage(folder / ROBUSTNESS_START_FILE, compute)
@@ -558,6 +635,8 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
         if role in ("grid", "benign"):
             out["kept"] = protocol.accuracy(protocol.inputs.kept, trainable)
             out["perplexity"] = protocol.perplexity(trainable)
+        if role == "grid" and protocol.inputs.phrasings:
+            out["phrasings"] = protocol.phrasing_halves(seed, trainable)
         if prompts:
             from .fluency import greedy_continuations
 

@@ -160,6 +160,21 @@ def strongest(attacks: Sequence[Mapping], steps: Sequence[int]) -> Mapping:
     return next(r for r in attacks if r["setting"] == best)
 
 
+def _phrasings(start: Mapping, grid: Sequence[Mapping], best: Mapping) -> dict:
+    """Per other phrasing: both halves for the base and unlearned models, after the best attack (the
+    headline's, chosen on the shipped phrasing) and the grid's envelope in that phrasing, all at the
+    end of the attacks."""
+    out = {}
+    for name in start["unlearned"].get("phrasings") or {}:
+        ends = [(r, r["phrasings"][name]) for r in grid if (r.get("phrasings") or {}).get(name, {}).get(UNSEEN)
+                is not None]
+        top = max(ends, key=lambda e: e[1][UNSEEN], default=None)
+        out[name] = {"base": start["base"]["phrasings"][name], "unlearned": start["unlearned"]["phrasings"][name],
+                     "after_best_attack": (best.get("phrasings") or {}).get(name),
+                     "envelope": {**top[1], "setting": top[0]["setting"]} if top else None}
+    return out
+
+
 def summarise_seed(start: Mapping, attacks: Mapping[str, Sequence[Mapping]], steps: Sequence[int]) -> dict:
     """One seed's numbers from its step-0 measurements (`start`: both models on the four half tasks) and
     its attack records by role (grid, base, benign, fictional)."""
@@ -187,6 +202,7 @@ def summarise_seed(start: Mapping, attacks: Mapping[str, Sequence[Mapping]], ste
         "kept": {task: {"after_best_attack": acc} for task, acc in (best.get("kept") or {}).items()},
         "perplexity": {"after_best_attack": best.get("perplexity"), "benign": benign_best.get("perplexity"),
                        "attacks": {Setting(**r["setting"]).label: r.get("perplexity") for r in grid}},
+        "phrasings": _phrasings(start, grid, best),
         "attacks": {Setting(**r["setting"]).label: {
             "setting": r["setting"], "perplexity": r.get("perplexity"), "kept": r.get("kept"),
             "steps": {n: {ATTACKED: p[ATTACKED], UNSEEN: p[UNSEEN]} for n, p in r["steps"].items()}} for r in grid},
@@ -235,6 +251,27 @@ def _ppl(value: Any) -> str:
     return f"{value:.2f}" if _is_number(value) else "-"
 
 
+def _halves(point: Any) -> str:
+    """`attacked / unseen` in percent, each with its spread over seeds."""
+    if not isinstance(point, Mapping):
+        return "-"
+    return " / ".join(_pct(point.get(h), point.get(f"{h}_sd")) for h in (ATTACKED, UNSEEN))
+
+
+def _phrasing_table(result: Mapping) -> list[str]:
+    head = result["headline"]
+    lines = [f"Other phrasings of the forget task's facts (attacked / unseen half, after {head['steps']} attack "
+             f"steps; the best attack is the headline's, chosen on the task's own phrasing; the envelope is the "
+             f"most any grid attack recovered in that phrasing):", "",
+             "| phrasing | base model | unlearned | best attack | envelope |", "|---|---:|---:|---:|---:|",
+             f"| the task's own | {_halves(result['base'])} | {_halves(result['unlearned'])} | {_halves(head)} | "
+             f"{_halves(head)} |"]
+    for name, row in result["phrasings"].items():
+        lines.append(f"| {name} | {_halves(row.get('base'))} | {_halves(row.get('unlearned'))} | "
+                     f"{_halves(row.get('after_best_attack'))} | {_halves(row.get('envelope'))} |")
+    return lines
+
+
 def markdown_table(result: Mapping) -> str:
     """robustness.json as markdown: accuracies in percent (mean ± sd over seeds), perplexities."""
     steps = [str(n) for n in result["steps"]]
@@ -269,6 +306,8 @@ def markdown_table(result: Mapping) -> str:
                   f"{_pct(head['unseen'], head.get('unseen_sd'))}% (unlearned {_pct(result['unlearned']['unseen'])}%, "
                   f"base model {_pct(result['base']['unseen'])}%, floor {_pct(floor)}%; "
                   f"{describe_setting(head.get('setting'))}).", ""]
+    if result.get("phrasings"):
+        lines += _phrasing_table(result) + [""]
     if result["kept"]:
         lines += ["| kept task | base | unlearned | after best attack |", "|---|---:|---:|---:|"]
         for task, row in result["kept"].items():

@@ -12,6 +12,9 @@ number is the mean and `<key>_sd` beside it the sample sd):
      "headline": {"steps", "unseen", "attacked", "setting"}, "floor": {"0", "<n>"},
      "benign": {"unseen", "attacked"}, "base_model_envelope": {"<n>": {"unseen"}},
      "kept": {task: {"base", "unlearned", "after_best_attack"}}, "perplexity": {"base", "unlearned"}}
+
+and, where the protocol measured other phrasings of the forget facts (optional: older outputs lack it),
+"phrasings": {name: {"base", "unlearned", "after_best_attack", "envelope": {"attacked", "unseen"}}}.
 """
 
 from __future__ import annotations
@@ -173,6 +176,10 @@ def robustness_row(label: str, result: Mapping | None) -> dict[str, Any]:
     _put(row, "attacked", _at(result["headline"], ATTACKED))
     _put(row, "floor", _at(result["floor"], top))
     _put(row, "benign_unseen", _at(result["benign"], UNSEEN))
+    for name, phrasing in (result.get("phrasings") or {}).items():
+        row[f"phrasing_{name}_base"] = _at(phrasing.get("base"), UNSEEN)[0]
+        _put(row, f"phrasing_{name}_forget", _at(phrasing.get("unlearned"), UNSEEN))
+        _put(row, f"phrasing_{name}_envelope", _at(phrasing.get("envelope"), UNSEEN))
     for group, key in FLUENCY_GROUPS.items():
         row[f"fluency_{key}"], row[f"fluency_{key}_base"] = fluency_median(result, group)
     row.update(capability=capability(result), capability_failures="; ".join(capability_failures(result)))
@@ -225,12 +232,14 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
     finished = [result for _, result in runs if result is not None]
     steps = sorted({n for result in finished for n in result["steps"]})
     tasks = list(dict.fromkeys(task for result in finished for task in result["kept"]))
+    phrasings = list(dict.fromkeys(name for result in finished for name in result.get("phrasings") or {}))
     rows = [robustness_row(label, result) for label, result in runs]
     tops = {r["headline_steps"] for r in rows if "headline_steps" in r}
     last = f"{tops.pop()} steps" if len(tops) == 1 else "last step"
     header = ["run", "grid", "forget ↓", *(f"{t} ↑" for t in tasks), "perplexity ratio",
               *(f"unseen, {n} steps" for n in steps), f"attacked half, {last}", f"floor, {last}",
-              f"benign, {last}", "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
+              f"benign, {last}", *(c for p in phrasings for c in (f"{p}: forget ↓", f"{p}: unseen, {last}")),
+              "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 4) + "---|---|"]
     for r in rows:
         done = r["capability"] != "pending"
@@ -241,6 +250,8 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
                  (f"{ratio:.2f}" if ratio is not None else "-") if done else "pending",
                  *(fmt_acc(r, f"unseen_{n}", f"base_unseen_{n}") for n in steps),
                  fmt_acc(r, "attacked"), fmt_acc(r, "floor"), fmt_acc(r, "benign_unseen"),
+                 *(fmt_acc(r, f"phrasing_{p}_{key}", f"phrasing_{p}_base" if key == "forget" else None)
+                   for p in phrasings for key in ("forget", "envelope")),
                  *((fmt_fluency(r, key) if done else "pending") for key in FLUENCY_GROUPS.values()),
                  r.get("best_attack", "pending"), _capability_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lensunlearn.optim import adamw, build_optimizer
+from lensunlearn.optim import MultiOptimizer, adamw, build_optimizer
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -41,3 +41,29 @@ def test_parameters_without_a_fused_kernel_keep_the_default_adamw():
     meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
     assert not adamw([meta], 1e-3, 0.0).defaults["fused"]
     assert adamw([torch.nn.Parameter(torch.zeros(3))], 1e-3, 0.0).defaults["fused"]
+
+
+def test_a_checkpoint_from_the_default_adamw_resumes_fused_with_its_moments():
+    """Loading an optimiser state saved by the unfused AdamW keeps this optimiser's fused kernel and
+    takes the saved moments and step: the resumed step equals the default one continued."""
+    old_params, new_params = _params(0), _params(0)
+    old = MultiOptimizer([torch.optim.AdamW(old_params, lr=1e-2)])
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for p in old_params]
+    for p, g in zip(old_params, grads):
+        p.grad = g.clone()
+    old.step()
+    new = build_optimizer([(str(k), p) for k, p in enumerate(new_params)], "adamw", 1e-2, 0.01)
+    with torch.no_grad():
+        for a, b in zip(new_params, old_params):
+            a.copy_(b)
+    new.load_state_dict(old.state_dict())
+    assert new.optimizers[0].param_groups[0]["fused"] is True
+    moments = [o.optimizers[0].state[p[0]]["exp_avg"] for o, p in ((new, new_params), (old, old_params))]
+    assert torch.equal(*moments)
+    for params in (old_params, new_params):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+    old.step()
+    new.step()
+    for a, b in zip(new_params, old_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

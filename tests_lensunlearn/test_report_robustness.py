@@ -119,6 +119,23 @@ def test_the_table_holds_each_runs_numbers_spreads_and_verdict(outputs, tmp_path
     assert written.strip() == out["markdown"].strip() and "wrecking general ability" in written
 
 
+def test_other_phrasings_get_columns_and_older_outputs_a_dash(outputs, tmp_path):
+    """An output that measured the Q/A phrasing shows its unseen half unlearned (beside the base model's)
+    and after the attacks; one written before phrasings existed shows dashes in those columns."""
+    result = json.loads((outputs["seeded"] / "robustness.json").read_text())
+    result["phrasings"] = {"qa": {"base": {"attacked": 0.7, "unseen": 0.75}, "unlearned": {"attacked": 0.3,
+                                                                                         "unseen": 0.35},
+                                  "after_best_attack": {"attacked": 0.8, "unseen": 0.5},
+                                  "envelope": {"attacked": 0.8, "unseen": 0.6, "unseen_sd": 0.1, "setting": FULL}}}
+    (outputs["seeded"] / "robustness.json").write_text(json.dumps(result))
+    out = main(["--robustness", f"{outputs['seeded']},{outputs['wrecked']}", "--out", str(tmp_path / "rep")])
+    header, rows = _header(out["markdown"]), _rows(out["markdown"])
+    at = header.index("qa: forget ↓")
+    assert header[at + 1] == "qa: unseen, 64 steps"
+    assert rows["seeded"][at:at + 2] == ["35.0 (base 75.0)", "60.0 ± 10.0"]
+    assert rows["wrecked"][at:at + 2] == ["-", "-"]
+
+
 @pytest.mark.parametrize("ppl, kept, fails", [(22.0, 0.96, False), (22.1, 0.96, True), (20.0, 0.913, False),
                                               (20.0, 0.911, True)])
 def test_capability_fails_just_past_either_limit(ppl, kept, fails):

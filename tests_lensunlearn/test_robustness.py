@@ -213,8 +213,20 @@ def test_protocol_on_a_tiny_run(run_files):
     fluency = saved["fluency"]["groups"]
     assert set(fluency) == {"forget (attacked half)", "forget (unseen half)", "kept"}
     assert set(fluency["kept"]["models"]) == {"base", "unlearned", "best attack"}
+    # the other phrasing (cloze format: the questions asked as Q/A) on both halves, before and after
+    qa_unseen = [json.loads(line) for line in
+                 (out / "seeds" / "seed0" / "tasks" / "phrasing_qa_unseen.jsonl").read_text().splitlines()]
+    assert sorted(r["fact_id"] for r in qa_unseen) == sorted(split["unseen"])
+    assert all(r["prompt"] == f"Q: {r['question']}\nA:" for r in qa_unseen)
+    qa = saved["phrasings"]["qa"]
+    assert set(qa) == {"base", "unlearned", "after_best_attack", "envelope"}
+    assert qa["after_best_attack"] == grid_attack["phrasings"]["qa"]
+    ends = [json.loads((attacks / f"grid_{s.label}.json").read_text())["phrasings"]["qa"]["unseen"]
+            for s in (FULL, LORA)]
+    assert qa["envelope"]["unseen"] == max(ends) and 0 <= qa["unlearned"]["attacked"] <= 1
     table = (out / "robustness.md").read_text()
     assert "Headline" in table and "fictional facts (floor), 3 steps" in table and "| symbols |" in table
+    assert "| qa |" in table and "| the task's own |" in table
     assert (out / "robustness.png").stat().st_size > 0
 
 
@@ -259,6 +271,27 @@ def test_several_seeds_report_means_and_spreads(run_files):
     assert result["fluency"] is None
 
 
+def test_a_phrasing_file_is_measured_like_the_task(run_files):
+    """A question file whose rows repeat the forget task's own (plus a fact the task does not have) must
+    score exactly as the task's halves do, before and after the attack; `qa` is left out when not named."""
+    rows = [json.loads(line) for line in run_files["task"].read_text().splitlines()]
+    copy = _jsonl(run_files["tmp"] / "same_words.jsonl", [*rows, {**rows[0], "fact_id": "cap:atlantis"}])
+    out = run_files["tmp"] / "robust"
+    result = main(_argv(run_files, out, "--phrasings", str(copy), "--kinds", "full", "--fluency_prompts", "0"))
+    row = result["phrasings"]["same_words"]
+    assert set(result["phrasings"]) == {"same_words"}
+    for half in ("attacked", "unseen"):
+        assert row["base"][half] == result["base"][half] and row["unlearned"][half] == result["unlearned"][half]
+        assert row["after_best_attack"][half] == result["headline"][half] == row["envelope"][half]
+
+
+def test_letter_format_has_no_qa_phrasing_by_default(run_files):
+    cfg = robustness.resolve(robustness.RobustnessConfig(run_dir=str(run_files["run"]), eval_format="letter"))
+    assert cfg.phrasings == ()
+    cfg = robustness.resolve(robustness.RobustnessConfig(run_dir=str(run_files["run"])))
+    assert cfg.phrasings == ("qa",) and cfg.eval_format == "cloze"
+
+
 # --- bad input: one clear error before any attack -----------------------------------------------
 
 
@@ -278,6 +311,9 @@ def no_compute(monkeypatch):
     (["--steps", "0,2"], ConfigError, "--steps must be"),
     (["--holdout", "0.1"], ValueError, "both halves"),
     (["--holdout", "1"], ConfigError, "--holdout"),
+    (["--phrasings", "questions"], ConfigError, "--phrasings questions: name qa, auto or a .jsonl"),
+    (["--phrasings", "auto,qa"], ConfigError, "auto stands alone"),
+    (["--phrasings", "qa", "--eval_format", "letter"], ConfigError, "drop qa or pass --eval_format cloze"),
 ])
 def test_bad_options_are_refused(run_files, no_compute, extra, error, match):
     with pytest.raises(error, match=match):
@@ -300,4 +336,13 @@ def test_bad_inputs_are_refused_before_any_attack(run_files, no_compute):
     other = _jsonl(tmp / "other.jsonl", [{"fact_id": "elsewhere", "text": "the capital of france is paris ."}])
     with pytest.raises(ValueError, match="0 chunks"):
         main(_argv(run_files, out, "--forget", str(other)))
+    with pytest.raises(ValueError, match="--phrasings .*no_ids.jsonl: 4 of 4 questions lack fact_id"):
+        main(_argv(run_files, out, "--phrasings", str(no_ids)))
+    strangers = _jsonl(tmp / "strangers.jsonl", [{**rows[0], "fact_id": "cap:atlantis"}])
+    with pytest.raises(ValueError, match="none of the forget task's facts"):
+        main(_argv(run_files, out, "--phrasings", str(strangers)))
+    twin = tmp / "twin"
+    twin.mkdir()
+    with pytest.raises(ValueError, match="two phrasings are named 'capitals'"):
+        main(_argv(run_files, out, "--phrasings", f"{run_files['task']},{_jsonl(twin / 'capitals.jsonl', rows)}"))
     assert not out.exists()
