@@ -346,15 +346,17 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Protocol:
     """One model in memory, its weights swapped between the unlearned and base state dicts."""
 
-    def __init__(self, cfg: RobustnessConfig, inputs: Inputs, out: Path, tracker: Tracker | None = None) -> None:
+    def __init__(self, cfg: RobustnessConfig, inputs: Inputs, out: Path, tracker: Tracker | None = None,
+                 tracked_steps: int = 0) -> None:
         from tqdm.auto import tqdm
 
         from .models import load_model
 
         self.cfg, self.inputs, self.out = cfg, inputs, out
         # every attack's steps in one tracked run: the tracker's step counts the steps of all attacks
-        # (a tracker's steps only grow); `<attack>/step` is the attack's own
-        self.tracker, self.tracked_steps = tracker or Tracker(), 0
+        # (a tracker's steps only grow), a resumed run's from those of the attacks already finished;
+        # `<attack>/step` is the attack's own
+        self.tracker, self.tracked_steps = tracker or Tracker(), tracked_steps
         self.model, self.tokenizer = load_model(str(Path(cfg.run_dir).expanduser() / MERGED_DIR), cfg.dtype, cfg.device,
                                                 cfg.trust_remote_code)
         self.unlearned = snapshot(self.model)
@@ -593,6 +595,7 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
     device = next(model.parameters()).device
     points: dict[str, dict] = {}
     losses: list[float] = []
+    steps_run = [0]
     fiction = role == "fictional"
     name = f"seed{seed}/{role}_{setting.label}"
 
@@ -606,6 +609,7 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
         return loss, {"loss": loss.item()}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
+        steps_run[0] = step + 1
         losses.append(metrics["loss"])
         tracked = {f"{name}/loss": metrics["loss"], f"{name}/step": step + 1}
         if step + 1 in counts:
@@ -630,8 +634,9 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
             run_loop(spec)
         except NonFiniteLossError as err:
             log.warning("%s attack %s diverged (%s): its later step counts are left out", role, setting.label, err)
-            out["diverged"] = str(err)
+            out.update(diverged=str(err), steps_run=steps_run[0])
             return out
+        out["steps_run"] = steps_run[0]
         if role in ("grid", "benign"):
             out["kept"] = protocol.accuracy(protocol.inputs.kept, trainable)
             out["perplexity"] = protocol.perplexity(trainable)
@@ -671,6 +676,16 @@ def _prepare(cfg: RobustnessConfig) -> Output:
     return output
 
 
+def finished_steps(out: Path, cfg: RobustnessConfig) -> int:
+    """Optimiser steps of the attacks a resumed protocol will skip (each finished attack's file; an
+    attack that diverged counts the steps it ran): where its tracked steps continue."""
+    total = 0
+    for path in sorted(out.glob(f"seeds/*/{ROBUSTNESS_ATTACKS_DIR}/*.json")):
+        record = json.loads(read_text(path))
+        total += record.get("steps_run", max(cfg.step_counts))  # older records ran every step or say so
+    return total
+
+
 def run_robustness(cfg: RobustnessConfig) -> dict:
     """Check everything, then run the protocol for every seed and write robustness.json, .md and .png."""
     from .models import load_tokenizer
@@ -681,9 +696,10 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     output = _prepare(cfg)
     try:
         began = time.perf_counter()
-        with open_tracker(cfg, output.work, output.final.name, "robustness") as tracker:
+        done = finished_steps(output.work, cfg)
+        with open_tracker(cfg, output.work, output.final.name, "robustness", resume_step=done) as tracker:
             tracker.log_config(to_jsonable(cfg))
-            protocol = Protocol(cfg, inputs, output.work, tracker)
+            protocol = Protocol(cfg, inputs, output.work, tracker, done)
             reference = protocol.reference()
             seeds = [protocol.run_seed(seed, first=k == 0) for k, seed in enumerate(cfg.seeds)]
             protocol.bar.close()

@@ -345,6 +345,40 @@ def test_robustness_tracked_with_wandb(tmp_path, offline_wandb, run_files):  # n
     assert summary["perplexity/base"] == result["perplexity"]["base"]
 
 
+def test_a_resumed_robustness_protocol_continues_its_tracked_steps(tmp_path, monkeypatch,
+                                                                  run_files):  # noqa: F811 (the fixture)
+    """Killed during its third attack and resumed, the protocol's TensorBoard run holds every step of every
+    attack once: the finished attacks' steps are counted, the killed attack's events are dropped."""
+    out = tmp_path / "robust"
+    argv = ["robustness", str(run_files["run"]), "--generic", str(run_files["generic"]), "--benign",
+            str(run_files["generic"]), "--kinds", "lora", "--lrs", "1e-2", "--steps", "2,3", "--batch", "2",
+            "--lora_rank", "2", "--fluency_prompts", "0", "--phrasings", "", "--out", str(out),
+            "--tracker", "tensorboard"]
+    real, started = robustness.Protocol.track, []
+
+    def track_then_die(self, values):
+        real(self, values)
+        names = {k.rsplit("/", 1)[0] for k in values}
+        started.extend(n for n in names if n not in started)
+        if len(started) == 3 and values[f"{started[-1]}/step"] == 2:
+            raise Killed  # two steps into the third attack (the benign control)
+
+    monkeypatch.setattr(robustness.Protocol, "track", track_then_die)
+    with pytest.raises(Killed):
+        run_command(robustness.COMMANDS, argv)
+    monkeypatch.setattr(robustness.Protocol, "track", real)
+    run_command(robustness.COMMANDS, [*argv, "--resume"])
+    rows = tensorboard_scalars(out / TENSORBOARD_DIR)
+    attacks = ("grid", "base", "benign", "fictional")
+    assert sorted(rows) == list(range(1, 3 * len(attacks) + 1))
+    for number, role in enumerate(attacks):
+        name = f"seed0/{role}_lora_lr0.01_constant"
+        assert [rows[3 * number + k][f"{name}/step"] for k in (1, 2, 3)] == [1, 2, 3]
+        saved = json.loads((out / "seeds" / "seed0" / "attacks" / f"{role}_lora_lr0.01_constant.json").read_text())
+        assert saved["steps_run"] == 3
+        assert rows[3 * number + 3][f"{name}/unseen"] == pytest.approx(saved["steps"]["3"]["unseen"])
+
+
 # --- bad input, and nothing imported unasked ---------------------------------------------------------------
 
 
