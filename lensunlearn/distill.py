@@ -415,9 +415,9 @@ class DistillJob:
 class _TargetReached(Exception):
     """Raised from the step hook once the student has recovered --target_share (caught by `_train`)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, point: dict[str, float]) -> None:
         super().__init__(step)
-        self.step = step
+        self.step, self.point = step, point
 
 
 def _load_models(job: DistillJob) -> tuple[nn.Module, nn.Module]:
@@ -492,11 +492,13 @@ def _train(job: DistillJob) -> Path:
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             point = measure()
             stop = reached(point)
-            # the tasks at the step where training stops come from the final evaluation
-            line.update({**point, **({} if stop else _tasks_point(cfg, student, job.tokenizer))})
+            # the step where training stops gets its held-out numbers and tasks from the final
+            # evaluation's line, once
+            if not stop:
+                line.update({**point, **_tasks_point(cfg, student, job.tokenizer)})
         metrics_log.write(line)
         if stop:
-            raise _TargetReached(done)
+            raise _TargetReached(done, point)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, trainable, optimizer, extra={"run": cfg.name, "heldout": reference})
@@ -507,7 +509,7 @@ def _train(job: DistillJob) -> Path:
                     checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, desc="distill",
                     postfix=("kl", "lr", "tokens_per_s"))
     trained_at = time.perf_counter()
-    steps_run, stop_reason = cfg.steps, "steps"
+    steps_run, stop_reason, final = cfg.steps, "steps", None
     with tracker:  # closed before the output is committed; marked failed on an error
         if start == 0 and reached(reference):
             steps_run, stop_reason = 0, "target_share"  # the perturbation cost nothing to recover
@@ -515,8 +517,8 @@ def _train(job: DistillJob) -> Path:
             try:
                 run_loop(spec, start_step=start)
             except _TargetReached as stop:
-                steps_run, stop_reason = stop.step, "target_share"
-        return _finish(job, student, metrics_log, reference, measure(), last, {
+                steps_run, stop_reason, final = stop.step, "target_share", stop.point
+        return _finish(job, student, metrics_log, reference, final or measure(), last, {
             "steps": steps_run, "stop_reason": stop_reason, "train_seconds": time.perf_counter() - trained_at})
 
 

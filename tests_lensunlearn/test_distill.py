@@ -217,6 +217,10 @@ def test_target_share_stops_early_and_says_why(source):
     before = [p for p in summary["budget_curve"] if 0 < p["step"] < summary["steps"]]
     assert before and all(p["recovered"] < 0.4 for p in before)  # it stopped at the first step that reached it
     assert not (out / "eval.json").exists()
+    # the stop step's held-out numbers are measured and written once, on the final line
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    measured = [line for line in lines if line["step"] == summary["steps"] and "recovered" in line]
+    assert len(measured) == 1 and measured[0]["recovered"] == summary["recovered"]
 
 
 class _Killed(Exception):
