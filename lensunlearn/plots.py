@@ -267,6 +267,9 @@ def plot_training_curves(runs: Sequence[tuple[str, dict[str, tuple[list[int], li
     return save_figure(fig, path)
 
 
+PHRASING_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
 def plot_robustness(result: Mapping, path: str | Path) -> Path:
     """Unseen-half accuracy against attack steps: each grid attack faint, the envelope, the base
     model attacked, the benign attack and the fictional floor; chance and the base model dotted."""
@@ -289,6 +292,14 @@ def plot_robustness(result: Mapping, path: str | Path) -> Path:
     ax.plot(xs, curve(start, result["benign"]["steps"]), color="tab:orange", marker="^", label="benign attack")
     ax.plot(xs, curve(result["floor"].get("0"), result["floor"]), color="tab:red", marker="v",
             label="floor: fictional facts, unseen half")
+    # another phrasing is measured before the attacks and after their last step only: a straight
+    # segment from the unlearned model to the most any grid attack recovered in that phrasing
+    for k, (name, row) in enumerate((result.get("phrasings") or {}).items()):
+        color = PHRASING_COLORS[k % len(PHRASING_COLORS)]
+        ends = [row.get("unlearned"), row.get("envelope")]
+        ys = [100 * e[UNSEEN] if isinstance(e, Mapping) and is_number(e.get(UNSEEN)) else math.nan for e in ends]
+        ax.plot([0, xs[-1]], ys, color=color, linestyle="--", marker="D",
+                label=f"asked as {name}: unlearned, then best attack")
     ax.axhline(100 * result["chance"], color="grey", linestyle=":", linewidth=1.2, label="chance")
     ax.axhline(100 * result["base"][UNSEEN], color="tab:green", linestyle=":", linewidth=1.2,
                label="base model, not attacked")

@@ -227,7 +227,27 @@ def test_protocol_on_a_tiny_run(run_files):
     table = (out / "robustness.md").read_text()
     assert "Headline" in table and "fictional facts (floor), 3 steps" in table and "| symbols |" in table
     assert "| qa |" in table and "| the task's own |" in table
+    _assert_phrasing_is_plotted(saved, out / "again.png")
     assert (out / "robustness.png").stat().st_size > 0
+
+
+def _assert_phrasing_is_plotted(result: dict, path: Path) -> None:
+    """robustness.png draws each other phrasing from the unlearned model (step 0) to its envelope at the
+    last step."""
+    from lensunlearn import plots
+
+    drawn = []
+    real = plots.save_figure
+    try:
+        plots.save_figure = lambda fig, p: drawn.append(fig) or real(fig, p)
+        plots.plot_robustness(result, path)
+    finally:
+        plots.save_figure = real
+    lines = {line.get_label(): line for line in drawn[0].axes[0].get_lines()}
+    qa = lines["asked as qa: unlearned, then best attack"]
+    row = result["phrasings"]["qa"]
+    assert list(qa.get_xdata()) == [0, 3]
+    assert list(qa.get_ydata()) == pytest.approx([100 * row["unlearned"]["unseen"], 100 * row["envelope"]["unseen"]])
 
 
 class Killed(Exception):
