@@ -133,7 +133,8 @@ def check_robust_options(cfg: Any) -> None:
     """Refuse robust options combined with a setting they cannot use (unlearn's config calls this)."""
     if cfg.cir_on_loss_rise == "shrink" and not (cfg.cir and cfg.cir_max_loss_rise):
         raise ConfigError("--cir_on_loss_rise shrink acts on --cir's general-text loss budget: add --cir with a "
-                          "--cir_max_loss_rise above 0")
+                          "--cir_max_loss_rise above 0, or pass --cir_on_loss_rise stop (--preset robust sets "
+                          "shrink)")
     if not cfg.cir:
         return
     if not cfg.full:

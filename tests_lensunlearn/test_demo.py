@@ -38,6 +38,7 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     assert run_config["retain"] == "generic:retain" and run_config["examples"] == 32
     assert run_config["layers"] == [1, 3] and run_config["forget"] == "facts:country_capital"
     assert run_config["cir"] and run_config["cir_grad_components"] == 4 and run_config["optimizer"] == "muon"
+    assert run_config["cir_on_loss_rise"] == "stop"  # the preset's shrink rule would not fit the demo's time
     caplog.clear()
     with caplog.at_level("INFO"):
         main(argv)

@@ -94,9 +94,10 @@ def test_robust_preset_runs_on_the_users_corpora_and_tasks(setup, capsys):
     config = json.loads((run_dir / "run_config.json").read_text())
     robust = PRESETS["robust"]
     assert robust.cir and robust.full and robust.optimizer == "muon" and robust.weight_decay == 0.0
-    assert {k: config[k] for k in ("cir", "full", "optimizer", "lr", "cir_refresh", "cir_max_loss_rise")} == \
+    assert {k: config[k] for k in ("cir", "full", "optimizer", "lr", "cir_refresh", "cir_max_loss_rise",
+                                   "cir_on_loss_rise")} == \
         {"cir": True, "full": True, "optimizer": "muon", "lr": robust.lr, "cir_refresh": robust.cir_refresh,
-         "cir_max_loss_rise": robust.cir_max_loss_rise}
+         "cir_max_loss_rise": robust.cir_max_loss_rise, "cir_on_loss_rise": "shrink"}
     assert config["forget"] == str(setup / "forget.jsonl") and config["retain"] == str(setup / "retain.jsonl")
     assert config["eval_tasks"] == tasks and config["layers"] == [1, 3]
     assert "general_loss_start" in json.loads((run_dir / "summary.json").read_text())
