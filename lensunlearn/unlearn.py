@@ -211,21 +211,21 @@ SMALL = replace(
 # re-estimated every 5 steps, and a 3 % budget on the rise of general-text next-token loss: past it,
 # the learning rate is halved at each check (--cir_on_loss_rise shrink) until it would fall below
 # 1/100 of the schedule's. Chosen by the robustness protocol (default grid) on the embedded model,
-# country capitals forgotten, over three unlearning seeds: after 64 attack steps the unseen half came
-# back to 68 +- 3 % here, against 78 +- 9 % when the budget stops training (where it stops moves
-# with the data order), 82 % for the small preset and for disruption masking with a relearning
+# country capitals forgotten, over three unlearning seeds: after 64 attack steps the unseen half
+# came back to 68 +- 3 % here, against 78 +- 9 % when the budget stops training (where it stops
+# moves with the data order), 82 % for the small preset and for disruption masking with a relearning
 # adversary; only distillation held it lower (59-61 %), at 1.4-1.7x the base perplexity. Every seed
 # left country capitals at 33.75 % (the stopping rule: 34-38 %), perplexity at the base model's and
 # forgotten questions answered in words rather than token salad, in 1.05-1.6x the small preset's
 # time (the stopping rule: 0.35-0.46x). The price is the neighbouring relations: US state capitals
 # 24-28 % of 88 % (stopping: 36-42 %), currencies 56-60 % of 83 % (stopping: 60-66 %); the small
-# preset takes them as far down (30 %, 55 %). The budget watches general text, not the forget
-# domain's accuracy, so it means the same on a corpus of the user's own. A 6 % budget ran all 100
-# steps (28 % forgotten) with more collateral damage than the small preset; 1 % stopped after 10
-# steps at 45 % and relearned to 81 %. With country languages as the forget domain (stopping rule)
-# the budget ran out at step 20, with languages at 80 % of 99 % and capitals as far down: on that
-# relation the method is not selective (neither is the small preset, which takes capitals down
-# with languages).
+# preset takes them further down (20-30 %, 47-56 % over three unlearning seeds). The budget watches
+# general text, not the forget domain's accuracy, so it means the same on a corpus of the user's
+# own. A 6 % budget ran all 100 steps (28 % forgotten) with more collateral damage than the small
+# preset; 1 % stopped after 10 steps at 45 % and relearned to 81 %. With country languages as the
+# forget domain (stopping rule) the budget ran out at step 20, with languages at 80 % of 99 % and
+# capitals as far down: on that relation the method is not selective (neither is the small preset,
+# which takes capitals down with languages).
 ROBUST = replace(SMALL, full=True, cir=True, optimizer="muon", weight_decay=0.0, lr=1e-3, cir_refresh=5,
                  cir_max_loss_rise=0.03, cir_on_loss_rise="shrink")
 PRESETS = {"seed": SEED, "small": SMALL, "robust": ROBUST}
