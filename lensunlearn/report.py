@@ -335,7 +335,9 @@ def robustness_section(runs: list[tuple[str, dict | None]]) -> list[str]:
             "same way. forget: the unlearned model before any attack; unseen, N steps: the best of the grid's "
             "attacks after N steps (the envelope); attacked half: the best attack's accuracy on the half it "
             "trained on; floor: fictional facts the model never knew (what format and prior alone recover); "
-            "benign: an attack on text unrelated to the forget domain. Kept tasks: the unlearned model's "
+            "benign: an attack on text unrelated to the forget domain; <phrasing>: forget and <phrasing>: "
+            "unseen: the same two numbers with the questions asked another way (`robustness --phrasings`; qa: "
+            "'Q: <question> A:'), after the attacks' last step. Kept tasks: the unlearned model's "
             "accuracy. Perplexity ratio: unlearned over base on held-out generic text. A run whose ratio "
             f"exceeds {PPL_RATIO_LIMIT:.2f} or whose kept accuracy falls below {100 * KEPT_SHARE_LIMIT:.0f}% of "
             "the base model's **fails** capability: it resists by wrecking general ability.", "",
