@@ -77,7 +77,7 @@ class DemoConfig(ModelOptions):
     cir_on_loss_rise: Literal["stop", "shrink"] = option("stop", "past the preset's general-text loss budget: stop "
                                                                  "(fits the demo in about 10 minutes) or shrink the "
                                                                  "learning rate and go on (the preset's own rule, "
-                                                                 "8 to 15 minutes more)")
+                                                                 "5 to 15 minutes more)")
     # The strongest attack of the robustness protocol's default grid on the robust preset's run, the
     # one with the highest unseen-half accuracy after 64 steps on two of three seeds (a LoRA attack at
     # lr 1e-3 on the third): full-parameter fine-tuning at lr 1e-5 for 64 steps of 8 sentences.
