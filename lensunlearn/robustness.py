@@ -301,7 +301,7 @@ def phrasing_items(cfg: RobustnessConfig, items: list[dict]) -> dict[str, list[d
             if not rows:
                 raise ValueError(f"--phrasings {source} asks about none of the forget task's facts (no fact_id in "
                                  f"common with {cfg.forget_task}): give questions about the forgotten facts")
-        if name in out or name in HALF_TASKS:
+        if name in out:  # its task files are phrasing_<name>_<half>.jsonl, so names need only differ
             raise ValueError(f"--phrasings: two phrasings are named {name!r} (a file's name is its stem): rename "
                              f"one file")
         out[name] = rows
