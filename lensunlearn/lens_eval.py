@@ -26,6 +26,7 @@ from .lens_train import CorpusOptions, lens_streams, split_documents
 from .models import DTYPES, ModelOptions, load_model, model_short_name
 from .outputs import check_file_output
 from .plots import plot_lens_kl
+from .preflight import require_positive
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class LensEvalConfig(CorpusOptions, ModelOptions):
     out: str | None = option(None, "JSON file for the per-layer table (a PNG plot is written beside it)",
                              metavar="FILE")
     eval_batch: int = option(8, "documents per evaluation forward pass", old_names=("batch",))
+    max_docs: int | None = option(None, "score only the first N held-out documents (the table's cost grows with "
+                                        "them); None: all")
     chunk: int = option(512, "tokens per chunk of full-vocabulary KL")
     lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product "
                                                                     "(bfloat16: faster, KL to about 3 digits)")
@@ -43,6 +46,7 @@ class LensEvalConfig(CorpusOptions, ModelOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require_positive(eval_batch=self.eval_batch, max_docs=self.max_docs)
         if not self.lens:
             raise ConfigError("--lens is required: the folder written by `lensunlearn lens train`")
 
@@ -110,6 +114,7 @@ def eval_lens(cfg: LensEvalConfig) -> dict:
     docs = held or train_docs
     if not held:
         log.warning("--holdout is 0: evaluating on the training documents")
+    docs = docs[:cfg.max_docs]
     rows = lens_table(model, lens, docs, tokenizer.pad_token_id, cfg.eval_batch, cfg.chunk)
     result = {"model": cfg.model, "lens": cfg.lens, "data": cfg.data, "documents": len(docs), "layers": rows}
     print(format_lens_table(rows))

@@ -28,6 +28,7 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     base = json.loads((out / "base_eval.json").read_text())
     assert set(base["results"]) == {"facts:country_capital", "facts:element_symbol", "facts:us_state_capital"}
     assert len(base["profile"]["layers"]) == 4
+    assert json.loads((out / "lens_eval.json").read_text())["documents"] == 128  # the demo's share of the held-out text
     report = (out / "report.md").read_text()
     assert "| baseline" in report.lower() or "baseline" in report.lower()
     records = json.loads((out / "tamper" / "results.json").read_text())["records"]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lensunlearn.cli import main
+from lensunlearn.config import ConfigError
 from lensunlearn.lens import TunedLens
+from lensunlearn.lens_eval import LensEvalConfig
 from lensunlearn.models import load_model
 
 from .conftest import make_tiny_model, save_tiny_model
@@ -110,6 +112,12 @@ def test_lens_train_then_eval_beats_logit_lens(tmp_path, text_corpus):
     for exact, approx in zip(result["layers"], fast["layers"]):
         for key in ("logit_lens_kl", "tuned_lens_kl"):
             assert approx[key] == pytest.approx(exact[key], rel=2e-2, abs=1e-3) and approx[key] != exact[key]
+    few = main(["lens", "eval", "--model", str(model_dir), "--data", str(text_corpus), "--lens", str(out),
+                "--max_length", "16", "--max_docs", "2"])
+    assert few["documents"] == 2 < result["documents"]
+    assert few["layers"] != result["layers"]
+    with pytest.raises(ConfigError, match="--max_docs must be"):
+        LensEvalConfig(model=str(model_dir), lens=str(out), max_docs=0)
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(_train_args(model_dir, text_corpus, out))
 
