@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,14 +42,14 @@ def _inference(model: nn.Module) -> Iterator[torch.device]:
         model.train(was_training)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
     return 0  # padded positions are masked out, so any id will do
 
 
-def _stop_ids(model: nn.Module, tokenizer) -> set[int]:
+def stop_ids(model: nn.Module, tokenizer) -> set[int]:
     """The tokenizer's EOS and the model's generation EOS ids (chat models often end turns with another one)."""
     ids = {tokenizer.eos_token_id}
     generation = getattr(model, "generation_config", None)
@@ -75,28 +75,34 @@ def _left_padded(rows: Sequence[list[int]], pad_id: int, device: torch.device) -
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
-def _greedy_batch(model: nn.Module, rows: Sequence[list[int]], max_new_tokens: int, pad_id: int,
-                  stop: set[int], device: torch.device) -> list[list[int]]:
-    """Argmax decoding with a KV cache; each row's new ids, cut before its first stop id."""
-    batch = _left_padded(rows, pad_id, device)
-    mask, positions = batch["attention_mask"], batch["position_ids"][:, -1:]
-    out = model(**batch, use_cache=True)
-    # transformers 5 renamed the KV cache `past_key_values` to `cache`: hand it back under the name it came with.
-    cache_key = "cache" if "cache" in out else "past_key_values"
-    new: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
-    for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)
-        for i, t in enumerate(token.tolist()):
-            done[i] = done[i] or t in stop
-            if not done[i]:
-                new[i].append(t)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        positions = positions + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                    **{cache_key: out[cache_key]})
+def decode_batch(model: nn.Module, rows: Sequence[list[int]], max_new_tokens: int, pad_id: int, stop: set[int],
+                 choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
+    """Decoding with a KV cache in eval mode, without autograd; each row's new ids, cut before its first
+    stop id. `choose` maps the [rows, vocabulary] next-token logits to the [rows] next ids (argmax when
+    None); it is called for every row at every step, finished rows included, so that a seeded sampler
+    draws the same numbers whichever rows have stopped."""
+    with _inference(model) as device:
+        batch = _left_padded(rows, pad_id, device)
+        mask, positions = batch["attention_mask"], batch["position_ids"][:, -1:]
+        out = model(**batch, use_cache=True)
+        # transformers 5 renamed the KV cache `past_key_values` to `cache`: hand it back under the name it came
+        # with.
+        cache_key = "cache" if "cache" in out else "past_key_values"
+        new: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1]
+            token = logits.argmax(-1) if choose is None else choose(logits)
+            for i, t in enumerate(token.tolist()):
+                done[i] = done[i] or t in stop
+                if not done[i]:
+                    new[i].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            positions = positions + 1
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{cache_key: out[cache_key]})
     return new
 
 
@@ -125,11 +131,11 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str], ma
         raise ValueError(f"prompt(s) {empty} tokenise to nothing: a continuation needs at least one prompt token")
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths, little padding
     results: list[str] = [""] * len(prompts)
-    pad_id, stop = _pad_id(tokenizer), _stop_ids(model, tokenizer)
-    with _inference(model) as device:
+    pad_id, stop = pad_id_of(tokenizer), stop_ids(model, tokenizer)
+    with _inference(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            new = _greedy_batch(model, [encoded[i] for i in chunk], max_new_tokens, pad_id, stop, device)
+            new = decode_batch(model, [encoded[i] for i in chunk], max_new_tokens, pad_id, stop)
             for i, ids in zip(chunk, new):
                 results[i] = _new_text(tokenizer, encoded[i], ids)
     return results
@@ -191,7 +197,7 @@ def continuation_perplexity(reference_model: nn.Module, tokenizer, prompts: Sequ
         rows.append((enc.context + enc.continuations[0], len(enc.context)))
     results = [math.nan] * len(prompts)
     if rows:
-        for i, (nll, count) in zip(scored, _scored(reference_model, rows, _pad_id(tokenizer), batch_size)):
+        for i, (nll, count) in zip(scored, _scored(reference_model, rows, pad_id_of(tokenizer), batch_size)):
             results[i] = math.exp(nll / count)
     return results
 
@@ -210,7 +216,7 @@ def text_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_lengt
     rows = [r for r in rows if len(r[0]) >= 2]
     if not rows:
         raise ValueError("no text has two or more tokens, so there is nothing to predict: pass longer texts")
-    scored = _scored(model, rows, _pad_id(tokenizer), batch_size)
+    scored = _scored(model, rows, pad_id_of(tokenizer), batch_size)
     return math.exp(sum(nll for nll, _ in scored) / sum(count for _, count in scored))
 
 

@@ -93,6 +93,9 @@ DEMO_TAMPER_DIR = "tamper"
 DEMO_TIME_FILE = "demo_time.json"
 DEMO_STATE_FILE = "demo_state.json"
 
+# distillation: the documents the teacher wrote for `distill --generate` (kept, so a resumed run reuses them)
+DISTILL_GENERATED_FILE = "generated.jsonl"
+
 # robustness protocol: the summary, its table and plot, the resolved config (compared on --resume),
 # and the work in progress that a resumed run skips (each finished attack in its own file)
 ROBUSTNESS_FILE = "robustness.json"

@@ -20,6 +20,7 @@ from lensunlearn.distill import (
     SAVED_KEYS,
     DistillConfig,
     distill_kl,
+    generate_documents,
     heldout_scores,
     perturbation_noise,
     predicting_positions,
@@ -227,6 +228,87 @@ class _Killed(Exception):
     pass
 
 
+# --- documents the teacher writes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generated_documents_continue_their_prompts_and_sample_the_model(arch):
+    model, _ = make_tiny_model(arch, seed=1)
+    prompts = [[5, 9, 12], [7, 7, 30], [40, 3, 11]]
+
+    def generate(count: int, seed: int = 3, stop: set[int] = frozenset(), **kwargs) -> list[list[int]]:
+        return generate_documents(model, prompts, count, 10, kwargs.pop("temperature", 1.0), seed, 2, set(stop), 0,
+                                  **kwargs)
+
+    docs = generate(5)
+    assert len(docs) == 5 and all(len(d) == 10 for d in docs)
+    assert [d[:3] for d in docs] == [prompts[i % 3] for i in range(5)]  # the prompts, cycled
+    assert len({tuple(d[3:]) for d in docs}) == 5  # sampled, not one continuation
+
+    # seeded by batch: the same call gives the same documents, and a run continuing from its first
+    # batch (as after a kill) writes exactly the rest
+    assert generate(5) == docs and generate(5, done=docs[:2]) == docs and generate(5, seed=4) != docs
+
+    # a document ends before its first stop token: with that token the first one sampled, the first
+    # document is its prompt alone, and every other is cut where that token first comes
+    stop = docs[0][3]
+    cut = generate(5, stop={stop})
+    assert cut[0] == prompts[0]
+    for whole, short in zip(docs, cut):
+        new = whole[3:]
+        assert short == (whole[:3 + new.index(stop)] if stop in new else whole)
+
+    # near zero temperature it is greedy decoding, recomputed here without the key/value cache: the
+    # cached continuation follows the model step by step
+    greedy = []
+    for prompt in prompts[:2]:
+        ids = list(prompt)
+        with torch.no_grad():
+            while len(ids) < 10:
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        greedy.append(ids)
+    assert generate(2, temperature=1e-4) == greedy
+
+
+def test_distillation_on_generated_documents_resumes_after_a_kill(source, monkeypatch):
+    extra = ("--steps", "4", "--eval_every", "0", "--eval_tasks", "", "--generate", "6", "--generate_batch", "4",
+             "--generate_prompt", "3")
+    straight = run_command(COMMANDS, _argv(source, *extra, "--run_name", "gen_straight"))
+    written = [json.loads(line) for line in (straight / "generated.jsonl").read_text().splitlines()]
+    assert len(written) == 6 and all(3 < len(row["ids"]) <= 16 and row["text"] for row in written)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["documents"] == {"corpus": 32, "generated": 6} and summary["generate_seconds"] > 0
+    config = json.loads((straight / "run_config.json").read_text())
+    assert config["generate"] == 6 and config["generate_prompt"] == 3
+
+    # killed after the first batch of generated documents: the resumed run keeps them, writes the
+    # rest and trains to the same weights
+    original, calls = distill_module.decode_batch, []
+
+    def sample_then_die(*args, **kwargs):
+        if calls:
+            raise _Killed()
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "decode_batch", sample_then_die)
+    with pytest.raises(_Killed):
+        run_command(COMMANDS, _argv(source, *extra, "--run_name", "gen_killed"))
+    monkeypatch.undo()
+    killed = source / "distilled" / "gen_killed"
+    assert len((killed / "generated.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ConfigError, match="--generate_batch 4 -> 2"):
+        run_command(COMMANDS, _argv(source, *extra, "--run_name", "gen_killed", "--resume", "--generate_batch", "2"))
+    resumed = run_command(COMMANDS, _argv(source, *extra, "--run_name", "gen_killed", "--resume"))
+    assert (resumed / "generated.jsonl").read_text() == (straight / "generated.jsonl").read_text()
+    a, b = load_file(straight / "merged" / "model.safetensors"), load_file(resumed / "merged" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the generated documents were trained on: without them the same run ends elsewhere
+    plain = run_command(COMMANDS, _argv(source, *extra[:6], "--run_name", "gen_none"))
+    c = load_file(plain / "merged" / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_resume_after_a_kill_ends_with_the_same_weights(source, monkeypatch):
     extra = ("--steps", "6", "--checkpoint_every", "2", "--eval_every", "3", "--eval_tasks", "")
     straight = run_command(COMMANDS, _argv(source, *extra, "--run_name", "straight"))
@@ -258,7 +340,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights(source, monkeypatch):
     assert [line["step"] for line in _metrics(resumed)] == [0, 1, 2, 3, 4, 5, 6, 6]
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "tamper_output", "unfinished", "empty_corpus", "alpha", "no_run"])
+@pytest.mark.parametrize("case", ["not_a_run", "tamper_output", "unfinished", "empty_corpus", "alpha", "no_run",
+                                  "generate_prompt", "short_corpus"])
 def test_bad_input_fails_before_any_model_loads(source, tmp_path, case, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -286,6 +369,10 @@ def test_bad_input_fails_before_any_model_loads(source, tmp_path, case, monkeypa
         extra, match = ["--corpus", str(tmp_path / "empty.jsonl")], "--corpus .*empty.jsonl is empty"
     elif case == "alpha":
         extra, error, match = ["--alpha", "1.5"], ConfigError, r"--alpha must be in \[0, 1\]"
+    elif case == "generate_prompt":
+        extra, error, match = ["--generate", "4", "--generate_prompt", "16"], ConfigError, "leaves the teacher nothing"
+    elif case == "short_corpus":
+        extra, match = ["--generate", "4", "--generate_prompt", "15"], "no document of --corpus .* is longer"
     else:
         error, match = ConfigError, "--run is required"
     argv = _argv(source, "--run_name", f"bad_{case}", *extra)
