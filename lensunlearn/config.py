@@ -84,8 +84,10 @@ def parse_float_list(text: str | typing.Sequence[float]) -> tuple[float, ...]:
     return tuple(float(x) for x in text)
 
 
-def _parse_str_list(text: str) -> tuple[str, ...]:
-    return tuple(x for x in text.split(",") if x)
+def parse_str_list(text: str | typing.Sequence[str]) -> tuple[str, ...]:
+    """Parse 'a, b,c' (or an iterable of strings) into ('a', 'b', 'c'): items stripped, empty ones dropped."""
+    items = text.split(",") if isinstance(text, str) else text
+    return tuple(x.strip() for x in items if x.strip())
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
@@ -101,7 +103,7 @@ def _converter(annotation: Any) -> Any:
     base, optional = _base_type(annotation)
     if typing.get_origin(base) is tuple:
         inner = typing.get_args(base)[0]
-        conv = parse_int_list if inner is int else parse_float_list if inner is float else _parse_str_list
+        conv = parse_int_list if inner is int else parse_float_list if inner is float else parse_str_list
     elif typing.get_origin(base) is typing.Literal:
         conv = str
     else:

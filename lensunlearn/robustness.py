@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 
-from .config import Command, ConfigError, option, parse_float_list, parse_int_list, to_jsonable
+from .config import Command, ConfigError, option, parse_float_list, parse_int_list, parse_str_list, to_jsonable
 from .data import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
 from .errors import InputError, read_text
 from .files import write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -137,12 +137,8 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
     resume: bool = option(False, "continue a killed run in --out, skipping its finished attacks")
 
     def __post_init__(self) -> None:
-        self.kinds = tuple(k for k in self.kinds if k) if not isinstance(self.kinds, str) else \
-            tuple(k for k in self.kinds.split(",") if k)
-        self.schedules = tuple(s for s in self.schedules if s) if not isinstance(self.schedules, str) else \
-            tuple(s for s in self.schedules.split(",") if s)
-        self.phrasings = tuple(s.strip() for s in (self.phrasings.split(",") if isinstance(self.phrasings, str)
-                                                   else self.phrasings) if s.strip())
+        self.kinds, self.schedules = parse_str_list(self.kinds), parse_str_list(self.schedules)
+        self.phrasings = parse_str_list(self.phrasings)
         self.lrs, self.steps, self.seeds = parse_float_list(self.lrs), parse_int_list(self.steps), \
             parse_int_list(self.seeds)
         if not self.run_dir:

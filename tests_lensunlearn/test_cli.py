@@ -115,3 +115,14 @@ def test_old_flag_spellings_still_work(argv, field, value, capsys):
     args = build_parser(all_commands()).parse_args(argv)
     assert getattr(config_from_args(args._command.config, args), field) == value
     assert "next release" in capsys.readouterr().err  # the user is told the new name
+
+
+def test_list_options_strip_spaces_around_their_items():
+    from lensunlearn.config import config_from_args, parse_str_list
+    from lensunlearn.robustness import RobustnessConfig
+
+    assert parse_str_list(" full, lora ,,") == ("full", "lora") == parse_str_list(["full ", "", " lora"])
+    config = RobustnessConfig(run_dir="run", kinds="full, lora", schedules=" constant", phrasings="qa ,")
+    assert (config.kinds, config.schedules, config.phrasings) == (("full", "lora"), ("constant",), ("qa",))
+    args = build_parser(all_commands()).parse_args(["demo", "--kept_domains", "element_symbol, us_state_capital"])
+    assert config_from_args(args._command.config, args).kept_domains == ("element_symbol", "us_state_capital")
