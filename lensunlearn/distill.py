@@ -67,7 +67,7 @@ from .checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, 
 from .config import Command, ConfigError, option, redefault, to_jsonable
 from .data import batch_indices, collate, load_texts, tokenize
 from .errors import InputError, UserError, read_json
-from .files import write_json_atomic, write_text_atomic
+from .files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .fluency import decode_batch, pad_id_of, stop_ids
 from .layers import forward_streams, model_parts
 from .layout import (
@@ -617,8 +617,7 @@ def _generated_documents(job: DistillJob, teacher: nn.Module) -> tuple[list[list
         log.info("--generate: %d of %d documents already in %s, writing the rest", len(done), cfg.generate, path)
 
     def save(docs: list[list[int]]) -> None:
-        write_text_atomic(path, "".join(json.dumps({"ids": d, "text": job.tokenizer.decode(d)}) + "\n"
-                                        for d in docs))
+        write_jsonl_atomic(path, ({"ids": d, "text": job.tokenizer.decode(d)} for d in docs))
 
     docs = generate_documents(teacher, job.prompts, cfg.generate, cfg.max_length, cfg.generate_temperature,
                               cfg.seed, cfg.generate_batch, stop_ids(teacher, job.tokenizer), pad_id_of(job.tokenizer),

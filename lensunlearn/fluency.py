@@ -132,12 +132,11 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str], ma
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths, little padding
     results: list[str] = [""] * len(prompts)
     pad_id, stop = pad_id_of(tokenizer), stop_ids(model, tokenizer)
-    with _inference(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            new = decode_batch(model, [encoded[i] for i in chunk], max_new_tokens, pad_id, stop)
-            for i, ids in zip(chunk, new):
-                results[i] = _new_text(tokenizer, encoded[i], ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        new = decode_batch(model, [encoded[i] for i in chunk], max_new_tokens, pad_id, stop)
+        for i, ids in zip(chunk, new):
+            results[i] = _new_text(tokenizer, encoded[i], ids)
     return results
 
 
