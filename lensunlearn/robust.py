@@ -123,9 +123,11 @@ class RobustOptions(Options):
         return self.cir or self.disruption_mask or self.normalise_grad or self.adversary_steps > 0
 
     def robust_suffix(self) -> str:
-        """The run-name suffix of the options that are on, e.g. _cir_mask."""
-        used = [("_cir", self.cir), ("_mask", self.disruption_mask), ("_norm", self.normalise_grad),
-                ("_adv", self.adversary_steps > 0)]
+        """The run-name suffix of the options that are on, e.g. _cir_mask; _shrink marks a run that goes on at
+        a smaller learning rate past the general-text loss budget, which trains for several times longer and
+        relearns differently from one that stops there."""
+        used = [("_cir", self.cir), ("_shrink", self.cir_on_loss_rise == "shrink"),
+                ("_mask", self.disruption_mask), ("_norm", self.normalise_grad), ("_adv", self.adversary_steps > 0)]
         return "".join(suffix for suffix, on in used if on)
 
 

@@ -1,17 +1,20 @@
-"""`search`: a small grid search over `unlearn` settings, run in this process and resumable.
+"""`search`: a small grid search over `unlearn` or `distill` settings, run in this process and resumable.
 
-`--grid KEY=V1,V2` (repeated) names an unlearn option and the values to try; the grid is the cross
-product of the options given. Every other unlearn setting is fixed: `--preset`, then unlearn's own
-flags in one quoted string (`--unlearn "--forget facts:x --eval_tasks ..."`, a `--config FILE` among
-them). Both go through unlearn's option machinery, so a grid value is read exactly as the same flag
-on an `unlearn` line would be, and every point's config is built (and refused, with one line) before
-anything trains.
+`--grid KEY=V1,V2` (repeated) names an option of the searched command (`--stage`, unlearn unless
+told) and the values to try; the grid is the cross product of the options given. Every other setting
+is fixed: for unlearn, `--preset`, then unlearn's own flags in one quoted string (`--unlearn "--forget
+facts:x --eval_tasks ..."`, a `--config FILE` among them); for distill, distill's flags in
+`--distill "--run DIR ..."`, the finished unlearning run that every point distils among them (the
+shrink-and-perturb share and the step budget are what its users search). Both go through the
+command's own option machinery, so a grid value is read exactly as the same flag on its command line
+would be, and every point's config is built (and refused, with one line) before anything trains.
 
-Each point is one unlearning run, `OUT/runs/<point>`, named from its grid values
-(`lr1e-3_remove_coef10`), run after the others in this process. Rerunning the same command
-continues the search: a finished run is reused once its saved config is checked to be the point's,
-an interrupted one continues from its checkpoint (unlearn's `--resume`), and a value added to the
-grid adds runs. A finished run is then measured (`--measure`):
+Each point is one run of the command, `OUT/runs/<point>`, named from its grid values
+(`lr1e-3_remove_coef10`, `alpha0.1_steps80`), run after the others in this process. Rerunning the
+same command continues the search: a finished run is reused once its saved config is checked to be
+the point's, an interrupted one continues from its checkpoint (the command's `--resume`), and a value
+added to the grid adds runs. A finished run is then measured (`--measure`), a distilled run like an
+unlearned one (its base model and forget corpus are its source run's):
 
 * `eval`: its `eval.json` against the base model's accuracy (the run's `base_eval.json`, else one
   base evaluation that the search makes and keeps under `OUT/base/`): the forget-domain accuracy
@@ -48,7 +51,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import Command, ConfigError, Options, add_config_args, config_from_args, option, to_jsonable
+from .config import (
+    CONFIG_FILE_DEST,
+    Command,
+    ConfigError,
+    Options,
+    add_config_args,
+    config_from_args,
+    option,
+    to_jsonable,
+)
+from .distill import RESUME_MAY_CHANGE as DISTILL_MAY_CHANGE
+from .distill import SAVED_KEYS as DISTILL_SAVED_KEYS
+from .distill import DistillConfig, distill
+from .distill import resolve as resolve_distill
 from .errors import InputError, read_json
 from .files import write_json_atomic, write_text_atomic
 from .layout import (
@@ -91,14 +107,23 @@ RANKING = ("points that keep general ability (every kept domain and the perplexi
 
 @dataclass
 class SearchConfig(Options):
-    grid: tuple[str, ...] = option((), "an unlearn option and the values to try; repeat the flag for each "
-                                       "option searched (the grid is the cross product); separate values by ';' "
-                                       "when they hold commas, e.g. 'layers=20,25;25,29'", metavar="KEY=V1,V2",
+    grid: tuple[str, ...] = option((), "an option of the --stage command and the values to try; repeat the flag "
+                                       "for each option searched (the grid is the cross product); separate values "
+                                       "by ';' when they hold commas, e.g. 'layers=20,25;25,29'", metavar="KEY=V1,V2",
                                    append=True)
-    preset: str = option("seed", "the unlearn preset the fixed settings start from (lensunlearn unlearn --preset)")
+    stage: Literal["unlearn", "distill"] = option("unlearn", "the command each point runs: unlearn (one unlearning "
+                                                             "run per point, fixed settings in --unlearn) or distill "
+                                                             "(one distillation of a finished unlearning run per "
+                                                             "point, fixed settings in --distill)")
+    preset: str = option("seed", "the unlearn preset the fixed settings start from (lensunlearn unlearn --preset; "
+                                 "--stage unlearn)")
     unlearn: str = option("", "the fixed unlearn settings, as unlearn's flags in one quoted string, e.g. \"--forget "
                               "facts:country_capital --retain generic:retain\" (a --config FILE among them); the "
                               "search sets --out, --run_name, --resume and --overwrite of each point", metavar="FLAGS")
+    distill: str = option("", "--stage distill: the fixed distill settings, as distill's flags in one quoted "
+                              "string, the unlearning run to distil among them, e.g. \"--run runs/R --steps 80\"; "
+                              "the search sets --out, --run_name, --resume and --overwrite of each point",
+                          metavar="FLAGS")
     measure: Literal["eval", "robustness"] = option("eval", "eval: accuracies from each run's eval.json and the "
                                                             "perplexity of --generic; robustness: the accuracies "
                                                             "and the robustness protocol on each run")
@@ -212,21 +237,23 @@ def grid_value(parser: argparse.ArgumentParser, key: str, annotation: Any, text:
     return getattr(namespace, key)
 
 
-def parse_grid(entries: typing.Sequence[str], parser: argparse.ArgumentParser) -> list[Axis]:
-    """The grid's options, each an unlearn field with distinct values of its type."""
+def parse_grid(entries: typing.Sequence[str], parser: argparse.ArgumentParser, cls: type = UnlearnConfig,
+               command: str = "unlearn") -> list[Axis]:
+    """The grid's options, each a field of the command's config `cls` with distinct values of its type."""
     if not entries:
-        raise ConfigError("--grid is empty: name at least one unlearn option and its values, e.g. --grid lr=1e-3,1e-2")
-    fields = [f.name for f in dataclasses.fields(UnlearnConfig) if f.init and f.metadata.get("cli") is not False]
-    hints = typing.get_type_hints(UnlearnConfig)
+        raise ConfigError(f"--grid is empty: name at least one {command} option and its values, e.g. --grid "
+                          f"{'lr=1e-3,1e-2' if command == 'unlearn' else 'alpha=0.1,0.25'}")
+    fields = [f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli") is not False]
+    hints = typing.get_type_hints(cls)
     axes: list[Axis] = []
     for entry in entries:
         key, sep, text = (part.strip() for part in entry.partition("="))
         if not sep or not key or not text:
-            raise ConfigError(f"--grid {entry!r}: write KEY=V1,V2, an unlearn option and the values to try")
+            raise ConfigError(f"--grid {entry!r}: write KEY=V1,V2, a {command} option and the values to try")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, 3)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ConfigError(f"--grid {key}: not an option of lensunlearn unlearn{hint}")
+            raise ConfigError(f"--grid {key}: not an option of lensunlearn {command}{hint}")
         if key in SET_BY_SEARCH:
             raise ConfigError(f"--grid {key}: the search sets --{key} of every point itself")
         if any(axis.key == key for axis in axes):
@@ -240,15 +267,28 @@ def parse_grid(entries: typing.Sequence[str], parser: argparse.ArgumentParser) -
 
 @dataclass
 class Point:
-    """One grid point: its run's name, its grid values, and the unlearn config that trains it."""
+    """One grid point: its run's name, its grid values, and the config that trains it (an unlearn or a
+    distill config); a distillation also keeps its source run's base model and forget corpus, which
+    measuring it needs."""
 
     name: str
     settings: dict[str, Any]
-    config: UnlearnConfig
+    config: UnlearnConfig | DistillConfig
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return " ".join(f"{key}={_show(value)}" for key, value in self.settings.items())
+
+
+def measured(point: Point) -> Any:
+    """What measuring reads of a point's config: the model it started from (`model`), its forget corpus
+    (`forget`), its evaluation settings and its run folder (`out`, `name`). An unlearn config holds all of
+    them; a distill config's model and forget corpus are its source run's."""
+    if isinstance(point.config, UnlearnConfig):
+        return point.config
+    return types.SimpleNamespace(**vars(point.config), name=point.config.name, model=point.source["model"],
+                                 forget=point.source["forget"])
 
 
 def point_name(pairs: typing.Iterable[tuple[str, str]]) -> str:
@@ -259,28 +299,48 @@ def point_name(pairs: typing.Iterable[tuple[str, str]]) -> str:
     return name
 
 
-def eval_tasks(config: UnlearnConfig) -> list[str]:
+def eval_tasks(config: Any) -> list[str]:
     return [t.strip() for t in config.eval_tasks.split(",") if t.strip()]
 
 
-def forget_task(cfg: SearchConfig, config: UnlearnConfig) -> str:
+def forget_task(cfg: SearchConfig, config: Any) -> str:
     return cfg.forget_task or eval_tasks(config)[0]
 
 
-def check_measurable(cfg: SearchConfig, config: UnlearnConfig, where: str) -> None:
+def check_measurable(cfg: SearchConfig, config: UnlearnConfig | DistillConfig, where: str) -> None:
     tasks = eval_tasks(config)
     if not tasks:
         raise ConfigError(f"{where}: the search measures each run on its eval tasks, and --eval_tasks is empty: "
-                          f"pass --unlearn \"--eval_tasks FORGET_TASK,KEPT_TASK,...\"")
+                          f"pass --{cfg.stage} \"--eval_tasks FORGET_TASK,KEPT_TASK,...\"")
     if cfg.forget_task and task_display(cfg.forget_task) not in {task_display(t) for t in tasks}:
         raise ConfigError(f"{where}: --forget_task {cfg.forget_task} is not one of --eval_tasks {','.join(tasks)}")
 
 
+def point_config(cfg: SearchConfig, values: argparse.Namespace) -> UnlearnConfig | DistillConfig:
+    if cfg.stage == "unlearn":
+        return config_from_args(UnlearnConfig, values, PRESETS[cfg.preset], SAVED_PLAN_KEYS)
+    return config_from_args(DistillConfig, values, derived=DISTILL_SAVED_KEYS)
+
+
+def with_source(cfg: SearchConfig, point: Point) -> Point:
+    """A distillation point with its source run read (refused unless a finished unlearning run that names
+    its base model and forget corpus) and its evaluation settings filled in from it, as `distill` does;
+    the search does this once it runs, before anything trains, since the run is a file to read."""
+    config, source = resolve_distill(point.config)
+    missing = [key for key in ("model", "forget") if not source.get(key)]
+    if missing:
+        raise InputError(f"--run {config.run}: its {RUN_CONFIG_FILE} names no {missing[0]}, which measuring the "
+                         f"distilled model needs: pass a run written by `lensunlearn unlearn`")
+    check_measurable(cfg, config, f"grid point {point.label}")
+    return replace(point, config=config, source=source)
+
+
 def plan_points(cfg: SearchConfig, axes: list[Axis], fixed: argparse.Namespace) -> list[Point]:
-    """Every point's unlearn config: preset < --unlearn's --config FILE < --unlearn's flags < grid values."""
+    """Every point's config: (unlearn) preset < the fixed flags' --config FILE < the fixed flags < grid
+    values; (distill) distill's defaults < the same."""
     both = [axis.key for axis in axes if hasattr(fixed, axis.key)]
     if both:
-        raise ConfigError(f"--grid {both[0]} and --unlearn --{both[0]} both set {both[0]}: keep one")
+        raise ConfigError(f"--grid {both[0]} and --{cfg.stage} --{both[0]} both set {both[0]}: keep one")
     points: list[Point] = []
     for combo in itertools.product(*(range(len(axis.values)) for axis in axes)):
         settings = {axis.key: axis.values[i] for axis, i in zip(axes, combo)}
@@ -291,12 +351,12 @@ def plan_points(cfg: SearchConfig, axes: list[Axis], fixed: argparse.Namespace) 
             raise ConfigError(f"{where} and {clash.label} would share the run folder {name}: write their values "
                               f"so that they differ in letters, digits or . + -")
         try:
-            config = config_from_args(UnlearnConfig, argparse.Namespace(**vars(fixed), **settings),
-                                      PRESETS[cfg.preset], SAVED_PLAN_KEYS)
+            config = point_config(cfg, argparse.Namespace(**vars(fixed), **settings))
             config = replace(config, out=str(Path(cfg.out) / SEARCH_RUNS_DIR), run_name=name)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-        check_measurable(cfg, config, where)
+        if cfg.stage == "unlearn":  # a distillation's tasks may be its source run's: checked once that is read
+            check_measurable(cfg, config, where)
         points.append(Point(name, settings, config))
     return points
 
@@ -312,8 +372,17 @@ class Plan:
 
 
 def make_plan(cfg: SearchConfig) -> Plan:
-    fixed = parse_options(UnlearnConfig, "--unlearn", "unlearn", cfg.unlearn, SET_BY_SEARCH)
-    axes = parse_grid(cfg.grid, options_parser(UnlearnConfig, "--grid"))
+    cls = UnlearnConfig if cfg.stage == "unlearn" else DistillConfig
+    other = "distill" if cfg.stage == "unlearn" else "unlearn"
+    if getattr(cfg, other).strip():
+        raise ConfigError(f"--{other} holds the fixed settings of --stage {other}, and this search runs "
+                          f"{cfg.stage}: pass --stage {other}, or give the settings as --{cfg.stage} \"...\"")
+    fixed = parse_options(cls, f"--{cfg.stage}", cfg.stage, getattr(cfg, cfg.stage), SET_BY_SEARCH)
+    axes = parse_grid(cfg.grid, options_parser(cls, "--grid"), cls, cfg.stage)
+    if cfg.stage == "distill" and not hasattr(fixed, "run") and not getattr(fixed, CONFIG_FILE_DEST, None) \
+            and all(axis.key != "run" for axis in axes):
+        raise ConfigError("--stage distill distils a finished unlearning run at every point: name it in --distill "
+                          "\"--run DIR ...\" (or search over several with --grid run=DIR1,DIR2)")
     points = plan_points(cfg, axes, fixed)
     if cfg.measure != "robustness":
         if cfg.robustness_args.strip():
@@ -355,12 +424,13 @@ def check_points(cfg: SearchConfig, points: list[Point], work: Path) -> None:
 
     for tasks in {p.config.eval_tasks for p in points}:
         check_tasks(tasks)
-    for lens, model in {(p.config.lens, p.config.model) for p in points}:
-        find_lens(lens, model)
+    if cfg.stage == "unlearn":
+        for lens, model in {(p.config.lens, p.config.model) for p in points}:
+            find_lens(lens, model)
     for point in points:
         run = run_dir_of(point.config)
         if (run / RUN_CONFIG_FILE).is_file():
-            changed = differences(read_json(run / RUN_CONFIG_FILE), point.config, RESUME_MAY_CHANGE)
+            changed = differences(read_json(run / RUN_CONFIG_FILE), point.config, may_change(cfg))
             if changed:
                 raise ConfigError(f"{run} was trained with other settings ({changed}): {cfg.out} holds another "
                                   f"search; choose another --out, or pass --overwrite to start over")
@@ -369,7 +439,7 @@ def check_points(cfg: SearchConfig, points: list[Point], work: Path) -> None:
     from .robustness import RESUME_MAY_CHANGE as ROBUSTNESS_MAY_CHANGE
     from .robustness import corpus_rows, forget_items, resolve
 
-    for forget, task in {(p.config.forget, robustness_task(cfg, p)) for p in points}:
+    for forget, task in {(measured(p).forget, robustness_task(cfg, p)) for p in points}:
         corpus_rows(forget)
         forget_items(task)
     for point in points:
@@ -385,6 +455,15 @@ def check_points(cfg: SearchConfig, points: list[Point], work: Path) -> None:
 # --- running and measuring one point --------------------------------------------------------------------
 
 
+def may_change(cfg: SearchConfig) -> tuple[str, ...]:
+    """The settings a run of the searched command may hold otherwise and still be the point's run."""
+    return RESUME_MAY_CHANGE if cfg.stage == "unlearn" else DISTILL_MAY_CHANGE
+
+
+def train(cfg: SearchConfig, config: UnlearnConfig | DistillConfig) -> None:
+    (unlearn if cfg.stage == "unlearn" else distill)(config)
+
+
 def run_point(cfg: SearchConfig, point: Point, work: Path) -> dict:
     """Train the point's run unless it is finished (continuing an interrupted one), then measure it; a
     measured point whose run and measuring settings are unchanged is read back."""
@@ -395,19 +474,20 @@ def run_point(cfg: SearchConfig, point: Point, work: Path) -> dict:
             and saved.get("measured_with") == measured_with(cfg):
         log.info("%s: finished and measured earlier", point.label)
         return saved
-    if saved.get("status") == "diverged" and summary is None and \
-            not differences(saved["unlearn_config"], point.config, RESUME_MAY_CHANGE):
+    config_key = f"{cfg.stage}_config"
+    if saved.get("status") == "diverged" and summary is None and config_key in saved and \
+            not differences(saved[config_key], point.config, may_change(cfg)):
         log.info("%s: diverged earlier (%s)", point.label, saved["error"])
         return saved
     record: dict[str, Any] = {"name": point.name, "settings": point.settings,
                               "run_dir": str(Path(cfg.out) / SEARCH_RUNS_DIR / point.name),
-                              "unlearn_config": to_jsonable(point.config)}
+                              config_key: to_jsonable(point.config)}
     began = time.perf_counter()
     if summary is None:
         resume = run.is_dir() and not is_empty(run)
         log.info("%s: %s", point.label, "continuing its interrupted run" if resume else "training")
         try:
-            unlearn(replace(point.config, resume=resume))
+            train(cfg, replace(point.config, resume=resume))
         except NonFiniteLossError as err:
             log.warning("%s diverged: %s", point.label, err)
             record.update(status="diverged", error=str(err), seconds={"this_search": time.perf_counter() - began})
@@ -416,7 +496,7 @@ def run_point(cfg: SearchConfig, point: Point, work: Path) -> dict:
         summary = read_json(run / SUMMARY_FILE)
     metrics = measure(cfg, point, work)
     record.update(status="finished", metrics=metrics, measured_with=measured_with(cfg), run_summary=summary,
-                  seconds={"unlearn": summary.get("wall_seconds"),
+                  seconds={cfg.stage: summary.get("wall_seconds"),
                            "robustness": metrics.get("robustness", {}).get("wall_seconds"),
                            "this_search": round(time.perf_counter() - began, 1)})
     write_json_atomic(record_path, record)
@@ -430,11 +510,11 @@ def measured_with(cfg: SearchConfig) -> dict:
 
 
 def measure(cfg: SearchConfig, point: Point, work: Path) -> dict:
-    metrics = accuracies(cfg, point.config, work)
+    metrics = accuracies(cfg, measured(point), work)
     if cfg.measure == "robustness":
         metrics.update(robustness_metrics(cfg, point, work))
     elif cfg.generic:
-        metrics["perplexity"] = perplexity_ratio(cfg, point.config, work)
+        metrics["perplexity"] = perplexity_ratio(cfg, measured(point), work)
     return metrics
 
 
@@ -450,9 +530,10 @@ def accuracy(result: dict, task: str, path: Path) -> float:
     return float(found["acc"])
 
 
-def base_evaluation(config: UnlearnConfig, work: Path) -> tuple[dict, Path]:
-    """The base model's accuracies on the run's eval tasks: the run's base_eval.json, else the search's
-    own evaluation of the same request, made once and shared by every point."""
+def base_evaluation(config: Any, work: Path) -> tuple[dict, Path]:
+    """The base model's accuracies on the run's eval tasks (`config` as `measured` gives it): the run's
+    base_eval.json, else the search's own evaluation of the same request, made once and shared by every
+    point."""
     own = run_dir_of(config) / BASE_EVAL_FILE
     if own.is_file() and reusable_eval(own, config):
         return read_json(own), own
@@ -471,11 +552,11 @@ def base_evaluation(config: UnlearnConfig, work: Path) -> tuple[dict, Path]:
     return result, path
 
 
-def run_dir_of(config: UnlearnConfig) -> Path:
+def run_dir_of(config: Any) -> Path:
     return Path(config.out) / config.name
 
 
-def accuracies(cfg: SearchConfig, config: UnlearnConfig, work: Path) -> dict:
+def accuracies(cfg: SearchConfig, config: Any, work: Path) -> dict:
     """Forget-domain and kept-domain accuracies of the run, each beside the base model's and as a ratio."""
     path = run_dir_of(config) / EVAL_FILE
     result = read_json(path)
@@ -491,7 +572,7 @@ def accuracies(cfg: SearchConfig, config: UnlearnConfig, work: Path) -> dict:
             "kept": {task_display(t): row(t) for t in kept}}
 
 
-def perplexity_ratio(cfg: SearchConfig, config: UnlearnConfig, work: Path) -> dict:
+def perplexity_ratio(cfg: SearchConfig, config: Any, work: Path) -> dict:
     """Perplexity of held-out generic text, unlearned over base (the base model's measured once)."""
     from .data import load_texts
     from .fluency import text_perplexity
@@ -658,7 +739,7 @@ def _row(summary: dict, record: dict) -> list[str]:
                   f"{_pct(r['floor'])}{_mark(met['floor'])}"]
     all_met = "yes" if record["measured_targets_met"] else "no"
     ability = {"kept": "kept", "lost": "**LOST**", "unmeasured": "unmeasured"}[record["ability"]]
-    seconds = record.get("seconds", {}).get("unlearn")
+    seconds = record.get("seconds", {}).get(summary["config"].get("stage", "unlearn"))
     return [str(record["rank"]), *settings, *cells, ability, all_met, "-" if seconds is None else f"{seconds:.0f}"]
 
 
@@ -669,9 +750,11 @@ def markdown_table(summary: dict) -> str:
     head = [*summary["grid"], "forget acc % (base)", "worst kept domain, % of base", "perplexity / base"]
     if robust:
         head += ["unseen envelope %", "unlearned unseen %", "floor %"]
-    head += ["general ability", "all measured targets met", "unlearn s"]
-    fixed = f", fixed settings `{cfg['unlearn']}`" if cfg["unlearn"] else ""
-    lines = [f"Grid search of `unlearn` settings ({len(summary['points'])} points), preset `{cfg['preset']}`{fixed}, "
+    command = cfg.get("stage", "unlearn")
+    head += ["general ability", "all measured targets met", f"{command} s"]
+    fixed = f", fixed settings `{cfg[command]}`" if cfg[command] else ""
+    preset = f", preset `{cfg['preset']}`" if command == "unlearn" else ""
+    lines = [f"Grid search of `{command}` settings ({len(summary['points'])} points){preset}{fixed}, "
              f"measured by `{cfg['measure']}`.",
              "",
              f"Targets: forget-domain accuracy <= {100 * t['forget']:.0f}%; every kept domain >= "
@@ -722,6 +805,8 @@ def run_search(cfg: SearchConfig) -> dict:
 def _search(cfg: SearchConfig, work: Path) -> dict:
     began = time.perf_counter()
     points = [replace(p, config=replace(p.config, out=str(work / SEARCH_RUNS_DIR))) for p in cfg.plan.points]
+    if cfg.stage == "distill":
+        points = [with_source(cfg, p) for p in points]
     check_points(cfg, points, work)
     records = {p.name: {"name": p.name, "settings": p.settings, "status": "pending",
                         "run_dir": str(Path(cfg.out) / SEARCH_RUNS_DIR / p.name)} for p in points}
@@ -734,7 +819,7 @@ def _search(cfg: SearchConfig, work: Path) -> dict:
 
 
 COMMANDS = [
-    Command(("search",), "grid search over unlearn settings: one unlearning run per point, each measured (accuracies "
-                         "and perplexity, or the robustness protocol) and ranked against the targets; rerun to "
-                         "continue", SearchConfig, run_search),
+    Command(("search",), "grid search over unlearn (or distill) settings: one run per point, each measured "
+                         "(accuracies and perplexity, or the robustness protocol) and ranked against the targets; "
+                         "rerun to continue", SearchConfig, run_search),
 ]

@@ -125,8 +125,8 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
     seed: int = option(0, "seed for adapters, data order, dropout and random targets")
     out: str = option("runs", "parent folder: the run directory is OUT/<run_name>", metavar="DIR")
     run_name: str | None = option(None, "run directory name; None: <model>_lens_ex<examples>_rm<remove>_ret<retain> "
-                                        "(+ _full, _muon or _sgd, _kl, _random, _cir, _mask, _norm, _adv when "
-                                        "used)")
+                                        "(+ _full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, _adv "
+                                        "when used)")
     eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training (\"\" skips)")
     eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
                                                                "answer text as continuation")

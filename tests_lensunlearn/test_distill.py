@@ -1,9 +1,11 @@
-"""`lensunlearn distill` on tiny models: the perturbation, the KL, stopping, resume and bad input."""
+"""`lensunlearn distill` on tiny models: the perturbation, the KL, stopping, resume, bad input, and the
+grid search over distillation settings (`search --stage distill`)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lensunlearn import distill as distill_module
+from lensunlearn import search
+from lensunlearn.cli import console
 from lensunlearn.config import ConfigError, read_config_file
 from lensunlearn.data import collate, tokenize
 from lensunlearn.distill import (
@@ -382,3 +386,100 @@ def test_bad_input_fails_before_any_model_loads(source, tmp_path, case, monkeypa
         run_command(COMMANDS, argv)
     assert len(str(info.value).splitlines()) == 1
     assert not (source / "distilled" / f"bad_{case}").exists()
+
+
+# --- the grid search over distillation settings -----------------------------------------------------
+
+
+def _search_argv(source: Path, out: Path, *grid: str) -> list[str]:
+    """`search --stage distill`: the tiny distillation line above (its --out left to the search)."""
+    flags = _argv(source, "--steps", "4", "--eval_every", "0")[1:]
+    for flag in ("--out", "--alpha"):  # the search sets the first, the grid the second
+        at = flags.index(flag)
+        flags = flags[:at] + flags[at + 2:]
+    argv = ["search", "--stage", "distill", "--distill", shlex.join(flags), "--out", str(out), "--generic",
+            str(source / "heldout.jsonl")]
+    for entry in grid:
+        argv += ["--grid", entry]
+    return argv
+
+
+@pytest.fixture
+def distilled(monkeypatch) -> list:
+    """The distill configs a search ran, in order (the runs themselves really train)."""
+    calls = []
+
+    def counting(cfg):
+        calls.append(cfg)
+        return distill_module.distill(cfg)
+
+    monkeypatch.setattr(search, "distill", counting)
+    return calls
+
+
+def test_a_search_distils_the_run_at_every_point_and_measures_each_like_an_unlearned_run(source, tmp_path,
+                                                                                          distilled):
+    out = tmp_path / "search"
+    summary = run_command(search.COMMANDS, _search_argv(source, out, "alpha=0.1,0.6"))
+    runs, src = out / "runs", (source / "runs" / "src").resolve()
+    assert {p.name for p in runs.iterdir()} == {"alpha0.1", "alpha0.6"} and len(distilled) == 2
+    for name, alpha in (("alpha0.1", 0.1), ("alpha0.6", 0.6)):
+        saved = json.loads((runs / name / "run_config.json").read_text())
+        assert saved["alpha"] == alpha and saved["steps"] == 4 and saved["run"] == str(src)  # grid and fixed
+        assert json.loads((runs / name / "summary.json").read_text())["alpha"] == alpha
+    # the distilled runs carry their source's base evaluation, so the search evaluated no base model
+    assert not list((out / "base").glob("eval_*.json"))
+    base_eval = json.loads((src / "base_eval.json").read_text())["results"]["task"]["acc"]
+    saved = json.loads((out / "search.json").read_text())
+    assert saved == json.loads(json.dumps(summary)) and saved["grid"] == {"alpha": [0.1, 0.6]}
+    perplexities = []
+    for point in saved["points"]:
+        run, metrics = Path(point["run_dir"]), point["metrics"]
+        assert metrics["forget"]["task"] == "task" and metrics["kept"] == {}
+        assert metrics["forget"]["acc"] == json.loads((run / "eval.json").read_text())["results"]["task"]["acc"]
+        assert metrics["forget"]["base"] == base_eval
+        ppl = metrics["perplexity"]
+        assert ppl["ratio"] == pytest.approx(ppl["unlearned"] / ppl["base"]) and point["seconds"]["distill"] > 0
+        perplexities.append(ppl["unlearned"])
+    # the base perplexity is the source run's base model's, measured once
+    (base_ppl,) = (json.loads(p.read_text()) for p in (out / "base").glob("perplexity_*.json"))
+    assert base_ppl["model"] == str(source / "tiny") and base_ppl["perplexity"] == ppl["base"]
+    assert perplexities[0] != perplexities[1]  # two students, two models
+    table = (out / "search.md").read_text()
+    assert "Grid search of `distill` settings (2 points)" in table and "distill s" in table
+    assert "| 0.1 |" in table and "| 0.6 |" in table
+
+    distilled.clear()  # the same command again distils nothing; a new value distils that point alone
+    run_command(search.COMMANDS, _search_argv(source, out, "alpha=0.1,0.6"))
+    assert distilled == []
+    run_command(search.COMMANDS, _search_argv(source, out, "alpha=0.1,0.6,0.3"))
+    assert [cfg.run_name for cfg in distilled] == ["alpha0.3"]
+
+
+@pytest.mark.parametrize("case", ["no_run", "unlearn_flags", "distill_flags_without_stage", "unlearn_option",
+                                  "missing_run", "alpha"])
+def test_bad_distill_searches_are_one_line_errors_before_training(source, tmp_path, distilled, capsys, case):
+    out = tmp_path / "search"
+    argv = _search_argv(source, out, "alpha=0.1,0.6")
+    if case == "no_run":
+        argv[argv.index("--distill") + 1] = "--steps 4"
+        match = "name it in --distill \"--run DIR ...\""
+    elif case == "unlearn_flags":
+        argv += ["--unlearn", "--lr 1e-3"]
+        match = "--unlearn holds the fixed settings of --stage unlearn"
+    elif case == "distill_flags_without_stage":
+        argv[argv.index("--stage") + 1] = "unlearn"
+        match = "--distill holds the fixed settings of --stage distill"
+    elif case == "unlearn_option":
+        argv += ["--grid", "remove_coef=1,2"]
+        match = "--grid remove_coef: not an option of lensunlearn distill"
+    elif case == "missing_run":
+        argv[argv.index("--distill") + 1] = f"--run {tmp_path / 'nowhere'}"
+        match = "nowhere does not exist"
+    else:
+        argv[argv.index("alpha=0.1,0.6")] = "alpha=0.1,1.5"
+        match = "grid point alpha=1.5: --alpha must be in [0, 1]"
+    assert console(argv) in (1, 2)
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err
+    assert distilled == [] and not out.exists()

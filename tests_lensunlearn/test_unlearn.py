@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,10 @@ def test_full_mode_with_kl_retain_and_random_targets(setup):
 def test_presets_and_run_name():
     assert PRESETS["seed"] == UnlearnConfig()
     assert UnlearnConfig(examples=400).name == "smollm2-135m_lens_ex400_rm5.0_ret5.0"
+    # The robust preset's two budget rules train for different lengths: their default names differ.
+    robust = PRESETS["robust"]
+    assert robust.name == "smollm2-135m_lens_ex1600_rm20.0_ret1.0_full_muon_cir_shrink"
+    assert replace(robust, cir_on_loss_rise="stop").name == "smollm2-135m_lens_ex1600_rm20.0_ret1.0_full_muon_cir"
     small = PRESETS["small"]
     assert small.forget == "facts:country_capital" and small.eval_format == "cloze"
     with pytest.raises(ConfigError, match="multiple of --per_device_batch"):
