@@ -130,3 +130,16 @@ def run_command(commands, argv: list[str]):
 
     args = build_parser(commands).parse_args(argv)
     return args._command.run(config_from_args(args._command.config, args))
+
+
+def record_calls(monkeypatch, module, name: str) -> list:
+    """Replace `module.name` by a wrapper that appends each call's first argument (a config) to the
+    returned list and then calls the real function, so a test sees what ran while it really runs."""
+    real, calls = getattr(module, name), []
+
+    def recording(cfg, *args, **kwargs):
+        calls.append(cfg)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls

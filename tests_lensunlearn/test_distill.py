@@ -33,7 +33,7 @@ from lensunlearn.distill import (
 from lensunlearn.layout import read_marker
 from lensunlearn.unlearn import COMMANDS as UNLEARN_COMMANDS
 
-from .conftest import make_tiny_model, run_command, unlearn_argv, write_jsonl, write_unlearn_inputs
+from .conftest import make_tiny_model, record_calls, run_command, unlearn_argv, write_jsonl, write_unlearn_inputs
 
 # Documents in the tiny vocabulary with a pattern a small model learns in a few dozen steps
 # (each word is followed by the word three places on), so that the teacher is better than chance
@@ -407,14 +407,7 @@ def _search_argv(source: Path, out: Path, *grid: str) -> list[str]:
 @pytest.fixture
 def distilled(monkeypatch) -> list:
     """The distill configs a search ran, in order (the runs themselves really train)."""
-    calls = []
-
-    def counting(cfg):
-        calls.append(cfg)
-        return distill_module.distill(cfg)
-
-    monkeypatch.setattr(search, "distill", counting)
-    return calls
+    return record_calls(monkeypatch, search, "distill")
 
 
 def test_a_search_distils_the_run_at_every_point_and_measures_each_like_an_unlearned_run(source, tmp_path,

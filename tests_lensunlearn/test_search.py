@@ -15,7 +15,7 @@ from lensunlearn import unlearn as unlearn_module
 from lensunlearn.cli import console
 from lensunlearn.config import ConfigError
 
-from .conftest import run_command, unlearn_argv, write_jsonl, write_unlearn_inputs
+from .conftest import record_calls, run_command, unlearn_argv, write_jsonl, write_unlearn_inputs
 
 CAPITALS = (("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"))
 SYMBOLS = ("gold", "iron", "oxygen", "element")
@@ -63,14 +63,7 @@ def main(argv: list[str]):
 @pytest.fixture
 def trained(monkeypatch) -> list:
     """The unlearn configs the search trained, in order (the runs themselves really train)."""
-    calls = []
-
-    def counting(cfg):
-        calls.append(cfg)
-        return unlearn_module.unlearn(cfg)
-
-    monkeypatch.setattr(search, "unlearn", counting)
-    return calls
+    return record_calls(monkeypatch, search, "unlearn")
 
 
 def _acc(path: Path, task: str) -> float:
