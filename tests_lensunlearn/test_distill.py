@@ -476,3 +476,25 @@ def test_bad_distill_searches_are_one_line_errors_before_training(source, tmp_pa
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
     assert distilled == [] and not out.exists()
+
+
+def test_a_search_continues_an_interrupted_distillation(source, tmp_path, distilled, monkeypatch):
+    original = distill_module.save_checkpoint
+
+    def save_then_die(run_dir, step, *args, **kwargs):
+        original(run_dir, step, *args, **kwargs)
+        raise _Killed(step)
+
+    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
+    out = tmp_path / "search"
+    argv = _search_argv(source, out, "alpha=0.2")
+    argv[argv.index("--distill") + 1] += " --checkpoint_every 2"
+    with pytest.raises(_Killed):
+        run_command(search.COMMANDS, argv)
+    run = out / "runs" / "alpha0.2"
+    assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
+    assert [p["status"] for p in json.loads((out / "search.json").read_text())["points"]] == ["pending"]
+    monkeypatch.setattr(distill_module, "save_checkpoint", original)
+    summary = run_command(search.COMMANDS, argv)
+    assert [cfg.resume for cfg in distilled] == [False, True] and summary["points"][0]["status"] == "finished"
+    assert [line["step"] for line in _metrics(run) if "kl" in line] == [1, 2, 3, 4]  # steps 1-2 not taken again
