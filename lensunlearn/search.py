@@ -739,7 +739,7 @@ def _row(summary: dict, record: dict) -> list[str]:
                   f"{_pct(r['floor'])}{_mark(met['floor'])}"]
     all_met = "yes" if record["measured_targets_met"] else "no"
     ability = {"kept": "kept", "lost": "**LOST**", "unmeasured": "unmeasured"}[record["ability"]]
-    seconds = record.get("seconds", {}).get(summary["config"].get("stage", "unlearn"))
+    seconds = record.get("seconds", {}).get(summary["config"]["stage"])
     return [str(record["rank"]), *settings, *cells, ability, all_met, "-" if seconds is None else f"{seconds:.0f}"]
 
 
@@ -750,11 +750,11 @@ def markdown_table(summary: dict) -> str:
     head = [*summary["grid"], "forget acc % (base)", "worst kept domain, % of base", "perplexity / base"]
     if robust:
         head += ["unseen envelope %", "unlearned unseen %", "floor %"]
-    command = cfg.get("stage", "unlearn")
-    head += ["general ability", "all measured targets met", f"{command} s"]
-    fixed = f", fixed settings `{cfg[command]}`" if cfg[command] else ""
-    preset = f", preset `{cfg['preset']}`" if command == "unlearn" else ""
-    lines = [f"Grid search of `{command}` settings ({len(summary['points'])} points){preset}{fixed}, "
+    stage = cfg["stage"]
+    head += ["general ability", "all measured targets met", f"{stage} s"]
+    fixed = f", fixed settings `{cfg[stage]}`" if cfg[stage] else ""
+    preset = f", preset `{cfg['preset']}`" if stage == "unlearn" else ""
+    lines = [f"Grid search of `{stage}` settings ({len(summary['points'])} points){preset}{fixed}, "
              f"measured by `{cfg['measure']}`.",
              "",
              f"Targets: forget-domain accuracy <= {100 * t['forget']:.0f}%; every kept domain >= "
