@@ -57,7 +57,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
 
     path = Path(run_dir) / CHECKPOINT_FILE
     payload = {"step": step, "trainable": _local(trainable), "optimizer": _local(optimizer.state_dict()),
-               "rng": rng_state(), "extra": extra or {}}
+               "rng": rng_state(), "threads": torch.get_num_threads(), "extra": extra or {}}
     if not any(is_sharded(t) for t in trainable.values()):
         torch_save_atomic(payload, path)
     else:
@@ -126,4 +126,15 @@ def restore_checkpoint(state: dict[str, Any], trainable: dict[str, torch.Tensor]
     optimizer.load_state_dict(state["optimizer"])
     _reshard_optimizer_state(optimizer)
     set_rng_state(state["rng"])
+    warn_on_thread_change(state.get("threads"))
     return int(state["step"])
+
+
+def warn_on_thread_change(saved: int | None) -> None:
+    """Say once that a resumed run will match an uninterrupted one only to float rounding when it runs
+    with another torch thread count than the checkpoint's: on some CPUs float sums depend on it."""
+    now = torch.get_num_threads()
+    if saved is not None and saved != now:
+        log.warning("the checkpoint was written with %d torch threads and this process uses %d: the resumed run "
+                    "matches an uninterrupted one only to float rounding (set OMP_NUM_THREADS=%d for identical "
+                    "weights)", saved, now, saved)

@@ -13,6 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per xdist worker: no oversubscription of the cores
+# A process a test starts (a run killed and resumed, a benchmark) inherits this process's thread count:
+# float sums depend on it on some CPUs, so results compared across processes must share it.
+os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 ARCHITECTURES = ("gpt_neox", "llama", "gpt2", "qwen2", "olmo2")
 VOCAB_WORDS = ("the capital of is and a an in on at to it was for with as by this that from paris berlin "

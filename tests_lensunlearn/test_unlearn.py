@@ -173,6 +173,33 @@ def test_resume_after_a_kill_ends_with_the_same_weights(setup):
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_at_another_thread_count_says_so_and_matches_to_rounding(setup, caplog):
+    """A run killed while using 2 torch threads and resumed with 1: the checkpoint records its count, the
+    resume says in one line that the result matches only to float rounding, and it does."""
+    extra = ["--examples", "16", "--checkpoint_every", "2", "--forget_target", "random"]
+    straight = main(_args(setup, *extra, "--run_name", "straight"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT,
+                             *_args(setup, *extra, "--run_name", "killed")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert torch.load(setup / "runs" / "killed" / "checkpoint.pt", weights_only=True)["threads"] == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level("WARNING", logger="lensunlearn"):
+            resumed = main(_args(setup, *extra, "--run_name", "killed", "--resume"))
+    finally:
+        torch.set_num_threads(threads)
+    said = [r.getMessage() for r in caplog.records if "torch threads" in r.getMessage()]
+    assert said == ["the checkpoint was written with 2 torch threads and this process uses 1: the resumed run "
+                    "matches an uninterrupted one only to float rounding (set OMP_NUM_THREADS=2 for identical "
+                    "weights)"]
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
 def test_final_evaluation_on_a_local_task(setup):
     task = setup / "task.jsonl"
     task.write_text("".join(json.dumps({"question": f"the capital of {c} is", "choices": ["paris", "rome", "madrid",
