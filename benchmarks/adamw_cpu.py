@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from _timing import parse_args, time_interleaved
 
-from lensunlearn.facts import corpus_texts
-from lensunlearn.models import load_model
+from lensunlearn.data.facts import corpus_texts
+from lensunlearn.modeling.loading import load_model
 
 
 def main() -> None:

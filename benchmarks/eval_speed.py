@@ -25,12 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lensunlearn.profile import profile_table
-
-from lensunlearn import facts
-from lensunlearn.evaluate import evaluate
-from lensunlearn.lens import TunedLens
-from lensunlearn.models import load_model
+from lensunlearn.data import facts
+from lensunlearn.eval.evaluate import evaluate
+from lensunlearn.eval.knowledge_profile import profile_table
+from lensunlearn.lens.tuned_lens import TunedLens
+from lensunlearn.modeling.loading import load_model
 
 CLOZE_YAML = """task: {name}
 dataset_path: json

@@ -21,8 +21,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from lensunlearn.lens import TunedLens
-from lensunlearn.losses import lens_forget_loss, uniform_ce
+from lensunlearn.lens.tuned_lens import TunedLens
+from lensunlearn.modeling.losses import lens_forget_loss, uniform_ce
 
 
 def make_inputs(args: argparse.Namespace) -> tuple[TunedLens, list[int], list[torch.Tensor]]:

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from _timing import time_interleaved
 from tqdm import tqdm
 
-from lensunlearn.data import collate
-from lensunlearn.lens import TunedLens
-from lensunlearn.lens_eval import lens_table
-from lensunlearn.lens_train import LensTrainConfig, lens_streams, split_documents
-from lensunlearn.models import load_model
+from lensunlearn.data.corpora import collate
+from lensunlearn.lens.evaluate import lens_table
+from lensunlearn.lens.train import LensTrainConfig, lens_streams, split_documents
+from lensunlearn.lens.tuned_lens import TunedLens
+from lensunlearn.modeling.loading import load_model
 
 
 def straightforward_table(model, lens: TunedLens, docs, pad_id: int, batch: int, chunk: int) -> list[dict]:

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 
 from lensunlearn.cli import main as lensunlearn_main
-from lensunlearn.data import collate, load_texts, tokenize
-from lensunlearn.lens import TunedLens
-from lensunlearn.lens_train import lens_streams
-from lensunlearn.losses import lens_kl
-from lensunlearn.models import load_model
+from lensunlearn.data.corpora import collate, load_texts, tokenize
+from lensunlearn.lens.train import lens_streams
+from lensunlearn.lens.tuned_lens import TunedLens
+from lensunlearn.modeling.loading import load_model
+from lensunlearn.modeling.losses import lens_kl
 
 # Modules whose docstrings are paragraphs of English prose (sorted; deterministic for one Python version).
 PROSE_MODULES = ("argparse", "ast", "asyncio", "base64", "bdb", "bisect", "calendar", "cgitb", "cmd", "codecs",

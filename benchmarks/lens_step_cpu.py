@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from _timing import parse_args, time_interleaved
 
-from lensunlearn.data import collate
-from lensunlearn.facts import DOMAINS, corpus_texts
-from lensunlearn.lens import TunedLens
-from lensunlearn.lens_train import lens_streams
-from lensunlearn.losses import DEFAULT_CHUNK, lens_kl
-from lensunlearn.models import load_model
+from lensunlearn.data.corpora import collate
+from lensunlearn.data.facts import DOMAINS, corpus_texts
+from lensunlearn.lens.train import lens_streams
+from lensunlearn.lens.tuned_lens import TunedLens
+from lensunlearn.modeling.loading import load_model
+from lensunlearn.modeling.losses import DEFAULT_CHUNK, lens_kl
 
 
 def setup(args: argparse.Namespace):

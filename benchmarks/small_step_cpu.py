@@ -17,12 +17,12 @@ from dataclasses import replace
 import torch
 from _timing import parse_args, time_interleaved
 
-from lensunlearn.data import collate
-from lensunlearn.facts import corpus_texts
-from lensunlearn.lens import TunedLens
-from lensunlearn.models import load_model
-from lensunlearn.objective import AdapterDisabled, OriginalCache, UnlearnObjective
-from lensunlearn.unlearn import SMALL, BulkDropout, add_lora
+from lensunlearn.data.corpora import collate
+from lensunlearn.data.facts import corpus_texts
+from lensunlearn.lens.tuned_lens import TunedLens
+from lensunlearn.modeling.loading import load_model
+from lensunlearn.unlearning.objective import AdapterDisabled, OriginalCache, UnlearnObjective
+from lensunlearn.unlearning.run import SMALL, BulkDropout, add_lora
 
 
 def setup():

@@ -31,12 +31,12 @@ import torch
 import torch.multiprocessing as mp
 from _timing import parse_args, time_interleaved
 
-from lensunlearn.data import collate
-from lensunlearn.facts import DOMAINS, corpus_texts
-from lensunlearn.lens import TunedLens
-from lensunlearn.losses import DEFAULT_CHUNK, masked_mean, retain_l2, uniform_ce
-from lensunlearn.models import load_model
-from lensunlearn.objective import AdapterDisabled, OriginalCache, UnlearnObjective
+from lensunlearn.data.corpora import collate
+from lensunlearn.data.facts import DOMAINS, corpus_texts
+from lensunlearn.lens.tuned_lens import TunedLens
+from lensunlearn.modeling.loading import load_model
+from lensunlearn.modeling.losses import DEFAULT_CHUNK, masked_mean, retain_l2, uniform_ce
+from lensunlearn.unlearning.objective import AdapterDisabled, OriginalCache, UnlearnObjective
 
 LAYERS = (5, 10, 15, 20, 25)
 CHUNK = DEFAULT_CHUNK  # tokens per lens chunk, as `unlearn --chunk` by default
@@ -132,7 +132,7 @@ def arithmetic(model, tokens: int) -> dict[str, float]:
     gradients in backward (LoRA's own matrices are negligible); an unembedding product costs
     2 d V per token, as does its input gradient. The attention scores are left out (T = 128).
     """
-    from lensunlearn.layers import model_parts
+    from lensunlearn.modeling.layers import model_parts
 
     parts = model_parts(model)
     block = 2 * sum(m.weight.numel() for m in parts.blocks[0].modules()

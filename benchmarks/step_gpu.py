@@ -20,12 +20,12 @@ import time
 
 import torch
 
-from lensunlearn.layers import model_parts
-from lensunlearn.lens import TunedLens
-from lensunlearn.lens_train import lens_streams
-from lensunlearn.losses import lens_kl
-from lensunlearn.models import set_checkpointing
-from lensunlearn.objective import AdapterDisabled, UnlearnObjective
+from lensunlearn.lens.train import lens_streams
+from lensunlearn.lens.tuned_lens import TunedLens
+from lensunlearn.modeling.layers import model_parts
+from lensunlearn.modeling.loading import set_checkpointing
+from lensunlearn.modeling.losses import lens_kl
+from lensunlearn.unlearning.objective import AdapterDisabled, UnlearnObjective
 
 SEED_SHAPE = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=16384,
                   vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25)

@@ -23,9 +23,10 @@ from typing import Literal
 
 import torch
 
-from .config import Command, ConfigError, option
-from .files import write_json_atomic
-from .layout import (
+from .core.atomic import write_json_atomic
+from .core.checks import require_positive
+from .core.config import Command, ConfigError, option
+from .core.paths import (
     BASE_EVAL_FILE,
     CHECKPOINT_FILE,
     DEMO_FACTS_DIR,
@@ -44,9 +45,8 @@ from .layout import (
     TAMPER_PLOT_FILE,
     beside,
 )
-from .models import ModelOptions
-from .optim import OptimizerName
-from .preflight import require_positive
+from .modeling.loading import ModelOptions
+from .train.optim import OptimizerName
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class DemoConfig(ModelOptions):
                                     "new one is complete")
 
     def __post_init__(self) -> None:
-        from .facts import DOMAINS
+        from .data.facts import DOMAINS
 
         unknown = [d for d in (self.forget_domain, *self.kept_domains) if d not in DOMAINS]
         if unknown:
@@ -123,9 +123,9 @@ RERUN_MAY_CHANGE = ("overwrite", "device", "eval_batch")
 def claim_out(cfg: DemoConfig) -> dict:
     """The demo's state in --out ({"config", "started", "done"}), after refusing a folder that is not a
     demo's, or one made with other flags (unless --overwrite). Nothing is deleted here."""
-    from .config import to_jsonable
-    from .layout import write_marker
-    from .outputs import is_empty, output_kind
+    from .core.config import to_jsonable
+    from .core.outputs import is_empty, output_kind
+    from .core.paths import write_marker
 
     out = Path(cfg.out)
     config = to_jsonable(cfg)
@@ -197,11 +197,11 @@ class Stages:
 
 
 def _evaluate_with_profile(cfg: DemoConfig, model_name: str, lens_dir: Path, out: Path, title: str) -> None:
-    from .evaluate import evaluate, results_table
-    from .knowledge_profile import profile_table
-    from .lens import TunedLens
-    from .models import load_model
-    from .plots import plot_profile
+    from .eval.evaluate import evaluate, results_table
+    from .eval.knowledge_profile import profile_table
+    from .lens.tuned_lens import TunedLens
+    from .modeling.loading import load_model
+    from .report.plots import plot_profile
 
     model, tokenizer = load_model(model_name, cfg.dtype, cfg.device, cfg.trust_remote_code)
     # The profile's lens product in bfloat16 (3x faster here); the model's own answers stay float32.
@@ -217,12 +217,12 @@ def _evaluate_with_profile(cfg: DemoConfig, model_name: str, lens_dir: Path, out
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage that has no output yet; return the path of report.md."""
-    from .facts import write_questions
-    from .lens_eval import LensEvalConfig, eval_lens
-    from .lens_train import LensTrainConfig, train_lens
-    from .report import ReportConfig, run_report
-    from .tamper import TamperConfig, run_tamper
-    from .unlearn import ROBUST, unlearn
+    from .attack.tamper import TamperConfig, run_tamper
+    from .data.facts import write_questions
+    from .lens.evaluate import LensEvalConfig, eval_lens
+    from .lens.train import LensTrainConfig, train_lens
+    from .report.command import ReportConfig, run_report
+    from .unlearning.run import ROBUST, unlearn
 
     out = Path(cfg.out)
     state = claim_out(cfg)
@@ -233,7 +233,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     def continue_or_replace(folder: Path) -> dict:
         """resume= / overwrite= for a stage's command: continue its checkpoint if this stage was begun
         with these flags, else replace whatever an earlier demo left there."""
-        from .outputs import staging_path
+        from .core.outputs import staging_path
 
         resume = stages.resuming and any((f / CHECKPOINT_FILE).exists() for f in (folder, staging_path(folder)))
         return {"resume": resume, "overwrite": not resume}

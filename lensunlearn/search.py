@@ -51,7 +51,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import (
+from .attack.protocol import RobustnessConfig, run_robustness
+from .core.atomic import write_json_atomic, write_text_atomic
+from .core.checks import require_nonnegative, require_positive
+from .core.config import (
     CONFIG_FILE_DEST,
     Command,
     ConfigError,
@@ -61,13 +64,9 @@ from .config import (
     option,
     to_jsonable,
 )
-from .distill import RESUME_MAY_CHANGE as DISTILL_MAY_CHANGE
-from .distill import SAVED_KEYS as DISTILL_SAVED_KEYS
-from .distill import DistillConfig, distill
-from .distill import resolve as resolve_distill
-from .errors import InputError, read_json
-from .files import write_json_atomic, write_text_atomic
-from .layout import (
+from .core.errors import InputError, read_json
+from .core.outputs import Output, is_empty, prepare_output, staging_path
+from .core.paths import (
     BASE_EVAL_FILE,
     EVAL_FILE,
     MERGED_DIR,
@@ -82,12 +81,22 @@ from .layout import (
     SEARCH_TABLE_FILE,
     SUMMARY_FILE,
 )
-from .loop import NonFiniteLossError
-from .outputs import Output, is_empty, prepare_output, staging_path
-from .preflight import check_tasks, require_nonnegative, require_positive
-from .robustness import RobustnessConfig, run_robustness
-from .tamper_results import task_display
-from .unlearn import PRESETS, RESUME_MAY_CHANGE, SAVED_PLAN_KEYS, UnlearnConfig, eval_request, reusable_eval, unlearn
+from .data.tasks import check_tasks
+from .report.tamper_results import task_display
+from .train.loop import NonFiniteLossError
+from .unlearning.distill import RESUME_MAY_CHANGE as DISTILL_MAY_CHANGE
+from .unlearning.distill import SAVED_KEYS as DISTILL_SAVED_KEYS
+from .unlearning.distill import DistillConfig, distill
+from .unlearning.distill import resolve as resolve_distill
+from .unlearning.run import (
+    PRESETS,
+    RESUME_MAY_CHANGE,
+    SAVED_PLAN_KEYS,
+    UnlearnConfig,
+    eval_request,
+    reusable_eval,
+    unlearn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +429,7 @@ def check_points(cfg: SearchConfig, points: list[Point], work: Path) -> None:
     """What can be refused before the first run trains: every point's tasks and lens, a run (finished or
     not) or a finished robustness output of other settings, and (robustness) forget corpora and tasks
     without fact ids."""
-    from .lens import find_lens
+    from .lens.tuned_lens import find_lens
 
     for tasks in {p.config.eval_tasks for p in points}:
         check_tasks(tasks)
@@ -436,8 +445,8 @@ def check_points(cfg: SearchConfig, points: list[Point], work: Path) -> None:
                                   f"search; choose another --out, or pass --overwrite to start over")
     if cfg.plan.robustness is None:
         return
-    from .robustness import RESUME_MAY_CHANGE as ROBUSTNESS_MAY_CHANGE
-    from .robustness import corpus_rows, forget_items, resolve
+    from .attack.protocol import RESUME_MAY_CHANGE as ROBUSTNESS_MAY_CHANGE
+    from .attack.protocol import corpus_rows, forget_items, resolve
 
     for forget, task in {(measured(p).forget, robustness_task(cfg, p)) for p in points}:
         corpus_rows(forget)
@@ -540,8 +549,8 @@ def base_evaluation(config: Any, work: Path) -> tuple[dict, Path]:
     path = work / SEARCH_BASE_DIR / f"eval_{_digest(eval_request(config))}.json"
     if path.is_file() and reusable_eval(path, config):
         return read_json(path), path
-    from .evaluate import evaluate
-    from .models import load_model
+    from .eval.evaluate import evaluate
+    from .modeling.loading import load_model
 
     log.info("evaluating the base model %s once for every point without a %s", config.model, BASE_EVAL_FILE)
     model, tokenizer = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
@@ -574,9 +583,9 @@ def accuracies(cfg: SearchConfig, config: Any, work: Path) -> dict:
 
 def perplexity_ratio(cfg: SearchConfig, config: Any, work: Path) -> dict:
     """Perplexity of held-out generic text, unlearned over base (the base model's measured once)."""
-    from .data import load_texts
-    from .fluency import text_perplexity
-    from .models import load_model
+    from .data.corpora import load_texts
+    from .eval.fluency import text_perplexity
+    from .modeling.loading import load_model
 
     texts = load_texts(cfg.generic, what="--generic text")
 

@@ -1,11 +1,11 @@
-"""Write lensunlearn/data/generic_texts.jsonl: everyday texts the embedded model writes itself.
+"""Write lensunlearn/data/assets/generic_texts.jsonl: everyday texts the embedded model writes itself.
 
 The unlearning presets need a retain corpus that holds none of the facts they evaluate, and
 perplexity needs held-out text that no corpus holds; both must work offline. This script asks the
 embedded SmolLM2-135M-Instruct for short texts on everyday topics (cooking, sports, weather,
 hobbies, software, animals, ...; no geography, chemistry or other fact domain), samples with a
 fixed seed, keeps whole sentences, and drops every text that names a subject or an answer of a
-fact domain (`lensunlearn.facts.fact_mentions`). `lensunlearn.facts.generic_texts` splits the
+fact domain (`lensunlearn.data.facts.fact_mentions`). `lensunlearn.data.facts.generic_texts` splits the
 file into a retain and a held-out part.
 
     flock /tmp/heavy.lock .venv/bin/python scripts/make_generic_corpus.py [--overwrite]
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from lensunlearn.facts import GENERIC_FILE, fact_mentions
-from lensunlearn.files import write_jsonl_atomic
-from lensunlearn.models import load_model
+from lensunlearn.core.atomic import write_jsonl_atomic
+from lensunlearn.data.facts import GENERIC_FILE, fact_mentions
+from lensunlearn.modeling.loading import load_model
 
 TOPICS = (
     "baking bread at home", "making fresh pasta", "brewing a good cup of coffee", "making tea", "cooking rice",

@@ -1,0 +1,757 @@
+"""`robustness`: the whole relearning protocol on one unlearned model, in one `robustness.json`.
+
+For each seed the forget task's facts are split by `fact_id` into an attacked and an unseen half.
+Every attack of a grid (full-parameter and LoRA fine-tuning, learning rates, schedules) trains on
+the attacked half's text only, starting from the unlearned weights, and is evaluated on both
+halves at several step counts. The schedule spans the longest attack, and an N-step number is
+the state after N steps of that attack (with `constant`, the same as an N-step attack). The
+envelope is, per step count, the best unseen-half accuracy over the grid; its value at the
+largest step count is the headline.
+
+Controls, each attacked with the grid's strongest setting (every setting under `--grid full`):
+the base model (how fast a model that never forgot relearns), a benign attack on text unrelated
+to the forget domain, and fictional facts (made-up subjects with answers from the forget task's
+answer set) that the model never knew: their unseen half can only be "recovered" through format
+and prior, which makes it the floor. Capability is the kept tasks' accuracy and the perplexity of
+held-out generic text before unlearning, after it and after every attack; fluency is the base
+model's perplexity of the base, unlearned and best-attacked models' greedy continuations.
+
+Other phrasings of the forget facts (`--phrasings`: the questions asked as "Q: ... A:", or the
+user's own question files) are measured on both halves for the base and unlearned models and at
+the end of every grid attack: forgetting that holds only for the phrasing it was trained on, or
+relearning that carries to phrasings the attack never used, shows there.
+
+One model is loaded; the unlearned and base weights stay in memory as CPU state dicts and are
+copied back before each attack. Each finished attack is written to its own file, so a killed
+protocol continues with `--resume`, skipping finished attacks (with the same settings only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..core.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from ..core.checks import check_resumed_config, require_nonnegative, require_positive
+from ..core.config import Command, ConfigError, option, parse_float_list, parse_int_list, parse_str_list, to_jsonable
+from ..core.errors import InputError, read_text
+from ..core.outputs import Output, prepare_output
+from ..core.paths import (
+    MERGED_DIR,
+    MODEL_CONFIG_FILE,
+    ROBUSTNESS_ATTACKS_DIR,
+    ROBUSTNESS_CONFIG_FILE,
+    ROBUSTNESS_FILE,
+    ROBUSTNESS_FLUENCY_FILE,
+    ROBUSTNESS_PLOT_FILE,
+    ROBUSTNESS_REFERENCE_FILE,
+    ROBUSTNESS_START_FILE,
+    ROBUSTNESS_TABLE_FILE,
+    RUN_CONFIG_FILE,
+    SPLIT_FILE,
+    robustness_seed_dir,
+)
+from ..data.corpora import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
+from ..data.tasks import NUM_CHOICES, check_tasks
+from ..modeling.loading import ModelOptions
+from ..report.plots import plot_robustness
+from ..train.tracking import TRACKING_FIELDS, Tracker, TrackingOptions, flatten, open_tracker
+from .grid import (
+    ATTACKED,
+    GRID_AXES,
+    UNSEEN,
+    Setting,
+    combine,
+    fictional_facts,
+    grid_settings,
+    markdown_table,
+    split_ids,
+    summarise_seed,
+)
+
+log = logging.getLogger(__name__)
+
+ROLES = ("grid", "base", "benign", "fictional")
+AUTO_PHRASING, QA_PHRASING = "auto", "qa"
+HALF_TASKS = {"forget_attacked": "forget", "forget_unseen": "forget", "fictional_attacked": "fictional",
+              "fictional_unseen": "fictional"}
+# Settings that may change on --resume: where it runs and how evaluation is batched (same numbers).
+# Each seed's attacks are stored apart and depend only on the other settings and that seed, so a
+# resumed protocol may add seeds (`--seeds 0` then `--seeds 0,1,2`) and reuses the finished ones.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out", "seeds", *TRACKING_FIELDS)
+# What the tracker's summary holds: robustness.json's numbers, without the per-seed and per-attack detail.
+TRACKED_SUMMARY = ("headline", "unlearned", "envelope", "floor", "benign", "base_model_envelope", "kept", "perplexity",
+                   "wall_seconds")
+
+
+@dataclass
+class RobustnessConfig(TrackingOptions, ModelOptions):
+    run_dir: str = option("", "the unlearning run directory; its merged/ model is attacked", positional=True)
+    model: str | None = option(None, "the base model (before unlearning); None: the run's run_config.json model")
+    forget: str | None = option(None, "forget corpus with fact_id per row: facts:<domain> or a .jsonl of {text, "
+                                      "fact_id}; None: the run's forget corpus")
+    forget_task: str | None = option(None, "the task that measures forgetting, its rows carrying fact_id: "
+                                           "facts:<domain> or a .jsonl; None: the forget corpus's facts:<domain>, "
+                                           "else the run's first eval task")
+    kept_tasks: str | None = option(None, "comma-separated tasks that should stay known; None: the run's other "
+                                          "eval tasks; '' none")
+    generic: str = option("generic:heldout", "held-out text for perplexity (in no corpus): generic:heldout, a "
+                                              ".txt or .jsonl file", metavar="TEXT")
+    benign: str = option("generic:retain", "text of the benign attack, unrelated to the forget domain")
+    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze; None: the run's, else cloze")
+    grid: Literal["default", "full"] = option("default", "default: full-parameter attacks at lr 1e-5, 1e-4, 1e-3 "
+                                                         "and LoRA at 1e-3, constant, 8/32/64 steps; full: {full, "
+                                                         "lora} x lr 1e-6..1e-3 (4) x {constant, cosine}, "
+                                                         "8/32/128/512 steps")
+    kinds: tuple[str, ...] = option((), "replace the grid's attack kinds (full, lora); any axis given makes "
+                                        "the grid the cross product of the axes")
+    lrs: tuple[float, ...] = option((), "replace the grid's learning rates")
+    schedules: tuple[str, ...] = option((), "replace the grid's schedules (constant, linear, cosine)")
+    steps: tuple[int, ...] = option((), "replace the grid's step counts at which attacks are evaluated")
+    batch: int = option(8, "sentences per attack step (the attacked half's text is cycled)")
+    warmup: int = option(0, "linear warmup steps of every attack")
+    lora_rank: int = option(16, "rank of a LoRA attack (alpha = rank)")
+    max_length: int = option(64, "cut attack documents into pieces of at most this many tokens")
+    holdout: float = option(0.5, "fraction of the forget task's facts in the unseen half")
+    seeds: tuple[int, ...] = option((0,), "comma-separated seeds; each repeats the split and the attacks")
+    eval_batch: int = option(32, "questions per evaluation forward pass")
+    phrasings: tuple[str, ...] = option(("auto",), "other phrasings of the forget task's facts, measured on "
+                                                   "both halves before and after every grid attack: qa (each "
+                                                   "question's `question` field as 'Q: <question>\\nA:', cloze "
+                                                   "only) or .jsonl question files whose rows carry the forget "
+                                                   "task's fact_id; auto: qa in cloze format, none in letter; "
+                                                   "'' none")
+    fluency_prompts: int = option(3, "prompts per group whose greedy continuations are recorded (0: none)")
+    max_new_tokens: int = option(12, "tokens of each greedy continuation")
+    out: str | None = option(None, "the output folder; None: runs/robustness_<run name>", metavar="DIR")
+    overwrite: bool = option(False, "replace an earlier robustness output in --out once the new one is complete")
+    resume: bool = option(False, "continue a killed run in --out, skipping its finished attacks")
+
+    def __post_init__(self) -> None:
+        self.kinds, self.schedules = parse_str_list(self.kinds), parse_str_list(self.schedules)
+        self.phrasings = parse_str_list(self.phrasings)
+        self.lrs, self.steps, self.seeds = parse_float_list(self.lrs), parse_int_list(self.steps), \
+            parse_int_list(self.seeds)
+        if not self.run_dir:
+            raise ConfigError("name the unlearning run directory: lensunlearn robustness RUN_DIR")
+        try:
+            grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        for lr in self.lrs:
+            require_positive(lrs=lr)
+        for n in self.steps:
+            require_positive(steps=n)
+        require_positive(batch=self.batch, lora_rank=self.lora_rank, eval_batch=self.eval_batch,
+                         max_new_tokens=self.max_new_tokens)
+        require_nonnegative(warmup=self.warmup, fluency_prompts=self.fluency_prompts)
+        if self.max_length < 2:
+            raise ConfigError(f"--max_length must be at least 2, got {self.max_length}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}: it is the unseen half's share")
+        for name in self.phrasings:
+            if name not in (AUTO_PHRASING, QA_PHRASING) and not name.endswith(".jsonl"):
+                raise ConfigError(f"--phrasings {name}: name qa, auto or a .jsonl question file")
+        if AUTO_PHRASING in self.phrasings and len(self.phrasings) > 1:
+            raise ConfigError("--phrasings auto stands alone: list qa and the files instead")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds must name distinct seeds, got {','.join(map(str, self.seeds))}")
+        super().__post_init__()
+
+    @property
+    def settings(self) -> list[Setting]:
+        return grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.steps or GRID_AXES[self.grid]["steps"])))
+
+    @property
+    def grid_name(self) -> str:
+        return "custom" if self.kinds or self.lrs or self.schedules or self.steps else self.grid
+
+
+# --- inputs, checked before any model is loaded ------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    forget_items: list[dict]
+    corpus: list[dict]  # {"fact_id", "text"}
+    kept: list[str]
+    generic: list[str]
+    benign: list[str]
+    splits: dict[int, tuple[list[str], list[str]]]
+    phrasings: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # name -> rows with fact_id
+
+
+def _run_config(run: Path) -> dict:
+    path = run / RUN_CONFIG_FILE
+    return json.loads(read_text(path)) if path.is_file() else {}
+
+
+def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
+    """Fill what was not given from the run directory; refuse a directory that holds no model."""
+    run = Path(cfg.run_dir).expanduser()
+    if not (run / MERGED_DIR / MODEL_CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run} holds no {MERGED_DIR}/{MODEL_CONFIG_FILE}, so there is no unlearned model "
+                                f"to attack: pass a finished unlearning run directory")
+    saved = _run_config(run)
+    model = cfg.model or saved.get("model")
+    forget = cfg.forget or saved.get("forget")
+    if not model or not forget:
+        raise ConfigError(f"{run} has no {RUN_CONFIG_FILE} naming its base model and forget corpus: pass --model "
+                          f"and --forget")
+    tasks = saved.get("eval_tasks") or ""
+    tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    forget_task = cfg.forget_task or (forget if forget.startswith(FACTS_PREFIX) else tasks[0] if tasks else None)
+    if not forget_task:
+        raise ConfigError(f"pass --forget_task: {run} names no evaluation task")
+    kept = cfg.kept_tasks if cfg.kept_tasks is not None else ",".join(t for t in tasks if t != forget_task)
+    fmt = cfg.eval_format or saved.get("eval_format") or "cloze"
+    out = cfg.out or str(Path("runs") / f"robustness_{run.resolve().name}")
+    phrasings = cfg.phrasings
+    if phrasings == (AUTO_PHRASING,):
+        phrasings = (QA_PHRASING,) if fmt == "cloze" else ()
+    elif QA_PHRASING in phrasings and fmt != "cloze":
+        raise ConfigError(f"--phrasings qa scores the question field as a cloze prompt, but the format is {fmt}, "
+                          f"which already asks the question field: drop qa or pass --eval_format cloze")
+    return dataclasses.replace(cfg, model=model, forget=forget, forget_task=forget_task, kept_tasks=kept,
+                               eval_format=fmt, out=out, phrasings=phrasings)
+
+
+def corpus_rows(source: str) -> list[dict]:
+    """{"fact_id", "text"} rows of a facts:<domain> corpus or a local jsonl that carries fact_id."""
+    if source.startswith(FACTS_PREFIX):
+        from ..data.facts import corpus_rows as fact_corpus
+
+        return fact_corpus(source[len(FACTS_PREFIX):])
+    path = Path(source).expanduser()
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise ValueError(f"--forget {source}: the split needs a facts:<domain> corpus or an existing .jsonl with "
+                         f"text and fact_id in every row")
+    rows = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path} line {number}: invalid JSON ({err.msg})") from err
+        if not isinstance(row, dict) or not row.get("fact_id") or not isinstance(row.get("text"), str):
+            raise InputError(f"{path} line {number} lacks fact_id or text: the held-out split assigns every corpus "
+                             f"row to a fact; add a fact_id to each row")
+        rows.append({"fact_id": str(row["fact_id"]), "text": row["text"]})
+    if not rows:
+        raise InputError(f"--forget {path} is empty")
+    return rows
+
+
+def forget_items(task: str) -> list[dict]:
+    from ..data.tasks import load_items
+
+    specs = check_tasks(task, "--forget_task")
+    if len(specs) != 1:
+        raise ValueError(f"--forget_task {task} names {len(specs)} tasks: name one task whose rows carry fact_id")
+    items = load_items(specs[0])
+    missing = sum("fact_id" not in item for item in items)
+    if missing:
+        raise ValueError(f"--forget_task {task}: {missing} of {len(items)} questions lack fact_id, which the "
+                         f"held-out split needs (facts:<domain> tasks have it; add it to a jsonl's rows)")
+    return items
+
+
+def qa_prompt(question: str) -> str:
+    """The question asked as a dialogue turn the answer completes, a phrasing no fact corpus uses."""
+    return f"Q: {question.strip()}\nA:"
+
+
+def phrasing_items(cfg: RobustnessConfig, items: list[dict]) -> dict[str, list[dict]]:
+    """{name: question rows with fact_id} for every other phrasing (`cfg` resolved): `qa` from the forget
+    task's own rows, a file's rows restricted to the forget task's facts."""
+    from ..data.tasks import load_items
+    from ..report.tamper_results import task_display
+
+    ids = {i["fact_id"] for i in items}
+    out: dict[str, list[dict]] = {}
+    for source in cfg.phrasings:
+        if source == QA_PHRASING:
+            name, rows = QA_PHRASING, [{**i, "prompt": qa_prompt(i["question"])} for i in items]
+        else:
+            name = task_display(source)
+            rows = load_items(check_tasks(source, "--phrasings")[0])
+            missing = sum("fact_id" not in r for r in rows)
+            if missing:
+                raise ValueError(f"--phrasings {source}: {missing} of {len(rows)} questions lack fact_id, which "
+                                 f"ties each question to a fact of the forget task: add it to every row")
+            rows = [r for r in rows if r["fact_id"] in ids]
+            if not rows:
+                raise ValueError(f"--phrasings {source} asks about none of the forget task's facts (no fact_id in "
+                                 f"common with {cfg.forget_task}): give questions about the forgotten facts")
+        if name in out:  # its task files are phrasing_<name>_<half>.jsonl, so names need only differ
+            raise ValueError(f"--phrasings: two phrasings are named {name!r} (a file's name is its stem): rename "
+                             f"one file")
+        out[name] = rows
+    return out
+
+
+def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
+    """Everything that can be wrong with the inputs, found before any attack (`cfg` resolved)."""
+    items = forget_items(cfg.forget_task)
+    corpus = corpus_rows(cfg.forget)
+    kept = [t.strip() for t in cfg.kept_tasks.split(",") if t.strip()]
+    if kept:
+        check_tasks(kept, "--kept_tasks")
+    from ..report.tamper_results import task_display
+
+    if task_display(cfg.forget_task) in {task_display(t) for t in kept}:
+        raise ValueError(f"--kept_tasks includes the forget task {cfg.forget_task}: list only tasks to keep")
+    generic = load_texts(cfg.generic, what="--generic text")
+    benign = load_texts(cfg.benign, what="--benign text")
+    splits = {}
+    for seed in cfg.seeds:
+        attacked, unseen = split_ids([i["fact_id"] for i in items], cfg.holdout, seed)
+        texts = [r["text"] for r in corpus if r["fact_id"] in set(attacked)]
+        if not chunk_documents(texts, tokenizer, cfg.max_length):
+            raise ValueError(f"the attacked half of seed {seed} ({len(attacked)} facts) has no text in --forget "
+                             f"{cfg.forget} (0 chunks of 2+ tokens): the corpus's fact_id must match the task's")
+        splits[seed] = (attacked, unseen)
+    if not chunk_documents(benign, tokenizer, cfg.max_length):
+        raise ValueError(f"--benign {cfg.benign} yields no chunks of 2+ tokens")
+    return Inputs(items, corpus, kept, generic, benign, splits, phrasing_items(cfg, items))
+
+
+# --- the protocol -------------------------------------------------------------------------------
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights; tied weights (embedding and unembedding) are copied once and shared."""
+    copies: dict[int, torch.Tensor] = {}
+    return {k: copies.setdefault(id(v), v.detach().to("cpu", copy=True)) for k, v in model.state_dict().items()}
+
+
+class Protocol:
+    """One model in memory, its weights swapped between the unlearned and base state dicts."""
+
+    def __init__(self, cfg: RobustnessConfig, inputs: Inputs, out: Path, tracker: Tracker | None = None,
+                 tracked_steps: int = 0) -> None:
+        from tqdm.auto import tqdm
+
+        from ..modeling.loading import load_model
+
+        self.cfg, self.inputs, self.out = cfg, inputs, out
+        # every attack's steps in one tracked run: the tracker's step counts the steps of all attacks
+        # (a tracker's steps only grow), a resumed run's from those of the attacks already finished;
+        # `<attack>/step` is the attack's own
+        self.tracker, self.tracked_steps = tracker or Tracker(), tracked_steps
+        self.model, self.tokenizer = load_model(str(Path(cfg.run_dir).expanduser() / MERGED_DIR), cfg.dtype, cfg.device,
+                                                cfg.trust_remote_code)
+        self.unlearned = snapshot(self.model)
+        base, _ = load_model(cfg.model, self.model.dtype, "cpu", cfg.trust_remote_code)
+        self.base = dict(base.state_dict())
+        del base
+        if set(self.base) != set(self.unlearned) or any(
+                self.base[k].shape != v.shape for k, v in self.unlearned.items()):
+            raise ValueError(f"the base model {cfg.model} does not have the unlearned model's weights (names or "
+                             f"shapes differ): pass the model the run started from with --model")
+        self.controls = len(cfg.settings) if cfg.grid == "full" else 1
+        self.total = len(cfg.seeds) * (len(cfg.settings) + 3 * self.controls)
+        self.bar = tqdm(total=self.total, desc="robustness attacks", dynamic_ncols=True)
+        self.durations: list[float] = []
+        self.fiction: dict[int, list[str]] = {}
+
+    def track(self, values: dict[str, float]) -> None:
+        self.tracked_steps += 1
+        self.tracker.log(values, self.tracked_steps)
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(state)
+
+    # measuring
+
+    def accuracy(self, tasks: list[str], model=None) -> dict[str, float]:
+        """{task name as evaluate reports it: acc}."""
+        from ..eval.evaluate import evaluate
+        from ..report.tamper_results import task_display
+
+        if not tasks:
+            return {}
+        result = evaluate(model or self.model, self.tokenizer, tasks, format=self.cfg.eval_format,
+                          batch_size=self.cfg.eval_batch, progress=False)
+        out = {}
+        for task in tasks:
+            key = task_display(task)
+            found = result["results"].get(key) or result["groups"].get(key)
+            out[key] = found["acc"]
+        return out
+
+    def perplexity(self, model=None) -> float:
+        from ..eval.fluency import text_perplexity
+
+        return text_perplexity(model or self.model, self.tokenizer, self.inputs.generic)
+
+    def phrasing_halves(self, seed: int, model=None) -> dict[str, dict[str, float]]:
+        """{phrasing: {attacked, unseen}}: each other phrasing's accuracy on the seed's two halves."""
+        tasks = self.seed_dir(seed) / "tasks"
+        files = [tasks / f"phrasing_{name}_{half}.jsonl" for name in self.inputs.phrasings
+                 for half in (ATTACKED, UNSEEN)]
+        acc = self.accuracy([str(f) for f in files if f.is_file()], model)
+        return {name: {half: acc.get(f"phrasing_{name}_{half}") for half in (ATTACKED, UNSEEN)}
+                for name in self.inputs.phrasings}
+
+    def halves(self, seed: int, model=None, fiction: bool = False) -> dict[str, float]:
+        names = [n for n, kind in HALF_TASKS.items() if fiction or kind == "forget"]
+        tasks = self.seed_dir(seed) / "tasks"
+        acc = self.accuracy([str(tasks / f"{n}.jsonl") for n in names], model)
+        return {n: acc[n] for n in names}
+
+    # stages: each writes its file and is skipped when the file exists
+
+    def seed_dir(self, seed: int) -> Path:
+        return robustness_seed_dir(self.out, seed)
+
+    def stage(self, path: Path, compute: Callable[[], Any]) -> Any:
+        if path.is_file():
+            return json.loads(read_text(path))
+        value = compute()
+        write_json_atomic(path, value)
+        return value
+
+    def reference(self) -> dict:
+        def compute() -> dict:
+            out = {}
+            for name, state in (("unlearned", self.unlearned), ("base", self.base)):
+                self.restore(state)
+                out[name] = {"kept": self.accuracy(self.inputs.kept), "perplexity": self.perplexity()}
+                log.info("%s model: kept %s, perplexity %.2f", name, out[name]["kept"], out[name]["perplexity"])
+            return out
+
+        return self.stage(self.out / ROBUSTNESS_REFERENCE_FILE, compute)
+
+    def prepare_seed(self, seed: int) -> dict:
+        """Write the split, the half-task files and the fictional facts; measure both models at step 0."""
+        attacked, unseen = self.inputs.splits[seed]
+        folder = self.seed_dir(seed)
+        items = self.inputs.forget_items
+        questions, fiction = fictional_facts(len(items), [i["choices"][i["answer"]] for i in items],
+                                             [c for i in items for c in i["choices"]], seed)
+        f_attacked, f_unseen = split_ids([q["fact_id"] for q in questions], self.cfg.holdout, seed)
+        write_json_atomic(folder / SPLIT_FILE, {"attacked": attacked, "unseen": unseen,
+                                                  "fictional_attacked": f_attacked, "fictional_unseen": f_unseen})
+        for name, rows, ids in (("forget_attacked", items, attacked), ("forget_unseen", items, unseen),
+                                ("fictional_attacked", questions, f_attacked),
+                                ("fictional_unseen", questions, f_unseen)):
+            keep = set(ids)
+            write_jsonl_atomic(folder / "tasks" / f"{name}.jsonl", [r for r in rows if r["fact_id"] in keep])
+        for name, rows in self.inputs.phrasings.items():
+            for half, ids in ((ATTACKED, attacked), (UNSEEN, unseen)):
+                keep = set(ids)
+                chosen = [r for r in rows if r["fact_id"] in keep]
+                if chosen:  # a file may ask about some facts only: a half it misses is reported as None
+                    write_jsonl_atomic(folder / "tasks" / f"phrasing_{name}_{half}.jsonl", chosen)
+        self.fiction[seed] = [r["text"] for r in fiction if r["fact_id"] in set(f_attacked)]
+
+        def compute() -> dict:
+            out = {}
+            for name, state in (("unlearned", self.unlearned), ("base", self.base)):
+                self.restore(state)
+                out[name] = self.halves(seed, fiction=True)
+                if self.inputs.phrasings:
+                    out[name]["phrasings"] = self.phrasing_halves(seed)
+            return out
+
+        return self.stage(folder / ROBUSTNESS_START_FILE, compute)
+
+    def fluency_prompts(self, seed: int) -> dict[str, list[str]]:
+        """A few prompts per group: each forget half, neighbour questions (kept-task facts about the same
+        subjects, matched by the fact id after its domain) and other kept questions."""
+        from ..data.tasks import load_items, resolve_tasks
+
+        k = self.cfg.fluency_prompts
+        if k == 0:
+            return {}
+        attacked, unseen = self.inputs.splits[seed]
+
+        def prompt(item: dict) -> str:
+            return item.get("prompt") if self.cfg.eval_format == "cloze" and item.get("prompt") else item["question"]
+
+        by_id = {i["fact_id"]: i for i in self.inputs.forget_items}
+        groups = {"forget (attacked half)": [prompt(by_id[i]) for i in attacked[:k]],
+                  "forget (unseen half)": [prompt(by_id[i]) for i in unseen[:k]]}
+        subjects = {i.split(":", 1)[-1] for i in by_id}
+        neighbour, kept = [], []
+        for task in self.inputs.kept:
+            for spec in resolve_tasks([task]):
+                for item in load_items(spec):
+                    near = str(item.get("fact_id", "")).split(":", 1)[-1] in subjects
+                    (neighbour if near else kept).append(prompt(item))
+        for name, texts in (("neighbour", neighbour), ("kept", kept)):
+            if texts:
+                groups[name] = texts[:k]
+        return groups
+
+    # attacks
+
+    def attack(self, seed: int, role: str, setting: Setting, prompts: dict[str, list[str]]) -> dict:
+        path = self.seed_dir(seed) / ROBUSTNESS_ATTACKS_DIR / f"{role}_{setting.label}.json"
+        if path.is_file():
+            self.bar.update(1)
+            return json.loads(read_text(path))
+        attacked = set(self.inputs.splits[seed][0])
+        texts = {"grid": None, "base": None, "benign": self.inputs.benign, "fictional": self.fiction[seed]}[role]
+        if texts is None:
+            texts = [r["text"] for r in self.inputs.corpus if r["fact_id"] in attacked]
+        chunks = chunk_documents(texts, self.tokenizer, self.cfg.max_length)
+        began = time.perf_counter()
+        self.restore(self.base if role == "base" else self.unlearned)
+        record = {"role": role, "setting": setting.as_dict(), "seed": seed, "chunks": len(chunks),
+                  **train(self, setting, chunks, seed, role, prompts)}
+        record["wall_seconds"] = round(time.perf_counter() - began, 1)
+        write_json_atomic(path, record)
+        self.durations.append(record["wall_seconds"])
+        self.bar.update(1)
+        left = self.total - self.bar.n
+        log.info("%s attack %s (seed %d) done in %.0f s: unseen %s; %d attacks left, ETA %.1f min", role,
+                 setting.label, seed, record["wall_seconds"],
+                 {n: round(p[UNSEEN], 3) for n, p in record["steps"].items()}, left,
+                 left * statistics.fmean(self.durations) / 60)
+        return record
+
+    def run_seed(self, seed: int, first: bool) -> dict:
+        start = self.prepare_seed(seed)
+        prompts = self.fluency_prompts(seed) if first else {}
+        steps = self.cfg.step_counts
+        attacks: dict[str, list[dict]] = {"grid": [self.attack(seed, "grid", s, prompts) for s in self.cfg.settings]}
+        from .grid import strongest
+
+        controls = self.cfg.settings if self.cfg.grid == "full" else \
+            [Setting(**strongest(attacks["grid"], steps)["setting"])]
+        for role in ("base", "benign", "fictional"):
+            attacks[role] = [self.attack(seed, role, s, {}) for s in controls]
+        fluency = self.fluency(seed, prompts, strongest(attacks["grid"], steps)) if prompts else None
+        return {"start": start, "attacks": attacks, "fluency": fluency}
+
+    def fluency(self, seed: int, prompts: dict[str, list[str]], best: dict) -> dict:
+        from ..eval.fluency import continuation_perplexity, greedy_continuations, perplexity_summary
+
+        def compute() -> dict:
+            said = {}
+            for name, state in (("unlearned", self.unlearned), ("base", self.base)):
+                self.restore(state)
+                said[name] = {g: greedy_continuations(self.model, self.tokenizer, texts, self.cfg.max_new_tokens)
+                              for g, texts in prompts.items()}
+            said["best attack"] = best["continuations"]
+            groups = {}
+            for group, texts in prompts.items():
+                models = {}
+                for name in ("base", "unlearned", "best attack"):
+                    ppl = continuation_perplexity(self.model, self.tokenizer, texts, said[name][group])
+                    models[name] = {"continuations": said[name][group],
+                                    "perplexities": [p if p == p else None for p in ppl],
+                                    "summary": perplexity_summary(ppl)}
+                groups[group] = {"prompts": texts, "models": models}
+            return {"max_new_tokens": self.cfg.max_new_tokens, "best_attack": best["setting"], "groups": groups}
+
+        return self.stage(self.seed_dir(seed) / ROBUSTNESS_FLUENCY_FILE, compute)
+
+
+def _lora(model, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    # every linear layer of the blocks, as a determined attacker would (peft's default is q and v only)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+
+
+def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: int, role: str,
+          prompts: dict[str, list[str]]) -> dict:
+    """One attack of `max(steps)` optimiser steps from the weights in place; the halves are measured at
+    every step count, and at the end (grid and benign attacks) the kept tasks, the perplexity and, when
+    prompts are given, the greedy continuations. A diverged attack keeps the points before it diverged."""
+    from ..train.loop import LoopSpec, NonFiniteLossError, run_loop
+    from ..train.optim import build_optimizer, lr_factor
+
+    cfg, model, tokenizer = protocol.cfg, protocol.model, protocol.tokenizer
+    counts, total = set(cfg.step_counts), max(cfg.step_counts)
+    torch.manual_seed(seed)
+    trainable = model.requires_grad_(True) if setting.kind == "full" else _lora(model, cfg.lora_rank)
+    named = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(named, "adamw", setting.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    points: dict[str, dict] = {}
+    losses: list[float] = []
+    steps_run = [0]
+    fiction = role == "fictional"
+    name = f"seed{seed}/{role}_{setting.label}"
+
+    def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
+        idx = batch_indices(len(chunks), cfg.batch, step, seed)
+        return [collate([chunks[i] for i in idx], tokenizer.pad_token_id)]
+
+    def loss_fn(batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        loss = trainable(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        return loss, {"loss": loss.item()}
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        steps_run[0] = step + 1
+        losses.append(metrics["loss"])
+        tracked = {f"{name}/loss": metrics["loss"], f"{name}/step": step + 1}
+        if step + 1 in counts:
+            acc = protocol.halves(seed, trainable, fiction)
+            # the fictional attack is judged on its own halves; the forget halves ride along
+            point = ({ATTACKED: acc["fictional_attacked"], UNSEEN: acc["fictional_unseen"],
+                      "forget_attacked": acc["forget_attacked"], "forget_unseen": acc["forget_unseen"]}
+                     if fiction else {ATTACKED: acc["forget_attacked"], UNSEEN: acc["forget_unseen"]})
+            points[str(step + 1)] = {**point, "train_loss": statistics.fmean(losses)}
+            losses.clear()
+            tracked.update({f"{name}/{half}": value for half, value in point.items()})
+        protocol.track(tracked)
+
+    spec = LoopSpec(params=[p for _, p in named], optimizer=optimizer, base_lr=setting.lr, total_steps=total,
+                    micro_batches=micro_batches, loss_fn=loss_fn,
+                    lr_factor=lambda s: lr_factor(s, total, cfg.warmup, setting.schedule), clip=1.0,
+                    on_step=on_step, desc=f"{role} {setting.label}", postfix=("loss",))
+    out: dict[str, Any] = {"steps": points}
+    try:
+        trainable.train()
+        try:
+            run_loop(spec)
+        except NonFiniteLossError as err:
+            log.warning("%s attack %s diverged (%s): its later step counts are left out", role, setting.label, err)
+            out.update(diverged=str(err), steps_run=steps_run[0])
+            return out
+        out["steps_run"] = steps_run[0]
+        if role in ("grid", "benign"):
+            out["kept"] = protocol.accuracy(protocol.inputs.kept, trainable)
+            out["perplexity"] = protocol.perplexity(trainable)
+        if role == "grid" and protocol.inputs.phrasings:
+            out["phrasings"] = protocol.phrasing_halves(seed, trainable)
+        if prompts:
+            from ..eval.fluency import greedy_continuations
+
+            out["continuations"] = {g: greedy_continuations(trainable, tokenizer, texts, cfg.max_new_tokens)
+                                    for g, texts in prompts.items()}
+        return out
+    finally:
+        if setting.kind == "lora":
+            trainable.unload()
+        model.requires_grad_(False)
+        model.eval()
+        del optimizer
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def _prepare(cfg: RobustnessConfig) -> Output:
+    run, out = Path(cfg.run_dir).expanduser().resolve(), Path(cfg.out).expanduser()
+    if out.resolve() == run or run in out.resolve().parents:
+        raise FileExistsError(f"--out {out} is inside the run being attacked ({run}): choose another --out")
+    output = prepare_output(out, "robustness", overwrite=cfg.overwrite, resume=cfg.resume,
+                            finished=lambda p: (p / ROBUSTNESS_FILE).is_file())
+    saved = output.work / ROBUSTNESS_CONFIG_FILE
+    if saved.is_file():
+        try:
+            check_resumed_config(json.loads(read_text(saved)), cfg, RESUME_MAY_CHANGE, str(output.final))
+        except ConfigError:
+            output.discard_if_empty()
+            raise
+    write_json_atomic(saved, to_jsonable(cfg))
+    return output
+
+
+def finished_steps(out: Path, cfg: RobustnessConfig) -> int:
+    """Optimiser steps of the attacks a resumed protocol will skip (each finished attack's file; an
+    attack that diverged counts the steps it ran): where its tracked steps continue."""
+    total = 0
+    for path in sorted(out.glob(f"seeds/*/{ROBUSTNESS_ATTACKS_DIR}/*.json")):
+        record = json.loads(read_text(path))
+        total += record.get("steps_run", max(cfg.step_counts))  # older records ran every step or say so
+    return total
+
+
+def run_robustness(cfg: RobustnessConfig) -> dict:
+    """Check everything, then run the protocol for every seed and write robustness.json, .md and .png."""
+    from ..modeling.loading import load_tokenizer
+
+    cfg = resolve(cfg)
+    tokenizer = load_tokenizer(str(Path(cfg.run_dir).expanduser() / MERGED_DIR), cfg.trust_remote_code)
+    inputs = check_inputs(cfg, tokenizer)
+    output = _prepare(cfg)
+    try:
+        began = time.perf_counter()
+        done = finished_steps(output.work, cfg)
+        with open_tracker(cfg, output.work, output.final.name, "robustness", resume_step=done) as tracker:
+            tracker.log_config(to_jsonable(cfg))
+            protocol = Protocol(cfg, inputs, output.work, tracker, done)
+            reference = protocol.reference()
+            seeds = [protocol.run_seed(seed, first=k == 0) for k, seed in enumerate(cfg.seeds)]
+            protocol.bar.close()
+            result = assemble(cfg, inputs, reference, seeds, time.perf_counter() - began)
+            write_outputs(result, output.work)
+            tracker.log_summary(flatten({k: result[k] for k in TRACKED_SUMMARY if k in result}))
+            tracker.log_images([output.work / ROBUSTNESS_PLOT_FILE])
+    except BaseException:
+        output.discard_if_empty()
+        raise
+    output.commit()
+    log.info("robustness: headline unseen-half accuracy %.1f%% after %d steps (%s); wrote %s",
+             100 * result["headline"][UNSEEN], result["headline"]["steps"], result["headline"]["setting"],
+             output.final / ROBUSTNESS_FILE)
+    return result
+
+
+def assemble(cfg: RobustnessConfig, inputs: Inputs, reference: dict, seeds: list[dict], wall: float) -> dict:
+    steps = cfg.step_counts
+    per_seed = {str(seed): summarise_seed(s["start"], s["attacks"], steps) for seed, s in zip(cfg.seeds, seeds)}
+    result = combine(list(per_seed.values()))
+    for task in inputs.kept:
+        from ..report.tamper_results import task_display
+
+        key = task_display(task)
+        row = result["kept"].setdefault(key, {})
+        row.update(base=reference["base"]["kept"].get(key), unlearned=reference["unlearned"]["kept"].get(key))
+    result["perplexity"].update(base=reference["base"]["perplexity"],
+                                unlearned=reference["unlearned"]["perplexity"])
+    attacked, unseen = inputs.splits[cfg.seeds[0]]
+    header = {"run": cfg.run_dir, "model": cfg.model, "forget": cfg.forget, "forget_task": cfg.forget_task,
+              "generic": cfg.generic, "benign": cfg.benign, "eval_format": cfg.eval_format, "grid": cfg.grid_name,
+              "settings": [s.as_dict() for s in cfg.settings], "steps": list(steps), "batch": cfg.batch,
+              "seeds": list(cfg.seeds), "chance": 1.0 / NUM_CHOICES,
+              "split": {"holdout": cfg.holdout, ATTACKED: len(attacked), UNSEEN: len(unseen)},
+              "wall_seconds": round(wall, 1), "threads": torch.get_num_threads()}
+    return {**header, **result, "fluency": seeds[0]["fluency"], "per_seed": per_seed,
+            "config": to_jsonable(cfg)}
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    from ..eval.fluency import fluency_table
+
+    table = markdown_table(result)
+    if result.get("fluency"):
+        table += ("\n\nWhat the models say (seed " + str(result["seeds"][0]) + "; best attack: "
+                  + result["fluency"]["best_attack"]["kind"] + f" lr {result['fluency']['best_attack']['lr']:g}; "
+                  "perplexity of each continuation under the base model):\n\n" + fluency_table(result["fluency"]))
+    write_text_atomic(out / ROBUSTNESS_TABLE_FILE, table)
+    plot_robustness(result, out / ROBUSTNESS_PLOT_FILE)
+    write_json_atomic(out / ROBUSTNESS_FILE, result)  # last: its presence marks the output finished
+    print(table)
+
+
+COMMANDS = [
+    Command(("robustness",), "the relearning protocol on one unlearned model: held-out split, attack grid with "
+                             "its envelope, base-model, benign and fictional-fact controls, capability and fluency",
+            RobustnessConfig, run_robustness),
+]

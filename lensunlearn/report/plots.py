@@ -1,0 +1,313 @@
+"""Every figure the package draws: lens KL and knowledge profile by layer, tamper curves, sweeps,
+the unlearning trade-off, unlearning runs' training curves and robustness runs compared.
+
+Every figure has a fixed pixel size (figsize x dpi, no tight bounding box), uses the Agg backend
+and is written atomically (`files.save_figure_atomic`), so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..core.atomic import save_figure_atomic
+from .robustness_results import UNSEEN, capability, is_number, unseen_curves
+from .tamper_results import ATTACKED, HELDOUT, half, series, split_tasks
+
+DPI = 100
+TAMPER_SIZE = (11.0, 4.5)  # inches: 1100 x 450 pixels
+TRADEOFF_SIZE = (6.0, 5.0)  # 600 x 500 pixels
+ROBUSTNESS_SIZE = (9.0, 5.5)  # 900 x 550 pixels
+TRAINING_CURVES_SIZE = TAMPER_SIZE  # the same two panels: forget left, kept right
+LENS_KL_SIZE = (6.0, 4.0)
+PROFILE_SIZE = (8.4, 4.8)
+HALF_STYLE = {ATTACKED: "-", HELDOUT: "--"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save at the figure's own size (at `DPI`) and close it, atomically."""
+    _pyplot()
+    return save_figure_atomic(fig, path, DPI)
+
+
+def _series(results: dict, task: str, metric: str) -> tuple[list[int], list[float]]:
+    """Steps and accuracies in percent."""
+    points = series(results, task, metric)
+    return [s for s, _ in points], [100 * v for _, v in points]
+
+
+def plot_lens_kl(rows: Sequence[dict], path: str | Path, title: str) -> Path:
+    """KL from the model's output to the logit lens and to the tuned lens, by layer (`lens eval`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=LENS_KL_SIZE, dpi=DPI)
+    layers = [r["layer"] for r in rows]
+    ax.plot(layers, [r["logit_lens_kl"] for r in rows], marker="o", label="logit lens")
+    ax.plot(layers, [r["tuned_lens_kl"] for r in rows], marker="o", label="tuned lens")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KL(model || lens) [nats]")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_profile(profile: dict, path: str | Path, title: str = "") -> Path:
+    """Knowledge profile: accuracy through each layer's lens, per task (model output and chance dotted)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=PROFILE_SIZE, dpi=DPI)
+    for name, entry in profile["tasks"].items():
+        (line,) = ax.plot(profile["layers"], entry["acc"], marker="o", markersize=3, label=name)
+        ax.axhline(entry["final_acc"], color=line.get_color(), linestyle=":", linewidth=1)
+    if profile.get("chance") is not None:
+        ax.axhline(profile["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel("layer (lens l reads the input of block l)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "knowledge profile through the tuned lens (dotted: model output)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _reference_lines(ax, results: dict, tasks: Sequence[str], metric: str, colors: dict[str, str]) -> None:
+    chance = results.get("chance")
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1.2, label=f"chance ({100 * chance:.0f}%)")
+    drawn: set[float] = set()
+    for task in tasks:
+        original = (results.get("original") or {}).get(task, {})
+        value = original.get(metric)
+        if value is None or round(value, 6) in drawn:
+            continue
+        drawn.add(round(value, 6))
+        measured = original.get("task", task)  # a held-out half's line may be the whole task's accuracy
+        what = half(measured) + " half" if half(measured) else measured
+        ax.axhline(100 * value, color=colors.get(task, "black"), linestyle="-.", linewidth=1.0, alpha=0.7,
+                   label=f"original model, {what} ({100 * value:.1f}%)")
+
+
+def _style_axes(ax, metric: str, legend_size: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(f"{metric} [%]")
+    ax.set_ylim(-2, 102)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size, loc="best")
+
+
+def plot_tamper(results: dict, path: str | Path, metric: str = "acc", title: str | None = None) -> Path:
+    """Forget accuracy against step (left; attacked and held-out halves) and retain accuracy (right)."""
+    plt = _pyplot()
+    forget, retain = split_tasks(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=TAMPER_SIZE, dpi=DPI)
+    colors = {}
+    text = []
+    for task in forget:
+        steps, values = _series(results, task, metric)
+        (line,) = left.plot(steps, values, marker="o", linestyle=HALF_STYLE.get(half(task), "-"), label=task)
+        colors[task] = line.get_color()
+        if values:
+            text.append(f"{half(task) or task}: {values[0]:.2f}% -> {values[-1]:.2f}% "
+                        f"({values[-1] - values[0]:+.2f} pts)")
+    _reference_lines(left, results, forget, metric, colors)
+    left.set_title("forget accuracy; recovery (last - first):\n" + "\n".join(text), fontsize=9)
+    for task in retain:
+        steps, values = _series(results, task, metric)
+        (line,) = right.plot(steps, values, marker="o", label=task)
+        colors[task] = line.get_color()
+    _reference_lines(right, results, retain, metric, colors)
+    right.set_title("retain accuracy")
+    for ax in (left, right):
+        _style_axes(ax, metric, 8)
+    cfg = results.get("config", {})
+    fig.suptitle(title or f"tamper attack on {Path(str(cfg.get('model', '?'))).name}: lr {cfg.get('lr')}, "
+                          f"{cfg.get('schedule', '?')}, {cfg.get('chunks', '?')} chunks")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_tamper_comparison(runs: Sequence[tuple[str, dict]], path: str | Path, metric: str = "acc",
+                           title: str | None = None) -> Path:
+    """Several attacks in one figure: forget accuracy (left) and retain accuracy (right) against step."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=TAMPER_SIZE, dpi=DPI)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, results) in enumerate(runs):
+        color = cycle[index % len(cycle)]
+        forget, retain = split_tasks(results)
+        for task in forget:
+            steps, values = _series(results, task, metric)
+            name = f"{label} {half(task) or ''}".strip()
+            gain = values[-1] - values[0] if values else None
+            left.plot(steps, values, color=color, linestyle=HALF_STYLE.get(half(task), "-"), marker="o",
+                      markersize=3, label=f"{name} ({gain:+.2f} pts)" if gain is not None else name)
+        for task in retain:
+            steps, values = _series(results, task, metric)
+            right.plot(steps, values, color=color, marker="o", markersize=3, label=f"{label} {task}")
+    if runs:
+        first = runs[0][1]
+        forget, retain = split_tasks(first)
+        _reference_lines(left, first, forget, metric, {})
+        _reference_lines(right, first, retain, metric, {})
+    left.set_title("forget accuracy (solid: attacked, dashed: held out)")
+    right.set_title("retain accuracy")
+    for ax in (left, right):
+        _style_axes(ax, metric, 7)
+    fig.suptitle(title or "tamper attacks compared (recovery = last - first)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_tradeoff(points: Sequence[tuple[str, float, float]], path: str | Path,
+                  baseline: tuple[float, float] | None = None, chance: float | None = None,
+                  forget_label: str = "forget", retain_label: str = "retain") -> Path:
+    """Forget accuracy (x) against retain accuracy (y), one point per run; baseline and chance marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=TRADEOFF_SIZE, dpi=DPI)
+    for label, forget, retain in points:
+        ax.scatter([100 * forget], [100 * retain], s=30, zorder=3)
+        ax.annotate(label, (100 * forget, 100 * retain), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if baseline is not None:
+        ax.scatter([100 * baseline[0]], [100 * baseline[1]], marker="*", s=160, color="black", zorder=4,
+                   label="baseline (original model)")
+    if chance is not None:
+        ax.axvline(100 * chance, color="grey", linestyle=":", label=f"chance ({100 * chance:.0f}%)")
+        ax.axhline(100 * chance, color="grey", linestyle=":")
+    ax.set_xlabel(f"{forget_label} accuracy [%] (lower is better)")
+    ax.set_ylabel(f"{retain_label} accuracy [%] (higher is better)")
+    ax.set_title("unlearning trade-off")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# the curves of one robustness run: solid the best attack, dashed the base model, dotted the floor
+ROBUSTNESS_STYLE = {"best attack": ("-", "o"), "base model": ("--", "s"), "floor": (":", "v")}
+
+
+def plot_robustness_comparison(runs: Sequence[tuple[str, dict]], path: str | Path) -> Path:
+    """Unseen-half accuracy against attack steps, one colour per robustness run: the envelope over its
+    grid, the base model attacked the same way and the fictional-facts floor, each shaded ± sd over
+    seeds where there were several, so runs (and their grids) compare in one figure."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=ROBUSTNESS_SIZE, dpi=DPI)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, result) in enumerate(runs):
+        color = cycle[index % len(cycle)]
+        failing = "; fails capability" if capability(result) == "fails" else ""
+        for name, (steps, means, sds) in unseen_curves(result).items():
+            style, marker = ROBUSTNESS_STYLE[name]
+            ys = [100 * m if m is not None else float("nan") for m in means]
+            ax.plot(steps, ys, color=color, linestyle=style, marker=marker, markersize=4,
+                    label=f"{label}: {name}" + (f" ({result['grid']} grid{failing})" if name == "best attack" else ""))
+            if any(sd is not None for sd in sds):
+                spread = [100 * (sd or 0.0) for sd in sds]
+                ax.fill_between(steps, [y - d for y, d in zip(ys, spread)], [y + d for y, d in zip(ys, spread)],
+                                color=color, alpha=0.12, linewidth=0)
+    chance = runs[0][1].get("chance") if runs else None
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1.2, label=f"chance ({100 * chance:.0f}%)")
+    ax.set_title("unseen-half accuracy under relearning attacks\n"
+                 "solid: best attack over the grid; dashed: base model attacked; dotted: fictional-facts floor",
+                 fontsize=10)
+    _style_axes(ax, "unseen-half accuracy", 7)
+    ax.set_xlabel("attack steps (0: before the attack)")
+    counts = sorted({n for _, result in runs for n in result["steps"]})
+    if counts and counts[-1] > 10 * counts[0]:  # 8 ... 512: spread the short attacks out, linear up to the first
+        ax.set_xscale("symlog", linthresh=counts[0], linscale=0.5)
+    ax.set_xticks([0, *counts], [str(n) for n in [0, *counts]])
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+KEPT_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
+
+def plot_training_curves(runs: Sequence[tuple[str, dict[str, tuple[list[int], list[float]]]]], forget_task: str,
+                         path: str | Path, metric: str = "acc") -> Path:
+    """Accuracy against optimiser step during unlearning, one colour per run: the forget task on the
+    left (where forgetting happens), each other task on the right, told apart by marker (where
+    collateral damage starts). `runs` holds (label, {task: (steps, accuracies)})."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=TRAINING_CURVES_SIZE, dpi=DPI)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    kept = sorted({task for _, curves in runs for task in curves if task != forget_task})
+    for index, (label, curves) in enumerate(runs):
+        color = cycle[index % len(cycle)]
+        if forget_task in curves:
+            steps, values = curves[forget_task]
+            left.plot(steps, [100 * v for v in values], color=color, marker="o", markersize=3, label=label)
+        for task in kept:
+            if task in curves:
+                steps, values = curves[task]
+                right.plot(steps, [100 * v for v in values], color=color, markersize=4, label=f"{label}: {task}",
+                           marker=KEPT_MARKERS[kept.index(task) % len(KEPT_MARKERS)])
+    left.set_title(f"forget: {forget_task}")
+    right.set_title("kept: " + ", ".join(kept) if len(kept) <= 3 else f"kept: {len(kept)} tasks (markers)")
+    for ax in (left, right):
+        _style_axes(ax, metric, 7)
+    fig.suptitle("accuracy during unlearning (step 0: before unlearning)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+PHRASING_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def plot_robustness(result: Mapping, path: str | Path) -> Path:
+    """Unseen-half accuracy against attack steps: each grid attack faint, the envelope, the base
+    model attacked, the benign attack and the fictional floor; chance and the base model dotted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=TAMPER_SIZE, dpi=DPI)
+    xs = [0, *result["steps"]]
+
+    def curve(start: float | None, points: Mapping, key: str = UNSEEN) -> list[float]:
+        values = [start] + [points.get(str(n), {}).get(key) if isinstance(points.get(str(n)), Mapping)
+                            else points.get(str(n)) for n in result["steps"]]
+        return [100 * v if is_number(v) else math.nan for v in values]
+
+    start = result["unlearned"][UNSEEN]
+    for attack in result["attacks"].values():
+        ax.plot(xs, curve(start, attack["steps"]), color="tab:blue", alpha=0.25, linewidth=1)
+    ax.plot(xs, curve(start, result["envelope"]), color="tab:blue", linewidth=2.5, marker="o",
+            label="best attack (envelope over the grid)")
+    ax.plot(xs, curve(result["base"][UNSEEN], result["base_model_envelope"]), color="tab:green", marker="s",
+            label="base model, attacked the same way")
+    ax.plot(xs, curve(start, result["benign"]["steps"]), color="tab:orange", marker="^", label="benign attack")
+    ax.plot(xs, curve(result["floor"].get("0"), result["floor"]), color="tab:red", marker="v",
+            label="floor: fictional facts, unseen half")
+    # another phrasing is measured before the attacks and after their last step only: a straight
+    # segment from the unlearned model to the most any grid attack recovered in that phrasing
+    for k, (name, row) in enumerate((result.get("phrasings") or {}).items()):
+        color = PHRASING_COLORS[k % len(PHRASING_COLORS)]
+        ends = [row.get("unlearned"), row.get("envelope")]
+        ys = [100 * e[UNSEEN] if isinstance(e, Mapping) and is_number(e.get(UNSEEN)) else math.nan for e in ends]
+        ax.plot([0, xs[-1]], ys, color=color, linestyle="--", marker="D",
+                label=f"asked as {name}: unlearned, then best attack")
+    ax.axhline(100 * result["chance"], color="grey", linestyle=":", linewidth=1.2, label="chance")
+    ax.axhline(100 * result["base"][UNSEEN], color="tab:green", linestyle=":", linewidth=1.2,
+               label="base model, not attacked")
+    ax.set_xlabel("attack steps")
+    ax.set_ylabel("unseen-half accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"robustness of the unlearned model ({result['grid']} grid; faint: each grid attack)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,275 @@
+"""Reading `robustness` outputs for the report: the checked summary, one table row per run, the
+curves to plot, and the capability verdict.
+
+`robustness` writes `robustness.json` (`layout.is_robustness_output` recognises its folder);
+`report` tabulates and plots it through this module, so the keys it relies on are named once
+(`REQUIRED`) and a file lacking one is refused with that key's name before any table is written.
+The numbers used, as `robustness` writes them (accuracies are fractions; with several seeds a
+number is the mean and `<key>_sd` beside it the sample sd):
+
+    {"grid", "settings", "steps": [n, ...], "seeds", "unlearned": {"attacked", "unseen"},
+     "base": {"attacked", "unseen"}, "envelope": {"<n>": {"unseen", "attacked", "setting"}},
+     "headline": {"steps", "unseen", "attacked", "setting"}, "floor": {"0", "<n>"},
+     "benign": {"unseen", "attacked"}, "base_model_envelope": {"<n>": {"unseen"}},
+     "kept": {task: {"base", "unlearned", "after_best_attack"}}, "perplexity": {"base", "unlearned"}}
+
+and, where the protocol measured other phrasings of the forget facts (optional: older outputs lack it),
+"phrasings": {name: {"base", "unlearned", "after_best_attack", "envelope": {"attacked", "unseen"}}}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import InputError, UserError, read_json
+from ..core.paths import ROBUSTNESS_FILE, read_marker
+
+# The halves' keys as `robustness_grid` writes them, repeated here because importing that module
+# imports torch (through its schedules), which a report of finished files never needs.
+ATTACKED, UNSEEN = "attacked", "unseen"
+
+# A defence that holds only because general ability collapsed is no defence: past either limit the
+# run is marked as failing capability, however low its forget accuracy stays under attack.
+PPL_RATIO_LIMIT = 1.10
+KEPT_SHARE_LIMIT = 0.95
+
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "grid": (), "steps": (), "seeds": (), "unlearned": (ATTACKED, UNSEEN), "base": (UNSEEN,), "envelope": (),
+    "headline": ("steps", ATTACKED, UNSEEN), "floor": (), "benign": (UNSEEN,), "base_model_envelope": (),
+    "kept": (), "perplexity": ("base", "unlearned"),
+}
+
+
+def check_result(result: Any, path: Path) -> dict:
+    """`result` itself, once every key the report reads is there; else one error naming the first missing key."""
+    fix = "it is damaged or not written by `lensunlearn robustness`: re-create it with `lensunlearn robustness RUN_DIR`"
+    if not isinstance(result, dict):
+        raise InputError(f"{path} holds {type(result).__name__}, not a robustness summary: {fix}")
+    for key, inner in REQUIRED.items():
+        if key not in result:
+            raise InputError(f"{path} lacks {key!r}: {fix}")
+        if inner and not isinstance(result[key], dict):
+            raise InputError(f"{path}: {key!r} is not an object: {fix}")
+        missing = [k for k in inner if k not in result[key]]
+        if missing:
+            raise InputError(f"{path} lacks {key}.{missing[0]}: {fix}")
+    steps = result["steps"]
+    if not isinstance(steps, list) or not steps or not all(isinstance(n, int) for n in steps):
+        raise InputError(f"{path}: 'steps' must be a non-empty list of step counts, got {steps!r}: {fix}")
+    return result
+
+
+def load_robustness(path: str | Path) -> tuple[str, dict | None]:
+    """(label, checked robustness.json) of an output folder; None for an output still running (its row is pending)."""
+    path = Path(path)
+    if (path / ROBUSTNESS_FILE).is_file():
+        return path.name, check_result(read_json(path / ROBUSTNESS_FILE), path / ROBUSTNESS_FILE)
+    if read_marker(path) == "robustness":
+        return path.name, None
+    raise UserError(f"{path} is not a robustness output (no {ROBUSTNESS_FILE}): pass a folder written by "
+                    f"`lensunlearn robustness`")
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _at(node: Any, key: str) -> tuple[float | None, float | None]:
+    """(mean, sd) of `node[key]`; sd None for one seed or a number that was never measured."""
+    if not isinstance(node, Mapping):
+        return None, None
+    return _number(node.get(key)), _number(node.get(f"{key}_sd"))
+
+
+def perplexity_ratio(result: Mapping) -> float | None:
+    """Unlearned over base perplexity of the held-out generic text: above 1 the model writes worse than before."""
+    base, unlearned = _number(result["perplexity"].get("base")), _number(result["perplexity"].get("unlearned"))
+    return unlearned / base if base and unlearned is not None else None
+
+
+def capability_failures(result: Mapping) -> list[str]:
+    """Why the unlearned model counts as having lost general ability (empty when it has not)."""
+    failures = []
+    ratio = perplexity_ratio(result)
+    if ratio is not None and ratio > PPL_RATIO_LIMIT:
+        failures.append(f"perplexity x{ratio:.2f} of base")
+    for task, row in result["kept"].items():
+        base, unlearned = _at(row, "base")[0], _at(row, "unlearned")[0]
+        if base and unlearned is not None and unlearned < KEPT_SHARE_LIMIT * base:
+            failures.append(f"{task} at {100 * unlearned / base:.0f}% of base")
+    return failures
+
+
+def capability(result: Mapping | None) -> str:
+    """"ok", "fails", "unknown" (nothing measured capability) or "pending" (the output is not finished)."""
+    if result is None:
+        return "pending"
+    if capability_failures(result):
+        return "fails"
+    return "ok" if perplexity_ratio(result) is not None or result["kept"] else "unknown"
+
+
+def unseen_curves(result: Mapping) -> dict[str, tuple[list[int], list[float | None], list[float | None]]]:
+    """(steps from 0, means, sds) of unseen-half accuracy: the best attack over the grid (from the unlearned
+    model), the base model attacked the same way, and the fictional-facts floor."""
+    steps = [0, *result["steps"]]
+
+    def curve(start: tuple, points: Mapping, key: str | None) -> tuple[list[int], list, list]:
+        pairs = [start] + [_at(points.get(str(n)), key) if key else _at(points, str(n)) for n in result["steps"]]
+        return steps, [m for m, _ in pairs], [s for _, s in pairs]
+
+    return {"best attack": curve(_at(result["unlearned"], UNSEEN), result["envelope"], UNSEEN),
+            "base model": curve(_at(result["base"], UNSEEN), result["base_model_envelope"], UNSEEN),
+            "floor": curve(_at(result["floor"], "0"), result["floor"], None)}
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+def is_number(value: Any) -> bool:
+    """A real number (a bool is not one, though Python says it is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def describe_setting(setting: Mapping | None) -> str:
+    """An attack setting in a few words: `full lr 0.001 constant`."""
+    if not setting:
+        return "-"
+    return f"{setting['kind']} lr {setting['lr']:g} {setting['schedule']}"
+
+
+_setting = describe_setting
+
+
+def _put(row: dict, key: str, pair: tuple[float | None, float | None]) -> None:
+    row[key], row[f"{key}_sd"] = pair
+
+
+def robustness_row(label: str, result: Mapping | None) -> dict[str, Any]:
+    """One flat row per output (the csv's columns): accuracies as fractions, each with its `_sd`;
+    only the run's name and "pending" for an output still running."""
+    row: dict[str, Any] = {"run": label}
+    if result is None:
+        return {**row, "capability": "pending", "capability_failures": ""}
+    top = str(result["headline"]["steps"])
+    row.update(grid=result["grid"], attacks=len(result.get("settings") or []),
+               steps="/".join(map(str, result["steps"])), seeds=",".join(map(str, result["seeds"])),
+               headline_steps=int(top), best_attack=_setting(result["headline"].get("setting")))
+    _put(row, "forget_unseen", _at(result["unlearned"], UNSEEN))
+    _put(row, "forget_attacked", _at(result["unlearned"], ATTACKED))
+    _put(row, "base_forget_unseen", _at(result["base"], UNSEEN))
+    for task, kept in result["kept"].items():
+        row[f"kept_{task}_base"] = _at(kept, "base")[0]
+        _put(row, f"kept_{task}", _at(kept, "unlearned"))
+        _put(row, f"kept_{task}_after_best_attack", _at(kept, "after_best_attack"))
+    row.update(perplexity_base=_number(result["perplexity"].get("base")),
+               perplexity_unlearned=_number(result["perplexity"].get("unlearned")),
+               perplexity_ratio=perplexity_ratio(result))
+    for n in result["steps"]:
+        _put(row, f"unseen_{n}", _at(result["envelope"].get(str(n)), UNSEEN))
+        _put(row, f"base_unseen_{n}", _at(result["base_model_envelope"].get(str(n)), UNSEEN))
+    _put(row, "attacked", _at(result["headline"], ATTACKED))
+    _put(row, "floor", _at(result["floor"], top))
+    _put(row, "benign_unseen", _at(result["benign"], UNSEEN))
+    for name, phrasing in (result.get("phrasings") or {}).items():
+        row[f"phrasing_{name}_base"] = _at(phrasing.get("base"), UNSEEN)[0]
+        _put(row, f"phrasing_{name}_forget", _at(phrasing.get("unlearned"), UNSEEN))
+        _put(row, f"phrasing_{name}_envelope", _at(phrasing.get("envelope"), UNSEEN))
+    for group, key in FLUENCY_GROUPS.items():
+        row[f"fluency_{key}"], row[f"fluency_{key}_base"] = fluency_median(result, group)
+    row.update(capability=capability(result), capability_failures="; ".join(capability_failures(result)))
+    return row
+
+
+# The fluency groups shown in the table: the unseen half's prompts (what a user would ask about the
+# forgotten facts) and neighbouring relations of the same subjects.
+FLUENCY_GROUPS = {"forget (unseen half)": "forget", "neighbour": "neighbour"}
+
+
+def fluency_median(result: Mapping, group: str) -> tuple[float | None, float | None]:
+    """The median base-model perplexity of the unlearned model's greedy continuations in `group`, and
+    the base model's own; (None, None) when the output recorded no fluency. Near the base model's means
+    the model answers in words (wrong or right); hundreds mean token salad."""
+    models = ((result.get("fluency") or {}).get("groups") or {}).get(group, {}).get("models") or {}
+    return tuple(_number((models.get(name) or {}).get("summary", {}).get("median"))  # type: ignore[return-value]
+                 for name in ("unlearned", "base"))
+
+
+def fmt_fluency(row: Mapping, key: str) -> str:
+    """"12.3 (base 2.9)", the continuation perplexities of one fluency group; "-" when not recorded."""
+    value, base = _number(row.get(f"fluency_{key}")), _number(row.get(f"fluency_{key}_base"))
+    if value is None:
+        return "-"
+    return f"{value:.1f}" + (f" (base {base:.1f})" if base is not None else "")
+
+
+def fmt_acc(row: Mapping, key: str, base_key: str | None = None, pending: str = "pending") -> str:
+    """An accuracy in percent as "12.5 ± 3.1 (base 80.0)": the sd when there were several seeds, the
+    base model's number when there is one; "-" for a number the run did not measure."""
+    if row.get("capability") == "pending":
+        return pending
+    value, sd = _number(row.get(key)), _number(row.get(f"{key}_sd"))
+    if value is None:
+        return "-"
+    text = f"{100 * value:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+    base = _number(row.get(base_key)) if base_key else None
+    return text + (f" (base {100 * base:.1f})" if base is not None else "")
+
+
+def _capability_cell(row: Mapping) -> str:
+    if row["capability"] == "fails":
+        return f"**fails**: {row['capability_failures']}"
+    return row["capability"]
+
+
+def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
+    """The markdown table: one row per run; step counts and kept tasks are the union over the runs."""
+    finished = [result for _, result in runs if result is not None]
+    steps = sorted({n for result in finished for n in result["steps"]})
+    tasks = list(dict.fromkeys(task for result in finished for task in result["kept"]))
+    phrasings = list(dict.fromkeys(name for result in finished for name in result.get("phrasings") or {}))
+    rows = [robustness_row(label, result) for label, result in runs]
+    tops = {r["headline_steps"] for r in rows if "headline_steps" in r}
+    last = f"{tops.pop()} steps" if len(tops) == 1 else "last step"
+    header = ["run", "grid", "forget ↓", *(f"{t} ↑" for t in tasks), "perplexity ratio",
+              *(f"unseen, {n} steps" for n in steps), f"attacked half, {last}", f"floor, {last}",
+              f"benign, {last}", *(c for p in phrasings for c in (f"{p}: forget ↓", f"{p}: unseen, {last}")),
+              "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 4) + "---|---|"]
+    for r in rows:
+        done = r["capability"] != "pending"
+        ratio = _number(r.get("perplexity_ratio"))
+        cells = [r["run"], f"{r['grid']} ({r['attacks']} attacks, seeds {r['seeds']})" if done else "pending",
+                 fmt_acc(r, "forget_unseen", "base_forget_unseen"),
+                 *(fmt_acc(r, f"kept_{t}", f"kept_{t}_base") for t in tasks),
+                 (f"{ratio:.2f}" if ratio is not None else "-") if done else "pending",
+                 *(fmt_acc(r, f"unseen_{n}", f"base_unseen_{n}") for n in steps),
+                 fmt_acc(r, "attacked"), fmt_acc(r, "floor"), fmt_acc(r, "benign_unseen"),
+                 *(fmt_acc(r, f"phrasing_{p}_{key}", f"phrasing_{p}_base" if key == "forget" else None)
+                   for p in phrasings for key in ("forget", "envelope")),
+                 *((fmt_fluency(r, key) if done else "pending") for key in FLUENCY_GROUPS.values()),
+                 r.get("best_attack", "pending"), _capability_cell(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_lines(runs: Sequence[tuple[str, Mapping | None]]) -> list[str]:
+    """One line per finished run naming the grid that produced its numbers: every attack, the step
+    counts, the seeds and the split."""
+    lines = []
+    for label, result in runs:
+        if result is None:
+            continue
+        settings = ", ".join(_setting(s) for s in result.get("settings") or []) or "settings not recorded"
+        split = result.get("split") or {}
+        facts = f"; {split[ATTACKED]} attacked / {split[UNSEEN]} unseen facts" \
+            if ATTACKED in split and UNSEEN in split else ""
+        lines.append(f"- `{label}`: grid `{result['grid']}` ({settings}), evaluated after "
+                     f"{', '.join(map(str, result['steps']))} steps, seeds {','.join(map(str, result['seeds']))}"
+                     f"{facts}; forget task `{result.get('forget_task', '?')}`.")
+    return lines

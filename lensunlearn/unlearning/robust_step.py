@@ -1,0 +1,523 @@
+"""The robust gradient step of `unlearn`: shared-direction projection, disruption masking,
+gradient normalisation and a relearning adversary, each an option, all off by default.
+
+With every option off `unlearn` never builds a `RobustStep`: its loss goes through the objective
+and the loop's backward as before, so those runs are unchanged. With any option on, each
+micro-batch's gradients are formed here and the loop only clips and steps:
+
+1. at the start of an optimiser step: re-estimate the shared directions when due (`--cir`), and
+   let the adversary take its relearning steps on the step's forget text (`--adversary_steps`);
+2. per micro-batch: the forget gradient (of the lens forget loss; at the adversary's attacked fork;
+   for the projected MLP weights from projected per-token inputs and output gradients), the
+   retain gradient (of the retain loss, while its weight is above 0) and, for the mask, the
+   gradient of next-token cross-entropy on the retain text; each summed over micro-batches;
+3. after the last micro-batch: the sums averaged over processes (the step bypasses DDP), the
+   forget gradient rescaled (`--normalise_grad`) and masked (`--disruption_mask`), and
+   param.grad = forget weight x forget gradient + retain weight x retain gradient;
+4. after the optimiser step, at each re-estimate (`--cir`): next-token loss on the general text
+   against its budget (`--cir_max_loss_rise`); past it, training stops or, with
+   `--cir_on_loss_rise shrink`, goes on at a learning rate shrunk by `--cir_shrink`.
+
+Shared directions after "Collapse of Irrelevant Representations" (Sondej & Yang 2025, code
+filyp/unlearning src/CIR.py, configs/CIR_simple.yaml); masking, normalisation and the adversary
+after MUDMAN (Sondej et al. 2025, filyp/MUDMAN); their mechanics live in `projection` and
+`disruption`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..core.checks import require_nonnegative, require_positive
+from ..core.config import ConfigError, Options, option
+from ..core.errors import InputError
+from ..data.corpora import collate, load_texts, tokenize
+from ..modeling.layers import model_parts
+from ..train.distributed import World, average_over_ranks
+from .cir import SharedDirections, TokenCapture, is_transposed, mlp_linears
+from .mudman import Adversary, global_norm, lm_loss, mask_grads, normalise_grads
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+# What the step adds to each line of the metrics log, and to the run's summary.
+ROBUST_LOGGED = ("forget_grad_norm", "masked_fraction", "adversary_loss", "general_loss", "cir_refreshed",
+                 "lr_scale")
+ROBUST_SUMMARY_KEYS = ("general_loss_start", "general_loss_end", "stopped_early_at_step", "lr_shrunk_at_steps")
+# --cir_on_loss_rise shrink stops once the learning rate is shrunk below this share of the schedule's:
+# by then the updates are too small to move the loss, and the run would only spend time.
+MIN_LR_SCALE = 0.01
+# The --cir_corpus value that means the forget documents themselves (CIR's own code estimates its
+# directions on the forget set).
+FORGET_CORPUS = "forget"
+
+
+@dataclass
+class RobustOptions(Options):
+    """Options of the robust gradient step (each off by default; see the module docstring)."""
+
+    cir: bool = option(False, "shared-direction projection (CIR): the MLP weights of the blocks below the deepest "
+                              "target layer are trained full-rank, every other weight frozen, and each update is "
+                              "formed from per-token inputs and output gradients with their shared directions "
+                              "(mean + top principal components over general text) removed; needs --full, "
+                              "--optimizer sgd or muon and --weight_decay 0")
+    cir_blocks: tuple[int, ...] | None = option(None, "blocks whose MLP --cir trains (None: every block below the "
+                                                      "deepest target layer; CIR's own runs take a middle range)")
+    cir_act_components: int = option(24, "input directions removed per layer, the mean included (CIR's "
+                                         "act_proj_num)")
+    cir_grad_components: int = option(36, "output-gradient directions removed per layer, the mean included (CIR's "
+                                          "grad_proj_num)")
+    cir_corpus: str | None = option(None, "general text the shared directions are estimated on: None for the "
+                                          "retain corpus, 'forget' for the forget documents (what CIR's code "
+                                          "does), or a corpus (hub id, local file/folder, generic:<name>)")
+    cir_pca_docs: int = option(32, "documents of the general text in each estimate (their tokens after "
+                                   "--skip_first must be at least the number of components)")
+    cir_refresh: int = option(0, "re-estimate the shared directions every N optimiser steps (0: once per pass over "
+                                 "the forget documents, CIR's epoch)")
+    cir_max_loss_rise: float = option(0.01, "stop training when next-token loss on the general text rises more "
+                                            "than this fraction over its start, checked at each re-estimate (CIR's "
+                                            "loss budget: 1.01x in its code, 1.001x in its configs); 0: never stop")
+    cir_on_loss_rise: Literal["stop", "shrink"] = option("stop", "what a general-text loss past --cir_max_loss_rise "
+                                                                 "does: stop training, or shrink the learning rate "
+                                                                 "by --cir_shrink and go on (stopping once it is "
+                                                                 "below 1/100 of the schedule's)")
+    cir_shrink: float = option(0.5, "factor on the learning rate at each check past the loss budget, with "
+                                    "--cir_on_loss_rise shrink")
+    disruption_mask: bool = option(False, "keep the forget update only where its sign agrees with the retain "
+                                          "gradient's (MUDMAN's disruption masking); the retain gradient here is "
+                                          "that of next-token loss on the retain text, averaged over steps")
+    mask_momentum: float = option(0.9, "momentum of that average of retain gradients (MUDMAN's retain_momentum)")
+    normalise_grad: bool = option(False, "rescale the forget gradient of every step to the global norm it had at "
+                                         "the first step (MUDMAN's normalisation, calibrated as in its runner)")
+    adversary_steps: int = option(0, "relearning steps a simulated attacker takes on each step's forget text before "
+                                     "the forget gradient is taken at its attacked fork (MUDMAN: 1); 0: no adversary")
+    adversary_lr: float = option(1e-3, "the attacker's SGD learning rate (MUDMAN's adv_lr)")
+    adversary_every: int = option(32, "re-fork the attacker from the trained weights every N optimiser steps "
+                                      "(MUDMAN's fork_every_n_steps)")
+
+    def __post_init__(self) -> None:
+        require_nonnegative(cir_act_components=self.cir_act_components,
+                            cir_grad_components=self.cir_grad_components, cir_refresh=self.cir_refresh,
+                            cir_max_loss_rise=self.cir_max_loss_rise, adversary_steps=self.adversary_steps)
+        require_positive(cir_pca_docs=self.cir_pca_docs, adversary_lr=self.adversary_lr,
+                         adversary_every=self.adversary_every)
+        if not 0 < self.cir_shrink < 1:
+            raise ConfigError(f"--cir_shrink must be in (0, 1), got {self.cir_shrink}")
+        if not 0 <= self.mask_momentum < 1:
+            raise ConfigError(f"--mask_momentum must be in [0, 1), got {self.mask_momentum}")
+        if self.cir_blocks is not None and (not self.cir_blocks or min(self.cir_blocks) < 0):
+            raise ConfigError("--cir_blocks must name blocks 0 or above, e.g. 10,11,12 (or none for the default)")
+        super().__post_init__()
+
+    @property
+    def robust_step(self) -> bool:
+        """Whether any option here is on, so that the gradients are formed by `RobustStep`."""
+        return self.cir or self.disruption_mask or self.normalise_grad or self.adversary_steps > 0
+
+    def robust_suffix(self) -> str:
+        """The run-name suffix of the options that are on, e.g. _cir_mask; _shrink marks a run that goes on at
+        a smaller learning rate past the general-text loss budget, which trains for several times longer and
+        relearns differently from one that stops there."""
+        used = [("_cir", self.cir), ("_shrink", self.cir_on_loss_rise == "shrink"),
+                ("_mask", self.disruption_mask), ("_norm", self.normalise_grad), ("_adv", self.adversary_steps > 0)]
+        return "".join(suffix for suffix, on in used if on)
+
+
+def check_robust_options(cfg: Any) -> None:
+    """Refuse robust options combined with a setting they cannot use (unlearn's config calls this)."""
+    if cfg.cir_on_loss_rise == "shrink" and not (cfg.cir and cfg.cir_max_loss_rise):
+        raise ConfigError("--cir_on_loss_rise shrink acts on --cir's general-text loss budget: add --cir with a "
+                          "--cir_max_loss_rise above 0, or pass --cir_on_loss_rise stop (--preset robust sets "
+                          "shrink)")
+    if not cfg.cir:
+        return
+    if not cfg.full:
+        raise ConfigError("--cir trains the MLP weights at full rank and cannot use LoRA adapters: add --full (with "
+                          "--cir only those MLP weights are trained, every other weight stays frozen)")
+    if cfg.optimizer == "adamw":
+        raise ConfigError("--cir with --optimizer adamw: AdamW scales each weight's update by its own factor, which "
+                          "puts the removed shared directions back into the update; use --optimizer sgd (CIR's "
+                          "own) or muon (whose orthogonalised update keeps them out)")
+    if cfg.weight_decay:
+        raise ConfigError(f"--cir with --weight_decay {cfg.weight_decay}: decay shrinks the weights along the "
+                          f"shared directions too, which --cir keeps unchanged; pass --weight_decay 0")
+    if cfg.layers is not None and cfg.cir_blocks is not None and max(cfg.cir_blocks) >= max(cfg.layers):
+        raise ConfigError(f"--cir_blocks {max(cfg.cir_blocks)} is not below the deepest target layer "
+                          f"{max(cfg.layers)}: block b changes only the streams after it, so the forget loss "
+                          f"cannot train it; choose blocks below {max(cfg.layers)}")
+
+
+def resolve_cir_blocks(cfg: Any, layers: Sequence[int], num_blocks: int) -> tuple[int, ...]:
+    """The blocks whose MLP --cir trains: --cir_blocks, or every block below the deepest target layer."""
+    deepest = max(layers)
+    blocks = tuple(range(deepest)) if cfg.cir_blocks is None else tuple(sorted(set(cfg.cir_blocks)))
+    bad = [b for b in blocks if not 0 <= b < min(deepest, num_blocks)]
+    if bad or not blocks:
+        raise ConfigError(f"--cir_blocks {bad or list(blocks)}: the forget loss reads stream {deepest}, so only "
+                          f"blocks 0..{deepest - 1} can change it; choose blocks in that range")
+    return blocks
+
+
+def cir_modules(model: nn.Module, cfg: Any, layers: Sequence[int], num_blocks: int) -> dict[str, nn.Module]:
+    """The linear layers --cir projects and trains: those of the MLPs of its blocks."""
+    return mlp_linears(model, resolve_cir_blocks(cfg, layers, num_blocks))
+
+
+def freeze_all_but_cir(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """Only the weights of the projected layers train (their biases and every other tensor are frozen)."""
+    model.requires_grad_(False)
+    for module in modules.values():
+        module.weight.requires_grad_(True)
+
+
+# --- general text --------------------------------------------------------------------------------
+
+
+def general_documents(cfg: Any, forget: list[list[int]], retain: list[list[int]], tokenizer) -> list[list[int]]:
+    """The --cir_pca_docs documents the shared directions are estimated on, tokenised."""
+    if cfg.cir_corpus is None:
+        docs = retain[:cfg.cir_pca_docs]
+    elif cfg.cir_corpus == FORGET_CORPUS:
+        docs = forget[:cfg.cir_pca_docs]
+    else:
+        try:
+            texts = load_texts(cfg.cir_corpus, limit=cfg.cir_pca_docs, what="--cir_corpus corpus",
+                               column_flag="a corpus with a 'text' column as --cir_corpus")
+        except ValueError as err:  # empty, or without a text column
+            raise InputError(str(err)) from err
+        docs = tokenize(texts, tokenizer, cfg.max_length)
+    return docs
+
+
+def check_general_text(cfg: Any, docs: list[list[int]], modules: Mapping[str, nn.Module]) -> int:
+    """Refuse more components than the layers' widths or the general text's tokens allow; returns the tokens."""
+    for name, module in modules.items():
+        d_out, d_in = module.weight.shape if not is_transposed(module) else module.weight.shape[::-1]
+        for flag, count, width, what in (("--cir_act_components", cfg.cir_act_components, d_in, "inputs"),
+                                         ("--cir_grad_components", cfg.cir_grad_components, d_out, "outputs")):
+            if count > width:
+                raise ConfigError(f"{flag} {count} is more than the {width} dimensions of the {what} of {name}: "
+                                  f"choose at most {width}")
+    tokens = sum(max(0, len(d) - cfg.skip_first) for d in docs)
+    needed = max(cfg.cir_act_components, cfg.cir_grad_components)
+    if tokens < needed:
+        source = cfg.cir_corpus or "the retain corpus"
+        raise ConfigError(f"{needed} shared directions need at least {needed} general-text tokens, but the "
+                          f"{len(docs)} documents taken from {source} (--cir_pca_docs {cfg.cir_pca_docs}) hold "
+                          f"{tokens} after --skip_first {cfg.skip_first}: pass more --cir_pca_docs, a longer "
+                          f"--cir_corpus or fewer components")
+    return tokens
+
+
+def loss_mask(batch: Batch, skip_first: int) -> torch.Tensor:
+    """The tokens the objective's losses read: real tokens past the first `skip_first` of each document."""
+    mask = batch["attention_mask"].clone()
+    mask[:, :skip_first] = 0
+    return mask
+
+
+@contextlib.contextmanager
+def _quiet_pass(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode and torch's random state put back afterwards: a measurement between steps changes
+    neither the weights nor the dropout masks and random targets of later steps."""
+    accelerator = [] if device.type == "cpu" else [device]
+    was_training = model.training
+    with torch.random.fork_rng(accelerator, device_type=None if device.type == "cpu" else device.type):
+        try:
+            model.eval()
+            yield
+        finally:
+            model.train(was_training)
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepInputs:
+    """What `RobustStep` needs from the run: the model, its objective (not wrapped in DDP) and
+    trainable tensors, the processes, micro-batches per process and step, the plan's length, and
+    the documents it reads."""
+
+    cfg: Any  # the run's UnlearnConfig (a RobustOptions)
+    world: World
+    model: nn.Module
+    objective: nn.Module
+    trainable: dict[str, nn.Parameter]
+    micro_per_step: int
+    total_steps: int
+    refresh_every: int
+    forget_batches: Callable[[int], list[Batch]]  # every forget micro-batch of a global step (all ranks)
+    general_docs: list[list[int]]
+    pad_id: int
+    cir_modules: dict[str, nn.Module]
+
+
+class RobustStep:
+    """Forms each step's gradients (see the module docstring). Call it like the objective, once per
+    micro-batch: it returns (weighted loss, forget loss, retain loss), detached; after the last
+    micro-batch of a step it writes param.grad for the loop to clip and step."""
+
+    def __init__(self, inputs: StepInputs) -> None:
+        self.inputs, self.cfg = inputs, inputs.cfg
+        self.params = inputs.trainable
+        self.device = next(iter(self.params.values())).device
+        self.directions = self.capture = None
+        if self.cfg.cir:
+            self.capture = TokenCapture(inputs.cir_modules)
+            self.directions = SharedDirections(inputs.cir_modules, self.cfg.cir_act_components,
+                                               self.cfg.cir_grad_components)
+            by_id = {id(p): name for name, p in self.params.items()}
+            self.param_of = {name: by_id[id(m.weight)] for name, m in inputs.cir_modules.items()}
+        self.adversary = None
+        if self.cfg.adversary_steps:
+            self.adversary = Adversary(self.params, lambda batch: lm_loss(inputs.model, batch), self.cfg.adversary_lr,
+                                       self.cfg.adversary_steps * self.cfg.adversary_every)
+        self.target_norm: float | None = None
+        self.retain_average: dict[str, torch.Tensor] = {}
+        self.general_start: float | None = None
+        self.stopped_at: int | None = None
+        self.lr_scale = 1.0  # the factor --cir_on_loss_rise shrink puts on the schedule's learning rate
+        self.shrunk_at: list[int] = []
+        self.step_metrics: dict[str, float] = {}
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._micro = 0
+
+    # -- per micro-batch --
+
+    def __call__(self, forget_batch: Batch, retain_batch: Batch, retain_weight: float, forget_weight: float,
+                 target_seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._micro == 0:
+            self._begin(step)
+        forget, grads = self._forget_grads(forget_batch, target_seed)
+        self._add("forget", grads)
+        retain = forget.new_zeros(())
+        if retain_weight:  # the retain passes are skipped while its weight is 0, as without this step
+            retain = self.inputs.objective.retain_loss(retain_batch)
+            self._add("retain", self._grads(retain))
+        if self.cfg.disruption_mask:
+            self._add("mask", self._grads(lm_loss(self.inputs.model, retain_batch)))
+        self._micro += 1
+        if self._micro == self.inputs.micro_per_step:
+            self._micro = 0
+            self._finish(retain_weight, forget_weight)
+        loss = forget_weight * forget.detach() + retain_weight * retain.detach()
+        return loss, forget.detach(), retain.detach()
+
+    def _grads(self, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
+        return dict(zip(self.params, grads, strict=True))
+
+    def _forget_grads(self, batch: Batch, target_seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """The forget loss and its gradient, at the attacked fork when there is an adversary; with --cir the
+        projected layers' gradients come from their projected per-token inputs and output gradients."""
+        objective = self.inputs.objective
+        fork = self.adversary.applied() if self.adversary is not None else contextlib.nullcontext()
+        with fork:
+            if self.capture is None:
+                loss = objective.forget_loss(batch, target_seed)
+                return loss, self._grads(loss)
+            with self.capture.capture(loss_mask(batch, objective.skip_first)):
+                loss = objective.forget_loss(batch, target_seed)
+                pairs = self.capture.output_grads(loss)
+            grads = {self.param_of[name]: self.directions.update(name, pairs[name]) for name in pairs}
+            return loss, grads
+
+    def _add(self, kind: str, grads: Mapping[str, torch.Tensor | None]) -> None:
+        """Sum one micro-batch's gradients (divided by the micro-batches per step) in float32."""
+        sums = self._sums.setdefault(kind, {})
+        for name, p in self.params.items():
+            if name not in sums:
+                sums[name] = torch.zeros_like(p, dtype=torch.float32)
+            if grads.get(name) is not None:
+                sums[name].add_(grads[name].float(), alpha=1 / self.inputs.micro_per_step)
+
+    # -- per optimiser step --
+
+    def _begin(self, step: int) -> None:
+        """Before the step's first micro-batch: shared directions when due, then the attacker's steps."""
+        self.step_metrics = {}
+        if self.directions is not None:
+            if self.general_start is None and self.cfg.cir_max_loss_rise:
+                self.general_start = self.general_loss()
+            if step % self.inputs.refresh_every == 0 or not self.directions.bases:
+                self.refresh(step)
+        if self.adversary is not None:
+            batches = self.inputs.forget_batches(step)
+            losses = [self.adversary.relearn(batches) for _ in range(self.cfg.adversary_steps)]
+            self.step_metrics["adversary_loss"] = sum(losses) / len(losses)
+
+    def _finish(self, retain_weight: float, forget_weight: float) -> None:
+        """After the step's last micro-batch: average over processes, normalise, mask, write param.grad."""
+        sums = self._sums
+        self._sums = {}
+        names = list(self.params)
+        average_over_ranks([sums[kind][n] for kind in sorted(sums) for n in names], self.inputs.world)
+        forget = sums["forget"]
+        norm = float(global_norm(forget))
+        self.step_metrics["forget_grad_norm"] = norm
+        if self.cfg.normalise_grad:
+            if self.target_norm is None:
+                self.target_norm = norm  # the first step's norm sets the scale of every later one
+            if self.target_norm > 0:
+                forget = normalise_grads(forget, self.target_norm, inplace=True)
+        if self.cfg.disruption_mask:
+            self._mask(forget, sums["mask"])
+        retain = sums.get("retain", {})
+        for name, p in self.params.items():
+            grad = forget[name].mul_(forget_weight)
+            if name in retain:
+                grad.add_(retain[name], alpha=retain_weight)
+            p.grad = grad.to(p.dtype)
+
+    @torch.no_grad()
+    def _mask(self, forget: dict[str, torch.Tensor], retain_grads: dict[str, torch.Tensor]) -> None:
+        """Mask `forget` in place against the running average of retain gradients (MUDMAN's retain_acc).
+
+        The reference is next-token loss on the retain text, not the retain loss being trained: that one
+        measures the distance to the original model, so its gradient is zero before the first update
+        (it would mask every element, and the run would never move) and afterwards only points back to
+        the original. Next-token loss has a gradient from the start, at every retain weight.
+        """
+        m = self.cfg.mask_momentum
+        for name, g in retain_grads.items():
+            average = self.retain_average.setdefault(name, torch.zeros_like(g))
+            average.mul_(m).add_(g, alpha=1 - m)
+        nonzero = sum(int(torch.count_nonzero(g)) for g in forget.values())
+        mask_grads(forget, self.retain_average, inplace=True)
+        kept = sum(int(torch.count_nonzero(g)) for g in forget.values())
+        self.step_metrics["masked_fraction"] = 1 - kept / max(1, nonzero)
+
+    # -- general text: shared directions and the loss budget --
+
+    def _general_batches(self) -> Iterator[Batch]:
+        docs, size = self.inputs.general_docs, self.cfg.per_device_batch
+        for start in range(0, len(docs), size):
+            yield collate(docs[start:start + size], self.inputs.pad_id)
+
+    def refresh(self, step: int) -> None:
+        """Estimate the shared directions anew at the current weights: the inputs and the forget loss's
+        output gradients of every projected layer, token by token, over the general text."""
+        objective, skip = self.inputs.objective, self.cfg.skip_first
+        samples: dict[str, list] = {name: [] for name in self.inputs.cir_modules}
+        with _quiet_pass(self.inputs.model, self.device):
+            for batch in self._general_batches():
+                mask = loss_mask(batch, skip)
+                if not mask.any():
+                    continue
+                with self.capture.capture(mask):
+                    # weighted by its tokens, so each token counts the same whatever its batch
+                    loss = objective.forget_loss(batch, self.cfg.seed) * mask.sum()
+                    for name, pairs in self.capture.output_grads(loss).items():
+                        samples[name].extend(pairs)
+        self.directions.estimate(samples, seed=self.cfg.seed * 1_000_003 + step)
+        self.step_metrics["cir_refreshed"] = 1.0
+        log.info("step %d: shared directions re-estimated on %d general-text documents", step,
+                 len(self.inputs.general_docs))
+
+    @torch.no_grad()
+    def general_loss(self) -> float:
+        """Next-token loss of the model on the general text, averaged over its predicted tokens."""
+        total, count = 0.0, 0
+        with _quiet_pass(self.inputs.model, self.device):
+            for batch in self._general_batches():
+                targets = int(batch["attention_mask"][:, 1:].sum())
+                if targets:
+                    total += float(lm_loss(self.inputs.model, batch)) * targets
+                    count += targets
+        return total / max(1, count)
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The step's own metrics for the log; at each re-estimate (and the last step) the general-text
+        loss, and a stop (or a shrunk learning rate) when it rose past --cir_max_loss_rise."""
+        out = dict(self.step_metrics)
+        if self.cfg.cir_on_loss_rise == "shrink":
+            out["lr_scale"] = self.lr_scale  # the factor this step's learning rate had
+        done = step + 1
+        if self.general_start is not None and (done % self.inputs.refresh_every == 0
+                                               or done == self.inputs.total_steps):
+            loss = self.general_loss()
+            out["general_loss"] = loss
+            limit = self.general_start * (1 + self.cfg.cir_max_loss_rise)
+            if loss > limit and done < self.inputs.total_steps:
+                past = (f"step {done}: general-text loss {loss:.4f} is past {limit:.4f} "
+                        f"({100 * self.cfg.cir_max_loss_rise:.2f}% over its start {self.general_start:.4f})")
+                shrunk = self.lr_scale * self.cfg.cir_shrink
+                if self.cfg.cir_on_loss_rise == "shrink" and shrunk >= MIN_LR_SCALE:
+                    self.lr_scale = shrunk
+                    self.shrunk_at.append(done)
+                    log.warning("%s: learning rate shrunk to %.3g of the schedule's (--cir_on_loss_rise shrink)",
+                                past, shrunk)
+                else:
+                    self.stopped_at = done
+                    log.warning("%s: stopping (%s)", past, "--cir_max_loss_rise" if self.cfg.cir_on_loss_rise ==
+                                "stop" else f"the learning rate would fall below {MIN_LR_SCALE} of the schedule's")
+        return out
+
+    def should_stop(self, done: int) -> bool:
+        return self.stopped_at is not None
+
+    def summary(self, last: Mapping[str, float]) -> dict[str, Any]:
+        """What the run's summary records of this step: the general-text loss and where training stopped."""
+        if self.general_start is None:
+            return {}
+        return {"general_loss_start": self.general_start, "general_loss_end": last.get("general_loss"),
+                "stopped_early_at_step": self.stopped_at, "lr_shrunk_at_steps": list(self.shrunk_at)}
+
+    # -- checkpoints --
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly (the trained weights are saved apart)."""
+        state: dict[str, Any] = {"target_norm": self.target_norm, "general_start": self.general_start,
+                                 "lr_scale": self.lr_scale, "shrunk_at": list(self.shrunk_at),
+                                 "retain_average": {n: t.cpu() for n, t in self.retain_average.items()}}
+        if self.directions is not None:
+            state["directions"] = self.directions.state_dict()
+        if self.adversary is not None:
+            state["adversary"] = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v)
+                                  for k, v in self.adversary.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.target_norm, self.general_start = state["target_norm"], state["general_start"]
+        self.lr_scale, self.shrunk_at = state.get("lr_scale", 1.0), list(state.get("shrunk_at", []))
+        self.retain_average = {n: t.to(self.device) for n, t in state["retain_average"].items()}
+        if self.directions is not None:
+            self.directions.load_state_dict(state["directions"])
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state["adversary"])
+
+
+def refresh_period(cfg: Any, unique_forget: int) -> int:
+    """--cir_refresh, or (0) the optimiser steps of one pass over the forget documents."""
+    return cfg.cir_refresh or max(1, math.ceil(unique_forget / cfg.batch))
+
+
+def build_robust_step(job: Any, setup: Any, plan: Mapping[str, Any],
+                      forget_batches: Callable[[int], list[Batch]]) -> RobustStep:
+    """The robust step of an unlearning run (`unlearn.UnlearnJob`, `unlearn.TrainingSetup`, the plan),
+    after checking its general text against the layers it projects: before any training."""
+    cfg, model = job.cfg, setup.model
+    modules: dict[str, nn.Module] = {}
+    docs: list[list[int]] = []
+    if cfg.cir:
+        modules = cir_modules(model, cfg, job.layers, model_parts(model).num_layers)
+        docs = general_documents(cfg, job.data.forget, job.data.retain, job.tokenizer)
+        tokens = check_general_text(cfg, docs, modules)
+        log.info("--cir: %d linear layers of %d MLPs trained at full rank; shared directions (%d input, %d "
+                 "output-gradient) from %d general-text documents (%d tokens), re-estimated every %d steps",
+                 len(modules), len(resolve_cir_blocks(cfg, job.layers, model_parts(model).num_layers)),
+                 cfg.cir_act_components, cfg.cir_grad_components, len(docs), tokens,
+                 refresh_period(cfg, plan["unique_forget_examples"]))
+    objective = setup.objective.module if hasattr(setup.objective, "module") else setup.objective
+    return RobustStep(StepInputs(cfg, job.world, model, objective, setup.trainable, plan["grad_accum"],
+                                 plan["steps"], refresh_period(cfg, plan["unique_forget_examples"]),
+                                 forget_batches, docs, job.data.pad_id, modules))

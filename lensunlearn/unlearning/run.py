@@ -1,0 +1,803 @@
+"""`unlearn`: make a model forget a corpus through its tuned lens.
+
+Data flow: config -> model, lens and layers (validated) -> paired forget/retain corpora -> LoRA
+adapters or full parameters (DDP / FSDP2 under torchrun) -> `UnlearnObjective` in the one training
+loop -> run directory (config, metrics, adapter, merged model, evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..core.atomic import write_json_atomic
+from ..core.checks import check_resumed_config, require_nonnegative, require_positive
+from ..core.config import Command, ConfigError, option, to_jsonable
+from ..core.outputs import Output, check_name, prepare_output
+from ..core.paths import (
+    ADAPTER_DIR,
+    BASE_EVAL_FILE,
+    EVAL_FILE,
+    EVAL_KEY_PREFIX,
+    MERGED_DIR,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+)
+from ..data.corpora import WMDP_BIO_FORGET_CORPUS, batch_indices, collate, load_texts, tokenize
+from ..data.tasks import REFERENCE_EVAL_TASKS, check_tasks
+from ..lens.tuned_lens import TunedLens, find_lens
+from ..modeling.layers import check_layers, clip_layers, model_parts, unwrap
+from ..modeling.loading import DTYPES, ModelOptions, check_device, load_model, model_short_name, set_checkpointing
+from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
+from ..train.distributed import (
+    World,
+    barrier,
+    cleanup,
+    device_for,
+    full_state_dict,
+    init_distributed,
+    mean_over_ranks,
+    no_sync,
+    shard,
+    shard_fsdp,
+    wrap_ddp,
+)
+from ..train.loop import LoopSpec, MetricsLog, run_loop
+from ..train.optim import MultiOptimizer, TrainingOptions, build_optimizer, embedding_parameters, lr_factor
+from ..train.tracking import TRACKING_FIELDS, Tracker, TrackingOptions, open_tracker
+from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective, schedule
+from .robust_step import (
+    ROBUST_LOGGED,
+    ROBUST_SUMMARY_KEYS,
+    RobustOptions,
+    build_robust_step,
+    check_robust_options,
+    cir_modules,
+    freeze_all_but_cir,
+)
+
+log = logging.getLogger(__name__)
+
+SEED_LAYERS = (5, 10, 15, 20, 25, 30)  # the reference experiment's target layers (a 32-block model)
+LOGGED = ("step", "retain_loss", "forget_loss", "retain_weight", "forget_weight", "lr", "grad_norm", "tokens_per_s",
+          "original_cached", "seconds") + ROBUST_LOGGED
+
+
+def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
+    if not full and max(layers) == 0:
+        raise ConfigError("target layer 0 is the embedding output, which no LoRA adapter can change: "
+                          "choose layers >= 1 or train with --full")
+
+
+@dataclass
+class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOptions):
+    lens: str | None = option(None, "tuned lens folder or hub id; None means runs/lens_<model>, where `lens train` "
+                                    "writes")
+    layers: tuple[int, ...] | None = option(None, "target layers l (stream l, read by lens l; l = number of "
+                                                  "blocks is the model's own output), used as given; None: "
+                                                  "5,10,15,20,25,30, keeping those a shallower model has")
+    forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain>")
+    forget_config: str | None = option(None, "hub config of the forget corpus")
+    forget_split: str = option("train", "split of the forget corpus")
+    forget_column: str | None = option(None, "text column of the forget corpus (None: text or title/abstract/text)")
+    retain: str = option("EleutherAI/wikitext_document_level", "retain corpus; join several with '+' to "
+                                                               "interleave them, e.g. facts:element_symbol+notes.txt")
+    retain_config: str | None = option("wikitext-103-raw-v1", "hub config of the retain corpus")
+    retain_split: str = option("train", "split of the retain corpus")
+    retain_column: str | None = option("page", "text column of the retain corpus")
+    retain_shuffle_seed: int | None = option(42, "shuffle the retain corpus with this seed before taking "
+                                                 "the first --examples (None: no shuffle)")
+    examples: int = option(8192, "forget/retain pairs per epoch (a shorter corpus is cycled)")
+    epochs: float = option(1.0, "passes over the --examples pairs")
+    max_length: int = option(2048, "truncate documents to this many tokens")
+    retain_coef: float = option(5.0, "final weight of the retain loss (ramps up from 0 over the first epoch)")
+    remove_coef: float = option(5.0, "initial weight of the forget loss (eases to 0.75x over the first epoch)")
+    retain_loss: Literal["l2", "kl"] = option("l2", "l2: stream distance to the original model at the target "
+                                                    "layers; kl: KL of output distributions")
+    forget_target: Literal["uniform", "random"] = option("uniform", "uniform: exact expected CE to a random token; "
+                                                                    "random: sampled tokens (the reference)")
+    skip_first: int = option(0, "leave the first N positions of every document out of both losses (attention-sink "
+                                "tokens: shared by all documents, with outsized norms in many models)")
+    full: bool = option(False, "train all parameters instead of LoRA adapters")
+    lora_rank: int = option(16, "LoRA rank")
+    lora_alpha: float = option(16.0, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_targets: str = option("auto", "auto: the modules peft chooses for the architecture; all: every linear "
+                                       "layer; or comma-separated module names")
+    chunk: int = option(1024, "tokens per chunk of full-vocabulary losses (bounds memory)")
+    lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product in the "
+                                                                    "forget loss (bfloat16 is several times faster "
+                                                                    "on CPU; the loss itself stays float32)")
+    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
+    mixed_precision: bool = option(False, "bfloat16 autocast of the model's passes on CPU or GPU (keep --dtype "
+                                          "float32 weights); the lens and the losses stay float32")
+    original_cache_mb: int = option(0, "keep the original model's retain streams in CPU memory, up to this many "
+                                       "MiB, for retain documents that come back (a cycled retain corpus, "
+                                       "epochs > 1); 0: recompute every time")
+    seed: int = option(0, "seed for adapters, data order, dropout and random targets")
+    out: str = option("runs", "parent folder: the run directory is OUT/<run_name>", metavar="DIR")
+    run_name: str | None = option(None, "run directory name; None: <model>_lens_ex<examples>_rm<remove>_ret<retain> "
+                                        "(+ _full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, _adv "
+                                        "when used)")
+    eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training (\"\" skips)")
+    eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
+                                                               "answer text as continuation")
+    eval_batch: int = option(16, "questions per evaluation forward pass")
+    eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
+    lm_eval_include: str | None = option(None, "folder of your own lm-eval task YAML files, for lm_eval:<task> "
+                                               "names in --eval_tasks", metavar="DIR")
+    eval_base: bool = option(False, f"also evaluate the model before unlearning ({BASE_EVAL_FILE})")
+    eval_every: int = option(0, f"also evaluate the eval tasks at step 0 and every N optimiser steps (on --eval_limit "
+                                f"questions), logged to {METRICS_FILE} as {EVAL_KEY_PREFIX}<task>/acc; 0: only after "
+                                f"training")
+    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
+    resume: bool = option(False, "continue the unfinished run in the run directory")
+    overwrite: bool = option(False, "replace a finished run of the same name")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = {"examples": self.examples, "max_length": self.max_length - 1, "chunk": self.chunk,
+                    "lora_rank": self.lora_rank}
+        bad = [name for name, value in positive.items() if value < 1]
+        if bad or self.epochs <= 0:
+            raise ConfigError(f"--{(bad or ['epochs'])[0]} is too small: examples, epochs, chunk and lora_rank must "
+                              f"be positive and max_length at least 2")
+        if self.original_cache_mb < 0:
+            raise ConfigError(f"--original_cache_mb must be >= 0, got {self.original_cache_mb}")
+        if self.skip_first < 0:
+            raise ConfigError(f"--skip_first must be >= 0, got {self.skip_first}")
+        if self.retain_coef < 0 or self.remove_coef < 0:
+            raise ConfigError("--retain_coef and --remove_coef must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.layers is not None:
+            if not self.layers:
+                raise ConfigError("--layers is empty: pass target layers such as 5,10,15, or none for the default")
+            check_lora_layers(self.layers, self.full)
+        check_robust_options(self)
+        if self.mixed_precision and self.dtype not in ("float32", "auto"):
+            raise ConfigError(f"--mixed_precision autocasts float32 weights to bfloat16; with --dtype {self.dtype} "
+                              f"pass --dtype float32 (or drop --mixed_precision)")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pick one")
+        require_positive(epochs=self.epochs, lora_alpha=self.lora_alpha, eval_batch=self.eval_batch,
+                         eval_limit=self.eval_limit)
+        require_nonnegative(retain_coef=self.retain_coef, remove_coef=self.remove_coef,
+                            checkpoint_every=self.checkpoint_every, eval_every=self.eval_every)
+        if self.eval_every and not self.eval_tasks.strip():
+            raise ConfigError("--eval_every needs tasks to evaluate: pass --eval_tasks, or drop --eval_every")
+        if self.run_name is not None:
+            check_name(self.run_name)
+
+    @property
+    def name(self) -> str:
+        """The run directory name: <model>_lens_ex<examples>_rm<remove_coef>_ret<retain_coef>, then a suffix for
+        each setting that differs from the reference recipe, e.g. smollm2-135m_lens_ex400_rm5.0_ret5.0_muon."""
+        if self.run_name:
+            return self.run_name
+        name = f"{model_short_name(self.model)}_lens_ex{self.examples}_rm{float(self.remove_coef)}_" \
+               f"ret{float(self.retain_coef)}"
+        extras = [("_full", self.full), (f"_{self.optimizer}", self.optimizer != "adamw"),
+                  ("_kl", self.retain_loss == "kl"), ("_random", self.forget_target == "random")]
+        return name + "".join(suffix for suffix, used in extras if used) + self.robust_suffix()
+
+
+SEED = UnlearnConfig()
+# Tuned on the embedded SmolLM2-135M and the fact benchmark: the knowledge forms late in this
+# 30-layer model, so the layers are late; its RMS-normed lens cannot become fully uniform, so the
+# forget term needs a large coefficient; the first token (an attention sink shared by every
+# document, with a norm ~100x the others) is left out of both losses. 1600 pairs are two passes
+# over the 800 country-capital sentences with the retain weight ramping up over both; 800 pairs
+# left country capitals at 43%, 1600 at 29-32% (one or two threads; the sums run in another order).
+# The retain corpus is everyday text that names no evaluated fact, so that the domains reported as
+# kept measure collateral damage rather than what the retain loss was trained to preserve.
+SMALL = replace(
+    SEED, forget="facts:country_capital", retain="generic:retain", retain_config=None,
+    retain_column=None, examples=1600, max_length=64, batch=16, per_device_batch=16, layers=(20, 25, 29), lr=1e-2,
+    retain_coef=1.0, remove_coef=20.0, lora_targets="all", skip_first=1, lens_matmul="bfloat16",
+    eval_tasks="facts:country_capital,facts:country_language,facts:country_currency,facts:element_symbol,"
+               "facts:us_state_capital,facts:us_state_abbreviation", eval_format="cloze",
+    eval_base=True, original_cache_mb=1024)
+# The small preset's data and lens layers, with the update formed by shared-direction projection
+# (--cir): full-rank MLP updates of blocks 0-28 under Muon, the directions that general text shares
+# re-estimated every 5 steps, and a 3 % budget on the rise of general-text next-token loss: past it,
+# the learning rate is halved at each check (--cir_on_loss_rise shrink) until it would fall below
+# 1/100 of the schedule's. Chosen by the robustness protocol (default grid) on the embedded model,
+# country capitals forgotten, over three unlearning seeds: after 64 attack steps the unseen half
+# came back to 68 +- 3 % here, against 78 +- 9 % when the budget stops training (where it stops
+# moves with the data order), 82 % for the small preset and for disruption masking with a relearning
+# adversary; only distillation held it lower (59-61 %), at 1.4-1.7x the base perplexity. Every seed
+# left country capitals at 33.75 % (the stopping rule: 34-38 %), perplexity at the base model's and
+# forgotten questions answered in words rather than token salad, in 1.05-1.6x the small preset's
+# time (the stopping rule: 0.35-0.46x). The price is the neighbouring relations: US state capitals
+# 24-28 % of 88 % (stopping: 36-42 %), currencies 56-60 % of 83 % (stopping: 60-66 %); the small
+# preset takes them further down (20-30 %, 47-56 % over three unlearning seeds). The budget watches
+# general text, not the forget domain's accuracy, so it means the same on a corpus of the user's
+# own. A 6 % budget ran all 100 steps (28 % forgotten) with more collateral damage than the small
+# preset; 1 % stopped after 10 steps at 45 % and relearned to 81 %. With country languages as the
+# forget domain it stopped at step 50 with languages at 69 % of 99 % and capitals at 69 % of 91 %: on
+# that relation the method is not selective (neither is the small preset, which takes capitals down
+# with languages).
+ROBUST = replace(SMALL, full=True, cir=True, optimizer="muon", weight_decay=0.0, lr=1e-3, cir_refresh=5,
+                 cir_max_loss_rise=0.03, cir_on_loss_rise="shrink")
+PRESETS = {"seed": SEED, "small": SMALL, "robust": ROBUST}
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def load_corpus(source: str, cfg_config: str | None, split: str, column: str | None, limit: int,
+                shuffle_seed: int | None, what: str) -> list[str]:
+    """Documents of one corpus, or of several joined by '+', interleaved round-robin."""
+    parts = [p for p in source.split("+") if p.strip()]
+    if not parts:
+        raise ValueError(f"{what} corpus is empty: pass --{what} with a dataset, a file or facts:<domain>")
+    corpora = [load_texts(p.strip(), config=cfg_config if len(parts) == 1 else None, split=split,
+                          column=column if len(parts) == 1 else None, limit=limit, shuffle_seed=shuffle_seed,
+                          what=f"{what} corpus", column_flag=f"--{what}_column") for p in parts]
+    mixed = [c[i] for i in range(max(map(len, corpora))) for c in corpora if i < len(c)]
+    return mixed[:limit]
+
+
+@dataclass
+class PairedData:
+    """Tokenised forget and retain documents; pair k is (forget[k % F], retain[k % R])."""
+
+    forget: list[list[int]]
+    retain: list[list[int]]
+    pairs: int
+    pad_id: int
+
+    def micro_batch(self, pair_ids: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+        """Collated forget and retain documents; the retain side carries its document ids (for the cache)."""
+        retain_ids = [k % len(self.retain) for k in pair_ids]
+        retain = collate([self.retain[k] for k in retain_ids], self.pad_id)
+        retain["doc_ids"] = torch.tensor(retain_ids)
+        return {"forget": collate([self.forget[k % len(self.forget)] for k in pair_ids], self.pad_id),
+                "retain": retain}
+
+
+def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
+    """Load, truncate and pair the corpora; refuse empty ones before any training."""
+    forget = load_corpus(cfg.forget, cfg.forget_config, cfg.forget_split, cfg.forget_column, cfg.examples, None,
+                         "forget")
+    retain = load_corpus(cfg.retain, cfg.retain_config, cfg.retain_split, cfg.retain_column, cfg.examples,
+                         cfg.retain_shuffle_seed, "retain")
+    data = PairedData(tokenize(forget, tokenizer, cfg.max_length), tokenize(retain, tokenizer, cfg.max_length),
+                      cfg.examples, tokenizer.pad_token_id)
+    for what, docs in (("forget", data.forget), ("retain", data.retain)):
+        if not docs:
+            raise ValueError(f"{what} corpus {getattr(cfg, what)} has no documents left after tokenisation")
+        if len(docs) < cfg.examples:
+            log.info("%s corpus has %d documents < %d examples: it is cycled", what, len(docs), cfg.examples)
+    return data
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+
+def resolve_layers(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
+    """Explicit layers as given (they must exist); without --layers, the reference layers this model has."""
+    layers = clip_layers(SEED_LAYERS, num_layers) if cfg.layers is None else cfg.layers
+    layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer", allow_output=True))))
+    check_lora_layers(layers, cfg.full)
+    return layers
+
+
+def _blocks_name(model: torch.nn.Module) -> str:
+    blocks = model_parts(model).blocks
+    return next(name for name, module in model.named_modules() if module is blocks).rsplit(".", 1)[-1]
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of every linear layer inside the blocks (peft's "all-linear" cannot be limited to blocks)."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = model_parts(model).blocks
+    return sorted({name.rsplit(".", 1)[-1] for name, module in blocks.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D))})
+
+
+class BulkDropout(torch.nn.Module):
+    """Dropout that draws a quarter of the random numbers nn.Dropout draws on CPU.
+
+    torch's CPU dropout takes one number per element from its sequential generator; with LoRA on
+    every linear layer that was 29 % of a small-preset step. Here each 64-bit draw yields four
+    16-bit numbers, so the drop probability is rounded to a multiple of 1/65536 (0.05 becomes
+    0.0500031) and kept values are scaled by the exact inverse keep rate. On other devices (where
+    dropout is one fused kernel) and in eval mode it is plain dropout.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p, self.threshold = p, round(p * 65536)
+        self.scale = 65536 / (65536 - self.threshold) if self.threshold < 65536 else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0 or x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, self.training)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
+        return x * keep * self.scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_bulk_dropout(model: torch.nn.Module) -> int:
+    """Replace the nn.Dropout of every LoRA adapter by `BulkDropout`; returns how many were replaced."""
+    replaced = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                    dropouts[name] = BulkDropout(dropout.p)
+                    replaced += 1
+    return replaced
+
+
+def add_lora(model: torch.nn.Module, cfg: UnlearnConfig, layers: tuple[int, ...]) -> torch.nn.Module:
+    """LoRA on blocks 0 .. max(layers) - 1, the only blocks that the target streams depend on."""
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.lora_targets == "all":
+        targets = _linear_names(model)
+    else:
+        targets = None if cfg.lora_targets == "auto" else [t for t in cfg.lora_targets.split(",") if t]
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, layers_to_transform=list(range(max(layers))),
+                      layers_pattern=_blocks_name(model), task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:
+        raise ValueError(f"cannot place LoRA adapters on {type(model).__name__}: {err}. "
+                         f"Pass --lora_targets all or a list of module names") from err
+    use_bulk_dropout(model)
+    return model
+
+
+def _evaluate(cfg: UnlearnConfig, model, tokenizer, lens, path: Path) -> dict | None:
+    if not cfg.eval_tasks.strip():
+        return None
+    from ..eval.evaluate import evaluate
+
+    result = evaluate(model, tokenizer, cfg.eval_tasks, format=cfg.eval_format, batch_size=cfg.eval_batch,
+                      limit=cfg.eval_limit, model_name=cfg.model, lm_eval_include=cfg.lm_eval_include)
+    result["request"] = eval_request(cfg)
+    write_json_atomic(path, result)
+    log.info("evaluation -> %s: %s", path, {k: round(v.get("acc", float("nan")), 4)
+                                            for k, v in result.get("results", {}).items()})
+    return result
+
+
+def curve_point(result: dict) -> dict[str, float]:
+    """An evaluation as flat `eval/<task>/<metric>` numbers: a metrics line stays one level deep, so a
+    tracker can log it as it is and a plot finds the curves by prefix. A group stands for its members,
+    as in the report's table."""
+    groups = result.get("groups", {})
+    members = {m for info in groups.values() for m in info.get("tasks", [])}
+    tasks = {**{k: v for k, v in result.get("results", {}).items() if k not in members}, **groups}
+    return {f"{EVAL_KEY_PREFIX}{task}/{metric}": float(values[metric]) for task, values in tasks.items()
+            for metric in ("acc", "acc_norm") if values.get(metric) is not None}
+
+
+def tracked_evals(run_dir: Path) -> dict[str, float]:
+    """The evaluations after and before unlearning as `final/eval/<task>/<metric>` and `base/eval/...`
+    (apart from the curve's own `eval/...` keys, whose points may be on --eval_limit questions)."""
+    files = {"final": run_dir / EVAL_FILE, "base": run_dir / BASE_EVAL_FILE}
+    return {f"{when}/{key}": value for when, path in files.items() if path.is_file()
+            for key, value in curve_point(json.loads(path.read_text())).items()}
+
+
+def evaluate_in_training(cfg: UnlearnConfig, model: torch.nn.Module, tokenizer, device: torch.device) -> dict:
+    """Evaluate the model being trained without changing its training: eval mode and no gradients
+    inside, train mode after, and torch's random state (CPU and the training device) put back, so the
+    dropout masks and random targets of later steps are those of a run that never evaluates and
+    --eval_every leaves the adapter exactly as it is."""
+    from ..eval.evaluate import evaluate
+
+    began, was_training = time.perf_counter(), model.training
+    accelerator = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(accelerator, device_type=None if device.type == "cpu" else device.type), \
+            torch.no_grad():
+        try:
+            model.eval()
+            result = evaluate(model, tokenizer, cfg.eval_tasks, format=cfg.eval_format, batch_size=cfg.eval_batch,
+                              limit=cfg.eval_limit, model_name=cfg.model, progress=False,
+                              lm_eval_include=cfg.lm_eval_include)
+        finally:
+            model.train(was_training)
+    return {**curve_point(result), f"{EVAL_KEY_PREFIX}seconds": time.perf_counter() - began}
+
+
+def first_curve_point(cfg: UnlearnConfig, model: torch.nn.Module, tokenizer, device: torch.device,
+                      run_dir: Path) -> dict:
+    """The curve at step 0: the model before any step is the base model (LoRA starts as a no-op), so a
+    base evaluation of the same request is reused rather than measured twice."""
+    base = run_dir / BASE_EVAL_FILE
+    if cfg.eval_base and reusable_eval(base, cfg):
+        return curve_point(json.loads(base.read_text()))
+    return evaluate_in_training(cfg, model, tokenizer, device)
+
+
+# --- run directory ----------------------------------------------------------------------------------
+
+
+def eval_request(cfg: UnlearnConfig) -> dict:
+    """What an evaluation of this run measures; saved in eval.json and base_eval.json so that a base
+    evaluation left by an earlier attempt with other tasks, format, limit or model is never reused."""
+    return {"model": cfg.model, "dtype": cfg.dtype, "tasks": cfg.eval_tasks, "format": cfg.eval_format,
+            "limit": cfg.eval_limit}
+
+
+def reusable_eval(path: Path, cfg: UnlearnConfig) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text()).get("request")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if saved != eval_request(cfg):
+        log.info("%s was measured with other settings (%s, now %s): evaluating again", path, saved,
+                 eval_request(cfg))
+        return False
+    return True
+
+
+# Settings that may change when a run is resumed: where it runs and is tracked, how often it checkpoints, how much
+# memory it trades for speed (the cache and recomputation give the same numbers), the evaluations'
+# batch size and how often training is evaluated (neither changes the weights). Everything else
+# shapes the result and must match the saved run_config.json.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "original_cache_mb",
+                     "gradient_checkpointing", "eval_batch", "eval_every", "out", "run_name", "layers",
+                     *TRACKING_FIELDS)
+
+
+def check_run_dir(cfg: UnlearnConfig) -> Output:
+    """Where this run writes (see `outputs.prepare_output`), after refusing anything that would lose or
+    clobber a run, resume with other settings, or fail on its evaluation tasks after training."""
+    if cfg.eval_tasks.strip():
+        check_tasks(cfg.eval_tasks, lm_eval_include=cfg.lm_eval_include)
+    output = prepare_output(Path(cfg.out) / cfg.name, "unlearn", overwrite=cfg.overwrite, resume=cfg.resume,
+                            finished=lambda p: (p / SUMMARY_FILE).is_file(), flag="--run_name")
+    saved = output.work / RUN_CONFIG_FILE
+    if cfg.resume and saved.is_file():
+        try:
+            check_resumed_config(json.loads(saved.read_text()), cfg, RESUME_MAY_CHANGE, str(output.final))
+        except ConfigError:
+            output.discard_if_empty()
+            raise
+    return output
+
+
+def _check_resumed_layers(run_dir: Path, cfg: UnlearnConfig, layers: tuple[int, ...]) -> None:
+    """The layers as resolved against the model (the default is clipped to its depth) must be the saved ones."""
+    path = run_dir / RUN_CONFIG_FILE
+    if cfg.resume and path.is_file():
+        saved = json.loads(path.read_text()).get("layers")
+        if saved is not None and list(saved) != list(layers):
+            raise ConfigError(f"--resume: {run_dir} was started with --layers {','.join(map(str, saved))}, now "
+                              f"{','.join(map(str, layers))}: resume with the saved layers, or start over with "
+                              f"--overwrite")
+
+
+def prepare_run_dir(cfg: UnlearnConfig, world: World) -> Output:
+    """`check_run_dir` on rank 0, its answer (or its error) shared with every rank."""
+    answer: Output | BaseException | None = None
+    if world.is_main:
+        try:
+            answer = check_run_dir(cfg)
+        except (OSError, ValueError) as err:
+            answer = err
+    if world.distributed:
+        import torch.distributed as dist
+
+        box = [answer]
+        dist.broadcast_object_list(box, src=0)
+        answer = box[0]
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
+def save_model(cfg: UnlearnConfig, model, tokenizer, run_dir: Path, world: World):
+    """LoRA: adapter/ and merged/; full: merged/. Returns the merged model (rank 0; None elsewhere)."""
+    if cfg.full:
+        state = full_state_dict(model, world)
+        if not world.is_main:
+            return None
+        base = unwrap(model)
+        base.save_pretrained(run_dir / MERGED_DIR, state_dict=state)
+        tokenizer.save_pretrained(run_dir / MERGED_DIR)
+        if world.distributed:  # the live model is sharded: evaluate a plain copy
+            return load_model(str(run_dir / MERGED_DIR), cfg.dtype, "cpu" if not torch.cuda.is_available() else None)[0]
+        return base
+    if not world.is_main:
+        return None
+    model.save_pretrained(run_dir / ADAPTER_DIR)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(run_dir / MERGED_DIR)
+    tokenizer.save_pretrained(run_dir / MERGED_DIR)
+    return merged
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def unlearn(cfg: UnlearnConfig) -> Path:
+    """Unlearn the forget corpus through the lens; return the run directory."""
+    began = time.perf_counter()
+    world = init_distributed()
+    try:
+        return _unlearn(cfg, world, began)
+    finally:
+        cleanup(world)
+
+
+def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
+    if cfg.batch % (cfg.per_device_batch * world.world_size):
+        raise ConfigError(f"--batch {cfg.batch} is not divisible by --per_device_batch {cfg.per_device_batch} x "
+                         f"{world.world_size} processes: batch = per_device_batch x grad accumulation x processes")
+    if cfg.eval_every and cfg.full and world.distributed:
+        raise ConfigError("--eval_every with --full under torchrun is not supported: FSDP shards the model over the "
+                          "processes, and only rank 0 evaluates; train with LoRA or drop --eval_every")
+    check_device(cfg.device)
+    device = device_for(world, cfg.device)
+    find_lens(cfg.lens, cfg.model)  # a missing lens is reported before the model is loaded
+    output = prepare_run_dir(cfg, world)
+    try:
+        return _load_and_train(cfg, world, device, output, began)
+    except BaseException:
+        if world.is_main:
+            output.discard_if_empty()  # a folder this attempt created and never wrote to
+        raise
+
+
+def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, output: Output, began: float) -> Path:
+    run_dir = output.work
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, cfg.dtype, device, cfg.trust_remote_code)
+    lens = TunedLens.load(find_lens(cfg.lens, cfg.model), model)
+    lens.requires_grad_(False).set_matmul_dtype(DTYPES[cfg.lens_matmul])
+    layers = resolve_layers(cfg, model_parts(model).num_layers)
+    _check_resumed_layers(run_dir, cfg, layers)
+    data = load_pairs(cfg, tokenizer)
+    barrier(world)
+    if world.is_main and cfg.eval_base and not reusable_eval(run_dir / BASE_EVAL_FILE, cfg):
+        _evaluate(cfg, model, tokenizer, lens, run_dir / BASE_EVAL_FILE)
+    barrier(world)
+    return train(UnlearnJob(cfg, world, device, model, tokenizer, lens, layers, data, output, began))
+
+
+def global_micro_batches(cfg: UnlearnConfig, data: PairedData, step: int) -> list[tuple[int, list[int]]]:
+    """(index, pair ids) of every micro-batch of global step `step`; each process takes its share."""
+    ids = batch_indices(data.pairs, cfg.batch, step, cfg.seed)
+    return [(k // cfg.per_device_batch, ids[k:k + cfg.per_device_batch])
+            for k in range(0, cfg.batch, cfg.per_device_batch)]
+
+
+def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
+    """Steps, accumulation and effective epochs; logged before training and saved in run_config.json."""
+    steps = max(1, math.ceil(cfg.examples * cfg.epochs / cfg.batch))
+    steps_per_epoch = max(1, math.ceil(cfg.examples / cfg.batch))
+    unique = min(cfg.examples, len(data.forget))
+    plan = {"steps": steps, "steps_per_epoch": steps_per_epoch, "world_size": world.world_size,
+            "grad_accum": cfg.batch // (cfg.per_device_batch * world.world_size), "examples": cfg.examples,
+            "unique_forget_examples": unique, "unique_retain_examples": min(cfg.examples, len(data.retain)),
+            "effective_epochs": steps * cfg.batch / unique}
+    log.info("%d unique forget examples (%d retain), %d optimiser steps of %d pairs (%d per device x %d accumulation "
+             "x %d processes), %.2f effective epochs over the forget set", unique, plan["unique_retain_examples"],
+             steps, cfg.batch, cfg.per_device_batch, plan["grad_accum"], world.world_size, plan["effective_epochs"])
+    if plan["effective_epochs"] > 1:
+        log.warning("effective epochs %.2f > 1: each forget document is seen %.1f times on average",
+                    plan["effective_epochs"], plan["effective_epochs"])
+    return plan
+
+
+@dataclass
+class UnlearnJob:
+    """A checked run, ready to train: the config, the processes and device, the loaded model and lens,
+    the resolved target layers, the paired data and the run directory."""
+
+    cfg: UnlearnConfig
+    world: World
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: Any
+    lens: TunedLens
+    layers: tuple[int, ...]
+    data: PairedData
+    output: Output
+    began: float
+
+
+@dataclass
+class TrainingSetup:
+    """What `setup_training` hands to the loop."""
+
+    objective: torch.nn.Module  # what each micro-step calls (under DDP with LoRA on several processes)
+    model: torch.nn.Module  # the model being trained (peft-wrapped with LoRA)
+    trainable: dict[str, torch.Tensor]  # what the optimiser updates and the checkpoint saves
+    optimizer: MultiOptimizer
+    cache: OriginalCache | None
+
+
+def sharded(cfg: UnlearnConfig, world: World) -> bool:
+    """Full parameters under torchrun are sharded with FSDP2, except with the robust step: it forms the
+    gradients by hand and averages them itself, so every process holds the whole model (as under DDP)."""
+    return cfg.full and world.distributed and not cfg.robust_step
+
+
+def setup_training(job: UnlearnJob) -> TrainingSetup:
+    """LoRA adapters (original model: adapters off) or all parameters (original model: a frozen copy,
+    FSDP2 under torchrun; with --cir only the MLP weights it projects), the objective and the optimiser."""
+    cfg, model = job.cfg, job.model
+    if cfg.gradient_checkpointing:
+        set_checkpointing(model, True)
+    if cfg.full:
+        original = FrozenCopy(model)
+        if cfg.cir:
+            freeze_all_but_cir(model, cir_modules(model, cfg, job.layers, model_parts(model).num_layers))
+        else:
+            model.requires_grad_(True)
+        if sharded(cfg, job.world):
+            shard_fsdp(model)
+        elif job.world.distributed:
+            log.info("the robust step averages its own gradients: every process holds the whole model (no FSDP)")
+    else:
+        torch.manual_seed(cfg.seed)
+        model = add_lora(model, cfg, job.layers)
+        original = AdapterDisabled(model)
+    model.train()
+    cache = OriginalCache(cfg.original_cache_mb * 2**20) if cfg.original_cache_mb else None
+    objective = UnlearnObjective(model, job.lens, job.layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk,
+                                 cfg.skip_first, cache)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                exclude_from_muon=embedding_parameters(unwrap(model)))
+    if job.world.distributed and not cfg.full and not cfg.robust_step:  # the robust step averages by itself
+        objective = wrap_ddp(objective, job.device)
+    return TrainingSetup(objective, model, trainable, optimizer, cache)
+
+
+def curve_at(job: UnlearnJob, model: torch.nn.Module, step: int) -> dict:
+    """The training curve's point after `step` steps. Rank 0 evaluates, as for the final evaluation (a
+    LoRA model is whole on every rank), and the others wait for it; their point is empty."""
+    point = {}
+    if job.world.is_main:
+        point = (first_curve_point(job.cfg, model, job.tokenizer, job.device, job.output.work) if step == 0 else
+                 evaluate_in_training(job.cfg, model, job.tokenizer, job.device))
+        log.info("step %d: %s", step, {k: round(v, 4) for k, v in point.items() if k.endswith("/acc")})
+    barrier(job.world)
+    return point
+
+
+def train(job: UnlearnJob) -> Path:
+    """Resume or start, run the loop, save the model, evaluate it and write the summary; return the run."""
+    cfg, world, run_dir, data = job.cfg, job.world, job.output.work, job.data
+    plan = _plan(cfg, data, world)
+    setup = setup_training(job)
+    robust = None  # with any robust option on, the step that forms the gradients (checked before training)
+    if cfg.robust_step:
+        robust = build_robust_step(job, setup, plan, lambda step: [
+            data.micro_batch(ids)["forget"] for _, ids in global_micro_batches(cfg, data, step)])
+    cache = setup.cache
+    if cache is not None:
+        revisits = max(0, plan["steps"] * cfg.batch - plan["unique_retain_examples"])
+        log.info("original-model cache: up to %d MiB of retain streams; %d of %d retain documents processed are "
+                 "revisits", cfg.original_cache_mb, revisits, plan["steps"] * cfg.batch)
+    fsdp = sharded(cfg, world)
+    start = 0
+    state = load_checkpoint(run_dir) if cfg.resume else None
+    if state is not None:
+        start = restore_checkpoint(state, setup.trainable, setup.optimizer)
+        if robust is not None:
+            robust.load_state_dict(state["extra"]["robust"])
+        log.info("resuming %s at step %d of %d", run_dir, start, plan["steps"])
+    run_config = {**to_jsonable(cfg), **plan, "layers": list(job.layers), "run_dir": str(job.output.final)}
+    if world.is_main:
+        write_json_atomic(run_dir / RUN_CONFIG_FILE, run_config)
+    tracker = open_tracker(cfg, run_dir, job.output.final.name, "unlearn", resume_step=start)
+    tracker.log_config(run_config)
+    metrics_log = MetricsLog(run_dir / METRICS_FILE, resume_step=start, tracker=tracker)
+    if cfg.eval_every > plan["steps"]:
+        log.warning("--eval_every %d is more than the run's %d steps: only step 0 is evaluated during training",
+                    cfg.eval_every, plan["steps"])
+    if cfg.eval_every and start == 0:
+        metrics_log.write({"step": 0, **curve_at(job, setup.model, 0)})
+
+    def micro_batches(step: int) -> list:
+        return [(index, data.micro_batch(pair_ids)) for index, pair_ids in
+                shard(global_micro_batches(cfg, data, step), world)]
+
+    def loss_fn(item, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        index, batch = item
+        retain_weight, forget_weight = schedule(step, plan["steps_per_epoch"], cfg.retain_coef, cfg.remove_coef)
+        target_seed = (cfg.seed * 1_000_003 + step) * 1_009 + index
+        with torch.autocast(job.device.type, torch.bfloat16, enabled=cfg.mixed_precision):
+            if robust is not None:  # forms and writes the gradients itself: the loss comes back detached
+                loss, forget, retain = robust(batch["forget"], batch["retain"], retain_weight, forget_weight,
+                                              target_seed, step)
+            else:
+                loss, forget, retain = setup.objective(batch["forget"], batch["retain"], retain_weight,
+                                                       forget_weight, target_seed=target_seed)
+        extra = {}
+        if cache is not None and retain_weight:
+            hits, misses = cache.take_counts()
+            extra["original_cached"] = hits / max(1, hits + misses)
+        tokens = batch["forget"]["attention_mask"].sum() + (batch["retain"]["attention_mask"].sum()
+                                                            if retain_weight else 0)
+        return loss, {"forget_loss": forget.item(), "retain_loss": retain.item(), "retain_weight": retain_weight,
+                      "forget_weight": forget_weight, "tokens": float(tokens), **extra}
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        metrics.update(mean_over_ranks(metrics, ("forget_loss", "retain_loss"), world))
+        metrics["tokens_per_s"] = metrics.get("tokens_per_s", 0.0) * world.world_size
+        if robust is not None:
+            metrics.update(robust.after_step(step, metrics))
+        line = {k: metrics[k] for k in LOGGED if k in metrics}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            line.update(curve_at(job, setup.model, step + 1))
+        metrics_log.write(line)
+
+    def checkpoint(step: int) -> None:
+        if world.is_main or fsdp:  # under FSDP every rank writes its own shards
+            extra = {"run": cfg.name, **({"robust": robust.state_dict()} if robust is not None else {})}
+            save_checkpoint(run_dir, step, setup.trainable, setup.optimizer, extra=extra)
+        barrier(world)
+
+    spec = LoopSpec(params=list(setup.trainable.values()), optimizer=setup.optimizer, base_lr=cfg.lr,
+                    total_steps=plan["steps"], micro_batches=micro_batches, loss_fn=loss_fn, clip=cfg.clip,
+                    lr_factor=lambda s: lr_factor(s, plan["steps"], cfg.warmup, cfg.schedule) * (
+                        robust.lr_scale if robust is not None else 1.0),
+                    no_sync=no_sync(setup.objective if not fsdp else unwrap(setup.model)), on_step=on_step,
+                    checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, desc="unlearn",
+                    postfix=("forget_loss", "retain_loss", "forget_weight", "retain_weight", "lr", "tokens_per_s"),
+                    stop=robust.should_stop if robust is not None else None)
+    trained_at = time.perf_counter()
+    with tracker:  # closed before the run is committed; marked failed on an error
+        last = run_loop(spec, start_step=start)
+        if robust is not None:
+            last.update(robust.summary(last))
+        return _finish(job, setup.model, plan, last, time.perf_counter() - trained_at, tracker)
+
+
+def _finish(job: UnlearnJob, model: torch.nn.Module, plan: dict, last: dict[str, float], train_seconds: float,
+            tracker: Tracker | None = None) -> Path:
+    """Save the trained model, evaluate it, drop the checkpoint and write the summary, which marks the run done;
+    the tracker gets the summary and the evaluations before and after unlearning."""
+    cfg, world, run_dir = job.cfg, job.world, job.output.work
+    merged = save_model(cfg, model, job.tokenizer, run_dir, world)
+    if world.is_main:
+        _evaluate(cfg, merged, job.tokenizer, job.lens, run_dir / EVAL_FILE)
+        remove_checkpoint(run_dir)
+        summary = {
+            "examples": cfg.examples, "epochs": plan["effective_epochs"], "steps": plan["steps"],
+            "final_retain_loss": last.get("retain_loss"), "final_forget_loss": last.get("forget_loss"),
+            "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - job.began,
+            "layers": list(job.layers), "world_size": world.world_size,
+            **{k: last[k] for k in ROBUST_SUMMARY_KEYS if k in last}}
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+        if tracker is not None:
+            tracker.log_summary({**summary, **tracked_evals(run_dir)})
+            tracker.close()  # its files are complete before the run folder is swapped in
+        job.output.commit()
+        log.info("run finished in %.1f s -> %s", time.perf_counter() - job.began, job.output.final)
+    barrier(world)
+    return job.output.final
+
+# What run_config.json holds beside the config (the plan of `_plan` and the run's folder): `--config` skips it.
+SAVED_PLAN_KEYS = ("steps", "steps_per_epoch", "world_size", "grad_accum", "unique_forget_examples",
+                   "unique_retain_examples", "effective_epochs", "run_dir")
+COMMANDS = [Command(("unlearn",), "unlearn a corpus through the tuned lens (LoRA or full parameters)", UnlearnConfig,
+                    unlearn, presets=PRESETS, default_preset="seed", derived=SAVED_PLAN_KEYS)]

@@ -1,0 +1,205 @@
+"""`report` over robustness outputs: one row per run with the file's numbers, seeds' spreads, the
+capability verdict, csv/json tables, the comparison plot, and one-line refusals of wrong folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from lensunlearn import cli
+from lensunlearn.attack import grid as robustness_grid
+from lensunlearn.cli import build_parser
+from lensunlearn.core.config import config_from_args
+from lensunlearn.core.errors import InputError, UserError
+from lensunlearn.core.paths import ROBUSTNESS_CURVES_FILE, is_robustness_output, write_marker
+from lensunlearn.report import command as report
+from lensunlearn.report.plots import DPI, ROBUSTNESS_SIZE
+from lensunlearn.report.robustness_results import ATTACKED, UNSEEN, capability_failures, unseen_curves
+
+FULL = {"kind": "full", "lr": 1e-4, "schedule": "constant"}
+LORA = {"kind": "lora", "lr": 1e-3, "schedule": "constant"}
+
+
+def main(argv: list[str]):
+    """The `lensunlearn report` command line, built from the report command alone."""
+    args = build_parser(report.COMMANDS).parse_args(["report", *argv])
+    return args._command.run(config_from_args(args._command.config, args))
+
+
+def _point(unseen: float, attacked: float, setting: dict | None = None, sd: float | None = None) -> dict:
+    point = {"unseen": unseen, "attacked": attacked, **({"setting": setting} if setting else {})}
+    return {**point, "unseen_sd": sd, "attacked_sd": sd} if sd is not None else point
+
+
+def _result(*, unseen: tuple[float, float, float], kept: float, ppl: float, sd: float | None = None,
+            grid: str = "default", fluency: dict | None = None) -> dict:
+    """A robustness.json as `robustness` writes it, at 8 and 64 steps; `sd` adds seeds' spreads."""
+    spread = (lambda key, v: {key: v, f"{key}_sd": sd}) if sd is not None else (lambda key, v: {key: v})
+    seeds = [0, 1, 2] if sd is not None else [0]
+    return {
+        "grid": grid, "settings": [FULL, LORA], "steps": [8, 64], "seeds": seeds, "chance": 0.25,
+        "forget_task": "facts:country_capital", "split": {"holdout": 0.5, "attacked": 40, "unseen": 40},
+        "unlearned": {**spread("attacked", 0.10), **spread("unseen", unseen[0])},
+        "base": {"attacked": 0.9, "unseen": 0.85},
+        "envelope": {"8": _point(unseen[1], 0.5, FULL, sd), "64": _point(unseen[2], 0.95, LORA, sd)},
+        "headline": {"steps": 64, **_point(unseen[2], 0.95, LORA, sd)},
+        "floor": {"0": 0.2, **spread("8", 0.25), **spread("64", 0.3)},
+        "benign": {**spread("unseen", 0.15), "attacked": 0.12, "steps": {}},
+        "base_model_envelope": {"8": _point(0.9, 0.95, LORA), "64": _point(0.92, 1.0, LORA)},
+        "kept": {"element_symbol": {"base": 0.96, "unlearned": kept, **spread("after_best_attack", 0.9)}},
+        "perplexity": {"base": 20.0, "unlearned": ppl, "after_best_attack": 21.0, "attacks": {}},
+        "fluency": fluency,
+    }
+
+
+def _fluency(forget: float, neighbour: float) -> dict:
+    """A fluency record as `robustness` writes it: median continuation perplexities per group and model."""
+    def models(unlearned: float) -> dict:
+        return {"models": {"base": {"summary": {"median": 3.0}}, "unlearned": {"summary": {"median": unlearned}},
+                           "best attack": {"summary": {"median": 9.0}}}}
+    return {"max_new_tokens": 12, "best_attack": LORA,
+            "groups": {"forget (attacked half)": models(999.0), "forget (unseen half)": models(forget),
+                       "neighbour": models(neighbour), "kept": models(2.5)}}
+
+
+def _output(root: Path, name: str, result: dict | None) -> Path:
+    """A robustness output folder: its marker and (unless None, a run in progress) robustness.json."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    write_marker(folder, "robustness")
+    if result is not None:
+        (folder / "robustness.json").write_text(json.dumps(result))
+    return folder
+
+
+@pytest.fixture
+def outputs(tmp_path) -> dict[str, Path]:
+    """Two runs: `seeded` (three seeds, holds up, keeps capability) and `wrecked` (one seed, resists only
+    because its perplexity rose 30% and a kept task fell to 60% of base)."""
+    return {"seeded": _output(tmp_path, "seeded", _result(unseen=(0.2, 0.4, 0.55), kept=0.95, ppl=21.0, sd=0.05,
+                                                           fluency=_fluency(412.5, 4.25))),
+            "wrecked": _output(tmp_path, "wrecked", _result(unseen=(0.05, 0.1, 0.15), kept=0.576, ppl=26.0,
+                                                            grid="full"))}
+
+
+def _rows(markdown: str) -> dict[str, list[str]]:
+    """The robustness table's body rows by run name, as lists of cells."""
+    table = markdown.split("## Robustness to relearning attacks")[1]
+    rows = [line.strip("|").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}
+
+
+def _header(markdown: str) -> list[str]:
+    table = markdown.split("## Robustness to relearning attacks")[1]
+    return [c.strip() for c in next(line for line in table.splitlines() if line.startswith("| ")).strip("|").split("|")]
+
+
+def test_the_table_holds_each_runs_numbers_spreads_and_verdict(outputs, tmp_path):
+    out = main(["--robustness", f"{outputs['seeded']},{outputs['wrecked']}", "--out", str(tmp_path / "rep")])
+    header, rows = _header(out["markdown"]), _rows(out["markdown"])
+    assert header == ["run", "grid", "forget ↓", "element_symbol ↑", "perplexity ratio", "unseen, 8 steps",
+                      "unseen, 64 steps", "attacked half, 64 steps", "floor, 64 steps", "benign, 64 steps",
+                      "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
+    seeded, wrecked = rows["seeded"], rows["wrecked"]
+    assert seeded[1] == "default (2 attacks, seeds 0,1,2)" and wrecked[1] == "full (2 attacks, seeds 0)"
+    assert seeded[2] == "20.0 ± 5.0 (base 85.0)" and wrecked[2] == "5.0 (base 85.0)"
+    assert seeded[3] == "95.0 (base 96.0)" and seeded[4] == "1.05"
+    assert seeded[5:10] == ["40.0 ± 5.0 (base 90.0)", "55.0 ± 5.0 (base 92.0)", "95.0 ± 5.0", "30.0 ± 5.0",
+                            "15.0 ± 5.0"]
+    # the unseen half's continuations (not the attacked half's 999) and the neighbours', beside the base model's
+    assert seeded[10:12] == ["412.5 (base 3.0)", "4.2 (base 3.0)"] and wrecked[10:12] == ["-", "-"]
+    assert seeded[12] == "lora lr 0.001 constant" and seeded[13] == "ok"
+    assert wrecked[4] == "1.30" and wrecked[6] == "15.0 (base 92.0)"
+    assert wrecked[13] == "**fails**: perplexity x1.30 of base; element_symbol at 60% of base"
+    assert "grid `full` (full lr 0.0001 constant, lora lr 0.001 constant), evaluated after 8, 64 steps" \
+        in out["markdown"]
+    written = (tmp_path / "rep" / "report.md").read_text()
+    assert written.strip() == out["markdown"].strip() and "wrecking general ability" in written
+
+
+def test_other_phrasings_get_columns_and_older_outputs_a_dash(outputs, tmp_path):
+    """An output that measured the Q/A phrasing shows its unseen half unlearned (beside the base model's)
+    and after the attacks; one written before phrasings existed shows dashes in those columns."""
+    result = json.loads((outputs["seeded"] / "robustness.json").read_text())
+    result["phrasings"] = {"qa": {"base": {"attacked": 0.7, "unseen": 0.75}, "unlearned": {"attacked": 0.3,
+                                                                                         "unseen": 0.35},
+                                  "after_best_attack": {"attacked": 0.8, "unseen": 0.5},
+                                  "envelope": {"attacked": 0.8, "unseen": 0.6, "unseen_sd": 0.1, "setting": FULL}}}
+    (outputs["seeded"] / "robustness.json").write_text(json.dumps(result))
+    out = main(["--robustness", f"{outputs['seeded']},{outputs['wrecked']}", "--out", str(tmp_path / "rep")])
+    header, rows = _header(out["markdown"]), _rows(out["markdown"])
+    at = header.index("qa: forget ↓")
+    assert header[at + 1] == "qa: unseen, 64 steps"
+    assert rows["seeded"][at:at + 2] == ["35.0 (base 75.0)", "60.0 ± 10.0"]
+    assert rows["wrecked"][at:at + 2] == ["-", "-"]
+
+
+@pytest.mark.parametrize("ppl, kept, fails", [(22.0, 0.96, False), (22.1, 0.96, True), (20.0, 0.913, False),
+                                              (20.0, 0.911, True)])
+def test_capability_fails_just_past_either_limit(ppl, kept, fails):
+    result = _result(unseen=(0.1, 0.1, 0.1), kept=kept, ppl=ppl)
+    assert bool(capability_failures(result)) is fails
+
+
+def test_plot_is_written_with_one_line_set_per_run(outputs, tmp_path):
+    main([str(outputs["seeded"]), str(outputs["wrecked"]), "--out", str(tmp_path / "rep")])
+    image = matplotlib.image.imread(tmp_path / "rep" / ROBUSTNESS_CURVES_FILE)
+    assert image.shape[:2] == (int(ROBUSTNESS_SIZE[1] * DPI), int(ROBUSTNESS_SIZE[0] * DPI))
+    curves = unseen_curves(json.loads((outputs["seeded"] / "robustness.json").read_text()))
+    assert curves["best attack"] == ([0, 8, 64], [0.2, 0.4, 0.55], [0.05, 0.05, 0.05])
+    assert curves["base model"][1] == [0.85, 0.9, 0.92] and curves["floor"][1:] == ([0.2, 0.25, 0.3],
+                                                                                     [None, 0.05, 0.05])
+
+
+def test_csv_and_json_tables(outputs, tmp_path):
+    main([str(outputs["seeded"]), "--robustness", str(outputs["wrecked"]), "--out", str(tmp_path / "c"),
+          "--table_format", "csv"])
+    rows = list(csv.DictReader((tmp_path / "c" / "report_robustness.csv").open()))
+    assert [r["run"] for r in rows] == ["wrecked", "seeded"]  # the flag's folders first, as for --tamper
+    assert float(rows[1]["unseen_64"]) == 0.55 and float(rows[1]["unseen_64_sd"]) == 0.05
+    assert rows[0]["unseen_64_sd"] == "" and rows[0]["capability"] == "fails" and rows[1]["capability"] == "ok"
+    main([str(outputs["seeded"]), str(outputs["wrecked"]), "--out", str(tmp_path / "j"), "--table_format", "json"])
+    table = json.loads((tmp_path / "j" / "report.json").read_text())["robustness"]
+    assert table[1]["perplexity_ratio"] == pytest.approx(1.3) and table[1]["kept_element_symbol"] == 0.576
+    assert table[0]["grid"] == "default" and table[0]["floor"] == 0.3
+
+
+def test_positional_robustness_folders_are_recognised_beside_runs_and_in_progress(outputs, tmp_path):
+    running = _output(tmp_path, "running", None)  # marker only: the protocol has not finished
+    assert is_robustness_output(outputs["seeded"]) and is_robustness_output(running)
+    assert not is_robustness_output(tmp_path)
+    out = main([str(outputs["seeded"]), str(running), "--out", str(tmp_path / "rep")])
+    assert out["rows"] == [] and [r["run"] for r in out["robustness"]] == ["seeded", "running"]
+    assert set(_rows(out["markdown"])["running"][1:]) == {"pending"}
+
+
+def test_halves_keys_match_what_robustness_writes():
+    assert (ATTACKED, UNSEEN) == (robustness_grid.ATTACKED, robustness_grid.UNSEEN)
+
+
+def test_a_folder_that_is_not_a_robustness_output_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(UserError, match="not a robustness output"):
+        main(["--robustness", str(tmp_path / "notes"), "--out", str(tmp_path / "rep")])
+    assert cli.console(["report", "--robustness", str(tmp_path / "notes"), "--out", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "notes is not a robustness output" in err
+    assert not (tmp_path / "rep").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("drop, named", [("envelope", "'envelope'"), ("perplexity.base", "perplexity.base"),
+                                         ("unlearned.unseen", "unlearned.unseen")])
+def test_a_summary_missing_a_key_is_refused_naming_it(tmp_path, capsys, drop, named):
+    result = _result(unseen=(0.1, 0.2, 0.3), kept=0.9, ppl=20.0)
+    outer, _, inner = drop.partition(".")
+    del (result[outer] if inner else result)[inner or outer]
+    folder = _output(tmp_path, "broken", result)
+    with pytest.raises(InputError, match=named):
+        main([str(folder), "--out", str(tmp_path / "rep")])
+    assert cli.console(["report", str(folder), "--out", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "re-create it with `lensunlearn robustness RUN_DIR`" in err
