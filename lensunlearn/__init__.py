@@ -22,12 +22,12 @@ _PUBLIC = {
     "TunedLens": "lensunlearn.lens.tuned_lens",
     "evaluate": "lensunlearn.eval.evaluate",
     "unlearn": "lensunlearn.unlearning.run",
-    "UnlearnConfig": "lensunlearn.unlearning.run",
-    "PRESETS": "lensunlearn.unlearning.run",
-    "SMALL": "lensunlearn.unlearning.run",
-    "ROBUST": "lensunlearn.unlearning.run",
+    "UnlearnConfig": "lensunlearn.unlearning.options",
+    "PRESETS": "lensunlearn.unlearning.options",
+    "SMALL": "lensunlearn.unlearning.options",
+    "ROBUST": "lensunlearn.unlearning.options",
     "distill": "lensunlearn.unlearning.distill",
-    "DistillConfig": "lensunlearn.unlearning.distill",
+    "DistillConfig": "lensunlearn.unlearning.options",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -126,13 +126,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_command(commands, argv: list[str]):
-    """A command line built from one module's `COMMANDS` alone, run in-process."""
-    from lensunlearn.cli import build_parser
-    from lensunlearn.core.config import config_from_args
+def run_command(argv: list[str]):
+    """A command line run in-process, as the CLI parses it (every command's parser, presets included); a
+    bad option raises its `ConfigError`. Returns what the command's runner returns."""
+    from lensunlearn.cli import configure
 
-    args = build_parser(commands).parse_args(argv)
-    return args._command.run(config_from_args(args._command.config, args))
+    command, config = configure([str(arg) for arg in argv])
+    return command(config)
 
 
 def record_calls(monkeypatch, module, name: str) -> list:

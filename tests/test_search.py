@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lensunlearn import search
 from lensunlearn.cli import console
 from lensunlearn.core.config import ConfigError
+from lensunlearn.search import run as search
 from lensunlearn.unlearning import run as unlearn_module
 
 from .conftest import record_calls, run_command, unlearn_argv, write_jsonl, write_unlearn_inputs
@@ -57,7 +57,7 @@ def search_argv(tmp: Path, *grid: str, extra: tuple[str, ...] = (), unlearn: str
 
 
 def main(argv: list[str]):
-    return run_command(search.COMMANDS, argv)
+    return run_command(argv)
 
 
 @pytest.fixture
@@ -280,7 +280,7 @@ def test_robustness_measure_runs_the_protocol_on_each_run(tmp, trained):
 def test_a_config_file_holds_the_grid_and_the_fixed_settings(tmp_path):
     """`--config FILE` works as for every command: a YAML list of grid entries and the --unlearn string; a
     repeated --grid on the line replaces the file's grid."""
-    from lensunlearn.cli import build_parser
+    from lensunlearn.cli import all_commands, build_parser
     from lensunlearn.core.config import config_from_args
 
     path = tmp_path / "search.yaml"
@@ -288,7 +288,7 @@ def test_a_config_file_holds_the_grid_and_the_fixed_settings(tmp_path):
                     "preset: small\n")
 
     def plan(*argv: str) -> list:
-        args = build_parser(search.COMMANDS).parse_args(["search", "--config", str(path), *argv])
+        args = build_parser(all_commands()).parse_args(["search", "--config", str(path), *argv])
         return config_from_args(search.SearchConfig, args).plan.points
 
     points = plan()

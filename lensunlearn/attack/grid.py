@@ -18,7 +18,7 @@ from typing import Any
 
 from ..report.robustness_results import ATTACKED, UNSEEN, describe_setting
 from ..report.robustness_results import is_number as _is_number
-from ..train.optim import SCHEDULES
+from ..train.options import SCHEDULES
 
 KINDS = ("full", "lora")
 GRIDS = ("default", "full")

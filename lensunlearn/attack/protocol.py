@@ -36,13 +36,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ..core.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from ..core.checks import check_resumed_config, require_nonnegative, require_positive
-from ..core.config import Command, ConfigError, option, parse_float_list, parse_int_list, parse_str_list, to_jsonable
+from ..core.checks import check_resumed_config
+from ..core.config import ConfigError, to_jsonable
 from ..core.errors import InputError, read_text
 from ..core.outputs import Output, prepare_output
 from ..core.paths import (
@@ -62,26 +62,23 @@ from ..core.paths import (
 )
 from ..data.corpora import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
 from ..data.tasks import NUM_CHOICES, check_tasks
-from ..modeling.loading import ModelOptions
 from ..report.plots import plot_robustness
-from ..train.tracking import TRACKING_FIELDS, Tracker, TrackingOptions, flatten, open_tracker
+from ..train.tracking import TRACKING_FIELDS, Tracker, flatten, open_tracker
 from .grid import (
     ATTACKED,
-    GRID_AXES,
     UNSEEN,
     Setting,
     combine,
     fictional_facts,
-    grid_settings,
     markdown_table,
     split_ids,
     summarise_seed,
 )
+from .options import AUTO_PHRASING, QA_PHRASING, RobustnessConfig
 
 log = logging.getLogger(__name__)
 
 ROLES = ("grid", "base", "benign", "fictional")
-AUTO_PHRASING, QA_PHRASING = "auto", "qa"
 HALF_TASKS = {"forget_attacked": "forget", "forget_unseen": "forget", "fictional_attacked": "fictional",
               "fictional_unseen": "fictional"}
 # Settings that may change on --resume: where it runs and how evaluation is batched (same numbers).
@@ -91,93 +88,6 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out", "seed
 # What the tracker's summary holds: robustness.json's numbers, without the per-seed and per-attack detail.
 TRACKED_SUMMARY = ("headline", "unlearned", "envelope", "floor", "benign", "base_model_envelope", "kept", "perplexity",
                    "wall_seconds")
-
-
-@dataclass
-class RobustnessConfig(TrackingOptions, ModelOptions):
-    run_dir: str = option("", "the unlearning run directory; its merged/ model is attacked", positional=True)
-    model: str | None = option(None, "the base model (before unlearning); None: the run's run_config.json model")
-    forget: str | None = option(None, "forget corpus with fact_id per row: facts:<domain> or a .jsonl of {text, "
-                                      "fact_id}; None: the run's forget corpus")
-    forget_task: str | None = option(None, "the task that measures forgetting, its rows carrying fact_id: "
-                                           "facts:<domain> or a .jsonl; None: the forget corpus's facts:<domain>, "
-                                           "else the run's first eval task")
-    kept_tasks: str | None = option(None, "comma-separated tasks that should stay known; None: the run's other "
-                                          "eval tasks; '' none")
-    generic: str = option("generic:heldout", "held-out text for perplexity (in no corpus): generic:heldout, a "
-                                              ".txt or .jsonl file", metavar="TEXT")
-    benign: str = option("generic:retain", "text of the benign attack, unrelated to the forget domain")
-    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze; None: the run's, else cloze")
-    grid: Literal["default", "full"] = option("default", "default: full-parameter attacks at lr 1e-5, 1e-4, 1e-3 "
-                                                         "and LoRA at 1e-3, constant, 8/32/64 steps; full: {full, "
-                                                         "lora} x lr 1e-6..1e-3 (4) x {constant, cosine}, "
-                                                         "8/32/128/512 steps")
-    kinds: tuple[str, ...] = option((), "replace the grid's attack kinds (full, lora); any axis given makes "
-                                        "the grid the cross product of the axes")
-    lrs: tuple[float, ...] = option((), "replace the grid's learning rates")
-    schedules: tuple[str, ...] = option((), "replace the grid's schedules (constant, linear, cosine)")
-    steps: tuple[int, ...] = option((), "replace the grid's step counts at which attacks are evaluated")
-    batch: int = option(8, "sentences per attack step (the attacked half's text is cycled)")
-    warmup: int = option(0, "linear warmup steps of every attack")
-    lora_rank: int = option(16, "rank of a LoRA attack (alpha = rank)")
-    max_length: int = option(64, "cut attack documents into pieces of at most this many tokens")
-    holdout: float = option(0.5, "fraction of the forget task's facts in the unseen half")
-    seeds: tuple[int, ...] = option((0,), "comma-separated seeds; each repeats the split and the attacks")
-    eval_batch: int = option(32, "questions per evaluation forward pass")
-    phrasings: tuple[str, ...] = option(("auto",), "other phrasings of the forget task's facts, measured on "
-                                                   "both halves before and after every grid attack: qa (each "
-                                                   "question's `question` field as 'Q: <question>\\nA:', cloze "
-                                                   "only) or .jsonl question files whose rows carry the forget "
-                                                   "task's fact_id; auto: qa in cloze format, none in letter; "
-                                                   "'' none")
-    fluency_prompts: int = option(3, "prompts per group whose greedy continuations are recorded (0: none)")
-    max_new_tokens: int = option(12, "tokens of each greedy continuation")
-    out: str | None = option(None, "the output folder; None: runs/robustness_<run name>", metavar="DIR")
-    overwrite: bool = option(False, "replace an earlier robustness output in --out once the new one is complete")
-    resume: bool = option(False, "continue a killed run in --out, skipping its finished attacks")
-
-    def __post_init__(self) -> None:
-        self.kinds, self.schedules = parse_str_list(self.kinds), parse_str_list(self.schedules)
-        self.phrasings = parse_str_list(self.phrasings)
-        self.lrs, self.steps, self.seeds = parse_float_list(self.lrs), parse_int_list(self.steps), \
-            parse_int_list(self.seeds)
-        if not self.run_dir:
-            raise ConfigError("name the unlearning run directory: lensunlearn robustness RUN_DIR")
-        try:
-            grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        for lr in self.lrs:
-            require_positive(lrs=lr)
-        for n in self.steps:
-            require_positive(steps=n)
-        require_positive(batch=self.batch, lora_rank=self.lora_rank, eval_batch=self.eval_batch,
-                         max_new_tokens=self.max_new_tokens)
-        require_nonnegative(warmup=self.warmup, fluency_prompts=self.fluency_prompts)
-        if self.max_length < 2:
-            raise ConfigError(f"--max_length must be at least 2, got {self.max_length}")
-        if not 0.0 < self.holdout < 1.0:
-            raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}: it is the unseen half's share")
-        for name in self.phrasings:
-            if name not in (AUTO_PHRASING, QA_PHRASING) and not name.endswith(".jsonl"):
-                raise ConfigError(f"--phrasings {name}: name qa, auto or a .jsonl question file")
-        if AUTO_PHRASING in self.phrasings and len(self.phrasings) > 1:
-            raise ConfigError("--phrasings auto stands alone: list qa and the files instead")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"--seeds must name distinct seeds, got {','.join(map(str, self.seeds))}")
-        super().__post_init__()
-
-    @property
-    def settings(self) -> list[Setting]:
-        return grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
-
-    @property
-    def step_counts(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.steps or GRID_AXES[self.grid]["steps"])))
-
-    @property
-    def grid_name(self) -> str:
-        return "custom" if self.kinds or self.lrs or self.schedules or self.steps else self.grid
 
 
 # --- inputs, checked before any model is loaded ------------------------------------------------
@@ -749,9 +659,3 @@ def write_outputs(result: dict, out: Path) -> None:
     write_json_atomic(out / ROBUSTNESS_FILE, result)  # last: its presence marks the output finished
     print(table)
 
-
-COMMANDS = [
-    Command(("robustness",), "the relearning protocol on one unlearned model: held-out split, attack grid with "
-                             "its envelope, base-model, benign and fictional-fact controls, capability and fluency",
-            RobustnessConfig, run_robustness),
-]

@@ -23,13 +23,11 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from ..core.atomic import write_json_atomic, write_jsonl_atomic
-from ..core.checks import require_positive
-from ..core.config import Command, ConfigError, option, parse_float_list, redefault, to_jsonable
+from ..core.config import ConfigError, to_jsonable
 from ..core.outputs import Output, prepare_output
 from ..core.paths import (
     BASE_EVAL_FILE,
@@ -49,82 +47,16 @@ from ..core.paths import (
 )
 from ..data.corpora import FACTS_PREFIX, WMDP_BIO_FORGET_CORPUS, batch_indices, chunk_documents, collate, load_texts
 from ..data.tasks import NUM_CHOICES, REFERENCE_EVAL_TASKS, check_tasks, load_items, resolve_tasks
-from ..modeling.loading import ModelOptions, load_model, model_short_name
+from ..modeling.loading import load_model
 from ..report.tamper_results import ATTACKED, HELDOUT, recovery, task_display
 from ..train.loop import LoopSpec, MetricsLog, run_loop
-from ..train.optim import SCHEDULES, TrainingOptions, build_optimizer, embedding_parameters, lr_factor
-from ..train.tracking import Tracker, TrackingOptions, open_tracker
+from ..train.optim import build_optimizer, embedding_parameters, lr_factor
+from ..train.tracking import Tracker, open_tracker
+from .options import TamperConfig
 
 log = logging.getLogger(__name__)
 
 CHANCE = 1.0 / NUM_CHOICES
-
-
-@dataclass
-class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
-    lr: float = redefault(TrainingOptions, "lr", 2e-5)
-    batch: int = redefault(TrainingOptions, "batch", 16)
-    per_device_batch: int = redefault(TrainingOptions, "per_device_batch", 4)
-    forget: str | None = option(None, "attack corpus: hub id, local file/folder or facts:<domain>; None takes the run "
-                                      "directory's forget corpus, else " + WMDP_BIO_FORGET_CORPUS)
-    forget_config: str | None = option(None, "hub dataset config of the attack corpus")
-    forget_column: str | None = option(None, "text column of the attack corpus")
-    examples: int = option(512, "keep the first N chunks of the attack corpus")
-    max_length: int = option(2048, "chunk documents into pieces of at most this many tokens")
-    epochs: float = option(1.0, "passes over the kept chunks")
-    steps: int | None = option(None, "attack for exactly this many optimiser steps, cycling the chunks (as the "
-                                     "robustness grid does); None: --epochs decides")
-    lrs: tuple[float, ...] = option((), "sweep: comma-separated learning rates, one attack each (replacing --lr)")
-    schedules: tuple[str, ...] = option((), "sweep: comma-separated schedules (crossed with --lrs)")
-    full: bool = option(True, "attack all parameters; --no-full attacks with a LoRA adapter",
-                        old_names={"lora": False})
-    lora_rank: int = option(16, "LoRA rank of a --no-full attack (alpha = rank)", old_names=("rank",))
-    eval_tasks: str | None = option(None, "comma-separated tasks (forget and retain); None takes the run directory's "
-                                          "tasks, else facts:<domain> for a facts corpus, else "
-                                          + REFERENCE_EVAL_TASKS)
-    forget_task: str | None = option(None, "which eval task measures forgetting; None means the first of --eval_tasks")
-    eval_format: Literal["letter", "cloze"] | None = option(None, "letter: A/B/C/D after the question; cloze: the "
-                                                                  "answer text as continuation; None takes the run "
-                                                                  "directory's, else letter")
-    eval_every: int = option(10, "evaluate every k optimiser steps (and at step 0 and the end)")
-    eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
-    eval_batch: int = option(32, "questions per evaluation forward pass")
-    metric: Literal["acc", "acc_norm"] = option("acc", "accuracy shown on the plots and used for recovery")
-    holdout: float = option(0.0, "fraction of facts the attack never trains on (0 = off); needs a facts:<domain> "
-                                 "corpus or a jsonl corpus with a fact_id column, and tasks whose rows carry fact_id")
-    baseline: str | None = option(None, "the original model's accuracy line: an eval JSON, or a model to evaluate; "
-                                        f"None uses the run directory's {BASE_EVAL_FILE} when present",
-                                  old_names=("original",))
-    out: str | None = option(None, "the output folder; None means runs/tamper_<model>", metavar="DIR")
-    overwrite: bool = option(False, "replace earlier results in --out")
-    seed: int = option(0, "seed for data order and the held-out split")
-
-    def __post_init__(self) -> None:
-        self.lrs = parse_float_list(self.lrs)
-        self.schedules = tuple(self.schedules)
-        bad = [s for s in self.schedules if s not in SCHEDULES]
-        if bad:
-            raise ConfigError(f"--schedules has {bad}: use {', '.join(SCHEDULES)}")
-        super().__post_init__()
-        for lr in self.lrs:
-            require_positive(lrs=lr)
-        require_positive(eval_batch=self.eval_batch, eval_limit=self.eval_limit, lora_rank=self.lora_rank)
-        if self.examples < 1 or self.max_length < 2 or self.epochs <= 0:
-            raise ConfigError("--examples must be >= 1, --max_length >= 2 and --epochs > 0")
-        require_positive(steps=self.steps)
-        if self.eval_every < 1:
-            raise ConfigError(f"--eval_every must be >= 1, got {self.eval_every}")
-        if not 0.0 <= self.holdout < 1.0:
-            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}: it is the fraction of facts held out")
-        if self.out is None:
-            self.out = str(Path("runs") / f"tamper_{model_short_name(self.model)}")
-
-    @property
-    def sweep(self) -> list[tuple[float, str]]:
-        """(lr, schedule) of every attack this config asks for."""
-        lrs = self.lrs or (self.lr,)
-        schedules = self.schedules or (self.schedule,)
-        return [(lr, schedule) for schedule in schedules for lr in lrs]
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -483,8 +415,3 @@ def _log_recovery(results: dict, out: Path) -> None:
         first = results["records"][0]["tasks"][task][results["config"]["metric"]]
         log.info("%s: %s %.2f%% -> %+.2f points", out, task, 100 * first, 100 * value)
 
-
-COMMANDS = [
-    Command(("tamper",), "fine-tune a model on forget-domain text and measure how much knowledge returns",
-            TamperConfig, run_tamper),
-]

@@ -1,7 +1,8 @@
 """The `lensunlearn` command: one subcommand per config dataclass.
 
-Each command module exposes `COMMANDS`, a list of `Command`s; `main(argv)` builds the parser
-from their configs, so `--help` always shows every field with its default.
+Each module of `COMMAND_MODULES` (torch-free: configs, presets and the runners' names) exposes
+`COMMANDS`, a list of `Command`s; `main(argv)` builds the parser from their configs, so `--help`
+always shows every field with its default, and imports a command's code only to run it.
 
 Exit status of the installed command (`console`): 0 on success; 2 when the command line is wrong
 (argparse's usage errors and a `ConfigError`, a bad option value), found before anything runs;
@@ -27,18 +28,16 @@ from typing import Any
 from ..core.config import Command, ConfigError, add_config_args, config_from_args
 from ..core.errors import USER_ERRORS, UserError
 
-# Modules that define commands, in the order of the data flow.
+# The torch-free modules that declare the commands (their configs, and their runners by name), in the
+# order of the data flow: building the parser imports these alone, so `--help` never imports torch.
 COMMAND_MODULES = (
-    "lensunlearn.lens.train",
-    "lensunlearn.lens.evaluate",
-    "lensunlearn.eval.evaluate",
-    "lensunlearn.unlearning.run",
-    "lensunlearn.unlearning.distill",
-    "lensunlearn.attack.tamper",
-    "lensunlearn.attack.protocol",
-    "lensunlearn.search",
+    "lensunlearn.lens.options",
+    "lensunlearn.eval.options",
+    "lensunlearn.unlearning.options",
+    "lensunlearn.attack.options",
+    "lensunlearn.search.options",
     "lensunlearn.report.command",
-    "lensunlearn.demo",
+    "lensunlearn.demo.options",
 )
 
 
@@ -116,6 +115,12 @@ def _prog(command: Command | None) -> str:
     return " ".join(("lensunlearn", *(command.words if command else ())))
 
 
+def configure(argv: Sequence[str]) -> tuple[Command, Any]:
+    """The command a command line names and its config; a bad option value raises `ConfigError`."""
+    _, command, args = _parse(argv)
+    return command, _config(command, args)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of library callers and tests (`main([...])`): errors other than a bad option value
     (exit 2, as argparse) propagate as exceptions."""
@@ -124,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         config = _config(command, args)
     except ConfigError as err:
         parser.exit(2, f"{_prog(command)}: error: {describe(err)}\n")
-    return command.run(config)
+    return command(config)
 
 
 def describe(err: BaseException) -> str:
@@ -155,7 +160,7 @@ def console(argv: Sequence[str] | None = None) -> int:
     command: Command | None = None
     try:
         _, command, args = _parse(argv)
-        command.run(_config(command, args))
+        command(_config(command, args))
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()

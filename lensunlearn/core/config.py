@@ -1,7 +1,8 @@
 """Typed configs whose field help strings become the command line.
 
-Every command's options are one dataclass, often made of shared mixins (`models.ModelOptions`,
-`optim.TrainingOptions`). `option(default, help)` declares a field; the CLI turns each field into
+Every command's options are one dataclass, often made of shared mixins
+(`modeling.options.ModelOptions`, `train.options.TrainingOptions`), declared in a torch-free options
+module beside the command's code. `option(default, help)` declares a field; the CLI turns each field into
 `--field_name` with its help and default, and presets are plain instances that explicit flags
 override. `--config FILE` (a run's saved config or a hand-written YAML/JSON file) sits between the
 two: defaults < preset < file < explicit flags. A field keeps one name in every command; a flag
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import json
 import logging
 import sys
@@ -329,13 +331,25 @@ def to_jsonable(cfg: Any) -> dict[str, Any]:
 @dataclasses.dataclass
 class Command:
     """A subcommand: its words (`("lens", "train")`), config class, runner and named presets. It lives
-    beside the configs, not in `cli`, so that command modules never import the module that imports them."""
+    beside the configs, in a torch-free options module, so that building the parser (and `--help`)
+    imports no model code: the runner is named as "module:function" and imported only when the
+    command runs."""
 
     words: tuple[str, ...]
     help: str
     config: type
-    run: Callable[[Any], Any]
+    run: str | Callable[[Any], Any]  # "lensunlearn.unlearning.run:unlearn", or the function itself
     presets: dict[str, Any] = dataclasses.field(default_factory=dict)
     default_preset: str | None = None
     # keys the command's saved config holds beside its fields (a run's plan): `--config` skips them
     derived: tuple[str, ...] = ()
+
+    def runner(self) -> Callable[[Any], Any]:
+        """The function that runs the command, imported now."""
+        if callable(self.run):
+            return self.run
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, config: Any) -> Any:
+        return self.runner()(config)

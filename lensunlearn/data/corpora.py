@@ -11,10 +11,14 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..core.errors import InputError, read_json, read_text
+
+# torch is imported where tensors are made: the configs that name the corpora below stay torch-free,
+# so `--help` answers without importing it.
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +143,8 @@ def load_texts(source: str, *, config: str | None = None, split: str = "train", 
         if shuffle_seed is not None and hasattr(rows, "shuffle"):
             rows = rows.shuffle(seed=shuffle_seed)
         elif shuffle_seed is not None:
+            import torch
+
             rows = list(rows)
             torch_perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
             rows = [rows[i] for i in torch_perm]
@@ -174,6 +180,8 @@ def chunk_documents(texts: Sequence[str], tokenizer, max_length: int, limit: int
 
 def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence in the batch; the mask marks real tokens."""
+    import torch
+
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -185,6 +193,8 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """A deterministic permutation of 0..n-1 for one epoch, so a resumed run sees the same order."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator).tolist()
 

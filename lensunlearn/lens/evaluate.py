@@ -9,46 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.atomic import write_json_atomic
-from ..core.checks import require_positive
-from ..core.config import Command, ConfigError, option
 from ..core.outputs import check_file_output
-from ..core.paths import LENS_CONFIG_FILE, LENS_PARAMS_FILE, LENS_PLOT_SUFFIX, beside
+from ..core.paths import LENS_PLOT_SUFFIX, beside
 from ..data.corpora import collate
-from ..modeling.loading import DTYPES, ModelOptions, load_model, model_short_name
+from ..modeling.loading import DTYPES, load_model, model_short_name
 from ..report.plots import plot_lens_kl
-from .train import CorpusOptions, lens_streams, split_documents
+from .options import LensEvalConfig
+from .train import lens_streams, split_documents
 from .tuned_lens import TunedLens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LensEvalConfig(CorpusOptions, ModelOptions):
-    lens: str = option("", f"lens folder ({LENS_PARAMS_FILE} + {LENS_CONFIG_FILE}) or hub id")
-    out: str | None = option(None, "JSON file for the per-layer table (a PNG plot is written beside it)",
-                             metavar="FILE")
-    eval_batch: int = option(8, "documents per evaluation forward pass", old_names=("batch",))
-    max_docs: int | None = option(None, "score only the first N held-out documents (the table's cost grows with "
-                                        "them); None: all")
-    chunk: int = option(512, "tokens per chunk of full-vocabulary KL")
-    lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product "
-                                                                    "(bfloat16: faster, KL to about 3 digits)")
-    overwrite: bool = option(False, "replace an existing --out written by `lens eval`")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_positive(eval_batch=self.eval_batch, max_docs=self.max_docs)
-        if not self.lens:
-            raise ConfigError("--lens is required: the folder written by `lensunlearn lens train`")
 
 
 def lens_table(model, lens: TunedLens, docs: list[list[int]], pad_id: int, batch: int, chunk: int) -> list[dict]:
@@ -125,6 +102,3 @@ def eval_lens(cfg: LensEvalConfig) -> dict:
         log.info("wrote %s and %s", cfg.out, plot)
     return result
 
-
-COMMANDS = [Command(("lens", "eval"), "per-layer KL and top-1 agreement of a tuned lens vs the logit lens",
-                    LensEvalConfig, eval_lens)]

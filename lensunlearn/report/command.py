@@ -447,5 +447,5 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
 
 COMMANDS = [
     Command(("report",), "one table of unlearning runs (baseline first), a trade-off plot, tamper curves and a "
-                         "robustness table with its curves", ReportConfig, run_report),
+                         "robustness table with its curves", ReportConfig, "lensunlearn.report.command:run_report"),
 ]

@@ -9,43 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from ..core.checks import require_nonnegative, require_positive
-from ..core.config import ConfigError, Options, option
-
-OptimizerName = Literal["adamw", "muon", "sgd"]
-ScheduleName = Literal["linear", "cosine", "constant"]
-SCHEDULES = ("linear", "cosine", "constant")
-
-
-@dataclass
-class TrainingOptions(Options):
-    """The optimiser, its schedule and the batch of every command that trains (a config that needs
-    other defaults redeclares a field with `config.redefault`)."""
-
-    optimizer: OptimizerName = option("adamw", "adamw; muon for 2-D hidden matrices (LoRA A and B included) with "
-                                               "adamw for the rest; or sgd with Nesterov momentum")
-    lr: float = option(1e-3, "peak learning rate")
-    weight_decay: float = option(0.01, "weight decay")
-    warmup: int = option(0, "linear warmup steps")
-    schedule: ScheduleName = option("linear", "lr schedule after warmup")
-    clip: float = option(1.0, "gradient-norm clip (0 disables)")
-    batch: int = option(32, "examples per optimiser step = per_device_batch x grad accumulation x processes")
-    per_device_batch: int = option(8, "examples per forward pass on one device")
-
-    def __post_init__(self) -> None:
-        require_positive(batch=self.batch, per_device_batch=self.per_device_batch, lr=self.lr)
-        require_nonnegative(weight_decay=self.weight_decay, warmup=self.warmup, clip=self.clip)
-        if self.batch % self.per_device_batch:
-            raise ConfigError(f"--batch {self.batch} is not a multiple of --per_device_batch {self.per_device_batch}: "
-                              f"batch = per_device_batch x grad accumulation x number of processes")
-        super().__post_init__()
-
+from .options import SCHEDULES, OptimizerName, ScheduleName, TrainingOptions  # noqa: F401 (re-exported)
 
 # Param-group settings that pick how a step is computed, not what it computes.
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")

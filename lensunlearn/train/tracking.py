@@ -18,52 +18,22 @@ from __future__ import annotations
 
 import atexit
 import importlib
-import importlib.util
 import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.config import ConfigError, Options, option
 from ..core.errors import UserError
 from ..core.paths import TENSORBOARD_DIR
 from .distributed import is_main_process
+from .options import TRACKERS, TRACKING_FIELDS, TrackingOptions, install_hint  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-# tracker -> (module imported, package installed, extra of lensunlearn that installs it)
-TRACKERS = {"wandb": ("wandb", "wandb", "wandb"),
-            "tensorboard": ("torch.utils.tensorboard", "tensorboard", "tensorboard")}
-# Fields that say where a run is mirrored, not what it computes: a resumed run may change them.
-TRACKING_FIELDS = ("tracker",)
 DEFAULT_PROJECT = "lensunlearn"
 IMAGE_PREFIX = "plots/"
-
-
-def _install_hint(tracker: str) -> str:
-    _, package, extra = TRACKERS[tracker]
-    return f"--tracker {tracker} needs the {package} package: pip install 'lensunlearn[{extra}]'"
-
-
-@dataclass
-class TrackingOptions(Options):
-    tracker: str | None = option(None, "also log the run (config, metrics, evaluations, plots) to wandb (offline "
-                                       "unless WANDB_MODE is set; project $WANDB_PROJECT or lensunlearn) or "
-                                       "tensorboard, in the output folder; None: metrics.jsonl only",
-                                 metavar="{" + ",".join(TRACKERS) + "}")
-
-    def __post_init__(self) -> None:
-        if self.tracker is not None:
-            if self.tracker not in TRACKERS:
-                raise ConfigError(f"--tracker {self.tracker!r} is not a tracker: choose one of "
-                                  f"{', '.join(TRACKERS)}, or leave it out")
-            # found without importing it, so the error comes before any model loads
-            if importlib.util.find_spec(TRACKERS[self.tracker][1]) is None:
-                raise ConfigError(_install_hint(self.tracker))
-        super().__post_init__()
 
 
 def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -207,7 +177,7 @@ def _import(tracker: str) -> Any:
     try:
         return importlib.import_module(TRACKERS[tracker][0])
     except ImportError as err:
-        raise UserError(_install_hint(tracker)) from err
+        raise UserError(install_hint(tracker)) from err
 
 
 def open_tracker(cfg: Any, run_dir: str | Path, run_name: str, kind: str, *, resume_step: int = 0,

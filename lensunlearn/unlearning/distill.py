@@ -49,14 +49,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +62,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from ..core.checks import check_resumed_config, require_nonnegative, require_positive
-from ..core.config import Command, ConfigError, option, redefault, to_jsonable
+from ..core.checks import check_resumed_config
+from ..core.config import ConfigError, to_jsonable
 from ..core.errors import InputError, UserError, read_json
-from ..core.outputs import Output, check_name, output_kind, prepare_output
+from ..core.outputs import Output, output_kind, prepare_output
 from ..core.paths import (
     BASE_EVAL_FILE,
     DISTILL_GENERATED_FILE,
@@ -83,125 +81,19 @@ from ..data.corpora import batch_indices, collate, load_texts, tokenize
 from ..data.tasks import check_tasks
 from ..eval.fluency import decode_batch, pad_id_of, stop_ids
 from ..modeling.layers import forward_streams, model_parts
-from ..modeling.loading import ModelOptions, check_device, load_model, load_tokenizer, set_checkpointing
+from ..modeling.loading import check_device, load_model, load_tokenizer, set_checkpointing
 from ..modeling.losses import DEFAULT_CHUNK, chunked_token_sum, kl_from_logits, select_tokens
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.loop import LoopSpec, MetricsLog, run_loop
-from ..train.optim import TrainingOptions, build_optimizer, embedding_parameters, lr_factor
-from ..train.tracking import TRACKING_FIELDS, TrackingOptions, flatten, open_tracker
+from ..train.optim import build_optimizer, embedding_parameters, lr_factor
+from ..train.tracking import TRACKING_FIELDS, flatten, open_tracker
+from .options import SAVED_KEYS, SOURCE_TASKS, DistillConfig  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("unlearn", "distill")  # a distilled run is an unlearned model too, and can be distilled again
 LOGGED = ("step", "kl", "lr", "grad_norm", "tokens_per_s", "seconds")
 HELDOUT_KEYS = ("heldout_ce", "teacher_heldout_ce", "heldout_kl", "recovered")
-SOURCE_TASKS = "run"  # --eval_tasks: those of the source run (an empty value already means none)
-
-
-@dataclass
-class DistillConfig(TrackingOptions, TrainingOptions):
-    run: str = option("", "the unlearning run to distil (a finished `lensunlearn unlearn` folder): its merged/ model "
-                          "is the teacher, and a shrunk and perturbed copy of it the student", metavar="DIR")
-    alpha: float = option(0.25, "shrink-and-perturb share in [0, 1]: theta <- (1 - alpha) theta + alpha beta noise "
-                                "(0 keeps the teacher's weights; the paper's WMDP runs use 0.25, its synthetic "
-                                "tasks 0.1-0.7: more is more robust and takes more steps to recover)")
-    beta: float = option(0.1, "scale of the noise, a fresh Xavier-uniform initialisation of every matrix "
-                              "(vectors get none)")
-    seed: int = option(0, "seed of the noise, the data order and dropout")
-    corpus: str = option("generic:retain", "text to distil on: hub id, local file/folder, generic:retain, "
-                                           "facts:<domain>; join several with '+' to interleave them")
-    corpus_config: str | None = option(None, "hub config of the corpus")
-    corpus_split: str = option("train", "split of the corpus")
-    corpus_column: str | None = option(None, "text column of the corpus (None: text or title/abstract/text)")
-    max_documents: int = option(10000, "use at most this many documents of the corpus (cycled over the steps)")
-    generic: str = option("generic:heldout", "held-out text (in no training corpus) whose cross-entropy measures "
-                                             "recovery: generic:heldout, a .txt or .jsonl file", metavar="TEXT")
-    max_length: int = option(128, "truncate documents to this many tokens")
-    # The shipped generic corpus has 333 documents, which 80 steps of 16 go over four times: the student
-    # ends with a training KL below its held-out KL (0.32 against 0.46 distilling the robust preset's
-    # run). With 1024 documents the teacher wrote as well (13 minutes on 2 CPU cores) the two met (0.50
-    # and 0.47) but the held-out gap closed no further (0.91 of it after 80 steps either way): on that
-    # budget the steps, not the text, limit recovery. Off by default for that reason.
-    generate: int = option(0, "also distil on N documents the teacher writes, each continuing the first "
-                              "--generate_prompt tokens of a corpus document, sampled up to --max_length tokens "
-                              f"(kept in {DISTILL_GENERATED_FILE}; a resumed run reuses them); 0: the corpus only")
-    generate_prompt: int = option(8, "corpus tokens that begin each generated document")
-    generate_temperature: float = option(1.0, "sampling temperature of the generated documents (1: the teacher's "
-                                              "own distribution)")
-    generate_batch: int = option(32, "documents generated together (each batch has its own seed)")
-    # ~28 minutes for SmolLM2-135M on 2 CPU cores (the other defaults, --eval_limit 64); distilling the
-    # small preset's run recovered 0.81 / 0.91 / 0.94 of the held-out gap after 20 / 40 / 80 steps, then no more
-    steps: int = option(120, "optimiser steps: the budget (fewer when --target_share is reached)")
-    target_share: float | None = option(None, "stop once the student has recovered this share in [0, 1] of the "
-                                              "held-out cross-entropy gap between the perturbed start and the "
-                                              "teacher (checked every --eval_every steps); None or 0: run all steps")
-    eval_every: int = option(20, "every N steps score the held-out text (student and teacher cross-entropy, KL) "
-                                 "and the eval tasks (on --eval_limit questions) into metrics.jsonl: the budget "
-                                 "curve; 0: only before and after training")
-    chunk: int = option(DEFAULT_CHUNK, "tokens per chunk of the full-vocabulary KL (bounds memory)")
-    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
-    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
-    out: str | None = option(None, "parent folder: the output is OUT/<run_name>; None: the source run's folder",
-                             metavar="DIR")
-    run_name: str | None = option(None, "output folder name; None: <source run name>_distilled")
-    eval_tasks: str = option(SOURCE_TASKS, f"comma-separated tasks evaluated during and after distillation; "
-                                           f"{SOURCE_TASKS}: the source run's; \"\" skips them")
-    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze; None: the source run's")
-    eval_batch: int = option(16, "questions per evaluation forward pass")
-    eval_limit: int | None = option(None, "evaluate only the first N questions of each task; None: the source run's")
-    lm_eval_include: str | None = option(None, "folder of your own lm-eval task YAML files, for lm_eval:<task> names "
-                                               "in --eval_tasks; None: the source run's", metavar="DIR")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = redefault(ModelOptions, "dtype", "auto")
-    device: str | None = redefault(ModelOptions, "device", None)
-    trust_remote_code: bool = redefault(ModelOptions, "trust_remote_code", False)
-    resume: bool = option(False, "continue the unfinished distillation in the output folder")
-    overwrite: bool = option(False, "replace a finished distillation of the same name")
-
-    lr: float = redefault(TrainingOptions, "lr", 1e-4)
-    weight_decay: float = redefault(TrainingOptions, "weight_decay", 0.0)
-    warmup: int = redefault(TrainingOptions, "warmup", 10)
-    schedule: Literal["linear", "cosine", "constant"] = redefault(TrainingOptions, "schedule", "cosine")
-    batch: int = redefault(TrainingOptions, "batch", 16)
-    per_device_batch: int = redefault(TrainingOptions, "per_device_batch", 16)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.run:
-            raise ConfigError("--run is required: the unlearning run directory to distil, e.g. --run runs/<name>")
-        if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
-            raise ConfigError(f"--alpha must be in [0, 1] (the share of the weights replaced by noise), got "
-                              f"{self.alpha}")
-        require_nonnegative(beta=self.beta, eval_every=self.eval_every, checkpoint_every=self.checkpoint_every)
-        require_positive(steps=self.steps, chunk=self.chunk, max_documents=self.max_documents,
-                         eval_batch=self.eval_batch, eval_limit=self.eval_limit, generate_prompt=self.generate_prompt,
-                         generate_temperature=self.generate_temperature, generate_batch=self.generate_batch)
-        require_nonnegative(generate=self.generate)
-        if self.max_length < 2:
-            raise ConfigError(f"--max_length must be at least 2 (a token and the one it predicts), got "
-                              f"{self.max_length}")
-        if self.generate and self.generate_prompt >= self.max_length:
-            raise ConfigError(f"--generate_prompt {self.generate_prompt} leaves the teacher nothing to write within "
-                              f"--max_length {self.max_length}: pass a shorter prompt or a longer --max_length")
-        if not [p for p in self.corpus.split("+") if p.strip()]:
-            raise ConfigError("--corpus is empty: pass a dataset, a file, generic:retain or facts:<domain>")
-        if self.target_share is not None:
-            if not (math.isfinite(self.target_share) and 0.0 <= self.target_share <= 1.0):
-                raise ConfigError(f"--target_share must be in [0, 1], got {self.target_share}")
-            if self.target_share > 0 and not self.eval_every:
-                raise ConfigError("--target_share is checked on the held-out text every --eval_every steps: pass "
-                                  "--eval_every N > 0, or drop --target_share")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: pick one")
-        if self.run_name is not None:
-            check_name(self.run_name)
-
-    @property
-    def name(self) -> str:
-        return self.run_name or f"{Path(self.run).expanduser().resolve().name}_distilled"
-
-    @property
-    def teacher(self) -> Path:
-        return Path(self.run).expanduser() / MERGED_DIR
 
 
 # --- shrink and perturb -------------------------------------------------------------------------
@@ -396,9 +288,6 @@ def load_documents(cfg: DistillConfig, tokenizer) -> tuple[list[list[int]], list
 # trades for recomputation and how evaluations are batched; none of them changes the weights.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "gradient_checkpointing", "eval_batch",
                      "out", "run_name", *TRACKING_FIELDS)
-# What run_config.json holds beside the config: the source run's base model and forget corpus (so that
-# tamper and robustness find them as in an unlearning run), the teacher and the output folder.
-SAVED_KEYS = ("model", "forget", "teacher", "full", "run_dir")
 
 
 def check_output(cfg: DistillConfig) -> Output:
@@ -703,7 +592,3 @@ def _finish(job: DistillJob, student: nn.Module, metrics_log: MetricsLog, refere
              stopped["stop_reason"], final["recovered"], time.perf_counter() - job.began, job.output.final)
     return job.output.final
 
-
-COMMANDS = [Command(("distill",), "distil an unlearned run into a shrunk and perturbed copy of itself (UNDO), so "
-                                  "that fine-tuning does not bring the forgotten knowledge back", DistillConfig,
-                    distill, derived=SAVED_KEYS)]

@@ -31,19 +31,19 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.checks import require_nonnegative, require_positive
-from ..core.config import ConfigError, Options, option
+from ..core.config import ConfigError
 from ..core.errors import InputError
 from ..data.corpora import collate, load_texts, tokenize
 from ..modeling.layers import model_parts
 from ..train.distributed import World, average_over_ranks
 from .cir import SharedDirections, TokenCapture, is_transposed, mlp_linears
 from .mudman import Adversary, global_norm, lm_loss, mask_grads, normalise_grads
+from .options import FORGET_CORPUS, RobustOptions, check_robust_options  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -55,104 +55,6 @@ ROBUST_SUMMARY_KEYS = ("general_loss_start", "general_loss_end", "stopped_early_
 # --cir_on_loss_rise shrink stops once the learning rate is shrunk below this share of the schedule's:
 # by then the updates are too small to move the loss, and the run would only spend time.
 MIN_LR_SCALE = 0.01
-# The --cir_corpus value that means the forget documents themselves (CIR's own code estimates its
-# directions on the forget set).
-FORGET_CORPUS = "forget"
-
-
-@dataclass
-class RobustOptions(Options):
-    """Options of the robust gradient step (each off by default; see the module docstring)."""
-
-    cir: bool = option(False, "shared-direction projection (CIR): the MLP weights of the blocks below the deepest "
-                              "target layer are trained full-rank, every other weight frozen, and each update is "
-                              "formed from per-token inputs and output gradients with their shared directions "
-                              "(mean + top principal components over general text) removed; needs --full, "
-                              "--optimizer sgd or muon and --weight_decay 0")
-    cir_blocks: tuple[int, ...] | None = option(None, "blocks whose MLP --cir trains (None: every block below the "
-                                                      "deepest target layer; CIR's own runs take a middle range)")
-    cir_act_components: int = option(24, "input directions removed per layer, the mean included (CIR's "
-                                         "act_proj_num)")
-    cir_grad_components: int = option(36, "output-gradient directions removed per layer, the mean included (CIR's "
-                                          "grad_proj_num)")
-    cir_corpus: str | None = option(None, "general text the shared directions are estimated on: None for the "
-                                          "retain corpus, 'forget' for the forget documents (what CIR's code "
-                                          "does), or a corpus (hub id, local file/folder, generic:<name>)")
-    cir_pca_docs: int = option(32, "documents of the general text in each estimate (their tokens after "
-                                   "--skip_first must be at least the number of components)")
-    cir_refresh: int = option(0, "re-estimate the shared directions every N optimiser steps (0: once per pass over "
-                                 "the forget documents, CIR's epoch)")
-    cir_max_loss_rise: float = option(0.01, "stop training when next-token loss on the general text rises more "
-                                            "than this fraction over its start, checked at each re-estimate (CIR's "
-                                            "loss budget: 1.01x in its code, 1.001x in its configs); 0: never stop")
-    cir_on_loss_rise: Literal["stop", "shrink"] = option("stop", "what a general-text loss past --cir_max_loss_rise "
-                                                                 "does: stop training, or shrink the learning rate "
-                                                                 "by --cir_shrink and go on (stopping once it is "
-                                                                 "below 1/100 of the schedule's)")
-    cir_shrink: float = option(0.5, "factor on the learning rate at each check past the loss budget, with "
-                                    "--cir_on_loss_rise shrink")
-    disruption_mask: bool = option(False, "keep the forget update only where its sign agrees with the retain "
-                                          "gradient's (MUDMAN's disruption masking); the retain gradient here is "
-                                          "that of next-token loss on the retain text, averaged over steps")
-    mask_momentum: float = option(0.9, "momentum of that average of retain gradients (MUDMAN's retain_momentum)")
-    normalise_grad: bool = option(False, "rescale the forget gradient of every step to the global norm it had at "
-                                         "the first step (MUDMAN's normalisation, calibrated as in its runner)")
-    adversary_steps: int = option(0, "relearning steps a simulated attacker takes on each step's forget text before "
-                                     "the forget gradient is taken at its attacked fork (MUDMAN: 1); 0: no adversary")
-    adversary_lr: float = option(1e-3, "the attacker's SGD learning rate (MUDMAN's adv_lr)")
-    adversary_every: int = option(32, "re-fork the attacker from the trained weights every N optimiser steps "
-                                      "(MUDMAN's fork_every_n_steps)")
-
-    def __post_init__(self) -> None:
-        require_nonnegative(cir_act_components=self.cir_act_components,
-                            cir_grad_components=self.cir_grad_components, cir_refresh=self.cir_refresh,
-                            cir_max_loss_rise=self.cir_max_loss_rise, adversary_steps=self.adversary_steps)
-        require_positive(cir_pca_docs=self.cir_pca_docs, adversary_lr=self.adversary_lr,
-                         adversary_every=self.adversary_every)
-        if not 0 < self.cir_shrink < 1:
-            raise ConfigError(f"--cir_shrink must be in (0, 1), got {self.cir_shrink}")
-        if not 0 <= self.mask_momentum < 1:
-            raise ConfigError(f"--mask_momentum must be in [0, 1), got {self.mask_momentum}")
-        if self.cir_blocks is not None and (not self.cir_blocks or min(self.cir_blocks) < 0):
-            raise ConfigError("--cir_blocks must name blocks 0 or above, e.g. 10,11,12 (or none for the default)")
-        super().__post_init__()
-
-    @property
-    def robust_step(self) -> bool:
-        """Whether any option here is on, so that the gradients are formed by `RobustStep`."""
-        return self.cir or self.disruption_mask or self.normalise_grad or self.adversary_steps > 0
-
-    def robust_suffix(self) -> str:
-        """The run-name suffix of the options that are on, e.g. _cir_mask; _shrink marks a run that goes on at
-        a smaller learning rate past the general-text loss budget, which trains for several times longer and
-        relearns differently from one that stops there."""
-        used = [("_cir", self.cir), ("_shrink", self.cir_on_loss_rise == "shrink"),
-                ("_mask", self.disruption_mask), ("_norm", self.normalise_grad), ("_adv", self.adversary_steps > 0)]
-        return "".join(suffix for suffix, on in used if on)
-
-
-def check_robust_options(cfg: Any) -> None:
-    """Refuse robust options combined with a setting they cannot use (unlearn's config calls this)."""
-    if cfg.cir_on_loss_rise == "shrink" and not (cfg.cir and cfg.cir_max_loss_rise):
-        raise ConfigError("--cir_on_loss_rise shrink acts on --cir's general-text loss budget: add --cir with a "
-                          "--cir_max_loss_rise above 0, or pass --cir_on_loss_rise stop (--preset robust sets "
-                          "shrink)")
-    if not cfg.cir:
-        return
-    if not cfg.full:
-        raise ConfigError("--cir trains the MLP weights at full rank and cannot use LoRA adapters: add --full (with "
-                          "--cir only those MLP weights are trained, every other weight stays frozen)")
-    if cfg.optimizer == "adamw":
-        raise ConfigError("--cir with --optimizer adamw: AdamW scales each weight's update by its own factor, which "
-                          "puts the removed shared directions back into the update; use --optimizer sgd (CIR's "
-                          "own) or muon (whose orthogonalised update keeps them out)")
-    if cfg.weight_decay:
-        raise ConfigError(f"--cir with --weight_decay {cfg.weight_decay}: decay shrinks the weights along the "
-                          f"shared directions too, which --cir keeps unchanged; pass --weight_decay 0")
-    if cfg.layers is not None and cfg.cir_blocks is not None and max(cfg.cir_blocks) >= max(cfg.layers):
-        raise ConfigError(f"--cir_blocks {max(cfg.cir_blocks)} is not below the deepest target layer "
-                          f"{max(cfg.layers)}: block b changes only the streams after it, so the forget loss "
-                          f"cannot train it; choose blocks below {max(cfg.layers)}")
 
 
 def resolve_cir_blocks(cfg: Any, layers: Sequence[int], num_blocks: int) -> tuple[int, ...]:

@@ -11,16 +11,16 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ..core.atomic import write_json_atomic
-from ..core.checks import check_resumed_config, require_nonnegative, require_positive
-from ..core.config import Command, ConfigError, option, to_jsonable
-from ..core.outputs import Output, check_name, prepare_output
+from ..core.checks import check_resumed_config
+from ..core.config import ConfigError, to_jsonable
+from ..core.outputs import Output, prepare_output
 from ..core.paths import (
     ADAPTER_DIR,
     BASE_EVAL_FILE,
@@ -31,11 +31,11 @@ from ..core.paths import (
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
 )
-from ..data.corpora import WMDP_BIO_FORGET_CORPUS, batch_indices, collate, load_texts, tokenize
-from ..data.tasks import REFERENCE_EVAL_TASKS, check_tasks
+from ..data.corpora import batch_indices, collate, load_texts, tokenize
+from ..data.tasks import check_tasks
 from ..lens.tuned_lens import TunedLens, find_lens
 from ..modeling.layers import check_layers, clip_layers, model_parts, unwrap
-from ..modeling.loading import DTYPES, ModelOptions, check_device, load_model, model_short_name, set_checkpointing
+from ..modeling.loading import DTYPES, check_device, load_model, set_checkpointing
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.distributed import (
     World,
@@ -51,184 +51,31 @@ from ..train.distributed import (
     wrap_ddp,
 )
 from ..train.loop import LoopSpec, MetricsLog, run_loop
-from ..train.optim import MultiOptimizer, TrainingOptions, build_optimizer, embedding_parameters, lr_factor
-from ..train.tracking import TRACKING_FIELDS, Tracker, TrackingOptions, open_tracker
+from ..train.optim import MultiOptimizer, build_optimizer, embedding_parameters, lr_factor
+from ..train.tracking import TRACKING_FIELDS, Tracker, open_tracker
 from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective, schedule
+from .options import (  # noqa: F401 (re-exported)
+    PRESETS,
+    ROBUST,
+    SAVED_PLAN_KEYS,
+    SEED,
+    SEED_LAYERS,
+    SMALL,
+    UnlearnConfig,
+    check_lora_layers,
+)
 from .robust_step import (
     ROBUST_LOGGED,
     ROBUST_SUMMARY_KEYS,
-    RobustOptions,
     build_robust_step,
-    check_robust_options,
     cir_modules,
     freeze_all_but_cir,
 )
 
 log = logging.getLogger(__name__)
 
-SEED_LAYERS = (5, 10, 15, 20, 25, 30)  # the reference experiment's target layers (a 32-block model)
 LOGGED = ("step", "retain_loss", "forget_loss", "retain_weight", "forget_weight", "lr", "grad_norm", "tokens_per_s",
           "original_cached", "seconds") + ROBUST_LOGGED
-
-
-def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
-    if not full and max(layers) == 0:
-        raise ConfigError("target layer 0 is the embedding output, which no LoRA adapter can change: "
-                          "choose layers >= 1 or train with --full")
-
-
-@dataclass
-class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOptions):
-    lens: str | None = option(None, "tuned lens folder or hub id; None means runs/lens_<model>, where `lens train` "
-                                    "writes")
-    layers: tuple[int, ...] | None = option(None, "target layers l (stream l, read by lens l; l = number of "
-                                                  "blocks is the model's own output), used as given; None: "
-                                                  "5,10,15,20,25,30, keeping those a shallower model has")
-    forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain>")
-    forget_config: str | None = option(None, "hub config of the forget corpus")
-    forget_split: str = option("train", "split of the forget corpus")
-    forget_column: str | None = option(None, "text column of the forget corpus (None: text or title/abstract/text)")
-    retain: str = option("EleutherAI/wikitext_document_level", "retain corpus; join several with '+' to "
-                                                               "interleave them, e.g. facts:element_symbol+notes.txt")
-    retain_config: str | None = option("wikitext-103-raw-v1", "hub config of the retain corpus")
-    retain_split: str = option("train", "split of the retain corpus")
-    retain_column: str | None = option("page", "text column of the retain corpus")
-    retain_shuffle_seed: int | None = option(42, "shuffle the retain corpus with this seed before taking "
-                                                 "the first --examples (None: no shuffle)")
-    examples: int = option(8192, "forget/retain pairs per epoch (a shorter corpus is cycled)")
-    epochs: float = option(1.0, "passes over the --examples pairs")
-    max_length: int = option(2048, "truncate documents to this many tokens")
-    retain_coef: float = option(5.0, "final weight of the retain loss (ramps up from 0 over the first epoch)")
-    remove_coef: float = option(5.0, "initial weight of the forget loss (eases to 0.75x over the first epoch)")
-    retain_loss: Literal["l2", "kl"] = option("l2", "l2: stream distance to the original model at the target "
-                                                    "layers; kl: KL of output distributions")
-    forget_target: Literal["uniform", "random"] = option("uniform", "uniform: exact expected CE to a random token; "
-                                                                    "random: sampled tokens (the reference)")
-    skip_first: int = option(0, "leave the first N positions of every document out of both losses (attention-sink "
-                                "tokens: shared by all documents, with outsized norms in many models)")
-    full: bool = option(False, "train all parameters instead of LoRA adapters")
-    lora_rank: int = option(16, "LoRA rank")
-    lora_alpha: float = option(16.0, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    lora_targets: str = option("auto", "auto: the modules peft chooses for the architecture; all: every linear "
-                                       "layer; or comma-separated module names")
-    chunk: int = option(1024, "tokens per chunk of full-vocabulary losses (bounds memory)")
-    lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product in the "
-                                                                    "forget loss (bfloat16 is several times faster "
-                                                                    "on CPU; the loss itself stays float32)")
-    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
-    mixed_precision: bool = option(False, "bfloat16 autocast of the model's passes on CPU or GPU (keep --dtype "
-                                          "float32 weights); the lens and the losses stay float32")
-    original_cache_mb: int = option(0, "keep the original model's retain streams in CPU memory, up to this many "
-                                       "MiB, for retain documents that come back (a cycled retain corpus, "
-                                       "epochs > 1); 0: recompute every time")
-    seed: int = option(0, "seed for adapters, data order, dropout and random targets")
-    out: str = option("runs", "parent folder: the run directory is OUT/<run_name>", metavar="DIR")
-    run_name: str | None = option(None, "run directory name; None: <model>_lens_ex<examples>_rm<remove>_ret<retain> "
-                                        "(+ _full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, _adv "
-                                        "when used)")
-    eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training (\"\" skips)")
-    eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
-                                                               "answer text as continuation")
-    eval_batch: int = option(16, "questions per evaluation forward pass")
-    eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
-    lm_eval_include: str | None = option(None, "folder of your own lm-eval task YAML files, for lm_eval:<task> "
-                                               "names in --eval_tasks", metavar="DIR")
-    eval_base: bool = option(False, f"also evaluate the model before unlearning ({BASE_EVAL_FILE})")
-    eval_every: int = option(0, f"also evaluate the eval tasks at step 0 and every N optimiser steps (on --eval_limit "
-                                f"questions), logged to {METRICS_FILE} as {EVAL_KEY_PREFIX}<task>/acc; 0: only after "
-                                f"training")
-    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
-    resume: bool = option(False, "continue the unfinished run in the run directory")
-    overwrite: bool = option(False, "replace a finished run of the same name")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        positive = {"examples": self.examples, "max_length": self.max_length - 1, "chunk": self.chunk,
-                    "lora_rank": self.lora_rank}
-        bad = [name for name, value in positive.items() if value < 1]
-        if bad or self.epochs <= 0:
-            raise ConfigError(f"--{(bad or ['epochs'])[0]} is too small: examples, epochs, chunk and lora_rank must "
-                              f"be positive and max_length at least 2")
-        if self.original_cache_mb < 0:
-            raise ConfigError(f"--original_cache_mb must be >= 0, got {self.original_cache_mb}")
-        if self.skip_first < 0:
-            raise ConfigError(f"--skip_first must be >= 0, got {self.skip_first}")
-        if self.retain_coef < 0 or self.remove_coef < 0:
-            raise ConfigError("--retain_coef and --remove_coef must be >= 0")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.layers is not None:
-            if not self.layers:
-                raise ConfigError("--layers is empty: pass target layers such as 5,10,15, or none for the default")
-            check_lora_layers(self.layers, self.full)
-        check_robust_options(self)
-        if self.mixed_precision and self.dtype not in ("float32", "auto"):
-            raise ConfigError(f"--mixed_precision autocasts float32 weights to bfloat16; with --dtype {self.dtype} "
-                              f"pass --dtype float32 (or drop --mixed_precision)")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: pick one")
-        require_positive(epochs=self.epochs, lora_alpha=self.lora_alpha, eval_batch=self.eval_batch,
-                         eval_limit=self.eval_limit)
-        require_nonnegative(retain_coef=self.retain_coef, remove_coef=self.remove_coef,
-                            checkpoint_every=self.checkpoint_every, eval_every=self.eval_every)
-        if self.eval_every and not self.eval_tasks.strip():
-            raise ConfigError("--eval_every needs tasks to evaluate: pass --eval_tasks, or drop --eval_every")
-        if self.run_name is not None:
-            check_name(self.run_name)
-
-    @property
-    def name(self) -> str:
-        """The run directory name: <model>_lens_ex<examples>_rm<remove_coef>_ret<retain_coef>, then a suffix for
-        each setting that differs from the reference recipe, e.g. smollm2-135m_lens_ex400_rm5.0_ret5.0_muon."""
-        if self.run_name:
-            return self.run_name
-        name = f"{model_short_name(self.model)}_lens_ex{self.examples}_rm{float(self.remove_coef)}_" \
-               f"ret{float(self.retain_coef)}"
-        extras = [("_full", self.full), (f"_{self.optimizer}", self.optimizer != "adamw"),
-                  ("_kl", self.retain_loss == "kl"), ("_random", self.forget_target == "random")]
-        return name + "".join(suffix for suffix, used in extras if used) + self.robust_suffix()
-
-
-SEED = UnlearnConfig()
-# Tuned on the embedded SmolLM2-135M and the fact benchmark: the knowledge forms late in this
-# 30-layer model, so the layers are late; its RMS-normed lens cannot become fully uniform, so the
-# forget term needs a large coefficient; the first token (an attention sink shared by every
-# document, with a norm ~100x the others) is left out of both losses. 1600 pairs are two passes
-# over the 800 country-capital sentences with the retain weight ramping up over both; 800 pairs
-# left country capitals at 43%, 1600 at 29-32% (one or two threads; the sums run in another order).
-# The retain corpus is everyday text that names no evaluated fact, so that the domains reported as
-# kept measure collateral damage rather than what the retain loss was trained to preserve.
-SMALL = replace(
-    SEED, forget="facts:country_capital", retain="generic:retain", retain_config=None,
-    retain_column=None, examples=1600, max_length=64, batch=16, per_device_batch=16, layers=(20, 25, 29), lr=1e-2,
-    retain_coef=1.0, remove_coef=20.0, lora_targets="all", skip_first=1, lens_matmul="bfloat16",
-    eval_tasks="facts:country_capital,facts:country_language,facts:country_currency,facts:element_symbol,"
-               "facts:us_state_capital,facts:us_state_abbreviation", eval_format="cloze",
-    eval_base=True, original_cache_mb=1024)
-# The small preset's data and lens layers, with the update formed by shared-direction projection
-# (--cir): full-rank MLP updates of blocks 0-28 under Muon, the directions that general text shares
-# re-estimated every 5 steps, and a 3 % budget on the rise of general-text next-token loss: past it,
-# the learning rate is halved at each check (--cir_on_loss_rise shrink) until it would fall below
-# 1/100 of the schedule's. Chosen by the robustness protocol (default grid) on the embedded model,
-# country capitals forgotten, over three unlearning seeds: after 64 attack steps the unseen half
-# came back to 68 +- 3 % here, against 78 +- 9 % when the budget stops training (where it stops
-# moves with the data order), 82 % for the small preset and for disruption masking with a relearning
-# adversary; only distillation held it lower (59-61 %), at 1.4-1.7x the base perplexity. Every seed
-# left country capitals at 33.75 % (the stopping rule: 34-38 %), perplexity at the base model's and
-# forgotten questions answered in words rather than token salad, in 1.05-1.6x the small preset's
-# time (the stopping rule: 0.35-0.46x). The price is the neighbouring relations: US state capitals
-# 24-28 % of 88 % (stopping: 36-42 %), currencies 56-60 % of 83 % (stopping: 60-66 %); the small
-# preset takes them further down (20-30 %, 47-56 % over three unlearning seeds). The budget watches
-# general text, not the forget domain's accuracy, so it means the same on a corpus of the user's
-# own. A 6 % budget ran all 100 steps (28 % forgotten) with more collateral damage than the small
-# preset; 1 % stopped after 10 steps at 45 % and relearned to 81 %. With country languages as the
-# forget domain it stopped at step 50 with languages at 69 % of 99 % and capitals at 69 % of 91 %: on
-# that relation the method is not selective (neither is the small preset, which takes capitals down
-# with languages).
-ROBUST = replace(SMALL, full=True, cir=True, optimizer="muon", weight_decay=0.0, lr=1e-3, cir_refresh=5,
-                 cir_max_loss_rise=0.03, cir_on_loss_rise="shrink")
-PRESETS = {"seed": SEED, "small": SMALL, "robust": ROBUST}
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -796,8 +643,3 @@ def _finish(job: UnlearnJob, model: torch.nn.Module, plan: dict, last: dict[str,
     barrier(world)
     return job.output.final
 
-# What run_config.json holds beside the config (the plan of `_plan` and the run's folder): `--config` skips it.
-SAVED_PLAN_KEYS = ("steps", "steps_per_epoch", "world_size", "grad_accum", "unique_forget_examples",
-                   "unique_retain_examples", "effective_epochs", "run_dir")
-COMMANDS = [Command(("unlearn",), "unlearn a corpus through the tuned lens (LoRA or full parameters)", UnlearnConfig,
-                    unlearn, presets=PRESETS, default_preset="seed", derived=SAVED_PLAN_KEYS)]

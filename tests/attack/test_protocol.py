@@ -30,7 +30,7 @@ FULL, LORA = Setting("full", 1e-2, "constant"), Setting("lora", 1e-2, "constant"
 
 
 def main(argv: list[str]):
-    return run_command(robustness.COMMANDS, argv)
+    return run_command(argv)
 
 
 _jsonl = write_jsonl

@@ -13,7 +13,6 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from lensunlearn.attack import tamper
 from lensunlearn.attack.tamper import TamperConfig, fact_records, split_fact_ids
 from lensunlearn.core.config import ConfigError
 from lensunlearn.report.plots import DPI, TAMPER_SIZE
@@ -28,7 +27,7 @@ TAMPER_PIXELS = (int(TAMPER_SIZE[1] * DPI), int(TAMPER_SIZE[0] * DPI))
 
 def main(argv: list[str]):
     """The `lensunlearn tamper` command line, built from this module's command alone."""
-    return run_command(tamper.COMMANDS, argv)
+    return run_command(argv)
 
 
 _write_jsonl = write_jsonl

@@ -149,11 +149,8 @@ def _interrupt(config):
 
 
 def test_ctrl_c_exits_130_and_names_resume_where_there_is_one(monkeypatch, capsys):
-    import lensunlearn.eval.evaluate
-    import lensunlearn.unlearning.run
-
-    monkeypatch.setattr(lensunlearn.unlearning.run.COMMANDS[0], "run", _interrupt)
-    monkeypatch.setattr(lensunlearn.eval.evaluate.COMMANDS[0], "run", _interrupt)
+    monkeypatch.setattr("lensunlearn.unlearning.run.unlearn", _interrupt)  # the runner is looked up when it runs
+    monkeypatch.setattr("lensunlearn.eval.evaluate.run_eval", _interrupt)
     line = one_line(["unlearn"], capsys, status=130)
     assert line == ("lensunlearn unlearn: interrupted: the run can continue from its last checkpoint: rerun the same "
                     "command with --resume")
@@ -171,19 +168,17 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
 
 
 def test_unexpected_errors_keep_their_traceback_and_key_errors_are_one_line(monkeypatch, capsys):
-    import lensunlearn.eval.evaluate
-
     def bug(config):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(lensunlearn.eval.evaluate.COMMANDS[0], "run", bug)
+    monkeypatch.setattr("lensunlearn.eval.evaluate.run_eval", bug)
     with pytest.raises(ZeroDivisionError):
         console(["eval"])
 
     def missing_field(config):
         return {}["results"]
 
-    monkeypatch.setattr(lensunlearn.eval.evaluate.COMMANDS[0], "run", missing_field)
+    monkeypatch.setattr("lensunlearn.eval.evaluate.run_eval", missing_field)
     line = one_line(["eval"], capsys)
     assert line == ("lensunlearn eval: error: missing field 'results': an input file or row lacks it (--debug shows "
                     "where)")

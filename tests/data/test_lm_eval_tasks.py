@@ -111,7 +111,6 @@ def test_preflight_checks_lm_eval_names_beside_native_ones(include_dir):
 def test_unlearn_evaluates_an_included_lm_eval_task(include_dir, tmp_path):
     """`unlearn --lm_eval_include DIR` finds the user's own lm-eval task, in the check before training
     and in the evaluation after it."""
-    from lensunlearn.unlearning.run import COMMANDS
     from tests.conftest import run_command, unlearn_argv, write_unlearn_inputs
 
     tmp = write_unlearn_inputs(tmp_path)
@@ -119,7 +118,7 @@ def test_unlearn_evaluates_an_included_lm_eval_task(include_dir, tmp_path):
     tasks = argv.index("--eval_tasks")
     argv[tasks + 1:tasks + 1] = ["lm_eval:ll_capitals"]
     with pytest.raises(ValueError, match="unknown task lm_eval:ll_capitals"):  # not in lm-eval's own registry
-        run_command(COMMANDS, argv)
-    run_dir = run_command(COMMANDS, [*argv, "--lm_eval_include", str(include_dir)])
+        run_command(argv)
+    run_dir = run_command([*argv, "--lm_eval_include", str(include_dir)])
     result = json.loads((run_dir / "eval.json").read_text())["results"]["lm_eval:ll_capitals"]
     assert result["n"] == 12 and 0 <= result["acc"] <= 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from lensunlearn.cli import build_parser
+from lensunlearn.cli import all_commands, build_parser
 from lensunlearn.core.config import ConfigError, config_from_args
 from lensunlearn.core.paths import is_tamper_output
 from lensunlearn.report import command as report
@@ -19,8 +19,8 @@ from lensunlearn.report.plots import DPI, TAMPER_SIZE, TRADEOFF_SIZE
 
 def main(argv: list[str]):
     """The `lensunlearn report` command line, built from this module's command alone."""
-    args = build_parser(report.COMMANDS).parse_args(["report", *argv])
-    return args._command.run(config_from_args(args._command.config, args))
+    args = build_parser(all_commands()).parse_args(["report", *argv])
+    return args._command(config_from_args(args._command.config, args))
 
 
 def _eval(forget: float, retain: float, model: str = "m") -> dict:

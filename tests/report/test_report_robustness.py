@@ -12,11 +12,10 @@ import pytest
 
 from lensunlearn import cli
 from lensunlearn.attack import grid as robustness_grid
-from lensunlearn.cli import build_parser
+from lensunlearn.cli import all_commands, build_parser
 from lensunlearn.core.config import config_from_args
 from lensunlearn.core.errors import InputError, UserError
 from lensunlearn.core.paths import ROBUSTNESS_CURVES_FILE, is_robustness_output, write_marker
-from lensunlearn.report import command as report
 from lensunlearn.report.plots import DPI, ROBUSTNESS_SIZE
 from lensunlearn.report.robustness_results import ATTACKED, UNSEEN, capability_failures, unseen_curves
 
@@ -26,8 +25,8 @@ LORA = {"kind": "lora", "lr": 1e-3, "schedule": "constant"}
 
 def main(argv: list[str]):
     """The `lensunlearn report` command line, built from the report command alone."""
-    args = build_parser(report.COMMANDS).parse_args(["report", *argv])
-    return args._command.run(config_from_args(args._command.config, args))
+    args = build_parser(all_commands()).parse_args(["report", *argv])
+    return args._command(config_from_args(args._command.config, args))
 
 
 def _point(unseen: float, attacked: float, setting: dict | None = None, sd: float | None = None) -> dict:

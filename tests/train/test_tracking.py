@@ -16,15 +16,11 @@ import pytest
 
 import lensunlearn
 from lensunlearn.attack import protocol as robustness
-from lensunlearn.attack import tamper
 from lensunlearn.core.config import ConfigError
 from lensunlearn.core.errors import UserError
 from lensunlearn.core.paths import TENSORBOARD_DIR, WANDB_DIR
-from lensunlearn.lens import train as lens_train
 from lensunlearn.train.loop import MetricsLog
 from lensunlearn.train.tracking import Tracker, TrackingOptions, numbers, open_tracker
-from lensunlearn.unlearning import distill
-from lensunlearn.unlearning import run as unlearn
 
 from ..attack.test_protocol import run_files  # noqa: F401  (a fixture: pytest finds it by name)
 from ..cli.test_errors import one_line
@@ -169,7 +165,7 @@ def unlearn_inputs(tmp_path) -> Path:
 
 def _unlearn(inputs: Path, tracker: str) -> Path:
     """Three steps with an evaluation at step 0 and every step, a base and a final evaluation."""
-    return run_command(unlearn.COMMANDS, unlearn_argv(
+    return run_command(unlearn_argv(
         inputs, "--examples", "12", "--tracker", tracker, "--run_name", f"tracked_{tracker}", "--eval_every", "1",
         "--eval_tasks", str(inputs / "task.jsonl"), "--eval_format", "cloze", "--eval_base"))
 
@@ -230,9 +226,9 @@ def test_a_resumed_run_drops_the_tracked_steps_after_its_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(MetricsLog, "write", write_then_die)
     with pytest.raises(Killed):
-        run_command(unlearn.COMMANDS, argv)
+        run_command(argv)
     monkeypatch.setattr(MetricsLog, "write", write)
-    run_dir = run_command(unlearn.COMMANDS, [*argv, "--resume"])
+    run_dir = run_command([*argv, "--resume"])
     lines = metrics_lines(run_dir)
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     rows = tensorboard_scalars(run_dir / TENSORBOARD_DIR)
@@ -246,7 +242,7 @@ def test_a_resumed_run_drops_the_tracked_steps_after_its_checkpoint(tmp_path, mo
 def test_lens_train_tracked_with_wandb(tmp_path, text_corpus, offline_wandb):
     model = save_tiny_model(tmp_path / "tiny")
     out = tmp_path / "lens"
-    run_command(lens_train.COMMANDS, ["lens", "train", "--model", str(model), "--data", str(text_corpus),
+    run_command(["lens", "train", "--model", str(model), "--data", str(text_corpus),
                                       "--steps", "3", "--batch", "4", "--per_device_batch", "4",
                                       "--max_length", "16", "--out", str(out), "--tracker", "wandb"])
     records = wandb_records(out)
@@ -257,8 +253,8 @@ def test_lens_train_tracked_with_wandb(tmp_path, text_corpus, offline_wandb):
 
 def test_distill_tracked_with_tensorboard(tmp_path):
     inputs = write_unlearn_inputs(tmp_path)
-    run_command(unlearn.COMMANDS, unlearn_argv(inputs, "--run_name", "src"))
-    out = run_command(distill.COMMANDS, [
+    run_command(unlearn_argv(inputs, "--run_name", "src"))
+    out = run_command([
         "distill", "--run", str(inputs / "runs" / "src"), "--corpus", str(inputs / "retain.jsonl"), "--generic",
         str(inputs / "forget.jsonl"), "--max_length", "16", "--batch", "4", "--per_device_batch", "4", "--steps", "4",
         "--eval_every", "2", "--device", "cpu", "--out", str(tmp_path / "distilled"), "--tracker", "tensorboard"])
@@ -299,7 +295,7 @@ def _tamper_rows(out: Path) -> dict[int, dict[str, float]]:
 
 def test_tamper_tracked_with_tensorboard(tmp_path, tamper_argv):
     out = tmp_path / "attack"
-    run_command(tamper.COMMANDS, [*tamper_argv, "--out", str(out), "--tracker", "tensorboard"])
+    run_command([*tamper_argv, "--out", str(out), "--tracker", "tensorboard"])
     expected = _tamper_rows(out)
     expected[2]["summary/recovery/capitals"] = json.loads((out / "results.json").read_text())["recovery"]["capitals"]
     assert_same_rows(tensorboard_scalars(out / TENSORBOARD_DIR), expected, rel=1e-6)
@@ -308,7 +304,7 @@ def test_tamper_tracked_with_tensorboard(tmp_path, tamper_argv):
 
 def test_tamper_sweep_tracks_each_attack_in_its_folder(tmp_path, tamper_argv, offline_wandb):
     out = tmp_path / "sweep"
-    run_command(tamper.COMMANDS, [*tamper_argv, "--lrs", "1e-3,1e-2", "--out", str(out), "--tracker", "wandb"])
+    run_command([*tamper_argv, "--lrs", "1e-3,1e-2", "--out", str(out), "--tracker", "wandb"])
     assert not (out / WANDB_DIR).exists()
     for label in ("lr0.001", "lr0.01"):
         records = wandb_records(out / label)
@@ -325,7 +321,7 @@ def test_robustness_tracked_with_wandb(tmp_path, offline_wandb, run_files):  # n
     robustness.json, and its plot."""
     run, generic = run_files["run"], run_files["generic"]
     out = tmp_path / "robust"
-    result = run_command(robustness.COMMANDS, [
+    result = run_command([
         "robustness", str(run), "--generic", str(generic), "--benign", str(generic),
         "--kinds", "lora", "--lrs", "1e-2", "--steps", "2", "--batch", "2", "--lora_rank", "2",
         "--fluency_prompts", "0", "--out", str(out), "--tracker", "wandb"])
@@ -369,9 +365,9 @@ def test_a_resumed_robustness_protocol_continues_its_tracked_steps(tmp_path, mon
 
     monkeypatch.setattr(robustness.Protocol, "track", track_then_die)
     with pytest.raises(Killed):
-        run_command(robustness.COMMANDS, argv)
+        run_command(argv)
     monkeypatch.setattr(robustness.Protocol, "track", real)
-    run_command(robustness.COMMANDS, [*argv, "--resume"])
+    run_command([*argv, "--resume"])
     rows = tensorboard_scalars(out / TENSORBOARD_DIR)
     attacks = ("grid", "base", "benign", "fictional")
     assert sorted(rows) == list(range(1, 3 * len(attacks) + 1))
@@ -432,7 +428,7 @@ def test_no_tracker_module_is_imported_without_the_flag(tmp_path, monkeypatch):
         if _tracker_module(name):
             monkeypatch.delitem(sys.modules, name)
     inputs = write_unlearn_inputs(tmp_path)
-    run_dir = run_command(unlearn.COMMANDS, unlearn_argv(inputs))
+    run_dir = run_command(unlearn_argv(inputs))
     assert (run_dir / "summary.json").is_file()
     assert not [name for name in sys.modules if _tracker_module(name)]
     assert not (run_dir / WANDB_DIR).exists() and not (run_dir / TENSORBOARD_DIR).exists()

@@ -14,14 +14,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lensunlearn import search
 from lensunlearn.cli import console
 from lensunlearn.core.config import ConfigError, read_config_file
 from lensunlearn.core.paths import read_marker
 from lensunlearn.data.corpora import collate, tokenize
+from lensunlearn.search import run as search
 from lensunlearn.unlearning import distill as distill_module
 from lensunlearn.unlearning.distill import (
-    COMMANDS,
     SAVED_KEYS,
     DistillConfig,
     distill_kl,
@@ -31,7 +30,6 @@ from lensunlearn.unlearning.distill import (
     predicting_positions,
     shrink_perturb,
 )
-from lensunlearn.unlearning.run import COMMANDS as UNLEARN_COMMANDS
 
 from ..conftest import make_tiny_model, record_calls, run_command, unlearn_argv, write_jsonl, write_unlearn_inputs
 
@@ -73,7 +71,7 @@ def source(tmp_path_factory) -> Path:
                                      for c, a in (("france", 0), ("italy", 1))])
     argv = unlearn_argv(tmp, "--run_name", "src", "--eval_base")
     argv[argv.index("--eval_tasks") + 1] = str(tmp / "task.jsonl")
-    run_command(UNLEARN_COMMANDS, [*argv, "--eval_format", "cloze"])
+    run_command([*argv, "--eval_format", "cloze"])
     return tmp
 
 
@@ -173,7 +171,7 @@ def test_heldout_scores_are_cross_entropy_and_kl():
 
 
 def test_distillation_lowers_the_kl_and_writes_a_run_the_other_commands_read(source):
-    out = run_command(COMMANDS, _argv(source, "--steps", "8", "--eval_every", "4", "--run_name", "d"))
+    out = run_command(_argv(source, "--steps", "8", "--eval_every", "4", "--run_name", "d"))
     assert out == source / "distilled" / "d" and read_marker(out) == "distill"
     for name in ("merged/config.json", "merged/tokenizer.json", "run_config.json", "metrics.jsonl", "summary.json",
                  "eval.json", "base_eval.json"):
@@ -212,7 +210,7 @@ def test_distillation_lowers_the_kl_and_writes_a_run_the_other_commands_read(sou
 
 
 def test_target_share_stops_early_and_says_why(source):
-    out = run_command(COMMANDS, _argv(source, "--steps", "40", "--eval_every", "2", "--target_share", "0.4",
+    out = run_command(_argv(source, "--steps", "40", "--eval_every", "2", "--target_share", "0.4",
                                       "--run_name", "early", "--eval_tasks", ""))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "target_share" and 0 < summary["steps"] < 40
@@ -277,7 +275,7 @@ def test_generated_documents_continue_their_prompts_and_sample_the_model(arch):
 def test_distillation_on_generated_documents_resumes_after_a_kill(source, monkeypatch):
     extra = ("--steps", "4", "--eval_every", "0", "--eval_tasks", "", "--generate", "6", "--generate_batch", "4",
              "--generate_prompt", "3")
-    straight = run_command(COMMANDS, _argv(source, *extra, "--run_name", "gen_straight"))
+    straight = run_command(_argv(source, *extra, "--run_name", "gen_straight"))
     written = [json.loads(line) for line in (straight / "generated.jsonl").read_text().splitlines()]
     assert len(written) == 6 and all(3 < len(row["ids"]) <= 16 and row["text"] for row in written)
     summary = json.loads((straight / "summary.json").read_text())
@@ -297,25 +295,25 @@ def test_distillation_on_generated_documents_resumes_after_a_kill(source, monkey
 
     monkeypatch.setattr(distill_module, "decode_batch", sample_then_die)
     with pytest.raises(_Killed):
-        run_command(COMMANDS, _argv(source, *extra, "--run_name", "gen_killed"))
+        run_command(_argv(source, *extra, "--run_name", "gen_killed"))
     monkeypatch.undo()
     killed = source / "distilled" / "gen_killed"
     assert len((killed / "generated.jsonl").read_text().splitlines()) == 4
     with pytest.raises(ConfigError, match="--generate_batch 4 -> 2"):
-        run_command(COMMANDS, _argv(source, *extra, "--run_name", "gen_killed", "--resume", "--generate_batch", "2"))
-    resumed = run_command(COMMANDS, _argv(source, *extra, "--run_name", "gen_killed", "--resume"))
+        run_command(_argv(source, *extra, "--run_name", "gen_killed", "--resume", "--generate_batch", "2"))
+    resumed = run_command(_argv(source, *extra, "--run_name", "gen_killed", "--resume"))
     assert (resumed / "generated.jsonl").read_text() == (straight / "generated.jsonl").read_text()
     a, b = load_file(straight / "merged" / "model.safetensors"), load_file(resumed / "merged" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the generated documents were trained on: without them the same run ends elsewhere
-    plain = run_command(COMMANDS, _argv(source, *extra[:6], "--run_name", "gen_none"))
+    plain = run_command(_argv(source, *extra[:6], "--run_name", "gen_none"))
     c = load_file(plain / "merged" / "model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_resume_after_a_kill_ends_with_the_same_weights(source, monkeypatch):
     extra = ("--steps", "6", "--checkpoint_every", "2", "--eval_every", "3", "--eval_tasks", "")
-    straight = run_command(COMMANDS, _argv(source, *extra, "--run_name", "straight"))
+    straight = run_command(_argv(source, *extra, "--run_name", "straight"))
     original = distill_module.save_checkpoint
 
     def save_then_die(run_dir, step, *args, **kwargs):
@@ -324,15 +322,15 @@ def test_resume_after_a_kill_ends_with_the_same_weights(source, monkeypatch):
 
     monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        run_command(COMMANDS, _argv(source, *extra, "--run_name", "killed"))
+        run_command(_argv(source, *extra, "--run_name", "killed"))
     monkeypatch.undo()
     killed = source / "distilled" / "killed"
     assert (killed / "checkpoint.pt").exists() and not (killed / "summary.json").exists()
     with pytest.raises(FileExistsError, match="--resume"):
-        run_command(COMMANDS, _argv(source, *extra, "--run_name", "killed"))
+        run_command(_argv(source, *extra, "--run_name", "killed"))
     with pytest.raises(ConfigError, match="--alpha 0.3 -> 0.4"):
-        run_command(COMMANDS, _argv(source, *extra, "--run_name", "killed", "--resume", "--alpha", "0.4"))
-    resumed = run_command(COMMANDS, _argv(source, *extra, "--run_name", "killed", "--resume"))
+        run_command(_argv(source, *extra, "--run_name", "killed", "--resume", "--alpha", "0.4"))
+    resumed = run_command(_argv(source, *extra, "--run_name", "killed", "--resume"))
     a, b = load_file(straight / "merged" / "model.safetensors"), load_file(resumed / "merged" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -383,7 +381,7 @@ def test_bad_input_fails_before_any_model_loads(source, tmp_path, case, monkeypa
     if case == "no_run":
         argv = argv[:1] + argv[3:]
     with pytest.raises(error, match=match) as info:
-        run_command(COMMANDS, argv)
+        run_command(argv)
     assert len(str(info.value).splitlines()) == 1
     assert not (source / "distilled" / f"bad_{case}").exists()
 
@@ -413,7 +411,7 @@ def distilled(monkeypatch) -> list:
 def test_a_search_distils_the_run_at_every_point_and_measures_each_like_an_unlearned_run(source, tmp_path,
                                                                                           distilled):
     out = tmp_path / "search"
-    summary = run_command(search.COMMANDS, _search_argv(source, out, "alpha=0.1,0.6"))
+    summary = run_command(_search_argv(source, out, "alpha=0.1,0.6"))
     runs, src = out / "runs", (source / "runs" / "src").resolve()
     assert {p.name for p in runs.iterdir()} == {"alpha0.1", "alpha0.6"} and len(distilled) == 2
     for name, alpha in (("alpha0.1", 0.1), ("alpha0.6", 0.6)):
@@ -443,9 +441,9 @@ def test_a_search_distils_the_run_at_every_point_and_measures_each_like_an_unlea
     assert "| 0.1 |" in table and "| 0.6 |" in table
 
     distilled.clear()  # the same command again distils nothing; a new value distils that point alone
-    run_command(search.COMMANDS, _search_argv(source, out, "alpha=0.1,0.6"))
+    run_command(_search_argv(source, out, "alpha=0.1,0.6"))
     assert distilled == []
-    run_command(search.COMMANDS, _search_argv(source, out, "alpha=0.1,0.6,0.3"))
+    run_command(_search_argv(source, out, "alpha=0.1,0.6,0.3"))
     assert [cfg.run_name for cfg in distilled] == ["alpha0.3"]
 
 
@@ -490,11 +488,11 @@ def test_a_search_continues_an_interrupted_distillation(source, tmp_path, distil
     argv = _search_argv(source, out, "alpha=0.2")
     argv[argv.index("--distill") + 1] += " --checkpoint_every 2"
     with pytest.raises(_Killed):
-        run_command(search.COMMANDS, argv)
+        run_command(argv)
     run = out / "runs" / "alpha0.2"
     assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
     assert [p["status"] for p in json.loads((out / "search.json").read_text())["points"]] == ["pending"]
     monkeypatch.setattr(distill_module, "save_checkpoint", original)
-    summary = run_command(search.COMMANDS, argv)
+    summary = run_command(argv)
     assert [cfg.resume for cfg in distilled] == [False, True] and summary["points"][0]["status"] == "finished"
     assert [line["step"] for line in _metrics(run) if "kl" in line] == [1, 2, 3, 4]  # steps 1-2 not taken again

@@ -1,0 +1,181 @@
+"""The options of `tamper` and `robustness`, torch-free so that `--help` never imports torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..core.checks import require_nonnegative, require_positive
+from ..core.config import Command, ConfigError, option, parse_float_list, parse_int_list, parse_str_list, redefault
+from ..core.paths import BASE_EVAL_FILE
+from ..data.corpora import WMDP_BIO_FORGET_CORPUS
+from ..data.tasks import REFERENCE_EVAL_TASKS
+from ..modeling.options import ModelOptions, model_short_name
+from ..train.options import SCHEDULES, TrackingOptions, TrainingOptions
+from .grid import GRID_AXES, Setting, grid_settings
+
+AUTO_PHRASING, QA_PHRASING = "auto", "qa"
+
+
+@dataclass
+class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
+    lr: float = redefault(TrainingOptions, "lr", 2e-5)
+    batch: int = redefault(TrainingOptions, "batch", 16)
+    per_device_batch: int = redefault(TrainingOptions, "per_device_batch", 4)
+    forget: str | None = option(None, "attack corpus: hub id, local file/folder or facts:<domain>; None takes the run "
+                                      "directory's forget corpus, else " + WMDP_BIO_FORGET_CORPUS)
+    forget_config: str | None = option(None, "hub dataset config of the attack corpus")
+    forget_column: str | None = option(None, "text column of the attack corpus")
+    examples: int = option(512, "keep the first N chunks of the attack corpus")
+    max_length: int = option(2048, "chunk documents into pieces of at most this many tokens")
+    epochs: float = option(1.0, "passes over the kept chunks")
+    steps: int | None = option(None, "attack for exactly this many optimiser steps, cycling the chunks (as the "
+                                     "robustness grid does); None: --epochs decides")
+    lrs: tuple[float, ...] = option((), "sweep: comma-separated learning rates, one attack each (replacing --lr)")
+    schedules: tuple[str, ...] = option((), "sweep: comma-separated schedules (crossed with --lrs)")
+    full: bool = option(True, "attack all parameters; --no-full attacks with a LoRA adapter",
+                        old_names={"lora": False})
+    lora_rank: int = option(16, "LoRA rank of a --no-full attack (alpha = rank)", old_names=("rank",))
+    eval_tasks: str | None = option(None, "comma-separated tasks (forget and retain); None takes the run directory's "
+                                          "tasks, else facts:<domain> for a facts corpus, else "
+                                          + REFERENCE_EVAL_TASKS)
+    forget_task: str | None = option(None, "which eval task measures forgetting; None means the first of --eval_tasks")
+    eval_format: Literal["letter", "cloze"] | None = option(None, "letter: A/B/C/D after the question; cloze: the "
+                                                                  "answer text as continuation; None takes the run "
+                                                                  "directory's, else letter")
+    eval_every: int = option(10, "evaluate every k optimiser steps (and at step 0 and the end)")
+    eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
+    eval_batch: int = option(32, "questions per evaluation forward pass")
+    metric: Literal["acc", "acc_norm"] = option("acc", "accuracy shown on the plots and used for recovery")
+    holdout: float = option(0.0, "fraction of facts the attack never trains on (0 = off); needs a facts:<domain> "
+                                 "corpus or a jsonl corpus with a fact_id column, and tasks whose rows carry fact_id")
+    baseline: str | None = option(None, "the original model's accuracy line: an eval JSON, or a model to evaluate; "
+                                        f"None uses the run directory's {BASE_EVAL_FILE} when present",
+                                  old_names=("original",))
+    out: str | None = option(None, "the output folder; None means runs/tamper_<model>", metavar="DIR")
+    overwrite: bool = option(False, "replace earlier results in --out")
+    seed: int = option(0, "seed for data order and the held-out split")
+
+    def __post_init__(self) -> None:
+        self.lrs = parse_float_list(self.lrs)
+        self.schedules = tuple(self.schedules)
+        bad = [s for s in self.schedules if s not in SCHEDULES]
+        if bad:
+            raise ConfigError(f"--schedules has {bad}: use {', '.join(SCHEDULES)}")
+        super().__post_init__()
+        for lr in self.lrs:
+            require_positive(lrs=lr)
+        require_positive(eval_batch=self.eval_batch, eval_limit=self.eval_limit, lora_rank=self.lora_rank)
+        if self.examples < 1 or self.max_length < 2 or self.epochs <= 0:
+            raise ConfigError("--examples must be >= 1, --max_length >= 2 and --epochs > 0")
+        require_positive(steps=self.steps)
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval_every must be >= 1, got {self.eval_every}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}: it is the fraction of facts held out")
+        if self.out is None:
+            self.out = str(Path("runs") / f"tamper_{model_short_name(self.model)}")
+
+    @property
+    def sweep(self) -> list[tuple[float, str]]:
+        """(lr, schedule) of every attack this config asks for."""
+        lrs = self.lrs or (self.lr,)
+        schedules = self.schedules or (self.schedule,)
+        return [(lr, schedule) for schedule in schedules for lr in lrs]
+
+
+@dataclass
+class RobustnessConfig(TrackingOptions, ModelOptions):
+    run_dir: str = option("", "the unlearning run directory; its merged/ model is attacked", positional=True)
+    model: str | None = option(None, "the base model (before unlearning); None: the run's run_config.json model")
+    forget: str | None = option(None, "forget corpus with fact_id per row: facts:<domain> or a .jsonl of {text, "
+                                      "fact_id}; None: the run's forget corpus")
+    forget_task: str | None = option(None, "the task that measures forgetting, its rows carrying fact_id: "
+                                           "facts:<domain> or a .jsonl; None: the forget corpus's facts:<domain>, "
+                                           "else the run's first eval task")
+    kept_tasks: str | None = option(None, "comma-separated tasks that should stay known; None: the run's other "
+                                          "eval tasks; '' none")
+    generic: str = option("generic:heldout", "held-out text for perplexity (in no corpus): generic:heldout, a "
+                                              ".txt or .jsonl file", metavar="TEXT")
+    benign: str = option("generic:retain", "text of the benign attack, unrelated to the forget domain")
+    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze; None: the run's, else cloze")
+    grid: Literal["default", "full"] = option("default", "default: full-parameter attacks at lr 1e-5, 1e-4, 1e-3 "
+                                                         "and LoRA at 1e-3, constant, 8/32/64 steps; full: {full, "
+                                                         "lora} x lr 1e-6..1e-3 (4) x {constant, cosine}, "
+                                                         "8/32/128/512 steps")
+    kinds: tuple[str, ...] = option((), "replace the grid's attack kinds (full, lora); any axis given makes "
+                                        "the grid the cross product of the axes")
+    lrs: tuple[float, ...] = option((), "replace the grid's learning rates")
+    schedules: tuple[str, ...] = option((), "replace the grid's schedules (constant, linear, cosine)")
+    steps: tuple[int, ...] = option((), "replace the grid's step counts at which attacks are evaluated")
+    batch: int = option(8, "sentences per attack step (the attacked half's text is cycled)")
+    warmup: int = option(0, "linear warmup steps of every attack")
+    lora_rank: int = option(16, "rank of a LoRA attack (alpha = rank)")
+    max_length: int = option(64, "cut attack documents into pieces of at most this many tokens")
+    holdout: float = option(0.5, "fraction of the forget task's facts in the unseen half")
+    seeds: tuple[int, ...] = option((0,), "comma-separated seeds; each repeats the split and the attacks")
+    eval_batch: int = option(32, "questions per evaluation forward pass")
+    phrasings: tuple[str, ...] = option(("auto",), "other phrasings of the forget task's facts, measured on "
+                                                   "both halves before and after every grid attack: qa (each "
+                                                   "question's `question` field as 'Q: <question>\\nA:', cloze "
+                                                   "only) or .jsonl question files whose rows carry the forget "
+                                                   "task's fact_id; auto: qa in cloze format, none in letter; "
+                                                   "'' none")
+    fluency_prompts: int = option(3, "prompts per group whose greedy continuations are recorded (0: none)")
+    max_new_tokens: int = option(12, "tokens of each greedy continuation")
+    out: str | None = option(None, "the output folder; None: runs/robustness_<run name>", metavar="DIR")
+    overwrite: bool = option(False, "replace an earlier robustness output in --out once the new one is complete")
+    resume: bool = option(False, "continue a killed run in --out, skipping its finished attacks")
+
+    def __post_init__(self) -> None:
+        self.kinds, self.schedules = parse_str_list(self.kinds), parse_str_list(self.schedules)
+        self.phrasings = parse_str_list(self.phrasings)
+        self.lrs, self.steps, self.seeds = parse_float_list(self.lrs), parse_int_list(self.steps), \
+            parse_int_list(self.seeds)
+        if not self.run_dir:
+            raise ConfigError("name the unlearning run directory: lensunlearn robustness RUN_DIR")
+        try:
+            grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        for lr in self.lrs:
+            require_positive(lrs=lr)
+        for n in self.steps:
+            require_positive(steps=n)
+        require_positive(batch=self.batch, lora_rank=self.lora_rank, eval_batch=self.eval_batch,
+                         max_new_tokens=self.max_new_tokens)
+        require_nonnegative(warmup=self.warmup, fluency_prompts=self.fluency_prompts)
+        if self.max_length < 2:
+            raise ConfigError(f"--max_length must be at least 2, got {self.max_length}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout}: it is the unseen half's share")
+        for name in self.phrasings:
+            if name not in (AUTO_PHRASING, QA_PHRASING) and not name.endswith(".jsonl"):
+                raise ConfigError(f"--phrasings {name}: name qa, auto or a .jsonl question file")
+        if AUTO_PHRASING in self.phrasings and len(self.phrasings) > 1:
+            raise ConfigError("--phrasings auto stands alone: list qa and the files instead")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds must name distinct seeds, got {','.join(map(str, self.seeds))}")
+        super().__post_init__()
+
+    @property
+    def settings(self) -> list[Setting]:
+        return grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.steps or GRID_AXES[self.grid]["steps"])))
+
+    @property
+    def grid_name(self) -> str:
+        return "custom" if self.kinds or self.lrs or self.schedules or self.steps else self.grid
+
+
+COMMANDS = [
+    Command(("tamper",), "fine-tune a model on forget-domain text and measure how much knowledge returns",
+            TamperConfig, "lensunlearn.attack.tamper:run_tamper"),
+    Command(("robustness",), "the relearning protocol on one unlearned model: held-out split, attack grid with "
+                             "its envelope, base-model, benign and fictional-fact controls, capability and fluency",
+            RobustnessConfig, "lensunlearn.attack.protocol:run_robustness"),
+]

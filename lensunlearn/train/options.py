@@ -1,0 +1,69 @@
+"""The options of every command that trains (`TrainingOptions`) or mirrors a run to a tracker
+(`TrackingOptions`), torch-free so that `--help` never imports torch."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+from ..core.checks import require_nonnegative, require_positive
+from ..core.config import ConfigError, Options, option
+
+OptimizerName = Literal["adamw", "muon", "sgd"]
+ScheduleName = Literal["linear", "cosine", "constant"]
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainingOptions(Options):
+    """The optimiser, its schedule and the batch of every command that trains (a config that needs
+    other defaults redeclares a field with `config.redefault`)."""
+
+    optimizer: OptimizerName = option("adamw", "adamw; muon for 2-D hidden matrices (LoRA A and B included) with "
+                                               "adamw for the rest; or sgd with Nesterov momentum")
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.01, "weight decay")
+    warmup: int = option(0, "linear warmup steps")
+    schedule: ScheduleName = option("linear", "lr schedule after warmup")
+    clip: float = option(1.0, "gradient-norm clip (0 disables)")
+    batch: int = option(32, "examples per optimiser step = per_device_batch x grad accumulation x processes")
+    per_device_batch: int = option(8, "examples per forward pass on one device")
+
+    def __post_init__(self) -> None:
+        require_positive(batch=self.batch, per_device_batch=self.per_device_batch, lr=self.lr)
+        require_nonnegative(weight_decay=self.weight_decay, warmup=self.warmup, clip=self.clip)
+        if self.batch % self.per_device_batch:
+            raise ConfigError(f"--batch {self.batch} is not a multiple of --per_device_batch {self.per_device_batch}: "
+                              f"batch = per_device_batch x grad accumulation x number of processes")
+        super().__post_init__()
+
+
+# tracker -> (module imported, package installed, extra of lensunlearn that installs it)
+TRACKERS = {"wandb": ("wandb", "wandb", "wandb"),
+            "tensorboard": ("torch.utils.tensorboard", "tensorboard", "tensorboard")}
+# Fields that say where a run is mirrored, not what it computes: a resumed run may change them.
+TRACKING_FIELDS = ("tracker",)
+
+
+def install_hint(tracker: str) -> str:
+    _, package, extra = TRACKERS[tracker]
+    return f"--tracker {tracker} needs the {package} package: pip install 'lensunlearn[{extra}]'"
+
+
+@dataclass
+class TrackingOptions(Options):
+    tracker: str | None = option(None, "also log the run (config, metrics, evaluations, plots) to wandb (offline "
+                                       "unless WANDB_MODE is set; project $WANDB_PROJECT or lensunlearn) or "
+                                       "tensorboard, in the output folder; None: metrics.jsonl only",
+                                 metavar="{" + ",".join(TRACKERS) + "}")
+
+    def __post_init__(self) -> None:
+        if self.tracker is not None:
+            if self.tracker not in TRACKERS:
+                raise ConfigError(f"--tracker {self.tracker!r} is not a tracker: choose one of "
+                                  f"{', '.join(TRACKERS)}, or leave it out")
+            # found without importing it, so the error comes before any model loads
+            if importlib.util.find_spec(TRACKERS[self.tracker][1]) is None:
+                raise ConfigError(install_hint(self.tracker))
+        super().__post_init__()
