@@ -297,3 +297,61 @@ def test_a_config_file_holds_the_grid_and_the_fixed_settings(tmp_path):
     assert points[1].config.layers == (2, 3) and points[2].config.lr == 1e-2 and points[0].config.examples == 8
     assert points[0].config.remove_coef == 20.0  # the small preset's, under the fixed settings
     assert [p.name for p in plan("--grid", "remove_coef=10")] == ["remove_coef10"]
+
+
+# --- nothing late, nothing lost ---------------------------------------------------------------------------
+
+
+def test_values_equal_as_numbers_are_one_point_and_refused(tmp, trained, capsys):
+    """Before: `--grid lr=1e-3,0.001` trained the same point twice, under two names."""
+    assert console(search_argv(tmp, "lr=1e-3,0.001")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--grid lr=1e-3,0.001: 1e-3 and 0.001 are the same value (0.001), one grid point" in err
+    assert len(err.splitlines()) == 1 and trained == [] and not (tmp / "search").exists()
+
+
+def test_every_grid_point_is_checked_against_the_model_before_the_first_trains(tmp, trained, capsys):
+    """Before: `--grid "layers=2;99"` trained the first point and failed when the second began."""
+    unlearn = fixed(tmp).replace("--layers 1,3 ", "")
+    for grid, status, message in (
+            ("layers=2;99", 1, "grid point layers=99: target layer [99] out of range: this model has 4 layers"),
+            ("cir_act_components=8,64", 2, "grid point cir_act_components=64: --cir_act_components 64 is more than "
+                                           "the 32 dimensions")):
+        argv = search_argv(tmp, grid, unlearn=unlearn + (" --full --cir --optimizer muon --weight_decay 0 --layers 3 "
+                                                         "--cir_grad_components 8"
+                                                         if grid.startswith("cir") else ""))
+        assert console(argv) == status
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert trained == [] and not (tmp / "search").exists()
+
+
+def test_an_interrupted_overwrite_is_continued_only_by_overwrite(tmp, trained, monkeypatch, capsys):
+    """Before: after an interrupted `search --out S --overwrite`, an older `search --out S` without the flag
+    continued the replacement, deleted the finished search and left a half-trained run. Ctrl-C gave no hint."""
+    main(search_argv(tmp, "lr=1e-3"))
+    final = tmp / "search"
+    finished = {str(p.relative_to(final)): p.read_bytes() for p in final.rglob("*") if p.is_file()}
+    replacing = search_argv(tmp, "lr=1e-3", unlearn=fixed(tmp, "--epochs", "2"), extra=("--overwrite",))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "measure", interrupted)  # Ctrl-C once the point's run is trained
+    assert console(replacing) == 130
+    assert capsys.readouterr().err.strip().endswith(
+        "lensunlearn search: interrupted: rerun the same command to continue; finished points are kept")
+    monkeypatch.undo()
+    staging = tmp / ".search.incoming"
+    assert (staging / "runs" / "lr1e-3" / "summary.json").is_file()
+    trained.clear()
+    monkeypatch.setattr(search, "unlearn", lambda cfg: trained.append(cfg) or unlearn_module.unlearn(cfg))
+    older = search_argv(tmp, "lr=1e-3", unlearn=fixed(tmp, "--epochs", "2"))  # the same, without --overwrite
+    assert console(older) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds an interrupted replacement of" in err and "rerun with --overwrite to continue it" in err
+    assert {str(p.relative_to(final)): p.read_bytes() for p in final.rglob("*") if p.is_file()} == finished
+    summary = main(replacing)  # the same command continues the replacement: its trained run is kept
+    assert trained == [] and summary["points"][0]["status"] == "finished"
+    assert json.loads((final / "runs" / "lr1e-3" / "run_config.json").read_text())["epochs"] == 2.0
+    assert not staging.exists() and not (tmp / ".search.old").exists()

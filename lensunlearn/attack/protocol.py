@@ -63,7 +63,7 @@ from ..core.paths import (
 from ..data.corpora import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
 from ..data.tasks import NUM_CHOICES, check_tasks
 from ..report.plots import plot_robustness
-from ..train.tracking import TRACKING_FIELDS, Tracker, flatten, open_tracker
+from ..train.tracking import TRACKING_FIELDS, Tracker, check_tracker, flatten, open_tracker
 from .grid import (
     ATTACKED,
     UNSEEN,
@@ -217,6 +217,12 @@ def phrasing_items(cfg: RobustnessConfig, items: list[dict]) -> dict[str, list[d
 def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
     """Everything that can be wrong with the inputs, found before any attack (`cfg` resolved)."""
     items = forget_items(cfg.forget_task)
+    try:  # the floor's invented facts take their answers and distractors from the task: refused now, not later
+        fictional_facts(len(items), [i["choices"][i["answer"]] for i in items],
+                        [c for i in items for c in i["choices"]], cfg.seeds[0])
+    except ValueError as err:
+        raise ValueError(f"--forget_task {cfg.forget_task}: {err}, which the fictional-facts control draws its "
+                         f"answers from: use a task with more distinct choices") from None
     corpus = corpus_rows(cfg.forget)
     kept = [t.strip() for t in cfg.kept_tasks.split(",") if t.strip()]
     if kept:
@@ -570,7 +576,8 @@ def _prepare(cfg: RobustnessConfig) -> Output:
     if out.resolve() == run or run in out.resolve().parents:
         raise FileExistsError(f"--out {out} is inside the run being attacked ({run}): choose another --out")
     output = prepare_output(out, "robustness", overwrite=cfg.overwrite, resume=cfg.resume,
-                            finished=lambda p: (p / ROBUSTNESS_FILE).is_file())
+                            finished=lambda p: (p / ROBUSTNESS_FILE).is_file(),
+                            reads=(("RUN_DIR", cfg.run_dir), ("--model", cfg.model), ("--forget", cfg.forget)))
     saved = output.work / ROBUSTNESS_CONFIG_FILE
     if saved.is_file():
         try:
@@ -597,13 +604,15 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     from ..modeling.loading import load_tokenizer
 
     cfg = resolve(cfg)
+    check_tracker(cfg)
     tokenizer = load_tokenizer(str(Path(cfg.run_dir).expanduser() / MERGED_DIR), cfg.trust_remote_code)
     inputs = check_inputs(cfg, tokenizer)
     output = _prepare(cfg)
     try:
         began = time.perf_counter()
         done = finished_steps(output.work, cfg)
-        with open_tracker(cfg, output.work, output.final.name, "robustness", resume_step=done) as tracker:
+        with open_tracker(cfg, output.work, output.final.name, "robustness", resume_step=done,
+                          final=output.final) as tracker:
             tracker.log_config(to_jsonable(cfg))
             protocol = Protocol(cfg, inputs, output.work, tracker, done)
             reference = protocol.reference()

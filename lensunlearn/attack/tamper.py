@@ -51,7 +51,7 @@ from ..modeling.loading import load_model
 from ..report.tamper_results import ATTACKED, HELDOUT, recovery, task_display
 from ..train.loop import LoopSpec, MetricsLog, run_loop
 from ..train.optim import build_optimizer, embedding_parameters, lr_factor
-from ..train.tracking import Tracker, open_tracker
+from ..train.tracking import Tracker, check_tracker, open_tracker
 from .options import TamperConfig
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,9 @@ def _prepare_out(cfg: TamperConfig) -> Output:
     out = Path(cfg.out)
     if run is not None and (out.resolve() == run.resolve() or out.resolve() in run.resolve().parents):
         raise FileExistsError(f"--out {out} holds the run being attacked ({run}): choose another --out")
-    return prepare_output(out, "tamper", overwrite=cfg.overwrite, finished=_finished, resumable=False)
+    check_tracker(cfg)
+    return prepare_output(out, "tamper", overwrite=cfg.overwrite, finished=_finished, resumable=False,
+                          reads=(("--model", cfg.model), ("--baseline", cfg.baseline), ("--forget", cfg.forget)))
 
 
 def run_tamper(cfg: TamperConfig) -> dict:
@@ -373,7 +375,7 @@ def _run_attacks(cfg: TamperConfig, out: Path) -> dict:
     settings = cfg.sweep
     several = len({s for _, s in settings}) > 1
     if len(settings) == 1 and not cfg.lrs and not cfg.schedules:
-        with open_tracker(cfg, out, Path(cfg.out).name, "tamper") as tracker:
+        with open_tracker(cfg, out, Path(cfg.out).name, "tamper", final=cfg.out) as tracker:
             results = attack(cfg, settings[0][0], settings[0][1], out, plan, split and split[0], original,
                              tracker=tracker)
             plots.plot_tamper(results, out / TAMPER_PLOT_FILE, cfg.metric)
@@ -389,7 +391,7 @@ def _run_attacks(cfg: TamperConfig, out: Path) -> dict:
     for run in runs:
         # one tracked run per attack (a sweep's runs grouped under --out's name), each in its own folder
         with open_tracker(cfg, out / run["dir"], f"{Path(cfg.out).name}/{run['dir']}", "tamper",
-                          group=Path(cfg.out).name) as tracker:
+                          group=Path(cfg.out).name, final=Path(cfg.out) / run["dir"]) as tracker:
             results = attack(cfg, run["lr"], run["schedule"], out / run["dir"], plan, split and split[0], original,
                              step0, tracker)
             plots.plot_tamper(results, out / run["dir"] / TAMPER_PLOT_FILE, cfg.metric)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..core.config import Command, ConfigError, add_config_args, config_from_args
-from ..core.errors import USER_ERRORS, UserError
+from ..core.errors import USER_ERRORS, Interrupted, UserError
 
 # The torch-free modules that declare the commands (their configs, and their runners by name), in the
 # order of the data flow: building the parser imports these alone, so `--help` never imports torch.
@@ -161,12 +161,12 @@ def console(argv: Sequence[str] | None = None) -> int:
     try:
         _, command, args = _parse(argv)
         command(_config(command, args))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             traceback.print_exc()
         resumable = command is not None and any(f.name == "resume" for f in dataclasses.fields(command.config))
-        hint = ": the run can continue from its last checkpoint: rerun the same command with --resume" \
-            if resumable else ""
+        hint = f": {err.hint}" if isinstance(err, Interrupted) else \
+            ": the run can continue from its last checkpoint: rerun the same command with --resume" if resumable else ""
         print(f"{_prog(command)}: interrupted{hint}", file=sys.stderr)
         return 130
     except USER_ERRORS as err:

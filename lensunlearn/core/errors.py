@@ -22,6 +22,15 @@ class InputError(UserError, ValueError):
     type); the message names the file and, where there is one, the line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying how to continue (`hint`), for a command that continues by being run again rather than
+    with --resume (`search`, `demo`)."""
+
+    def __init__(self, hint: str) -> None:
+        super().__init__(hint)
+        self.hint = hint
+
+
 # Raised by our own checks (UserError, ConfigError) or by the standard library on user input: missing or
 # clashing paths and unreadable files (OSError and its FileNotFoundError, FileExistsError, ...), malformed
 # values and files (ValueError, with json.JSONDecodeError and UnicodeDecodeError), and rows lacking a field.

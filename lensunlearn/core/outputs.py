@@ -15,6 +15,12 @@ A crash between the renames leaves the old version or the complete new one under
 `recover` (called before every use of the folder) puts back in place. A replacement killed before
 it finished leaves the old output untouched; its checkpoint lives in the staging folder, where
 `--resume` finds it and `--overwrite` discards it.
+
+The staging and `.old` folders are recognised by their marker, like every output: a folder of the
+user's that happens to be named `.<name>.old` or `.<name>.incoming` is never deleted, renamed or
+written into (a command that would need the name refuses, naming it). And an output never replaces
+what its command reads: a folder that is, or holds, one of the command's inputs (the model it
+starts from, the run it distils) is refused as its output, whatever the flags.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -103,20 +109,53 @@ def check_name(name: str, flag: str = "--run_name") -> str:
     return name
 
 
-def recover(final: Path) -> None:
-    """Finish or roll back a swap that a crash interrupted (see the module docstring)."""
+def is_ours(folder: Path, kind: str | None = None) -> bool:
+    """Whether `folder` is a real folder (not a link) that carries this package's marker (of `kind`, when given)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    marker = read_marker(folder)
+    return marker is not None and (kind is None or marker == kind)
+
+
+def recover(final: Path, kind: str | None = None) -> None:
+    """Finish or roll back a swap that a crash interrupted (see the module docstring). Only folders that
+    carry the marker (of `kind`, when given) are touched: a user's folder that merely has the name of
+    the old version or of the staging folder is left alone."""
     staging, trash = staging_path(final), trash_path(final)
-    if not trash.exists():
+    if not is_ours(trash, kind):
         return
-    if final.exists():  # the new version is in place: only the old one was left to delete
-        shutil.rmtree(trash)
-    elif staging.is_dir():  # the old version was moved aside and the new one is complete: finish the swap
+    if final.exists():
+        if staging.exists():  # not a state a swap leaves: touch nothing
+            log.warning("%s, %s and %s all exist: leaving them as they are", final, staging, trash)
+            return
+        shutil.rmtree(trash)  # the new version is in place: only the old one was left to delete
+    elif is_ours(staging, kind):  # the old version was moved aside and the new one is complete: finish the swap
         staging.rename(final)
         shutil.rmtree(trash)
         log.warning("finished replacing %s, which an earlier run was interrupted swapping in", final)
     else:
         trash.rename(final)
         log.warning("restored %s, which an earlier run was interrupted replacing", final)
+
+
+Reads = Mapping[str, "str | Path | None"] | Iterable[tuple[str, "str | Path | None"]]
+
+
+def check_not_input(final: Path, reads: Reads, flag: str) -> None:
+    """Refuse an output folder that is, or holds, a path the command reads (`reads`: pairs of the flag or
+    argument that names it and the path; values that are not existing paths, such as hub ids, are skipped):
+    writing the output there would replace the command's own input."""
+    target = Path(final).expanduser().resolve()
+    for what, value in (reads.items() if isinstance(reads, Mapping) else reads):
+        if value is None or not str(value).strip():
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.exists():
+            continue
+        source = path.resolve()
+        if source == target or target in source.parents:
+            raise ConfigError(f"{flag}: {final} {'is' if source == target else 'holds'} {what} {value}, which this "
+                              f"command reads: its output there would replace its own input; choose another {flag}")
 
 
 def check_writable(folder: Path) -> None:
@@ -133,6 +172,28 @@ def check_writable(folder: Path) -> None:
     except OSError as err:
         raise PermissionError(f"cannot write to {folder} ({err.strerror or err}): choose another output "
                               f"location") from err
+
+
+def check_folder(folder: str | Path, kind: str, flag: str = "--out", also: tuple[str, ...] = ()) -> Path:
+    """A folder a command writes its files into and rewrites on every run (`report`) must be new, empty, or
+    marked as this `kind` (or one of `also`) by an earlier run: a folder of anyone else's is refused, so that
+    no file of the user's is replaced."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{flag} {folder} is a file, not a folder: choose another {flag}")
+    if folder.is_dir() and not is_empty(folder) and read_marker(folder) not in (kind, *also):
+        raise FileExistsError(f"{flag} {folder} exists and was not made by `lensunlearn {kind}` (no {MARKER_FILE} "
+                              f"of that kind): refusing to write into it, which would replace files of the same "
+                              f"names; choose another {flag}")
+    return folder
+
+
+def claim_folder(folder: str | Path, kind: str, flag: str = "--out", also: tuple[str, ...] = ()) -> Path:
+    """`check_folder`, then create and mark the folder."""
+    folder = check_folder(folder, kind, flag, also)
+    check_writable(folder)
+    write_marker(folder, kind)
+    return folder
 
 
 def check_file_output(path: Path, overwrite: bool, flag: str = "--out",
@@ -169,7 +230,11 @@ class Output:
         if not self.staged:
             return self.final
         trash = trash_path(self.final)
+        if trash.exists() or trash.is_symlink():
+            raise FileExistsError(f"{trash} is in the way of replacing {self.final} and is not lensunlearn's: move it "
+                                  f"elsewhere; the new result waits in {self.work}")
         if self.final.exists():
+            write_marker(self.final, self.kind)  # an output from before markers: its old version stays recognisable
             self.final.rename(trash)
         self.work.rename(self.final)
         if trash.exists():
@@ -202,25 +267,29 @@ def _new(work: Path, final: Path, kind: str) -> Output:
 
 
 def prepare_output(final: str | Path, kind: str, *, overwrite: bool, resume: bool = False,
-                   finished: Callable[[Path], bool], resumable: bool = True, flag: str = "--out") -> Output:
+                   finished: Callable[[Path], bool], resumable: bool = True, flag: str = "--out",
+                   reads: Reads = ()) -> Output:
     """Decide where a command writes, refusing what would lose or clobber anything; no compute yet.
 
     Fresh (absent or empty folder): write in place. `--resume`: continue an unfinished replacement
     in the staging folder, else an unfinished output in place. `--overwrite`: write a replacement
     beside an output of this `kind` (never anything else). Otherwise an existing output is refused.
+    `reads`: what the command reads (see `check_not_input`), which its output may never replace.
     """
     final = Path(final)
+    check_not_input(final, reads, flag)
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{flag} {final} is a file, not a folder: choose another {flag}")
-    recover(final)
-    staging = staging_path(final)
-    pending = staging.is_dir() and output_kind(staging) == kind and not is_empty(staging)
+    recover(final, kind)
+    staging, trash = staging_path(final), trash_path(final)
+    pending = is_ours(staging, kind) and not is_empty(staging)
     if final.is_dir() and not is_empty(final) and output_kind(final) != kind:
         raise FileExistsError(f"{final} exists and is not {_a(kind)} written by lensunlearn (no {MARKER_FILE} "
                               f"of that kind, nor its files): refusing to write into or delete it; choose another "
                               f"{flag}")
     if resume:
         if pending:
+            _check_trash(trash, final)
             log.info("resuming the unfinished replacement of %s in %s", final, staging)
             return Output(final, staging, kind)
         if final.is_dir() and finished(final):
@@ -234,10 +303,8 @@ def prepare_output(final: str | Path, kind: str, *, overwrite: bool, resume: boo
         hint = "pass --resume to continue it or --overwrite to start over" if resumable else \
             "its partial results are there; pass --overwrite to start over"
         raise FileExistsError(f"{staging} holds an interrupted replacement of {final}: {hint}")
-    if overwrite and staging.exists():
-        if not (staging.is_dir() and (is_empty(staging) or read_marker(staging) == kind)):
-            raise FileExistsError(f"{staging} is in the way and is not a staging folder of lensunlearn: remove it")
-        shutil.rmtree(staging)
+    if overwrite and is_ours(staging, kind):
+        shutil.rmtree(staging)  # an earlier replacement's partial work: --overwrite starts it over
     if not final.exists() or is_empty(final):
         return _new(final, final, kind)
     if not overwrite:
@@ -246,5 +313,16 @@ def prepare_output(final: str | Path, kind: str, *, overwrite: bool, resume: boo
                  "an unfinished " + NOUNS.get(kind, kind) if resumable else _a(kind))
         hint = "pass --overwrite to replace it" if done else "pass --resume to continue it or --overwrite to start over"
         raise FileExistsError(f"{final} holds {state}: {hint}, or choose another {flag}")
+    _check_trash(trash, final)
+    if staging.exists() or staging.is_symlink():
+        raise FileExistsError(f"{staging} is in the way of replacing {final} and is not a staging folder of "
+                              f"lensunlearn: move it elsewhere, or choose another {flag}")
     log.info("%s will be replaced once the new result is complete (written to %s meanwhile)", final, staging)
     return _new(staging, final, kind)
+
+
+def _check_trash(trash: Path, final: Path) -> None:
+    """The name a replacement moves the old version to must be free (`recover` has removed ours)."""
+    if trash.exists() or trash.is_symlink():
+        raise FileExistsError(f"{trash} is in the way of replacing {final} and is not lensunlearn's: move it "
+                              f"elsewhere, or choose another output folder")

@@ -19,7 +19,9 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
@@ -76,8 +78,6 @@ def check_names(tasks: Sequence[str], include_path: str | None = None) -> None:
     if not tasks:
         return
     if include_path is not None:
-        from pathlib import Path
-
         if not Path(include_path).is_dir():
             raise FileNotFoundError(f"--lm_eval_include {include_path} is not a folder: pass the folder holding "
                                     f"your lm-eval task YAML files")
@@ -85,11 +85,54 @@ def check_names(tasks: Sequence[str], include_path: str | None = None) -> None:
     known_set = set(known)
     for task in tasks:
         if task not in known_set:
+            broken = malformed_yaml(include_path) if include_path is not None else None
+            if broken is not None:  # lm-eval skips a file it cannot parse, and with it the tasks it defines
+                path, problem = broken
+                raise ValueError(f"unknown task {PREFIX}{task}: {path} in --lm_eval_include {include_path} is not "
+                                 f"valid YAML ({problem}), so lm-eval skipped it and any task it defines: fix the file")
             close = difflib.get_close_matches(task, known, n=5)
             hint = f"did you mean {', '.join(PREFIX + c for c in close)}?" if close else "no close match"
             where = (f" or in {include_path}" if include_path
                      else " (pass --lm_eval_include DIR for your own YAML tasks)")
             raise ValueError(f"unknown task {PREFIX}{task}: lm-eval has no such task{where}; {hint}")
+
+
+def malformed_yaml(include_path: str | Path) -> tuple[Path, str] | None:
+    """The first YAML file under `include_path` that does not parse, with the line and the problem; lm-eval's
+    tags (`!function ...`) are accepted without being resolved."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for path in sorted(Path(include_path).glob("**/*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
+        except UnicodeDecodeError as err:
+            return path, f"not UTF-8 text, byte {err.start}"
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            problem = getattr(err, "problem", None) or " ".join(str(err).split())
+            return path, (f"line {mark.line + 1}: {problem}" if mark is not None else problem)
+    return None
+
+
+def check_data(tasks: Sequence[str], include_path: str | None = None) -> None:
+    """Build lm-eval's task objects, which loads their data, so that a dataset that cannot be loaded (offline
+    and not in the local cache, say) fails before any model is loaded or trained rather than in the evaluation
+    after training (`tasks` without the prefix; their names checked by `check_names` first)."""
+    manager = task_manager(include_path) if tasks else None
+    for task in tasks:
+        try:
+            (manager.load if hasattr(manager, "load") else manager.load_task_or_group)([task])
+        except (OSError, ValueError, ImportError) as err:
+            offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
+                os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            fix = ("go online once (without HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) so that its data is cached, or "
+                   "drop the task") if offline else "check the task's dataset, or drop the task"
+            raise FileNotFoundError(f"task {PREFIX}{task} cannot load its data ({' '.join(str(err).split())}): "
+                                    f"{fix}") from err
 
 
 def _metric_name(key: str, clashing: set[str]) -> str:

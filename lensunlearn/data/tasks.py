@@ -243,13 +243,14 @@ def check_tasks(tasks: str | Sequence[str], flag: str = "--eval_tasks", loader=N
     """Resolve task names and load their questions once, so an unknown name, an unreadable file or a
     hub dataset that cannot be reached (offline) fails now rather than after training.
 
-    `lm_eval:<task>` names are checked against lm-eval's registry (and `lm_eval_include`) only: lm-eval
-    loads their data when it runs them. The native tasks' specs are returned."""
-    from .lm_eval_tasks import check_names, split_names
+    `lm_eval:<task>` names are checked against lm-eval's registry (and `lm_eval_include`), and their data
+    loaded by lm-eval once (`lm_eval_tasks.check_data`). The native tasks' specs are returned."""
+    from .lm_eval_tasks import check_data, check_names, split_names
 
     try:
         native, theirs = split_names(tasks)
         check_names(theirs, lm_eval_include)
+        check_data(theirs, lm_eval_include)
         specs = resolve_tasks(native) if native or not theirs else []
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{flag}: {err}") from err

@@ -158,6 +158,17 @@ def _evaluate_with_profile(cfg: DemoConfig, model_name: str, lens_dir: Path, out
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage that has no output yet; return the path of report.md."""
+    from ..core.errors import Interrupted
+
+    try:
+        return _run_demo(cfg)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as err:
+        raise Interrupted("rerun the same command to continue; finished stages are skipped") from err
+
+
+def _run_demo(cfg: DemoConfig) -> Path:
     from ..attack.tamper import TamperConfig, run_tamper
     from ..data.facts import write_questions
     from ..lens.evaluate import LensEvalConfig, eval_lens

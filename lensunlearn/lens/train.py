@@ -22,7 +22,7 @@ from ..modeling.losses import lens_kl, select_tokens
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.loop import LoopSpec, MetricsLog, run_loop
 from ..train.optim import build_optimizer, lr_factor
-from ..train.tracking import TRACKING_FIELDS, open_tracker
+from ..train.tracking import TRACKING_FIELDS, check_tracker, open_tracker
 from .options import DEFAULT_LENS_DATA, CorpusOptions, LensTrainConfig  # noqa: F401 (re-exported)
 from .tuned_lens import TunedLens
 
@@ -61,8 +61,10 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "out",
 def _prepare_out(cfg: LensTrainConfig) -> Output:
     """Where the lens is written (see `outputs.prepare_output`): a finished lens is replaced only with
     --overwrite and only once the new one is saved; a resumed run must keep its settings."""
+    check_tracker(cfg)
     output = prepare_output(cfg.out, "lens", overwrite=cfg.overwrite, resume=cfg.resume,
-                            finished=lambda p: (p / LENS_PARAMS_FILE).is_file())
+                            finished=lambda p: (p / LENS_PARAMS_FILE).is_file(),
+                            reads=(("--model", cfg.model), ("--data", cfg.data)))
     saved = output.work / LENS_TRAIN_CONFIG_FILE
     if cfg.resume and saved.is_file():
         check_resumed_config(json.loads(saved.read_text()), cfg, RESUME_MAY_CHANGE, str(output.final))
@@ -96,7 +98,7 @@ def _train(cfg: LensTrainConfig, out: Path) -> TunedLens:
     write_json_atomic(out / LENS_TRAIN_CONFIG_FILE, to_jsonable(cfg))
     log.info("lens for %s: %d layers, %d training documents, %d steps of %d documents (%.2f epochs)",
              cfg.model, num_layers, len(train_docs), steps, cfg.batch, steps * cfg.batch / len(train_docs))
-    tracker = open_tracker(cfg, out, Path(cfg.out).name, "lens", resume_step=start)
+    tracker = open_tracker(cfg, out, Path(cfg.out).name, "lens", resume_step=start, final=cfg.out)
     tracker.log_config({**to_jsonable(cfg), "steps": steps, "num_layers": num_layers})
     metrics_log = MetricsLog(out / METRICS_FILE, resume_step=start, tracker=tracker)
     layers = list(range(num_layers))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,13 +44,34 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _num_hidden_layers(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return None if config is None else config_depth(config)
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def config_depth(config: Any) -> int | None:
+    """The number of decoder blocks a model's config names (a `transformers` config, loaded without the
+    weights), or None when it names none: what `model_parts(model).num_layers` will be."""
+    text = _text_config(config)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if getattr(text, key, None):
             return int(getattr(text, key))
     return None
+
+
+def config_mlp_widths(config: Any) -> tuple[int, int] | None:
+    """(hidden size, MLP width) from a model's config, or None when it does not name them; GPT-2's MLP
+    width is `n_inner`, 4x the hidden size when unset."""
+    text = _text_config(config)
+    hidden = next((int(v) for k in ("hidden_size", "n_embd", "d_model") if (v := getattr(text, k, None))), None)
+    if hidden is None:
+        return None
+    inner = next((int(v) for k in ("intermediate_size", "n_inner", "ffn_dim") if (v := getattr(text, k, None))), None)
+    if inner is None and getattr(text, "model_type", None) == "gpt2":
+        inner = 4 * hidden
+    return None if inner is None else (hidden, inner)
 
 
 def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -190,6 +191,15 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model_config(name: str, trust_remote_code: bool = False) -> Any:
+    """The model's `config.json` as a `transformers` config, without loading the weights: its depth and widths
+    let a command refuse layers the model lacks before it loads the model."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    return _from_hub(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
 
 
 def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,

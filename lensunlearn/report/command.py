@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.config import Command, ConfigError, Options, option
+from ..core.outputs import check_folder, claim_folder
 from ..core.paths import (
     BASE_EVAL_FILE,
     EVAL_FILE,
@@ -48,7 +49,6 @@ from ..core.paths import (
     TRAINING_CURVES_FILE,
     is_robustness_output,
     is_tamper_output,
-    write_marker,
 )
 from ..data.tasks import NUM_CHOICES
 from .robustness_results import (
@@ -417,10 +417,9 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     report.json)."""
     from . import plots
 
+    check_folder(cfg.out, "report", also=("demo",))  # a demo's folder holds its report
     report = build_report(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "report")
+    out = claim_folder(cfg.out, "report", also=("demo",))
     written = [write_text_atomic(out / REPORT_FILE, report["markdown"])]
     if report["rows"]:
         points = [(r["run"], r["forget_acc"], r["retain_acc"]) for r in report["rows"]

@@ -188,7 +188,12 @@ def parse_grid(entries: typing.Sequence[str], parser: argparse.ArgumentParser, c
         texts = tuple(t.strip() for t in text.split(";" if ";" in text else ","))
         if not all(texts) or len(set(texts)) != len(texts):
             raise ConfigError(f"--grid {key}={text}: the values must be distinct and none empty")
-        axes.append(Axis(key, texts, tuple(grid_value(parser, key, hints[key], t) for t in texts)))
+        values = tuple(grid_value(parser, key, hints[key], t) for t in texts)
+        for i, j in itertools.combinations(range(len(values)), 2):
+            if values[i] == values[j]:  # 1e-3 and 0.001: one point, trained twice under two names
+                raise ConfigError(f"--grid {key}={text}: {texts[i]} and {texts[j]} are the same value "
+                                  f"({show_value(values[i])}), one grid point: list each value once")
+        axes.append(Axis(key, texts, values))
     return axes
 
 

@@ -17,8 +17,8 @@ from typing import Any
 from ..attack.protocol import RobustnessConfig, run_robustness
 from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.config import ConfigError, to_jsonable
-from ..core.errors import InputError, read_json
-from ..core.outputs import Output, is_empty, prepare_output, staging_path
+from ..core.errors import InputError, Interrupted, read_json
+from ..core.outputs import Output, check_not_input, is_empty, is_ours, prepare_output, recover, staging_path
 from ..core.paths import (
     BASE_EVAL_FILE,
     EVAL_FILE,
@@ -43,10 +43,12 @@ from ..unlearning.distill import resolve as resolve_distill
 from ..unlearning.run import (
     RESUME_MAY_CHANGE,
     UnlearnConfig,
+    check_model_fit,
     eval_request,
     reusable_eval,
     unlearn,
 )
+from ..unlearning.run import read_paths as unlearn_read_paths
 from .options import (
     Point,
     SearchConfig,
@@ -96,12 +98,50 @@ def with_source(cfg: SearchConfig, point: Point) -> Point:
 # --- before anything trains ---------------------------------------------------------------------------
 
 
+def search_reads(cfg: SearchConfig) -> list[tuple[str, Any]]:
+    """What the points read from disk (models, lenses, corpora, the runs a distillation distils), which the
+    search's folder may never hold."""
+    flag = f"--{cfg.stage}"
+    reads: list[tuple[str, Any]] = []
+    for point in cfg.plan.points:
+        config = point.config
+        if isinstance(config, UnlearnConfig):
+            reads += [(f"{flag} {what}", value) for what, value in unlearn_read_paths(config)]
+        else:
+            reads += [(f"{flag} --run", config.run)]
+    return reads
+
+
 def claim_out(cfg: SearchConfig) -> Output:
     """The search's folder: new, or (rerun without --overwrite) the earlier search to continue, which
-    must be a search's; `--overwrite` writes beside it and swaps the new search in at the end."""
+    must be a search's; `--overwrite` writes beside it and swaps the new search in at the end. An
+    interrupted `--overwrite` is continued by the same command (--overwrite again) and by nothing else,
+    so that rerunning an older command without the flag never finishes a replacement it did not ask for;
+    one started with other settings is discarded and started over."""
     final = Path(cfg.out)
-    continuing = not cfg.overwrite and ((final.is_dir() and not is_empty(final)) or staging_path(final).is_dir())
-    return prepare_output(final, "search", overwrite=cfg.overwrite, resume=continuing, finished=lambda _: False)
+    recover(final, "search")
+    staging = staging_path(final)
+    replacing = is_ours(staging, "search") and not is_empty(staging)
+    reads = search_reads(cfg)
+    if replacing and not cfg.overwrite:
+        check_not_input(final, reads, "--out")
+        raise FileExistsError(f"{staging} holds an interrupted replacement of {final}, started with --overwrite: "
+                              f"rerun with --overwrite to continue it, or move {staging} away to keep {final} as it "
+                              f"is")
+    if replacing and _started_otherwise(cfg, staging):
+        log.warning("%s holds a replacement of %s started with other settings: starting it over", staging, final)
+        return prepare_output(final, "search", overwrite=True, finished=lambda _: False, reads=reads)
+    continuing = replacing or (not cfg.overwrite and final.is_dir() and not is_empty(final))
+    return prepare_output(final, "search", overwrite=cfg.overwrite and not replacing, resume=continuing,
+                          finished=lambda _: False, reads=reads)
+
+
+def _started_otherwise(cfg: SearchConfig, work: Path) -> bool:
+    """Whether the search in `work` was started with settings other than `cfg`'s (or wrote none yet)."""
+    path = work / SEARCH_FILE
+    summary = read_json(path) if path.is_file() else None
+    saved = summary.get("config") if isinstance(summary, dict) else None
+    return saved != json.loads(json.dumps(to_jsonable(cfg)))
 
 
 def differences(saved: dict, config: Any, may_change: typing.Iterable[str]) -> str:
@@ -117,12 +157,27 @@ def check_points(cfg: SearchConfig, points: list[Point], work: Path) -> None:
     not) or a finished robustness output of other settings, and (robustness) forget corpora and tasks
     without fact ids."""
     from ..lens.tuned_lens import find_lens
+    from ..modeling.loading import load_model_config
+    from ..train.tracking import check_tracker
 
-    for tasks in {p.config.eval_tasks for p in points}:
-        check_tasks(tasks)
+    for tasks, include in {(p.config.eval_tasks, p.config.lm_eval_include) for p in points}:
+        check_tasks(tasks, lm_eval_include=include)
+    for tracked in {p.config.tracker for p in points} - {None}:
+        check_tracker(types.SimpleNamespace(tracker=tracked))
     if cfg.stage == "unlearn":
         for lens, model in {(p.config.lens, p.config.model) for p in points}:
             find_lens(lens, model)
+        # every point's layers and CIR options against its model's config.json (no weights loaded), so that a
+        # value the model cannot take is refused before the first point trains, not when its turn comes
+        model_configs: dict[tuple[str, bool], Any] = {}
+        for point in points:
+            key = (point.config.model, point.config.trust_remote_code)
+            if key not in model_configs:
+                model_configs[key] = load_model_config(*key)
+            try:
+                check_model_fit(point.config, model_configs[key])
+            except ValueError as err:  # a ConfigError stays one (exit 2), as on the point's own command line
+                raise type(err)(f"grid point {point.label}: {err}") from None
     for point in points:
         run = run_dir_of(point.config)
         if (run / RUN_CONFIG_FILE).is_file():
@@ -485,6 +540,9 @@ def run_search(cfg: SearchConfig) -> dict:
     output = claim_out(cfg)
     try:
         summary = _search(cfg, output.work)
+    except KeyboardInterrupt as err:
+        output.discard_if_empty()
+        raise Interrupted("rerun the same command to continue; finished points are kept") from err
     except BaseException:
         output.discard_if_empty()
         raise

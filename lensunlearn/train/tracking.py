@@ -10,8 +10,12 @@ as images, under the name of its output folder. The files stay inside that folde
 
 wandb runs offline unless WANDB_MODE says otherwise (`WANDB_MODE=online` streams to the server),
 so a run never reaches the network or stops at a login prompt unless asked to; the project is
-$WANDB_PROJECT, else `lensunlearn`. Both packages are optional extras, imported only when a
-tracker is asked for. Only rank 0 tracks under torchrun; the other ranks get the no-op tracker.
+$WANDB_PROJECT, else `lensunlearn`. `check_tracker` refuses an unknown WANDB_MODE, and an online
+mode without a wandb login, before the command loads a model or makes its output folder. An offline
+run's folder is named once the run is closed, where it will be once the output is in place (not in
+the staging folder of a replacement), with the `wandb sync` line that uploads it. Both packages are
+optional extras, imported only when a tracker is asked for. Only rank 0 tracks under torchrun; the
+other ranks get the no-op tracker.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,36 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "lensunlearn"
 IMAGE_PREFIX = "plots/"
+# the modes wandb accepts in WANDB_MODE, and those that stream the run to the server (which needs a login)
+WANDB_MODES = ("offline", "online", "disabled", "dryrun", "run", "shared")
+WANDB_ONLINE_MODES = ("online", "run", "shared")
+
+
+def wandb_mode() -> str:
+    return os.environ.get("WANDB_MODE") or "offline"
+
+
+def check_tracker(cfg: Any) -> None:
+    """Refuse, before any model loads or output folder is made, a tracker that cannot start: an unknown
+    WANDB_MODE, or an online one without a wandb login (at a terminal, wandb asks for the key now, not
+    after the model has loaded). Only rank 0 tracks, so only rank 0 checks."""
+    if getattr(cfg, "tracker", None) != "wandb" or not is_main_process():
+        return
+    mode = wandb_mode()
+    if mode not in WANDB_MODES:
+        raise UserError(f"WANDB_MODE={mode!r} is not a wandb mode: set it to one of {', '.join(WANDB_MODES)}, or "
+                        f"unset it to log offline")
+    if mode not in WANDB_ONLINE_MODES:
+        return
+    wandb = _import("wandb")
+    try:
+        logged_in = wandb.login(verify=False, prompt=sys.stdin.isatty())
+    except wandb.errors.Error as err:
+        raise UserError(f"WANDB_MODE={mode} needs a wandb login ({' '.join(str(err).split())}): run `wandb login` "
+                        f"or set WANDB_API_KEY, or unset WANDB_MODE to log offline") from err
+    if not logged_in:
+        raise UserError(f"WANDB_MODE={mode} streams the run to the wandb server, and wandb has no login (no API "
+                        f"key): run `wandb login` or set WANDB_API_KEY, or unset WANDB_MODE to log offline")
 
 
 def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -99,19 +134,26 @@ class _Opened(Tracker):
 
 
 class WandbTracker(_Opened):
-    def __init__(self, wandb: Any, run_dir: Path, name: str, kind: str, group: str | None) -> None:
-        mode = os.environ.get("WANDB_MODE") or "offline"
+    def __init__(self, wandb: Any, run_dir: Path, name: str, kind: str, group: str | None,
+                 final: Path | None = None) -> None:
+        mode = wandb_mode()
         # wandb completes its files in a background service; with no run of the caller's own in this
         # process, `close` waits for it, so that the files are whole when the command returns
         self.owns_session = wandb.run is None
+        # offline, wandb would name its run folder inside the folder being written, which for a replacement
+        # is the staging folder that is renamed once the command succeeds: `close` names the final one instead
+        self.offline = mode == "offline"
+        settings = wandb.Settings(silent=True) if self.offline else None
         try:
             # create_new: a run of the caller's own (or the previous attack of a sweep) is left alone
             self.run = wandb.init(dir=str(run_dir), name=name, group=group, job_type=kind, mode=mode,
-                                  project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, reinit="create_new")
+                                  project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, reinit="create_new",
+                                  settings=settings)
         except wandb.errors.Error as err:
-            raise UserError(f"wandb could not start a run in {mode} mode ({err}): run `wandb login`, or unset "
-                            f"WANDB_MODE to log offline") from err
+            raise UserError(f"wandb could not start a run in {mode} mode ({' '.join(str(err).split())}): run "
+                            f"`wandb login`, or unset WANDB_MODE to log offline") from err
         self.wandb = wandb
+        self.folder = _moved(Path(self.run.settings.sync_dir), Path(run_dir), final)
         super().__init__()
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -133,6 +175,18 @@ class WandbTracker(_Opened):
         self.run.finish(exit_code=1 if failed else 0)
         if self.owns_session:
             self.wandb.teardown()
+        if self.offline:
+            log.info("wandb: the run is saved in %s; upload it with `wandb sync %s`", self.folder, self.folder)
+
+
+def _moved(path: Path, work: Path, final: Path | None) -> Path:
+    """Where `path`, inside the folder being written (`work`), will be once that folder is `final`."""
+    if final is None:
+        return path
+    try:
+        return Path(final) / path.resolve().relative_to(Path(work).resolve())
+    except ValueError:
+        return path
 
 
 class TensorBoardTracker(_Opened):
@@ -181,10 +235,11 @@ def _import(tracker: str) -> Any:
 
 
 def open_tracker(cfg: Any, run_dir: str | Path, run_name: str, kind: str, *, resume_step: int = 0,
-                 group: str | None = None) -> Tracker:
+                 group: str | None = None, final: str | Path | None = None) -> Tracker:
     """The tracker `cfg.tracker` names, writing inside `run_dir` under `run_name`; the no-op tracker when
     none is asked for or on a rank other than 0. `resume_step`: the step a resumed run continues after.
-    `group`: wandb's group of runs that belong together (the attacks of a sweep)."""
+    `group`: wandb's group of runs that belong together (the attacks of a sweep). `final`: where `run_dir`
+    will be once the command succeeds (it differs for a replacement, written in a staging folder)."""
     name = getattr(cfg, "tracker", None)
     if name is None or not is_main_process():
         return Tracker()
@@ -192,5 +247,5 @@ def open_tracker(cfg: Any, run_dir: str | Path, run_name: str, kind: str, *, res
     run_dir = Path(run_dir)
     log.info("tracking the run with %s in %s", name, run_dir)
     if name == "wandb":
-        return WandbTracker(module, run_dir, run_name, kind, group)
+        return WandbTracker(module, run_dir, run_name, kind, group, Path(final) if final is not None else None)
     return TensorBoardTracker(module.SummaryWriter, run_dir / TENSORBOARD_DIR, resume_step)

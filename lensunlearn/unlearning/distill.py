@@ -65,7 +65,7 @@ from ..core.atomic import write_json_atomic, write_jsonl_atomic, write_text_atom
 from ..core.checks import check_resumed_config
 from ..core.config import ConfigError, to_jsonable
 from ..core.errors import InputError, UserError, read_json
-from ..core.outputs import Output, output_kind, prepare_output
+from ..core.outputs import Output, check_not_input, output_kind, prepare_output
 from ..core.paths import (
     BASE_EVAL_FILE,
     DISTILL_GENERATED_FILE,
@@ -86,7 +86,7 @@ from ..modeling.losses import DEFAULT_CHUNK, chunked_token_sum, kl_from_logits, 
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.loop import LoopSpec, MetricsLog, run_loop
 from ..train.optim import build_optimizer, embedding_parameters, lr_factor
-from ..train.tracking import TRACKING_FIELDS, flatten, open_tracker
+from ..train.tracking import TRACKING_FIELDS, check_tracker, flatten, open_tracker
 from .options import SAVED_KEYS, SOURCE_TASKS, DistillConfig  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -290,10 +290,19 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "gradi
                      "out", "run_name", *TRACKING_FIELDS)
 
 
+def read_paths(cfg: DistillConfig) -> list[tuple[str, str | None]]:
+    """What a distillation reads from disk, by the flag that names it (`cfg` resolved): its output folder may
+    never be or hold one of them (distilling runs/D into runs/D would delete the teacher)."""
+    return [("--run", cfg.run), ("--generic", cfg.generic), ("--lm_eval_include", cfg.lm_eval_include),
+            *(("--corpus", part.strip()) for part in cfg.corpus.split("+")),
+            *(("--eval_tasks", task.strip()) for task in cfg.eval_tasks.split(","))]
+
+
 def check_output(cfg: DistillConfig) -> Output:
     """Where this run writes (`outputs.prepare_output`), refusing to resume with other settings."""
     output = prepare_output(Path(cfg.out) / cfg.name, "distill", overwrite=cfg.overwrite, resume=cfg.resume,
-                            finished=lambda p: (p / SUMMARY_FILE).is_file(), flag="--run_name")
+                            finished=lambda p: (p / SUMMARY_FILE).is_file(), flag="--run_name",
+                            reads=read_paths(cfg))
     saved = output.work / RUN_CONFIG_FILE
     if cfg.resume and saved.is_file():
         try:
@@ -313,7 +322,9 @@ def distill(cfg: DistillConfig) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("distill runs in one process: start it without torchrun")
     cfg, source = resolve(cfg)
+    check_not_input(Path(cfg.out) / cfg.name, read_paths(cfg), "--run_name")  # before the teacher is read
     check_device(cfg.device)
+    check_tracker(cfg)
     tokenizer = load_tokenizer(str(cfg.teacher), cfg.trust_remote_code)
     docs, heldout = load_documents(cfg, tokenizer)
     prompts = generation_prompts(cfg, docs)
@@ -372,12 +383,15 @@ def _train(job: DistillJob) -> Path:
                                 exclude_from_muon=embedding_parameters(student))
     state = load_checkpoint(run_dir) if cfg.resume else None
     start = restore_checkpoint(state, trainable, optimizer) if state is not None else 0
+    trained = state["extra"].get("trained") if state is not None else None  # training done, then a failure
     if state is not None:
-        log.info("resuming %s at step %d of %d", run_dir, start, cfg.steps)
+        log.info("resuming %s at step %d of %d%s", run_dir, start, cfg.steps,
+                 ": training is done, saving and evaluating the student" if trained is not None else "")
     write_json_atomic(run_dir / RUN_CONFIG_FILE, {
         **to_jsonable(cfg), "model": job.source.get("model"), "forget": job.source.get("forget"),
         "teacher": str(cfg.teacher), "full": True, "run_dir": str(job.output.final)})
-    tracker = open_tracker(cfg, run_dir, job.output.final.name, "distill", resume_step=start)
+    tracker = open_tracker(cfg, run_dir, job.output.final.name, "distill", resume_step=start,
+                           final=job.output.final)
     tracker.log_config(read_json(run_dir / RUN_CONFIG_FILE))
     metrics_log = MetricsLog(run_dir / METRICS_FILE, resume_step=start, tracker=tracker)
     pad_id = job.tokenizer.pad_token_id
@@ -443,13 +457,23 @@ def _train(job: DistillJob) -> Path:
     trained_at = time.perf_counter()
     steps_run, stop_reason, final = cfg.steps, "steps", None
     with tracker:  # closed before the output is committed; marked failed on an error
-        if start == 0 and reached(reference):
+        if trained is not None:
+            steps_run, stop_reason, final = trained["steps"], trained["stop_reason"], trained["final"]
+            last.update(trained["last"])
+        elif start == 0 and reached(reference):
             steps_run, stop_reason = 0, "target_share"  # the perturbation cost nothing to recover
         else:
             try:
                 run_loop(spec, start_step=start)
             except _TargetReached as stop:
                 steps_run, stop_reason, final = stop.step, "target_share", stop.point
+            final = final or measure()
+            if cfg.checkpoint_every:
+                # the trained student, kept until it is saved and evaluated: should either fail, --resume goes
+                # straight back to it instead of distilling again
+                save_checkpoint(run_dir, steps_run, trainable, optimizer, extra={
+                    "run": cfg.name, "heldout": reference, "trained": {
+                        "steps": steps_run, "stop_reason": stop_reason, "final": final, "last": dict(last)}})
         return _finish(job, student, metrics_log, reference, final or measure(), last, {
             "steps": steps_run, "stop_reason": stop_reason, "train_seconds": time.perf_counter() - trained_at,
             "documents": {"corpus": len(job.docs), "generated": len(generated)},

@@ -83,6 +83,18 @@ def freeze_all_but_cir(model: nn.Module, modules: Mapping[str, nn.Module]) -> No
 # --- general text --------------------------------------------------------------------------------
 
 
+def check_general_corpus(cfg: Any) -> None:
+    """A --cir_corpus of its own (not the retain corpus, not 'forget') is read once before the model loads,
+    so that a missing or empty one is reported naming the flag, before any compute."""
+    if not cfg.cir or cfg.cir_corpus in (None, FORGET_CORPUS):
+        return
+    try:
+        load_texts(cfg.cir_corpus, limit=cfg.cir_pca_docs, what="--cir_corpus corpus",
+                   column_flag="a corpus with a 'text' column as --cir_corpus")
+    except (OSError, ValueError) as err:
+        raise InputError(f"--cir_corpus {cfg.cir_corpus}: {err}") from err
+
+
 def general_documents(cfg: Any, forget: list[list[int]], retain: list[list[int]], tokenizer) -> list[list[int]]:
     """The --cir_pca_docs documents the shared directions are estimated on, tokenised."""
     if cfg.cir_corpus is None:

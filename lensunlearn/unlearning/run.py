@@ -33,9 +33,16 @@ from ..core.paths import (
 )
 from ..data.corpora import batch_indices, collate, load_texts, tokenize
 from ..data.tasks import check_tasks
-from ..lens.tuned_lens import TunedLens, find_lens
-from ..modeling.layers import check_layers, clip_layers, model_parts, unwrap
-from ..modeling.loading import DTYPES, check_device, load_model, set_checkpointing
+from ..lens.tuned_lens import TunedLens, default_lens_path, find_lens
+from ..modeling.layers import check_layers, clip_layers, config_depth, config_mlp_widths, model_parts, unwrap
+from ..modeling.loading import (
+    DTYPES,
+    check_device,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    set_checkpointing,
+)
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.distributed import (
     World,
@@ -52,7 +59,7 @@ from ..train.distributed import (
 )
 from ..train.loop import LoopSpec, MetricsLog, run_loop
 from ..train.optim import MultiOptimizer, build_optimizer, embedding_parameters, lr_factor
-from ..train.tracking import TRACKING_FIELDS, Tracker, open_tracker
+from ..train.tracking import TRACKING_FIELDS, Tracker, check_tracker, open_tracker
 from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective, schedule
 from .options import (  # noqa: F401 (re-exported)
     PRESETS,
@@ -68,8 +75,10 @@ from .robust_step import (
     ROBUST_LOGGED,
     ROBUST_SUMMARY_KEYS,
     build_robust_step,
+    check_general_corpus,
     cir_modules,
     freeze_all_but_cir,
+    resolve_cir_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -137,6 +146,44 @@ def resolve_layers(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
     layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer", allow_output=True))))
     check_lora_layers(layers, cfg.full)
     return layers
+
+
+def check_model_fit(cfg: UnlearnConfig, model_config: Any) -> tuple[int, ...] | None:
+    """The target layers, and with --cir its blocks and component counts, checked against the model's
+    config.json before the model is loaded (the same checks run again on the loaded model). Returns the
+    resolved layers, or None when the config does not name the model's depth."""
+    depth = config_depth(model_config)
+    if depth is None:
+        return None
+    try:
+        layers = resolve_layers(cfg, depth)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the model does not fit the option: as when the loaded model is checked (exit 1)
+        raise ValueError(f"{err} in {cfg.model}: pass --layers that this model has (a preset's layers fit the "
+                         f"model it was tuned on)") from None
+    if cfg.cir:
+        resolve_cir_blocks(cfg, layers, depth)
+        widths = config_mlp_widths(model_config)
+        if widths is not None:
+            limit = min(widths)
+            for flag, count in (("--cir_act_components", cfg.cir_act_components),
+                                ("--cir_grad_components", cfg.cir_grad_components)):
+                if count > limit:
+                    raise ConfigError(f"{flag} {count} is more than the {limit} dimensions of the inputs and outputs "
+                                      f"of {cfg.model}'s MLP layers (hidden size {widths[0]}, MLP width {widths[1]}): "
+                                      f"choose at most {limit}")
+    return layers
+
+
+def check_before_loading(cfg: UnlearnConfig) -> tuple[int, ...] | None:
+    """What `unlearn` checks before it loads the model, creates its run folder or trains: the lens exists,
+    the tracker can start, and the layers and CIR options fit the model's config.json (read without the
+    weights). Returns the target layers as resolved for this model (None when the config does not say)."""
+    find_lens(cfg.lens, cfg.model)
+    check_tracker(cfg)
+    check_general_corpus(cfg)
+    return check_model_fit(cfg, load_model_config(cfg.model, cfg.trust_remote_code))
 
 
 def _blocks_name(model: torch.nn.Module) -> str:
@@ -310,17 +357,34 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "checkpoint_every", "origi
                      *TRACKING_FIELDS)
 
 
+# Evaluation settings: they change no weight, so a resumed run may change them (after an evaluation failed,
+# say) unless --eval_every draws a training curve, whose points must all measure the same thing.
+EVAL_SETTINGS = ("eval_tasks", "eval_format", "eval_limit", "lm_eval_include", "eval_base")
+
+
+def read_paths(cfg: UnlearnConfig) -> list[tuple[str, str | None]]:
+    """What a run reads from disk, by the flag that names it: its run folder may never hold one of them."""
+    pairs: list[tuple[str, str | None]] = [("--model", cfg.model),
+                                           ("--lens", cfg.lens or str(default_lens_path(cfg.model))),
+                                           ("--lm_eval_include", cfg.lm_eval_include), ("--cir_corpus", cfg.cir_corpus)]
+    pairs += [(f"--{flag}", part.strip()) for flag in ("forget", "retain") for part in getattr(cfg, flag).split("+")]
+    pairs += [("--eval_tasks", task.strip()) for task in cfg.eval_tasks.split(",")]
+    return pairs
+
+
 def check_run_dir(cfg: UnlearnConfig) -> Output:
     """Where this run writes (see `outputs.prepare_output`), after refusing anything that would lose or
-    clobber a run, resume with other settings, or fail on its evaluation tasks after training."""
+    clobber a run or its inputs, resume with other settings, or fail on its evaluation tasks after training."""
     if cfg.eval_tasks.strip():
         check_tasks(cfg.eval_tasks, lm_eval_include=cfg.lm_eval_include)
     output = prepare_output(Path(cfg.out) / cfg.name, "unlearn", overwrite=cfg.overwrite, resume=cfg.resume,
-                            finished=lambda p: (p / SUMMARY_FILE).is_file(), flag="--run_name")
+                            finished=lambda p: (p / SUMMARY_FILE).is_file(), flag="--run_name",
+                            reads=read_paths(cfg))
     saved = output.work / RUN_CONFIG_FILE
     if cfg.resume and saved.is_file():
+        may_change = RESUME_MAY_CHANGE + (() if cfg.eval_every else EVAL_SETTINGS)
         try:
-            check_resumed_config(json.loads(saved.read_text()), cfg, RESUME_MAY_CHANGE, str(output.final))
+            check_resumed_config(json.loads(saved.read_text()), cfg, may_change, str(output.final))
         except ConfigError:
             output.discard_if_empty()
             raise
@@ -400,7 +464,7 @@ def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
                           "processes, and only rank 0 evaluates; train with LoRA or drop --eval_every")
     check_device(cfg.device)
     device = device_for(world, cfg.device)
-    find_lens(cfg.lens, cfg.model)  # a missing lens is reported before the model is loaded
+    check_before_loading(cfg)
     output = prepare_run_dir(cfg, world)
     try:
         return _load_and_train(cfg, world, device, output, began)
@@ -412,13 +476,14 @@ def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
 
 def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, output: Output, began: float) -> Path:
     run_dir = output.work
+    # the corpora need only the tokenizer: a missing or empty one is reported before the model loads
+    data = load_pairs(cfg, load_tokenizer(cfg.model, cfg.trust_remote_code))
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, cfg.dtype, device, cfg.trust_remote_code)
     lens = TunedLens.load(find_lens(cfg.lens, cfg.model), model)
     lens.requires_grad_(False).set_matmul_dtype(DTYPES[cfg.lens_matmul])
     layers = resolve_layers(cfg, model_parts(model).num_layers)
     _check_resumed_layers(run_dir, cfg, layers)
-    data = load_pairs(cfg, tokenizer)
     barrier(world)
     if world.is_main and cfg.eval_base and not reusable_eval(run_dir / BASE_EVAL_FILE, cfg):
         _evaluate(cfg, model, tokenizer, lens, run_dir / BASE_EVAL_FILE)
@@ -545,16 +610,20 @@ def train(job: UnlearnJob) -> Path:
                  "revisits", cfg.original_cache_mb, revisits, plan["steps"] * cfg.batch)
     fsdp = sharded(cfg, world)
     start = 0
+    trained = None  # the last step's metrics, when an earlier attempt finished training (and failed after it)
     state = load_checkpoint(run_dir) if cfg.resume else None
     if state is not None:
         start = restore_checkpoint(state, setup.trainable, setup.optimizer)
         if robust is not None:
             robust.load_state_dict(state["extra"]["robust"])
-        log.info("resuming %s at step %d of %d", run_dir, start, plan["steps"])
+        trained = state["extra"].get("trained")
+        log.info("resuming %s at step %d of %d%s", run_dir, start, plan["steps"],
+                 ": training is done, saving and evaluating the model" if trained is not None else "")
     run_config = {**to_jsonable(cfg), **plan, "layers": list(job.layers), "run_dir": str(job.output.final)}
     if world.is_main:
         write_json_atomic(run_dir / RUN_CONFIG_FILE, run_config)
-    tracker = open_tracker(cfg, run_dir, job.output.final.name, "unlearn", resume_step=start)
+    tracker = open_tracker(cfg, run_dir, job.output.final.name, "unlearn", resume_step=start,
+                           final=job.output.final)
     tracker.log_config(run_config)
     metrics_log = MetricsLog(run_dir / METRICS_FILE, resume_step=start, tracker=tracker)
     if cfg.eval_every > plan["steps"]:
@@ -597,9 +666,10 @@ def train(job: UnlearnJob) -> Path:
             line.update(curve_at(job, setup.model, step + 1))
         metrics_log.write(line)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, trained: dict | None = None) -> None:
         if world.is_main or fsdp:  # under FSDP every rank writes its own shards
-            extra = {"run": cfg.name, **({"robust": robust.state_dict()} if robust is not None else {})}
+            extra = {"run": cfg.name, **({"robust": robust.state_dict()} if robust is not None else {}),
+                     **({"trained": trained} if trained is not None else {})}
             save_checkpoint(run_dir, step, setup.trainable, setup.optimizer, extra=extra)
         barrier(world)
 
@@ -613,9 +683,16 @@ def train(job: UnlearnJob) -> Path:
                     stop=robust.should_stop if robust is not None else None)
     trained_at = time.perf_counter()
     with tracker:  # closed before the run is committed; marked failed on an error
-        last = run_loop(spec, start_step=start)
-        if robust is not None:
-            last.update(robust.summary(last))
+        if trained is not None:
+            last = dict(trained)
+        else:
+            last = run_loop(spec, start_step=start)
+            if robust is not None:
+                last.update(robust.summary(last))
+            if cfg.checkpoint_every:
+                # the trained weights, kept until the run is saved and evaluated: should either fail, --resume
+                # goes straight back to them instead of training again
+                checkpoint(int(last.get("step", start)), trained=last)
         return _finish(job, setup.model, plan, last, time.perf_counter() - trained_at, tracker)
 
 

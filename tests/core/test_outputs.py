@@ -8,6 +8,7 @@ are never shown as current ones. A "killed" run is simulated by raising Keyboard
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from lensunlearn.core.outputs import (
     staging_path,
     trash_path,
 )
+from lensunlearn.core.paths import write_marker
 
 from ..conftest import save_tiny_model, unlearn_argv, write_unlearn_inputs
 
@@ -70,25 +72,28 @@ def _task(path: Path) -> Path:
 # ----------------------------------------------------------------------- the transaction itself
 
 
+def _output(folder: Path, text: str, kind: str = "unlearn") -> Path:
+    """A marked output folder holding one file."""
+    folder.mkdir()
+    write_marker(folder, kind)
+    (folder / "v").write_text(text)
+    return folder
+
+
 def test_a_swap_interrupted_at_any_point_leaves_one_complete_version(tmp_path):
     final = tmp_path / "run"
     for crash_after in ("moved_old_aside", "moved_new_in"):
-        final.mkdir()
-        (final / "v").write_text("old")
-        staging = staging_path(final)
-        staging.mkdir()
-        (staging / "v").write_text("new")
+        _output(final, "old")
+        staging = _output(staging_path(final), "new")
         final.rename(trash_path(final))
         if crash_after == "moved_new_in":
             staging.rename(final)
-        recover(final)
+        recover(final, "unlearn")
         assert (final / "v").read_text() == "new" and not trash_path(final).exists() and not staging.exists()
-        (final / "v").unlink()
-        final.rmdir()
-    final.mkdir()
-    (final / "v").write_text("old")
+        shutil.rmtree(final)
+    _output(final, "old")
     final.rename(trash_path(final))  # the old version moved aside and no new one: roll back
-    recover(final)
+    recover(final, "unlearn")
     assert (final / "v").read_text() == "old"
 
 

@@ -122,3 +122,33 @@ def test_unlearn_evaluates_an_included_lm_eval_task(include_dir, tmp_path):
     run_dir = run_command([*argv, "--lm_eval_include", str(include_dir)])
     result = json.loads((run_dir / "eval.json").read_text())["results"]["lm_eval:ll_capitals"]
     assert result["n"] == 12 and 0 <= result["acc"] <= 1
+
+
+def test_a_malformed_include_yaml_is_named_not_reported_as_an_unknown_task(include_dir, tmp_path):
+    """Before: lm-eval skipped the file it could not parse, and the task was reported as "no such task"."""
+    from lensunlearn.data.tasks import check_tasks
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    text = (include_dir / "ll_capitals.yaml").read_text().replace("task: ll_capitals", "task: ll_broken")
+    (broken / "ll_broken.yaml").write_text(text.replace("doc_to_target: answer", "doc_to_target: [answer"))
+    (broken / "uses_a_function.yaml").write_text("task: ll_other\nprocess_docs: !function utils.process\n")
+    with pytest.raises(ValueError, match=r"^--eval_tasks: unknown task lm_eval:ll_broken: .*ll_broken.yaml in "
+                                         r"--lm_eval_include .* is not valid YAML \(line \d+: .*\), so lm-eval skipped "
+                                         r"it .*: fix the file$"):
+        check_tasks("lm_eval:ll_broken", lm_eval_include=str(broken))
+
+
+def test_an_lm_eval_task_whose_data_cannot_load_is_refused_by_the_check(include_dir, tmp_path):
+    """The check before compute loads an lm-eval task's data, as it does a native task's: offline, a hub
+    dataset that is not cached fails there, naming the task."""
+    from lensunlearn.data.tasks import check_tasks
+
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "ll_hub.yaml").write_text((include_dir / "ll_capitals.yaml").read_text().replace(
+        "task: ll_capitals", "task: ll_hub").replace("dataset_path: json", "dataset_path: lensunlearn-tests/absent"))
+    with pytest.raises(FileNotFoundError, match=r"^--kept_tasks: task lm_eval:ll_hub cannot load its data "
+                                                r"\(.*absent.*\): go online once"):
+        check_tasks(["lm_eval:ll_hub"], "--kept_tasks", lm_eval_include=str(folder))
+    check_tasks(["lm_eval:ll_capitals"], lm_eval_include=str(include_dir))  # local data loads: no error

@@ -432,3 +432,47 @@ def test_no_tracker_module_is_imported_without_the_flag(tmp_path, monkeypatch):
     assert (run_dir / "summary.json").is_file()
     assert not [name for name in sys.modules if _tracker_module(name)]
     assert not (run_dir / WANDB_DIR).exists() and not (run_dir / TENSORBOARD_DIR).exists()
+
+
+# --- tracker settings checked before any model loads; the wandb folder named where it ends up ---------------
+
+
+@pytest.mark.parametrize("mode, match", [
+    ("bogus", r"WANDB_MODE='bogus' is not a wandb mode: set it to one of offline, online"),
+    ("online", r"WANDB_MODE=online streams the run to the wandb server, and wandb has no login .*`wandb login`"),
+])
+def test_a_wandb_mode_that_cannot_start_fails_before_the_model_loads(unlearn_inputs, offline_wandb, monkeypatch,
+                                                                     capsys, mode, match):
+    """Before: both failed after the model had loaded, with wandb's raw validation message for a bad mode,
+    and left a half-written run folder."""
+    monkeypatch.setenv("WANDB_MODE", mode)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(unlearn_inputs / "home"))  # no ~/.netrc with a key
+    monkeypatch.setenv("NETRC", str(unlearn_inputs / "home" / ".netrc"))
+
+    from lensunlearn.unlearning import run as unlearn_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(unlearn_module, "load_model", no_model)
+    argv = unlearn_argv(unlearn_inputs, "--tracker", "wandb", "--run_name", "w")
+    with pytest.raises(UserError, match=match):
+        run_command(argv)
+    line = one_line(argv, capsys, status=1)
+    assert "WANDB_MODE" in line
+    assert not (unlearn_inputs / "runs" / "w").exists()
+
+
+def test_the_wandb_sync_line_names_the_final_folder_of_a_replaced_run(unlearn_inputs, offline_wandb, caplog):
+    """Before: a replaced run's `wandb sync` path pointed into the staging folder, gone once the run is in place."""
+    argv = unlearn_argv(unlearn_inputs, "--tracker", "wandb", "--run_name", "synced")
+    run_command(argv)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_dir = run_command([*argv, "--overwrite"])
+    lines = [r.getMessage() for r in caplog.records if "wandb sync" in r.getMessage()]
+    assert len(lines) == 1 and ".incoming" not in lines[0]
+    folder = Path(lines[0].rsplit("`wandb sync ", 1)[1].rstrip("`"))
+    assert folder.parent == run_dir / WANDB_DIR and folder.name.startswith("offline-run-") and folder.is_dir()
+    assert wandb_records(run_dir)  # the run's records are in that folder
