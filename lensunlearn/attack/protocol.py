@@ -217,12 +217,13 @@ def phrasing_items(cfg: RobustnessConfig, items: list[dict]) -> dict[str, list[d
 def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
     """Everything that can be wrong with the inputs, found before any attack (`cfg` resolved)."""
     items = forget_items(cfg.forget_task)
+    pool = [c for i in items for c in i["choices"]]
     try:  # the floor's invented facts take their answers and distractors from the task: refused now, not later
-        fictional_facts(len(items), [i["choices"][i["answer"]] for i in items],
-                        [c for i in items for c in i["choices"]], cfg.seeds[0])
-    except ValueError as err:
-        raise ValueError(f"--forget_task {cfg.forget_task}: {err}, which the fictional-facts control draws its "
-                         f"answers from: use a task with more distinct choices") from None
+        fictional_facts(len(items), [i["choices"][i["answer"]] for i in items], pool, cfg.seeds[0])
+    except ValueError:
+        raise ValueError(f"--forget_task {cfg.forget_task} has {len(set(pool))} distinct choices: the fictional-facts "
+                         f"control needs at least 4, an answer and three distractors for each invented fact; use a "
+                         f"task with more distinct choices") from None
     corpus = corpus_rows(cfg.forget)
     kept = [t.strip() for t in cfg.kept_tasks.split(",") if t.strip()]
     if kept:

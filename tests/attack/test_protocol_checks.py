@@ -52,8 +52,8 @@ def test_a_forget_task_with_too_few_distinct_choices_fails_before_the_models_loa
     task = write_jsonl(run_files["tmp"] / "three_cities.jsonl", rows)
     out = run_files["tmp"] / "robust"
     argv = _argv(run_files, out, "--forget_task", str(task))
-    with pytest.raises(ValueError, match=r"--forget_task .*three_cities.jsonl: fictional facts need at least 4 "
-                                         r"distinct choices in the forget task, it has 3"):
+    with pytest.raises(ValueError, match=r"--forget_task .*three_cities.jsonl has 3 distinct choices: the "
+                                         r"fictional-facts control needs at least 4"):
         main(argv)
     assert console(argv) == 1 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not out.exists()
