@@ -63,7 +63,7 @@ def main() -> None:
     model.requires_grad_(False)
     lens = TunedLens.load(args.lens, model) if args.lens else TunedLens.from_model(model)
     lens.set_matmul_dtype(torch.bfloat16)
-    _, held = split_documents(LensTrainConfig(model="smollm2-135m", data="facts:all"), tokenizer)
+    _, held = split_documents(LensTrainConfig(model="smollm2-135m", corpus="facts:all"), tokenizer)
     docs = held[:args.docs]
     tables: dict[str, list[dict]] = {}
 

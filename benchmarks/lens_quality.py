@@ -88,8 +88,8 @@ def prose_paragraphs(limit: int, min_chars: int = 200) -> list[str]:
 
 
 def corpus(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
-    """(training texts, held-out texts of `--data`, prose): a seeded sample of `--data` and the rest."""
-    texts = load_texts(args.data)
+    """(training texts, held-out texts of `--corpus`, prose): a seeded sample of `--corpus` and the rest."""
+    texts = load_texts(args.corpus)
     order = random.Random(args.seed).sample(range(len(texts)), len(texts))
     train = [texts[i] for i in order[:args.docs]]
     return train, [texts[i] for i in order[args.docs:args.docs + args.heldout_docs]], prose_paragraphs(args.prose)
@@ -98,7 +98,7 @@ def corpus(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
 def train_ours(args: argparse.Namespace, name: str, flags: list[str], train_file: Path, work: Path) -> dict:
     out = work / name
     began = time.perf_counter()
-    lensunlearn_main(["lens", "train", "--model", args.model, "--data", str(train_file), "--holdout", "0",
+    lensunlearn_main(["lens", "train", "--model", args.model, "--corpus", str(train_file), "--holdout", "0",
                       "--out", str(out), "--overwrite", "--checkpoint_every", "0", *flags])
     total = time.perf_counter() - began
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -168,9 +168,9 @@ def evaluate(model, tokenizer, lenses: dict[str, TunedLens], texts: list[str], b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="facts:all", help="corpus the training and held-out documents come from")
+    parser.add_argument("--corpus", default="facts:all", help="corpus the training and held-out documents come from")
     parser.add_argument("--docs", type=int, default=450, help="training documents (both arms)")
-    parser.add_argument("--heldout_docs", type=int, default=400, help="held-out documents of --data")
+    parser.add_argument("--heldout_docs", type=int, default=400, help="held-out documents of --corpus")
     parser.add_argument("--prose", type=int, default=76, help="held-out prose paragraphs")
     parser.add_argument("--chunk", type=int, default=128, help="the library arm's packed chunk length")
     parser.add_argument("--ours", action="append", default=None,
@@ -216,7 +216,7 @@ def main() -> None:
     by_part = {what: {name: float(s[name].mean()) / n for name in lenses} for what, (s, n) in parts.items()}
 
     names = list(kl)
-    print(f"lens quality, {args.model}, {len(train_texts)} training documents of {args.data}; held out: "
+    print(f"lens quality, {args.model}, {len(train_texts)} training documents of {args.corpus}; held out: "
           f"{len(held_facts)} documents of it and {len(held_prose)} prose paragraphs, {n_tokens} tokens; "
           f"{args.threads} threads; evaluation ({args.eval_matmul}) {eval_s:.0f} s")
     print("per-token KL(model || lens) in nats, by layer")

@@ -24,6 +24,7 @@ _PUBLIC = {
     "unlearn": "lensunlearn.unlearning.run",
     "UnlearnConfig": "lensunlearn.unlearning.options",
     "PRESETS": "lensunlearn.unlearning.options",
+    "REFERENCE": "lensunlearn.unlearning.options",
     "SMALL": "lensunlearn.unlearning.options",
     "ROBUST": "lensunlearn.unlearning.options",
     "distill": "lensunlearn.unlearning.distill",

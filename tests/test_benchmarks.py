@@ -31,7 +31,7 @@ def test_lens_quality_runs_tiny_and_reports_both_recipes(tmp_path, text_corpus):
     model_dir = save_tiny_model(tmp_path / "tiny", "llama")
     out = tmp_path / "quality.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lens_quality.py"), "--model", str(model_dir),
-                           "--data", str(text_corpus), "--docs", "30", "--heldout_docs", "10", "--prose", "2",
+                           "--corpus", str(text_corpus), "--docs", "30", "--heldout_docs", "10", "--prose", "2",
                            "--chunk", "16", "--eval_max_length", "16", "--threads", "1", "--out", str(out)],
                           check=True, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})

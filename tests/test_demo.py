@@ -18,7 +18,7 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     model_dir = save_tiny_model(tmp_path / "tiny", "llama", layers=4)
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(model_dir), "--out", str(out), "--lens_steps", "2", "--unlearn_examples", "32",
-            "--unlearn_layers", "1,3", "--tamper_examples", "16", "--tamper_steps", "33",
+            "--unlearn_layers", "1,3", "--tamper_limit", "16", "--tamper_steps", "33",
             "--cir_act_components", "3", "--cir_grad_components", "4"]
     main(argv)
     for name in ("facts/country_capital.jsonl", "lens/params.pt", "lens_eval.json", "base_eval.json",

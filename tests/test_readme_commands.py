@@ -1,6 +1,6 @@
-"""The README's commands, exactly as written (paths included), parse into valid configs and chain.
+"""The README's and docs' commands, exactly as written (paths included), parse into valid configs and chain.
 
-Every `lensunlearn ...` line of the README's bash blocks goes through the real command line
+Every `lensunlearn ...` line of the bash blocks of README.md and docs/*.md goes through the real command line
 (`cli.main`) up to the point where compute would start: the command's runner is replaced by one
 that records the config it was given. That catches a renamed or removed flag, a value the config
 refuses, and a path that one command writes and the next one reads under another name (the
@@ -17,16 +17,17 @@ import pytest
 
 from lensunlearn import cli
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 # A synopsis line shows placeholders (RUN_DIR, CORPUS, ...) rather than values: it is not a command.
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(,[A-Z0-9_]+)*$")
 
 
-def readme_commands() -> list[list[str]]:
-    """argv (after `lensunlearn`) of every command line in the README's bash blocks, with shell
+def readme_commands(path: Path = README) -> list[list[str]]:
+    """argv (after `lensunlearn`) of every command line in the bash blocks of `path`, with shell
     variables set earlier in the same block substituted."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
         variables: dict[str, str] = {}
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
@@ -81,7 +82,25 @@ def test_readme_reference_experiment_paths_chain(recorded):
     run_dir = Path(seed.out) / seed.name
     tamper = recorded["tamper"][0]
     report = recorded["report"][0]
-    assert Path(tamper.model) == run_dir
+    assert Path(tamper.run) == run_dir
     assert Path(tamper.baseline) == base_eval == Path(report.baseline)
     assert [Path(r) for r in report.runs] == [run_dir]
     assert [Path(t) for t in report.tamper] == [Path(tamper.out)]
+
+
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_documented_commands_use_the_current_flag_names(path, monkeypatch, capsys):
+    """A command in the README or docs/ that spells a flag (or a preset, or a grid key) as an earlier
+    version did still runs, printing its new name on stderr: that line fails here, naming the command."""
+    for command in cli.all_commands():
+        monkeypatch.setattr(command, "run", lambda cfg: None)
+    old = []
+    for argv in readme_commands(path):
+        cli.main(argv)
+        err = capsys.readouterr().err
+        if " is now " in err or "now --run" in err:
+            old.append(f"lensunlearn {shlex.join(argv)}: {err.strip()}")
+    assert old == []

@@ -71,18 +71,18 @@ def _acc(path: Path, task: str) -> float:
 
 
 def test_a_grid_trains_each_point_once_and_reads_its_evaluations(tmp, trained):
-    summary = main(search_argv(tmp, "lr=1e-3,1e-2", "remove_coef=5"))
+    summary = main(search_argv(tmp, "lr=1e-3,1e-2", "forget_coef=5"))
     runs = tmp / "search" / "runs"
-    names = {"lr1e-3_remove_coef5", "lr1e-2_remove_coef5"}
+    names = {"lr1e-3_forget_coef5", "lr1e-2_forget_coef5"}
     assert {p.name for p in runs.iterdir()} == names and len(trained) == 2
-    for name, lr in (("lr1e-3_remove_coef5", 1e-3), ("lr1e-2_remove_coef5", 1e-2)):
+    for name, lr in (("lr1e-3_forget_coef5", 1e-3), ("lr1e-2_forget_coef5", 1e-2)):
         saved = json.loads((runs / name / "run_config.json").read_text())
-        assert saved["lr"] == lr and saved["remove_coef"] == 5.0 and saved["examples"] == 8  # grid and fixed
+        assert saved["lr"] == lr and saved["forget_coef"] == 5.0 and saved["examples"] == 8  # grid and fixed
     # the runs evaluated no base model (--eval_base is off): the search evaluated it once for both
     base_evals = list((tmp / "search" / "base").glob("eval_*.json"))
     assert len(base_evals) == 1
     saved = json.loads((tmp / "search" / "search.json").read_text())
-    assert saved == json.loads(json.dumps(summary)) and saved["grid"] == {"lr": [1e-3, 1e-2], "remove_coef": [5.0]}
+    assert saved == json.loads(json.dumps(summary)) and saved["grid"] == {"lr": [1e-3, 1e-2], "forget_coef": [5.0]}
     assert {p["name"] for p in saved["points"]} == names and [p["rank"] for p in saved["points"]] == [1, 2]
     for point in saved["points"]:
         run, metrics = Path(point["run_dir"]), point["metrics"]
@@ -107,11 +107,11 @@ def test_a_grid_trains_each_point_once_and_reads_its_evaluations(tmp, trained):
 
     before = written()
     trained.clear()
-    again = main(search_argv(tmp, "lr=1e-3,1e-2", "remove_coef=5"))
+    again = main(search_argv(tmp, "lr=1e-3,1e-2", "forget_coef=5"))
     assert trained == [] and written() == before  # neither trained nor measured again
     assert [p["metrics"] for p in again["points"]] == [p["metrics"] for p in saved["points"]]
-    main(search_argv(tmp, "lr=1e-3,1e-2,3e-2", "remove_coef=5"))
-    assert [cfg.run_name for cfg in trained] == ["lr3e-2_remove_coef5"]
+    main(search_argv(tmp, "lr=1e-3,1e-2,3e-2", "forget_coef=5"))
+    assert [cfg.run_name for cfg in trained] == ["lr3e-2_forget_coef5"]
 
 
 class Killed(Exception):
@@ -168,8 +168,8 @@ def test_a_finished_run_of_other_settings_is_refused_before_training_and_overwri
     (("lr=1e-3",), ("--unlearn", "--lr 1e-2"), "--grid lr and --unlearn --lr both set lr"),
     (("lr=1e-3",), ("--unlearn", "--eval_tasks ''"), "--eval_tasks is empty"),
     (("lr=1e-3",), ("--forget_task", "other"), "--forget_task other is not one of --eval_tasks"),
-    (("lr=1e-3",), ("--robustness_args", "--seeds 0"), "--measure robustness only"),
-    (("lr=1e-3",), ("--measure", "robustness", "--robustness_args", "--holdout 2"), "--holdout must be in"),
+    (("lr=1e-3",), ("--robustness", "--seeds 0"), "--measure robustness only"),
+    (("lr=1e-3",), ("--measure", "robustness", "--robustness", "--holdout 2"), "--holdout must be in"),
     (("lr=1e-3",), ("--preset", "huge"), "not an unlearn preset"),
 ])
 def test_bad_grids_and_settings_are_one_line_errors_before_training(tmp, trained, capsys, grid, extra, message):
@@ -194,55 +194,55 @@ def test_bad_robustness_inputs_are_refused_before_training(tmp, trained):
 # --- judging and ranking, on hand-made records ------------------------------------------------------
 
 
-def _record(name: str, remove_coef: float, forget: float, kept: float, ppl: float, envelope: float | None = None,
+def _record(name: str, forget_coef: float, forget: float, kept: float, ppl: float, envelope: float | None = None,
             status: str = "finished") -> dict:
     metrics = {"forget": {"task": "capitals", "acc": forget, "base": 0.9, "ratio": forget / 0.9},
                "kept": {"symbols": {"acc": kept, "base": 0.8, "ratio": kept / 0.8}},
                "perplexity": {"text": "generic:heldout", "base": 10.0, "unlearned": 10 * ppl, "ratio": ppl}}
     if envelope is not None:
         metrics["robustness"] = {"envelope": envelope, "unlearned_unseen": 0.25, "floor": 0.3, "steps": 64}
-    record = {"name": name, "settings": {"remove_coef": remove_coef}, "run_dir": f"runs/{name}", "status": status,
+    record = {"name": name, "settings": {"forget_coef": forget_coef}, "run_dir": f"runs/{name}", "status": status,
               "seconds": {"unlearn": 10.0}}
     return {**record, "metrics": metrics} if status == "finished" else record
 
 
 def _config(measure: str = "eval") -> search.SearchConfig:
-    return search.SearchConfig(grid=("remove_coef=5,20,80,400",), measure=measure,
+    return search.SearchConfig(grid=("forget_coef=5,20,80,400",), measure=measure,
                                unlearn="--eval_tasks capitals.jsonl,symbols.jsonl")
 
 
 def test_a_point_that_forgets_by_breaking_the_model_is_never_best():
     cfg = _config()
-    broken = _record("remove_coef400", 400, forget=0.05, kept=0.40, ppl=1.5)  # forgets best: kept 50 %, ppl 1.5x
-    noisy = _record("remove_coef80", 80, forget=0.10, kept=0.79, ppl=1.3)  # kept domain fine, perplexity not
-    good = _record("remove_coef20", 20, forget=0.30, kept=0.78, ppl=1.05)  # 97.5 % of base, 1.05x
-    weak = _record("remove_coef5", 5, forget=0.60, kept=0.80, ppl=1.01)
+    broken = _record("forget_coef400", 400, forget=0.05, kept=0.40, ppl=1.5)  # forgets best: kept 50 %, ppl 1.5x
+    noisy = _record("forget_coef80", 80, forget=0.10, kept=0.79, ppl=1.3)  # kept domain fine, perplexity not
+    good = _record("forget_coef20", 20, forget=0.30, kept=0.78, ppl=1.05)  # 97.5 % of base, 1.05x
+    weak = _record("forget_coef5", 5, forget=0.60, kept=0.80, ppl=1.01)
     summary = search.summarise(cfg, [broken, noisy, good, weak, _record("x", 1, 0, 0, 0, status="diverged")], 1.0)
-    assert [p["name"] for p in summary["points"]] == ["remove_coef20", "remove_coef5", "remove_coef400",
-                                                      "remove_coef80", "x"]
-    assert summary["best"] == "remove_coef20"
+    assert [p["name"] for p in summary["points"]] == ["forget_coef20", "forget_coef5", "forget_coef400",
+                                                      "forget_coef80", "x"]
+    assert summary["best"] == "forget_coef20"
     by_name = {p["name"]: p for p in summary["points"]}
-    assert by_name["remove_coef400"]["targets"] == {"forget": True, "kept": False, "perplexity": False,
+    assert by_name["forget_coef400"]["targets"] == {"forget": True, "kept": False, "perplexity": False,
                                                     "envelope": None, "floor": None}
-    assert by_name["remove_coef400"]["ability"] == "lost" and by_name["remove_coef80"]["ability"] == "lost"
-    assert by_name["remove_coef20"]["measured_targets_met"] is True  # the robustness targets are not measured
-    assert by_name["remove_coef20"]["targets"]["envelope"] is None
-    assert by_name["remove_coef400"]["measured_targets_met"] is False
-    assert by_name["remove_coef5"]["targets"]["forget"] is False
+    assert by_name["forget_coef400"]["ability"] == "lost" and by_name["forget_coef80"]["ability"] == "lost"
+    assert by_name["forget_coef20"]["measured_targets_met"] is True  # the robustness targets are not measured
+    assert by_name["forget_coef20"]["targets"]["envelope"] is None
+    assert by_name["forget_coef400"]["measured_targets_met"] is False
+    assert by_name["forget_coef5"]["targets"]["forget"] is False
     table = search.markdown_table(summary)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "rank" not in line]
     assert rows[0].startswith("| 1 | 20 |") and "**LOST**" in rows[2] and "✗" in rows[2] and "diverged" in rows[4]
-    assert "**Best:** `remove_coef20`" in table
+    assert "**Best:** `forget_coef20`" in table
     alone = search.summarise(cfg, [broken, noisy], 1.0)
     assert alone["best"] is None and "No point keeps general ability" in search.markdown_table(alone)
 
 
 def test_robustness_ranks_by_the_envelope_and_judges_it_against_unlearned_and_floor():
     cfg = _config("robustness")
-    relearns = _record("remove_coef80", 80, forget=0.20, kept=0.80, ppl=1.0, envelope=0.70)
-    holds = _record("remove_coef20", 20, forget=0.30, kept=0.80, ppl=1.0, envelope=0.35)
+    relearns = _record("forget_coef80", 80, forget=0.20, kept=0.80, ppl=1.0, envelope=0.70)
+    holds = _record("forget_coef20", 20, forget=0.30, kept=0.80, ppl=1.0, envelope=0.35)
     summary = search.summarise(cfg, [relearns, holds], 1.0)
-    assert [p["name"] for p in summary["points"]] == ["remove_coef20", "remove_coef80"]
+    assert [p["name"] for p in summary["points"]] == ["forget_coef20", "forget_coef80"]
     held = summary["points"][0]["targets"]
     assert held["envelope"] is True and held["floor"] is True  # 0.35 <= 0.25 + 0.10 and <= 0.30 + 0.10
     assert summary["points"][0]["measured_targets_met"] is True
@@ -256,7 +256,7 @@ def test_robustness_measure_runs_the_protocol_on_each_run(tmp, trained):
     protocol = ("--kinds lora --lrs 1e-2 --steps 2 --batch 4 --lora_rank 4 --fluency_prompts 0 --benign "
                 + shlex.quote(str(tmp / "benign.txt")))
     argv = search_argv(tmp, "lr=1e-3", unlearn=fixed(tmp, "--forget", str(tmp / "capitals_corpus.jsonl")),
-                       extra=("--measure", "robustness", "--robustness_args", protocol))
+                       extra=("--measure", "robustness", "--robustness", protocol))
     summary = main(argv)
     out = tmp / "search" / "robustness" / "lr1e-3"
     result = json.loads((out / "robustness.json").read_text())
@@ -295,8 +295,8 @@ def test_a_config_file_holds_the_grid_and_the_fixed_settings(tmp_path):
     assert [p.name for p in points] == ["lr1e-3_layers1-3", "lr1e-3_layers2-3", "lr1e-2_layers1-3",
                                         "lr1e-2_layers2-3"]
     assert points[1].config.layers == (2, 3) and points[2].config.lr == 1e-2 and points[0].config.examples == 8
-    assert points[0].config.remove_coef == 20.0  # the small preset's, under the fixed settings
-    assert [p.name for p in plan("--grid", "remove_coef=10")] == ["remove_coef10"]
+    assert points[0].config.forget_coef == 20.0  # the small preset's, under the fixed settings
+    assert [p.name for p in plan("--grid", "forget_coef=10")] == ["forget_coef10"]
 
 
 # --- nothing late, nothing lost ---------------------------------------------------------------------------

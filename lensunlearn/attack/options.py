@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ..core.checks import require_nonnegative, require_positive
 from ..core.config import Command, ConfigError, option, parse_float_list, parse_int_list, parse_str_list, redefault
-from ..core.paths import BASE_EVAL_FILE
+from ..core.paths import BASE_EVAL_FILE, is_unlearn_run
 from ..data.corpora import WMDP_BIO_FORGET_CORPUS
 from ..data.tasks import REFERENCE_EVAL_TASKS
-from ..modeling.options import ModelOptions, model_short_name
+from ..modeling.options import EMBEDDED_MODEL, ModelOptions, model_short_name
 from ..train.options import SCHEDULES, TrackingOptions, TrainingOptions
 from .grid import GRID_AXES, Setting, grid_settings
 
@@ -20,40 +21,54 @@ AUTO_PHRASING, QA_PHRASING = "auto", "qa"
 
 @dataclass
 class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
+    run: str | None = option(None, "an unlearning run folder: its merged/ model is attacked, and its forget corpus, "
+                                   f"eval tasks, format and {BASE_EVAL_FILE} fill the options left out", group="model",
+                             default_text="none: attack --model")
+    model: str | None = redefault(ModelOptions, "model", None, default_text=f"{EMBEDDED_MODEL} unless --run is given")
     lr: float = redefault(TrainingOptions, "lr", 2e-5)
     batch: int = redefault(TrainingOptions, "batch", 16)
     per_device_batch: int = redefault(TrainingOptions, "per_device_batch", 4)
-    forget: str | None = option(None, "attack corpus: hub id, local file/folder or facts:<domain>; None takes the run "
-                                      "directory's forget corpus, else " + WMDP_BIO_FORGET_CORPUS)
-    forget_config: str | None = option(None, "hub dataset config of the attack corpus")
-    forget_column: str | None = option(None, "text column of the attack corpus")
-    examples: int = option(512, "keep the first N chunks of the attack corpus")
-    max_length: int = option(2048, "chunk documents into pieces of at most this many tokens")
-    epochs: float = option(1.0, "passes over the kept chunks")
+    forget: str | None = option(None, "attack corpus: hub id, local file/folder or facts:<domain>", group="data",
+                                default_text=f"the --run's forget corpus, else {WMDP_BIO_FORGET_CORPUS}")
+    forget_config: str | None = option(None, "hub dataset config of the attack corpus", group="data",
+                                       default_text="none")
+    forget_column: str | None = option(None, "text column of the attack corpus", group="data",
+                                       default_text="text, or title/abstract/text joined")
+    forget_limit: int = option(512, "keep the first N chunks of the attack corpus", group="data",
+                               old_names=("examples",))
+    max_length: int = option(2048, "chunk documents into pieces of at most this many tokens", group="data")
+    epochs: float = option(1.0, "passes over the kept chunks", group="attack")
     steps: int | None = option(None, "attack for exactly this many optimiser steps, cycling the chunks (as the "
-                                     "robustness grid does); None: --epochs decides")
-    lrs: tuple[float, ...] = option((), "sweep: comma-separated learning rates, one attack each (replacing --lr)")
-    schedules: tuple[str, ...] = option((), "sweep: comma-separated schedules (crossed with --lrs)")
-    full: bool = option(True, "attack all parameters; --no-full attacks with a LoRA adapter",
+                                     "robustness grid does)", group="attack", default_text="--epochs decides")
+    lrs: tuple[float, ...] = option((), "sweep: comma-separated learning rates, one attack each (replacing --lr)",
+                                    group="attack", default_text="none: one attack at --lr")
+    schedules: tuple[str, ...] = option((), "sweep: comma-separated schedules (crossed with --lrs)", group="attack",
+                                        default_text="none: --schedule")
+    full: bool = option(True, "attack all parameters; --no-full attacks with a LoRA adapter", group="LoRA",
                         old_names={"lora": False})
-    lora_rank: int = option(16, "LoRA rank of a --no-full attack (alpha = rank)", old_names=("rank",))
-    eval_tasks: str | None = option(None, "comma-separated tasks (forget and retain); None takes the run directory's "
-                                          "tasks, else facts:<domain> for a facts corpus, else "
-                                          + REFERENCE_EVAL_TASKS)
-    forget_task: str | None = option(None, "which eval task measures forgetting; None means the first of --eval_tasks")
-    eval_format: Literal["letter", "cloze"] | None = option(None, "letter: A/B/C/D after the question; cloze: the "
-                                                                  "answer text as continuation; None takes the run "
-                                                                  "directory's, else letter")
-    eval_every: int = option(10, "evaluate every k optimiser steps (and at step 0 and the end)")
-    eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
-    eval_batch: int = option(32, "questions per evaluation forward pass")
-    metric: Literal["acc", "acc_norm"] = option("acc", "accuracy shown on the plots and used for recovery")
+    lora_rank: int = option(16, "LoRA rank of a --no-full attack (alpha = rank)", old_names=("rank",), group="LoRA")
     holdout: float = option(0.0, "fraction of facts the attack never trains on (0 = off); needs a facts:<domain> "
-                                 "corpus or a jsonl corpus with a fact_id column, and tasks whose rows carry fact_id")
-    baseline: str | None = option(None, "the original model's accuracy line: an eval JSON, or a model to evaluate; "
-                                        f"None uses the run directory's {BASE_EVAL_FILE} when present",
-                                  old_names=("original",))
-    out: str | None = option(None, "the output folder; None means runs/tamper_<model>", metavar="DIR")
+                                 "corpus or a jsonl corpus with a fact_id column, and tasks whose rows carry fact_id",
+                            group="attack")
+    eval_tasks: str | None = option(None, "comma-separated tasks (forget and retain)", group="evaluation",
+                                    metavar="TASKS", default_text="the --run's tasks, else facts:<domain> for a "
+                                                                  "facts corpus, else " + REFERENCE_EVAL_TASKS)
+    forget_task: str | None = option(None, "which eval task measures forgetting", group="evaluation",
+                                     default_text="the first of --eval_tasks")
+    eval_format: Literal["letter", "cloze"] | None = option(None, "letter: A/B/C/D after the question; cloze: the "
+                                                                  "answer text as continuation", group="evaluation",
+                                                            default_text="the --run's, else letter")
+    eval_every: int = option(10, "evaluate every N optimiser steps (and at step 0 and the end)", group="evaluation")
+    eval_limit: int | None = option(None, "evaluate only the first N questions of each task", group="evaluation",
+                                    default_text="all")
+    eval_batch: int = option(32, "questions per evaluation forward pass", group="evaluation")
+    metric: Literal["acc", "acc_norm"] = option("acc", "accuracy shown on the plots and used for recovery",
+                                                group="evaluation")
+    baseline: str | None = option(None, "the original model's accuracy line: an eval JSON, or a model to evaluate",
+                                  old_names=("original",), group="evaluation", metavar="FILE",
+                                  default_text=f"the --run's {BASE_EVAL_FILE} when present, else none")
+    out: str | None = option(None, "the output folder", metavar="DIR",
+                             default_text="runs/tamper_<run or model name>")
     overwrite: bool = option(False, "replace earlier results in --out")
     seed: int = option(0, "seed for data order and the held-out split")
 
@@ -63,19 +78,38 @@ class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
         bad = [s for s in self.schedules if s not in SCHEDULES]
         if bad:
             raise ConfigError(f"--schedules has {bad}: use {', '.join(SCHEDULES)}")
+        self._resolve_run()
         super().__post_init__()
         for lr in self.lrs:
             require_positive(lrs=lr)
         require_positive(eval_batch=self.eval_batch, eval_limit=self.eval_limit, lora_rank=self.lora_rank)
-        if self.examples < 1 or self.max_length < 2 or self.epochs <= 0:
-            raise ConfigError("--examples must be >= 1, --max_length >= 2 and --epochs > 0")
+        if self.forget_limit < 1 or self.max_length < 2 or self.epochs <= 0:
+            raise ConfigError("--forget_limit must be >= 1, --max_length >= 2 and --epochs > 0")
         require_positive(steps=self.steps)
         if self.eval_every < 1:
             raise ConfigError(f"--eval_every must be >= 1, got {self.eval_every}")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}: it is the fraction of facts held out")
         if self.out is None:
-            self.out = str(Path("runs") / f"tamper_{model_short_name(self.model)}")
+            self.out = str(Path("runs") / f"tamper_{model_short_name(self.attacked)}")
+
+    def _resolve_run(self) -> None:
+        """--run names an unlearning run and --model a model; a run folder given as --model (the former
+        spelling) is taken as --run, with a line saying so."""
+        if self.run is not None and self.model is not None:
+            raise ConfigError(f"--run {self.run} and --model {self.model} both name what to attack: pass --run for "
+                              f"an unlearning run folder, or --model for a model")
+        if self.model is not None and is_unlearn_run(self.model):
+            sys.stderr.write(f"lensunlearn: tamper --model {self.model} names an unlearning run: that is now --run "
+                             f"{self.model}; the old spelling goes in the next release\n")
+            self.run, self.model = self.model, None
+        if self.run is None and self.model is None:
+            self.model = EMBEDDED_MODEL
+
+    @property
+    def attacked(self) -> str:
+        """What the attack starts from: the run folder (its merged/ model) or the model."""
+        return self.run if self.run is not None else self.model
 
     @property
     def sweep(self) -> list[tuple[float, str]]:
@@ -87,45 +121,57 @@ class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
 
 @dataclass
 class RobustnessConfig(TrackingOptions, ModelOptions):
-    run_dir: str = option("", "the unlearning run directory; its merged/ model is attacked", positional=True)
-    model: str | None = option(None, "the base model (before unlearning); None: the run's run_config.json model")
+    run: str = option("", "the unlearning run folder; its merged/ model is attacked (required)", positional=True,
+                      positional_metavar="RUN_DIR", metavar="DIR", group="model", old_names=("run_dir",))
+    model: str | None = option(None, "the base model (before unlearning)", group="model",
+                               default_text="the run's, from its run_config.json")
     forget: str | None = option(None, "forget corpus with fact_id per row: facts:<domain> or a .jsonl of {text, "
-                                      "fact_id}; None: the run's forget corpus")
+                                      "fact_id}", group="data", default_text="the run's forget corpus")
     forget_task: str | None = option(None, "the task that measures forgetting, its rows carrying fact_id: "
-                                           "facts:<domain> or a .jsonl; None: the forget corpus's facts:<domain>, "
-                                           "else the run's first eval task")
-    kept_tasks: str | None = option(None, "comma-separated tasks that should stay known; None: the run's other "
-                                          "eval tasks; '' none")
+                                           "facts:<domain> or a .jsonl", group="evaluation",
+                                     default_text="the forget corpus's facts:<domain>, else the run's first eval task")
+    kept_tasks: str | None = option(None, "comma-separated tasks that should stay known ('' or none: no kept tasks)",
+                                    group="evaluation", metavar="TASKS", empty=True,
+                                    default_text="the run's other eval tasks")
     generic: str = option("generic:heldout", "held-out text for perplexity (in no corpus): generic:heldout, a "
-                                              ".txt or .jsonl file", metavar="TEXT")
-    benign: str = option("generic:retain", "text of the benign attack, unrelated to the forget domain")
-    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze; None: the run's, else cloze")
+                                              ".txt or .jsonl file", metavar="TEXT", group="evaluation")
+    benign: str = option("generic:retain", "text of the benign attack, unrelated to the forget domain",
+                         group="data", metavar="TEXT")
+    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze", group="evaluation",
+                                                            default_text="the run's, else cloze")
     grid: Literal["default", "full"] = option("default", "default: full-parameter attacks at lr 1e-5, 1e-4, 1e-3 "
                                                          "and LoRA at 1e-3, constant, 8/32/64 steps; full: {full, "
                                                          "lora} x lr 1e-6..1e-3 (4) x {constant, cosine}, "
-                                                         "8/32/128/512 steps")
+                                                         "8/32/128/512 steps", group="attack")
     kinds: tuple[str, ...] = option((), "replace the grid's attack kinds (full, lora); any axis given makes "
-                                        "the grid the cross product of the axes")
-    lrs: tuple[float, ...] = option((), "replace the grid's learning rates")
-    schedules: tuple[str, ...] = option((), "replace the grid's schedules (constant, linear, cosine)")
-    steps: tuple[int, ...] = option((), "replace the grid's step counts at which attacks are evaluated")
-    batch: int = option(8, "sentences per attack step (the attacked half's text is cycled)")
-    warmup: int = option(0, "linear warmup steps of every attack")
-    lora_rank: int = option(16, "rank of a LoRA attack (alpha = rank)")
-    max_length: int = option(64, "cut attack documents into pieces of at most this many tokens")
-    holdout: float = option(0.5, "fraction of the forget task's facts in the unseen half")
-    seeds: tuple[int, ...] = option((0,), "comma-separated seeds; each repeats the split and the attacks")
-    eval_batch: int = option(32, "questions per evaluation forward pass")
+                                        "the grid the cross product of the axes", group="attack",
+                                    default_text="the grid's")
+    lrs: tuple[float, ...] = option((), "replace the grid's learning rates", group="attack",
+                                    default_text="the grid's")
+    schedules: tuple[str, ...] = option((), "replace the grid's schedules (constant, linear, cosine)", group="attack",
+                                        default_text="the grid's")
+    steps: tuple[int, ...] = option((), "replace the grid's step counts at which attacks are evaluated",
+                                    group="attack", default_text="the grid's")
+    batch: int = option(8, "sentences per attack step (the attacked half's text is cycled)", group="attack")
+    warmup: int = option(0, "linear warmup steps of every attack", group="attack")
+    lora_rank: int = option(16, "rank of a LoRA attack (alpha = rank)", group="LoRA")
+    max_length: int = option(64, "cut attack documents into pieces of at most this many tokens", group="data")
+    holdout: float = option(0.5, "fraction of the forget task's facts in the unseen half", group="attack")
+    seeds: tuple[int, ...] = option((0,), "comma-separated seeds; each repeats the split and the attacks",
+                                    group="attack")
+    eval_batch: int = option(32, "questions per evaluation forward pass", group="evaluation")
     phrasings: tuple[str, ...] = option(("auto",), "other phrasings of the forget task's facts, measured on "
                                                    "both halves before and after every grid attack: qa (each "
                                                    "question's `question` field as 'Q: <question>\\nA:', cloze "
                                                    "only) or .jsonl question files whose rows carry the forget "
                                                    "task's fact_id; auto: qa in cloze format, none in letter; "
-                                                   "'' none")
-    fluency_prompts: int = option(3, "prompts per group whose greedy continuations are recorded (0: none)")
-    max_new_tokens: int = option(12, "tokens of each greedy continuation")
-    out: str | None = option(None, "the output folder; None: runs/robustness_<run name>", metavar="DIR")
-    overwrite: bool = option(False, "replace an earlier robustness output in --out once the new one is complete")
+                                                   "'' none", group="evaluation")
+    fluency_prompts: int = option(3, "prompts per group whose greedy continuations are recorded (0: none)",
+                                  group="evaluation")
+    max_new_tokens: int = option(12, "tokens of each greedy continuation", group="evaluation")
+    out: str | None = option(None, "the output folder", metavar="DIR", default_text="runs/robustness_<run name>")
+    overwrite: bool = option(False, "start over: replace an earlier robustness output in --out once the new one is "
+                                    "complete")
     resume: bool = option(False, "continue a killed run in --out, skipping its finished attacks")
 
     def __post_init__(self) -> None:
@@ -133,8 +179,12 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
         self.phrasings = parse_str_list(self.phrasings)
         self.lrs, self.steps, self.seeds = parse_float_list(self.lrs), parse_int_list(self.steps), \
             parse_int_list(self.seeds)
-        if not self.run_dir:
-            raise ConfigError("name the unlearning run directory: lensunlearn robustness RUN_DIR")
+        if not self.run:
+            raise ConfigError("name the unlearning run folder: lensunlearn robustness RUN_DIR (or --run RUN_DIR, or "
+                              "run: in a --config file)")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite cannot be combined: --resume continues the killed run in "
+                              "--out, --overwrite starts over and replaces it once the new one is complete; pass one")
         try:
             grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
         except ValueError as err:

@@ -111,7 +111,7 @@ def _run_config(run: Path) -> dict:
 
 def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
     """Fill what was not given from the run directory; refuse a directory that holds no model."""
-    run = Path(cfg.run_dir).expanduser()
+    run = Path(cfg.run).expanduser()
     if not (run / MERGED_DIR / MODEL_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{run} holds no {MERGED_DIR}/{MODEL_CONFIG_FILE}, so there is no unlearned model "
                                 f"to attack: pass a finished unlearning run directory")
@@ -270,7 +270,7 @@ class Protocol:
         # (a tracker's steps only grow), a resumed run's from those of the attacks already finished;
         # `<attack>/step` is the attack's own
         self.tracker, self.tracked_steps = tracker or Tracker(), tracked_steps
-        self.model, self.tokenizer = load_model(str(Path(cfg.run_dir).expanduser() / MERGED_DIR), cfg.dtype, cfg.device,
+        self.model, self.tokenizer = load_model(str(Path(cfg.run).expanduser() / MERGED_DIR), cfg.dtype, cfg.device,
                                                 cfg.trust_remote_code)
         self.unlearned = snapshot(self.model)
         base, _ = load_model(cfg.model, self.model.dtype, "cpu", cfg.trust_remote_code)
@@ -573,12 +573,12 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
 
 
 def _prepare(cfg: RobustnessConfig) -> Output:
-    run, out = Path(cfg.run_dir).expanduser().resolve(), Path(cfg.out).expanduser()
+    run, out = Path(cfg.run).expanduser().resolve(), Path(cfg.out).expanduser()
     if out.resolve() == run or run in out.resolve().parents:
         raise FileExistsError(f"--out {out} is inside the run being attacked ({run}): choose another --out")
     output = prepare_output(out, "robustness", overwrite=cfg.overwrite, resume=cfg.resume,
                             finished=lambda p: (p / ROBUSTNESS_FILE).is_file(),
-                            reads=(("RUN_DIR", cfg.run_dir), ("--model", cfg.model), ("--forget", cfg.forget)))
+                            reads=(("RUN_DIR", cfg.run), ("--model", cfg.model), ("--forget", cfg.forget)))
     saved = output.work / ROBUSTNESS_CONFIG_FILE
     if saved.is_file():
         try:
@@ -606,7 +606,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
 
     cfg = resolve(cfg)
     check_tracker(cfg)
-    tokenizer = load_tokenizer(str(Path(cfg.run_dir).expanduser() / MERGED_DIR), cfg.trust_remote_code)
+    tokenizer = load_tokenizer(str(Path(cfg.run).expanduser() / MERGED_DIR), cfg.trust_remote_code)
     inputs = check_inputs(cfg, tokenizer)
     output = _prepare(cfg)
     try:
@@ -646,7 +646,7 @@ def assemble(cfg: RobustnessConfig, inputs: Inputs, reference: dict, seeds: list
     result["perplexity"].update(base=reference["base"]["perplexity"],
                                 unlearned=reference["unlearned"]["perplexity"])
     attacked, unseen = inputs.splits[cfg.seeds[0]]
-    header = {"run": cfg.run_dir, "model": cfg.model, "forget": cfg.forget, "forget_task": cfg.forget_task,
+    header = {"run": cfg.run, "model": cfg.model, "forget": cfg.forget, "forget_task": cfg.forget_task,
               "generic": cfg.generic, "benign": cfg.benign, "eval_format": cfg.eval_format, "grid": cfg.grid_name,
               "settings": [s.as_dict() for s in cfg.settings], "steps": list(steps), "batch": cfg.batch,
               "seeds": list(cfg.seeds), "chance": 1.0 / NUM_CHOICES,

@@ -79,7 +79,7 @@ def model_path(model: str) -> str:
 
 
 def _run_config(cfg: TamperConfig) -> dict:
-    run = run_directory(cfg.model)
+    run = run_directory(cfg.attacked)
     if run is None or not (run / RUN_CONFIG_FILE).is_file():
         return {}
     return json.loads((run / RUN_CONFIG_FILE).read_text())
@@ -180,13 +180,13 @@ def plan_tasks(cfg: TamperConfig, out: Path, split: tuple[set[str], set[str]] | 
 
 
 def attack_chunks(cfg: TamperConfig, tokenizer, attacked: set[str] | None) -> list[list[int]]:
-    """The first `--examples` chunks of the attack corpus (only attacked facts' text under --holdout)."""
+    """The first `--forget_limit` chunks of the attack corpus (only attacked facts' text under --holdout)."""
     if attacked is None:
         texts = load_texts(cfg.forget, config=cfg.forget_config, column=cfg.forget_column, what="attack corpus",
                            column_flag="--forget_column")
     else:
         texts = [r["text"] for r in fact_records(cfg.forget) if r["fact_id"] in attacked]
-    chunks = chunk_documents(texts, tokenizer, cfg.max_length, cfg.examples)
+    chunks = chunk_documents(texts, tokenizer, cfg.max_length, cfg.forget_limit)
     if not chunks:
         raise ValueError(f"attack corpus {cfg.forget} yields no chunks of 2+ tokens")
     return chunks
@@ -219,7 +219,7 @@ def _pick(result: dict, key: str, name: str) -> dict:
 def original_scores(cfg: TamperConfig, plan: list[EvalTask], out: Path) -> dict[str, dict]:
     """The original model's accuracy per task: from an eval JSON, or by evaluating the model given."""
     source = cfg.baseline
-    run = run_directory(cfg.model)
+    run = run_directory(cfg.attacked)
     if source is None and run is not None and (run / BASE_EVAL_FILE).is_file():
         source = str(run / BASE_EVAL_FILE)
     if source is None:
@@ -272,7 +272,7 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
     """
     tracker = tracker or Tracker()
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(model_path(cfg.model), cfg.dtype, cfg.device, cfg.trust_remote_code)
+    model, tokenizer = load_model(model_path(cfg.attacked), cfg.dtype, cfg.device, cfg.trust_remote_code)
     chunks = attack_chunks(cfg, tokenizer, attacked)
     steps = cfg.steps or max(1, math.ceil(len(chunks) * cfg.epochs / cfg.batch))
     model = _trainable_model(model, cfg)
@@ -280,7 +280,7 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
     optimizer = build_optimizer(named, cfg.optimizer, lr, cfg.weight_decay,
                                 exclude_from_muon=embedding_parameters(model))
     device = next(model.parameters()).device
-    results = {"config": {**to_jsonable(cfg), "lr": lr, "schedule": schedule, "model_path": model_path(cfg.model),
+    results = {"config": {**to_jsonable(cfg), "lr": lr, "schedule": schedule, "model_path": model_path(cfg.attacked),
                           "chunks": len(chunks), "steps": steps, "num_attacked_facts": len(attacked or ())},
                "chance": CHANCE, "original": original, "records": [], "recovery": {}, "finished": False}
     log.info("attack lr=%g %s: %d chunks, %d steps of %d, evaluating every %d steps", lr, schedule, len(chunks),
@@ -341,11 +341,14 @@ def _prepare_out(cfg: TamperConfig) -> Output:
     """Check what can fail before the first attack (tasks, model, reference line), then claim --out:
     only a tamper output may be replaced, and the replacement is swapped in once every attack is done."""
     check_tasks(cfg.eval_tasks)
-    model_path(cfg.model)
+    if cfg.run is not None and run_directory(cfg.run) is None:
+        raise FileNotFoundError(f"--run {cfg.run} is not an unlearning run folder (it holds neither {MERGED_DIR}/ nor "
+                                f"{RUN_CONFIG_FILE}): pass a folder `lensunlearn unlearn` wrote, or a model as --model")
+    model_path(cfg.attacked)
     if cfg.baseline and cfg.baseline.endswith(".json") and not Path(cfg.baseline).is_file():
         raise FileNotFoundError(f"--baseline {cfg.baseline} does not exist: pass an eval JSON of the original model "
                                 f"(e.g. a run's {BASE_EVAL_FILE}) or a model to evaluate")
-    run = run_directory(cfg.model)
+    run = run_directory(cfg.attacked)
     out = Path(cfg.out)
     if run is not None and (out.resolve() == run.resolve() or out.resolve() in run.resolve().parents):
         raise FileExistsError(f"--out {out} holds the run being attacked ({run}): choose another --out")

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
+from .. import __version__
 from ..core.config import Command, ConfigError, add_config_args, config_from_args
 from ..core.errors import USER_ERRORS, Interrupted, UserError
 
@@ -57,15 +60,101 @@ def _preset_on_line(command: Command, argv: Sequence[str] | None) -> str | None:
     for index, arg in enumerate(argv):
         value = argv[index + 1] if arg == "--preset" and index + 1 < len(argv) else \
             arg.split("=", 1)[1] if arg.startswith("--preset=") else None
+        value = command.old_presets.get(value, value)
         if value in command.presets:
             return value
     return None
 
 
+def _preset_type(command: Command):
+    """`--preset NAME`: a preset of `command`; a former name is taken with a line naming the new one."""
+    def preset(text: str) -> str:
+        if text in command.old_presets:
+            sys.stderr.write(f"lensunlearn: --preset {text} is now --preset {command.old_presets[text]}; the old "
+                             f"name goes in the next release\n")
+            text = command.old_presets[text]
+        if text not in command.presets:
+            close = difflib.get_close_matches(text, list(command.presets), 1)
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(command.presets)}, got {text!r}"
+                                             + (f" (did you mean {close[0]}?)" if close else ""))
+        return text
+    return preset
+
+
+class UsageError(ConfigError):
+    """A command line that cannot be read (an unknown flag, a value of the wrong kind, a missing value):
+    one line, naming the flag and what it accepts, in place of argparse's usage block."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        self.prog = prog
+        super().__init__(message)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, _plain_usage_error(self, message))
+
+    def parse_known_args(self, args=None, namespace=None):
+        """A command's own parser refuses what it does not know itself, so the error names that command
+        and its close matches (argparse would hand the words back up to `lensunlearn`)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and "_command" in self._defaults:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def _options_of(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
+
+
+def _plain_usage_error(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's message, said plainly and with a close match where a name was mistyped."""
+    help_hint = f"see {parser.prog} --help"
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown:
+        word = unknown.group(1)
+        if not word.startswith("-"):
+            return f"{word} is not an argument of {parser.prog}: {help_hint}"
+        close = difflib.get_close_matches(word.split("=")[0], _options_of(parser), 1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{word.split('=')[0]} is not an option of {parser.prog}{hint}: {help_hint}"
+    choice = re.match(r"argument (COMMAND|SUBCOMMAND): invalid choice: '([^']*)'", message)
+    if choice:
+        names = _subcommands(parser)
+        close = difflib.get_close_matches(choice.group(2), names, 1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{choice.group(2)} is not a command of {parser.prog}{hint}: choose from {', '.join(names)}"
+    missing = re.match(r"argument (\S+?)(/\S+)?: expected one argument", message)
+    if missing:
+        return f"{missing.group(1)} needs a value: {help_hint}"
+    required = re.match(r"the following arguments are required: (.*)", message)
+    if required and required.group(1) in ("COMMAND", "SUBCOMMAND"):
+        return f"{parser.prog} needs a command: {', '.join(_subcommands(parser))}"
+    if required:
+        return f"{parser.prog} needs {required.group(1)}: {help_hint}"
+    argument = re.match(r"argument (\S+?)(/\S+)?: (.*)", message)
+    if argument:
+        return f"{argument.group(1)}: {argument.group(3)}"
+    return message
+
+
+def _usage(command: Command) -> str:
+    """A short usage line (the groups below list every option): the positional argument, then [options]."""
+    positional = [(f.metadata.get("positional_metavar", f.name.upper()), f.metadata.get("nargs", "?"))
+                  for f in dataclasses.fields(command.config) if f.metadata.get("positional")]
+    return " ".join(["%(prog)s", *(f"[{name} ...]" if nargs == "*" else f"[{name}]" for name, nargs in positional),
+                     "[options]"])
+
+
 def build_parser(commands: Sequence[Command], argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every command; `argv` (the command line) only picks the preset whose defaults `--help` shows."""
-    parser = argparse.ArgumentParser(
-        prog="lensunlearn", description="Unlearn knowledge through tuned lenses, evaluate it, and attack the result.")
+    parser = _Parser(prog="lensunlearn",
+                     description="Unlearn knowledge through tuned lenses, evaluate it, and attack the result.")
+    parser.add_argument("--version", action="version", version=f"lensunlearn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also "
                                                                "LENSUNLEARN_DEBUG=1; accepted anywhere on the line)")
@@ -79,12 +168,14 @@ def build_parser(commands: Sequence[Command], argv: Sequence[str] | None = None)
                 group_parser = subparsers.add_parser(head, help=f"{head} subcommands")
                 groups[head] = group_parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
             target = groups[head]
-        sub = target.add_parser(command.words[-1], help=command.help, description=command.help)
+        sub = target.add_parser(command.words[-1], help=command.help, description=command.help,
+                                usage=_usage(command))
         shown = _preset_on_line(command, argv) or command.default_preset
         base = command.presets.get(shown) if shown else None
         if command.presets:
-            sub.add_argument("--preset", choices=sorted(command.presets), default=command.default_preset,
-                             help=f"named defaults that explicit flags override (default: {command.default_preset})")
+            sub.add_argument("--preset", type=_preset_type(command), default=command.default_preset,
+                             metavar="{" + ",".join(command.presets) + "}",
+                             help=f"{command.preset_help} (default: {command.default_preset})")
         add_config_args(sub, command.config, base)
         sub.set_defaults(_command=command)
     return parser
@@ -98,7 +189,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, Command, argparse.Namespace]:
-    """Parse the command line (argparse exits 2 on a usage error); `--debug` is taken out wherever it is."""
+    """Parse the command line (a usage error raises `UsageError`); `--debug` is taken out wherever it is."""
     argv = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--debug"]
     parser = build_parser(all_commands(), argv)
     args = parser.parse_args(argv)
@@ -122,14 +213,21 @@ def configure(argv: Sequence[str]) -> tuple[Command, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of library callers and tests (`main([...])`): errors other than a bad option value
-    (exit 2, as argparse) propagate as exceptions."""
-    parser, command, args = _parse(argv)
+    """Entry point of library callers and tests (`main([...])`): a command line that cannot be read and a
+    bad option value print one line and exit 2 (as argparse does); other errors propagate as exceptions."""
+    command: Command | None = None
     try:
+        _, command, args = _parse(argv)
         config = _config(command, args)
     except ConfigError as err:
-        parser.exit(2, f"{_prog(command)}: error: {describe(err)}\n")
+        sys.stderr.write(f"{_where(err, command)}: error: {describe(err)}\n")
+        raise SystemExit(2) from None
     return command(config)
+
+
+def _where(err: BaseException, command: Command | None) -> str:
+    """The program an error line names: the (sub)command whose line could not be read, else the command."""
+    return err.prog if isinstance(err, UsageError) else _prog(command)
 
 
 def describe(err: BaseException) -> str:
@@ -172,7 +270,7 @@ def console(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if debug:
             traceback.print_exc()
-        print(f"{_prog(command)}: error: {describe(err)}", file=sys.stderr)
+        print(f"{_where(err, command)}: error: {describe(err)}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     return 0
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from .config import ConfigError, to_jsonable
+from .config import ConfigError, current_names, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def check_resumed_config(saved: dict[str, Any], cfg: Any, ignored: Iterable[str]
     the result, e.g. the device or how often checkpoints are written). Fields the saved config
     lacks (written by an older version) are not compared.
     """
-    now = to_jsonable(cfg)
+    now, saved = to_jsonable(cfg), current_names(type(cfg), saved)
     skip = set(ignored)
     differ = [f.name for f in dataclasses.fields(cfg)
               if f.name not in skip and f.name in saved and _normal(saved[f.name]) != _normal(now[f.name])]

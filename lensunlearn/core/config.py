@@ -21,7 +21,7 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,10 +35,30 @@ class ConfigError(UserError, ValueError):
     """A bad option value, reported before any compute is spent (the command exits 2, as for a usage error)."""
 
 
+# The groups `--help` shows the options in, in this order (a command shows those it has). Each option
+# mixin names its group (`help_group`); a command's own fields name theirs (`option(..., group=...)`).
+GROUPS = ("model", "data", "lens", "objective", "optimisation", "LoRA", "robust update", "unlearning", "attack",
+          "grid", "measure", "targets", "evaluation", "tracking", "run")
+
+
 class Options:
     """Base of every config and option mixin. Each class checks its own fields in `__post_init__`
     and then calls `super().__post_init__()`, so a config made of several mixins runs every check,
-    and every check raises `ConfigError` before anything is loaded."""
+    and every check raises `ConfigError` before anything is loaded.
+
+    A mixin sets `help_group` (one of `GROUPS`): its fields show under that heading in `--help`
+    unless a field names another group itself."""
+
+    help_group: typing.ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        group = cls.__dict__.get("help_group")
+        if group is None:
+            return
+        for value in list(cls.__dict__.values()):
+            if isinstance(value, dataclasses.Field) and "group" not in value.metadata:
+                value.metadata = types.MappingProxyType({**value.metadata, "group": group})
 
     def __post_init__(self) -> None:
         pass
@@ -47,22 +67,27 @@ class Options:
 def option(default: Any, help: str, **kw: Any) -> Any:
     """Declare a config field with its help text (shown by `--help`).
 
-    Keywords go to the field's metadata: `metavar` (what `--help` shows for the value, e.g. FILE or
-    DIR), `positional`/`nargs`, `append` (a tuple of strings whose flag is repeated, one item each), and
-    `old_names`: former flag names still accepted, hidden from `--help`. For a bool field `old_names`
-    may map a name to the value it sets (`{"lora": False}`: `--lora` sets the field to False,
-    `--no-lora` to True).
+    Keywords go to the field's metadata: `group` (the `--help` heading, one of `GROUPS`; a mixin's
+    `help_group` otherwise), `default_text` (the default in plain words, e.g. "from the run", which
+    `--help` shows for a default of None, '' or an empty list), `metavar` (what `--help` shows for the
+    value, e.g. FILE or DIR), `positional`/`nargs` (a positional argument, also accepted as
+    `--name`), `append` (a tuple of strings whose flag is repeated, one item each), `empty` (for an
+    optional string whose None means "from the run" or another default: '' and `none` on the
+    command line are kept as '', which means none), `old_values` (former spellings of a value, e.g.
+    a preset's old name, mapped to the new one), and `old_names`: former flag names still accepted,
+    hidden from `--help`. For a bool field `old_names` may map a name to the value it sets
+    (`{"lora": False}`: `--lora` sets the field to False, `--no-lora` to True).
     """
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
-def redefault(cls: type, name: str, default: Any) -> Any:
+def redefault(cls: type, name: str, default: Any, **changes: Any) -> Any:
     """The field `name` of the mixin `cls` with another default, for a config that inherits it
-    (help text and old names stay those of `cls`)."""
+    (help text, group and old names stay those of `cls` unless `changes` replaces them)."""
     inherited = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return option(default, **inherited.metadata)
+    return option(default, **{**inherited.metadata, **changes})
 
 
 def parse_int_list(text: str | typing.Sequence[int]) -> tuple[int, ...]:
@@ -101,18 +126,48 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _converter(annotation: Any) -> Any:
+NONE_WORDS = ("", "none", "null")  # what an optional value accepts for "not given" (or, with `empty`, for none)
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _choices(values: Sequence[str], text: str) -> str:
+    close = difflib.get_close_matches(text, [str(v) for v in values], 1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"choose from {', '.join(map(str, values))}, got {text!r}{hint}"
+
+
+def _converter(annotation: Any, metadata: Any = types.MappingProxyType({})) -> Callable[[str], Any]:
+    """The function that turns a flag's text into the field's value; a bad value raises
+    `argparse.ArgumentTypeError` whose message says what the flag accepts (argparse adds the flag)."""
     base, optional = _base_type(annotation)
-    if typing.get_origin(base) is tuple:
-        inner = typing.get_args(base)[0]
-        conv = parse_int_list if inner is int else parse_float_list if inner is float else parse_str_list
-    elif typing.get_origin(base) is typing.Literal:
-        conv = str
-    else:
-        conv = base
-    if not optional:
-        return conv
-    return lambda s: None if s.lower() in ("none", "null", "") else conv(s)
+    old_values = metadata.get("old_values", {})
+
+    def convert(text: str) -> Any:
+        if optional and text.strip().lower() in NONE_WORDS:
+            return "" if metadata.get("empty") else None
+        if text in old_values:
+            sys.stderr.write(f"lensunlearn: the value {text} is now {old_values[text]}; the old name goes in the "
+                             f"next release\n")
+            text = old_values[text]
+        if typing.get_origin(base) is tuple:
+            inner = typing.get_args(base)[0]
+            parse = parse_int_list if inner is int else parse_float_list if inner is float else parse_str_list
+            try:
+                return parse(text)
+            except ConfigError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+        if typing.get_origin(base) is typing.Literal:
+            if text not in typing.get_args(base):
+                raise argparse.ArgumentTypeError(_choices(typing.get_args(base), text))
+            return text
+        try:
+            return base(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {_TYPE_WORDS.get(base, base.__name__)}"
+                                             f"{' (or none)' if optional else ''}, got {text!r}") from None
+
+    convert.__name__ = getattr(base, "__name__", "value")
+    return convert
 
 
 class _OldName(argparse.Action):
@@ -133,7 +188,7 @@ def _add_old_names(parser: argparse.ArgumentParser, name: str, is_bool: bool, kw
     for old, value in values.items():
         if not is_bool:
             parser.add_argument(f"--{old}", action=_OldName, new=f"--{name}", dest=name, default=argparse.SUPPRESS,
-                                type=kwargs["type"], choices=kwargs.get("choices"), help=argparse.SUPPRESS)
+                                type=kwargs["type"], metavar=kwargs.get("metavar"), help=argparse.SUPPRESS)
             continue
         for flag, const in ((f"--{old}", value), (f"--no-{old}", not value)):
             new = f"--{name}" if const else f"--no-{name}"
@@ -141,52 +196,110 @@ def _add_old_names(parser: argparse.ArgumentParser, name: str, is_bool: bool, kw
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+# Metavars by the last word of a string option's name, where the name alone says little.
+_STR_METAVARS = {"model": "MODEL", "lens": "DIR", "out": "DIR", "run": "DIR", "device": "DEVICE", "tasks": "TASKS",
+                 "task": "TASK", "forget": "CORPUS", "retain": "CORPUS", "corpus": "CORPUS", "config": "NAME",
+                 "split": "SPLIT", "column": "COLUMN", "name": "NAME", "include": "DIR", "baseline": "FILE",
+                 "predictions": "FILE", "plot": "FILE", "generic": "TEXT", "benign": "TEXT", "targets": "LIST"}
+
+
+def _metavar(name: str, base: Any, metadata: Any) -> str:
+    """What `--help` shows for the value: short words (N, LR, LIST, DIR, ...) unless the field names its own."""
+    if "metavar" in metadata:
+        return metadata["metavar"]
+    if typing.get_origin(base) is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(base))) + "}"
+    if typing.get_origin(base) is tuple:
+        return "LIST"
+    if base is int:
+        return "N"
+    if base is float:
+        return "LR" if name == "lr" or name.endswith("_lr") else "X"
+    return _STR_METAVARS.get(name.rsplit("_", 1)[-1], name.rsplit("_", 1)[-1].upper())
+
+
+def _shown_default(field: dataclasses.Field, default: Any, is_bool: bool) -> str | None:
+    """The default as `--help` shows it, in plain words; None where there is nothing to show."""
+    if is_bool:
+        return "on" if default else "off"
+    if default is None or default == "" or default == ():
+        return field.metadata.get("default_text")
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+def _groups(parser: argparse.ArgumentParser, fields: Iterable[dataclasses.Field]) -> dict[str, Any]:
+    """One argument group per heading the fields use, in the order of `GROUPS`."""
+    used = {f.metadata.get("group", "run") for f in fields}
+    unknown = used - set(GROUPS)
+    if unknown:
+        raise ValueError(f"option group(s) {sorted(unknown)} are not in config.GROUPS")
+    return {name: parser.add_argument_group(name) for name in GROUPS if name in used}
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
-    """Add `--config FILE` and one `--name` flag per dataclass field (and its hidden old names); help shows
-    the (preset) default."""
-    parser.add_argument("--config", dest=CONFIG_FILE_DEST, metavar="FILE", default=None, help=CONFIG_FILE_HELP)
+    """Add `--config FILE` and one `--name` flag per dataclass field (and its hidden old names), under
+    their groups; help shows the (preset) default in plain words."""
+    parser.add_argument("--config", dest=CONFIG_FILE_DEST, metavar="FILE", action="append", default=None,
+                        help=CONFIG_FILE_HELP)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("cli") is False:
-            continue
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli") is not False]
+    groups = _groups(parser, fields)
+    for f in fields:
         default = getattr(defaults, f.name) if defaults is not None else (
             f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
-        annotation = hints[f.name]
-        base, _ = _base_type(annotation)
+        base, _ = _base_type(hints[f.name])
+        shown = _shown_default(f, default, base is bool)
+        help_text = f.metadata.get("help", "") + (f" (default: {shown})" if shown is not None else "")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _converter(annotation)
-            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
-            if typing.get_origin(base) is typing.Literal:
-                kwargs["choices"] = typing.get_args(base)
-                kwargs["metavar"] = "{" + ",".join(map(str, kwargs["choices"])) + "}"
+            kwargs["type"] = _converter(hints[f.name], f.metadata)
+            kwargs["metavar"] = _metavar(f.name, base, f.metadata)
             if f.metadata.get("append"):  # a repeatable flag: each occurrence is one item, commas included
                 kwargs.update(action="append", type=str)
-        if f.metadata.get("positional"):
-            kwargs.pop("dest")
-            kwargs["nargs"] = f.metadata.get("nargs", None)
-            kwargs["metavar"] = f.name.upper()
-            parser.add_argument(f.name, **{k: v for k, v in kwargs.items() if k != "default"},
-                                default=argparse.SUPPRESS)
-            continue
-        parser.add_argument(f"--{f.name}", **kwargs)
+        group = groups[f.metadata.get("group", "run")]
+        if f.metadata.get("positional"):  # RUN_DIR, or --run RUN_DIR
+            nargs = f.metadata.get("nargs", "?")
+            group.add_argument(f"{f.name}{POSITIONAL_SUFFIX}", nargs=nargs, type=kwargs.get("type"),
+                               metavar=f.metadata.get("positional_metavar", f.name.upper()), default=argparse.SUPPRESS,
+                               help=f"{help_text}; or --{f.name}" if nargs == "?" else help_text)
+            if nargs != "?":
+                continue
+            kwargs["help"] = f"the same as the positional {f.name.upper()}"
+        group.add_argument(f"--{f.name}", **kwargs)
         _add_old_names(parser, f.name, base is bool, kwargs, f.metadata.get("old_names", ()))
+
+
+POSITIONAL_SUFFIX = "_positional"  # the namespace key of a field's positional form, beside its --flag
+
+
+def given_values(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
+    """The fields the command line set, a positional argument merged with its `--flag` form."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        flag, positional = getattr(namespace, f.name, None), getattr(namespace, f.name + POSITIONAL_SUFFIX, None)
+        if hasattr(namespace, f.name + POSITIONAL_SUFFIX) and positional not in (None, []):
+            if hasattr(namespace, f.name) and flag != positional:
+                raise ConfigError(f"{f.name.upper()} {positional} and --{f.name} {flag} name two different "
+                                  f"{f.name}s: give one")
+            values[f.name] = positional
+        elif hasattr(namespace, f.name):
+            values[f.name] = flag
+    return values
 
 
 def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None = None,
                      derived: Iterable[str] = ()) -> T:
-    """Build `cls` from parsed flags over the values of `--config FILE` (when given) over `base` (a preset)
-    over the field defaults. `derived`: keys the command's own saved config holds beside its fields (a
-    run's plan), skipped when such a file is read back."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    path = getattr(namespace, CONFIG_FILE_DEST, None)
-    from_file = read_config_file(cls, path, derived) if path else {}
-    given = {name: getattr(namespace, name) for name in fields if hasattr(namespace, name)}
-    values = {**from_file, **given}
+    """Build `cls` from parsed flags over the values of each `--config FILE` (when given; a later file
+    overrides an earlier one) over `base` (a preset) over the field defaults. `derived`: keys the
+    command's own saved config holds beside its fields (a run's plan), skipped when such a file is read
+    back."""
+    paths = getattr(namespace, CONFIG_FILE_DEST, None) or []
+    from_file: dict[str, Any] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        from_file.update(read_config_file(cls, path, derived))
+    values = {**from_file, **given_values(cls, namespace)}
     if base is None:
         return cls(**values)
     return dataclasses.replace(base, **values)
@@ -199,9 +312,10 @@ CONFIG_FILE_DEST = "config_file"  # not "config": a command may one day have a f
 # run's saved config must neither replace nor continue anything unless the command line says so.
 FLAG_ONLY = ("resume", "overwrite")
 CONFIG_FILE_HELP = ("read options from FILE: the run_config.json a run wrote, or a YAML or JSON mapping of "
-                    "option names to values. Precedence: built-in defaults < --preset (where the command has "
-                    "one) < FILE < flags given on the line. Unknown keys and wrong types are errors; resume "
-                    "and overwrite are read only from the line, never from FILE")
+                    "option names to values; repeat --config to merge several files, a later one winning. "
+                    "Precedence: built-in defaults < --preset (where the command has one) < FILE < flags given "
+                    "on the line. Unknown keys and wrong types are errors, keys a run computed (its plan) are "
+                    "ignored with a warning; resume and overwrite are read only from the line, never from FILE")
 
 
 def _load_mapping(path: Path) -> dict[str, Any]:
@@ -238,33 +352,52 @@ def _load_mapping(path: Path) -> dict[str, Any]:
 
 def read_config_file(cls: type, path: str | Path, derived: Iterable[str] = ()) -> dict[str, Any]:
     """The field values of `cls` that the config file `path` sets, checked and converted to the field
-    types (lists become tuples); keys in `derived` are skipped, `FLAG_ONLY` keys dropped."""
+    types (lists become tuples). A field's former name is read as the field, with a warning; keys in
+    `derived` (a run's plan, which follows from the options) are skipped, with a warning unless the
+    file is the command's own saved config (it holds them all); `FLAG_ONLY` keys are dropped."""
     path = Path(path)
     data = _load_mapping(path)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = {old: f.name for f in fields.values() for old in f.metadata.get("old_names", ())}
     skipped = set(derived)
-    unknown = [str(key) for key in data if key not in fields and key not in skipped]
+    unknown = [str(key) for key in data if key not in fields and key not in skipped and key not in renamed]
     if unknown:
         hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, fields, 1)) else key
                  for key in unknown]
         raise ConfigError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: "
                           f"see --help for the options of this command")
+    ignored = [key for key in data if key in skipped]
+    if ignored and not skipped <= set(data):
+        log.warning("--config %s: %s ignored: %s what a run computed from its options, not options", path,
+                    ", ".join(ignored), "is" if len(ignored) == 1 else "are")
     types_ = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
         if key in skipped:
             continue
+        if key in renamed:
+            if renamed[key] in data:
+                raise ConfigError(f"--config {path}: {key} is the old name of {renamed[key]}, and the file sets both: "
+                                  f"keep {renamed[key]}")
+            log.warning("--config %s: %s is now %s; the old name goes in the next release", path, key, renamed[key])
+            key = renamed[key]
         if key in FLAG_ONLY:
             if value:
                 log.warning("--config %s sets %s: ignored, pass --%s on the command line to %s", path, key, key, key)
             continue
-        values[key] = _file_value(value, types_[key], f"--config {path}: {key}")
+        values[key] = _file_value(value, types_[key], f"--config {path}: {key}", fields[key].metadata)
     return values
 
 
-def _file_value(value: Any, annotation: Any, what: str) -> Any:
+def _file_value(value: Any, annotation: Any, what: str, metadata: Any = types.MappingProxyType({})) -> Any:
     """`value` as read from a config file, checked against the field's type."""
     base, optional = _base_type(annotation)
+    if isinstance(value, str) and value in metadata.get("old_values", {}):
+        log.warning("%s: %s is now %s; the old name goes in the next release", what, value,
+                    metadata["old_values"][value])
+        value = metadata["old_values"][value]
+    if optional and value == "" and not metadata.get("empty"):
+        value = None  # as on the command line: '' is "not given" unless the field keeps it as none
     if value is None:
         if optional:
             return None
@@ -272,7 +405,10 @@ def _file_value(value: Any, annotation: Any, what: str) -> Any:
     if typing.get_origin(base) is tuple:
         inner = typing.get_args(base)[0]
         if isinstance(value, str):  # the flag's spelling, "5,10,15"
-            return _converter(base)(value)
+            try:
+                return _converter(base)(value)
+            except argparse.ArgumentTypeError as err:
+                raise ConfigError(f"{what}: {err}") from None
         if not isinstance(value, list):
             raise ConfigError(f"{what} must be a list, got {value!r}")
         return tuple(_file_value(item, inner, what) for item in value)
@@ -315,6 +451,13 @@ def _type_name(annotation: Any) -> str:
     return "a list" if typing.get_origin(annotation) is tuple else getattr(annotation, "__name__", str(annotation))
 
 
+def current_names(cls: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with each renamed field under its current name (a run written before the rename)."""
+    renamed = {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("old_names", ())}
+    return {renamed.get(key, key) if renamed.get(key, key) not in saved else key: value
+            for key, value in saved.items()}
+
+
 def to_jsonable(cfg: Any) -> dict[str, Any]:
     """A dataclass as a JSON-ready dict (tuples become lists, paths strings)."""
     out = {}
@@ -343,6 +486,8 @@ class Command:
     default_preset: str | None = None
     # keys the command's saved config holds beside its fields (a run's plan): `--config` skips them
     derived: tuple[str, ...] = ()
+    old_presets: dict[str, str] = dataclasses.field(default_factory=dict)  # a preset's former name -> its name
+    preset_help: str = "named defaults that explicit flags override"
 
     def runner(self) -> Callable[[Any], Any]:
         """The function that runs the command, imported now."""

@@ -15,22 +15,27 @@ from ..train.options import OptimizerName
 @dataclass
 class DemoConfig(ModelOptions):
     out: str = option("demo_out", f"the output folder, for every stage's output and {REPORT_FILE}", metavar="DIR")
-    forget_domain: str = option("country_capital", "fact domain to unlearn and attack")
+    forget_domain: str = option("country_capital", "fact domain to unlearn and attack", group="data",
+                                metavar="DOMAIN")
     kept_domains: tuple[str, ...] = option(("element_symbol", "us_state_capital"),
                                            "fact domains that must survive; evaluated, never trained on (the "
                                            "retain corpus is the preset's everyday text)",
-                                           old_names=("retain_domains",))
+                                           old_names=("retain_domains",), group="data")
     # 60 steps left a lens under which the robust preset's general-text check stopped unlearning after
     # 10 steps with country capitals at 48 %; with 120 it ran 20 steps to 33.75 %, and the whole demo
     # took 9 to 12 minutes on 2 cores.
-    lens_steps: int = option(120, "lens training steps (8 documents each)")
-    unlearn_examples: int | None = option(None, "forget/retain pairs; None keeps the robust preset's")
-    unlearn_layers: tuple[int, ...] | None = option(None, "target layers; None keeps the robust preset's")
-    optimizer: OptimizerName | None = option(None, "unlearning optimiser; None keeps the robust preset's")
-    cir_act_components: int | None = option(None, "shared input directions removed; None keeps the robust preset's "
-                                                  "(a model narrower than the preset's 24 needs fewer)")
-    cir_grad_components: int | None = option(None, "shared output-gradient directions removed; None keeps the "
-                                                   "robust preset's (36)")
+    lens_steps: int = option(120, "lens training steps (8 documents each)", group="lens")
+    unlearn_examples: int | None = option(None, "forget/retain pairs", group="unlearning",
+                                          default_text="the robust preset's")
+    unlearn_layers: tuple[int, ...] | None = option(None, "target layers", group="unlearning",
+                                                    default_text="the robust preset's")
+    optimizer: OptimizerName | None = option(None, "unlearning optimiser", group="unlearning",
+                                             default_text="the robust preset's")
+    cir_act_components: int | None = option(None, "shared input directions removed (a model narrower than the "
+                                                  "preset's 24 needs fewer)", group="unlearning",
+                                            default_text="the robust preset's")
+    cir_grad_components: int | None = option(None, "shared output-gradient directions removed", group="unlearning",
+                                             default_text="the robust preset's (36)")
     # The preset halves the learning rate each time general-text loss is past its budget and goes on,
     # which on the embedded model ran 50 to 100 steps (12 to 19 minutes); stopping at the budget, as
     # the demo does, ran 15 to 20 steps (4 to 5 minutes) to 34 to 38 % forgotten instead of 33.75 %,
@@ -38,16 +43,18 @@ class DemoConfig(ModelOptions):
     cir_on_loss_rise: Literal["stop", "shrink"] = option("stop", "past the preset's general-text loss budget: stop "
                                                                  "(fits the demo in about 10 minutes) or shrink the "
                                                                  "learning rate and go on (the preset's own rule, "
-                                                                 "5 to 15 minutes more)")
+                                                                 "5 to 15 minutes more)", group="unlearning")
     # The strongest attack of the robustness protocol's default grid on the robust preset's run, the
     # one with the highest unseen-half accuracy after 64 steps on two of three seeds (a LoRA attack at
     # lr 1e-3 on the third): full-parameter fine-tuning at lr 1e-5 for 64 steps of 8 sentences.
-    tamper_full: bool = option(True, "attack all parameters; --no-tamper_full attacks with a rank-16 LoRA adapter")
-    tamper_lr: float = option(1e-5, "learning rate of the held-out relearning attack")
-    tamper_steps: int = option(64, "attack steps of 8 sentences of the attacked half (cycled)")
-    tamper_examples: int = option(512, "attack chunks kept (fact sentences of the attacked half)")
-    holdout: float = option(0.5, "fraction of the forget domain's facts the attack never sees")
-    eval_batch: int = option(32, "questions per evaluation forward pass")
+    tamper_full: bool = option(True, "attack all parameters; --no-tamper_full attacks with a rank-16 LoRA adapter",
+                               group="attack")
+    tamper_lr: float = option(1e-5, "learning rate of the held-out relearning attack", group="attack", metavar="LR")
+    tamper_steps: int = option(64, "attack steps of 8 sentences of the attacked half (cycled)", group="attack")
+    tamper_limit: int = option(512, "attack chunks kept (fact sentences of the attacked half)", group="attack",
+                               old_names=("tamper_examples",))
+    holdout: float = option(0.5, "fraction of the forget domain's facts the attack never sees", group="attack")
+    eval_batch: int = option(32, "questions per evaluation forward pass", group="evaluation")
     overwrite: bool = option(False, "run every stage again (with new flags), replacing each stage's output once its "
                                     "new one is complete")
 
@@ -60,7 +67,7 @@ class DemoConfig(ModelOptions):
         if self.forget_domain in self.kept_domains:
             raise ConfigError("--forget_domain must not also be a kept domain")
         require_positive(tamper_lr=self.tamper_lr, tamper_steps=self.tamper_steps,
-                         tamper_examples=self.tamper_examples, unlearn_examples=self.unlearn_examples)
+                         tamper_limit=self.tamper_limit, unlearn_examples=self.unlearn_examples)
         super().__post_init__()
 
     @property

@@ -64,7 +64,7 @@ RERUN_MAY_CHANGE = ("overwrite", "device", "eval_batch")
 def claim_out(cfg: DemoConfig) -> dict:
     """The demo's state in --out ({"config", "started", "done"}), after refusing a folder that is not a
     demo's, or one made with other flags (unless --overwrite). Nothing is deleted here."""
-    from ..core.config import to_jsonable
+    from ..core.config import current_names, to_jsonable
     from ..core.outputs import is_empty, output_kind
     from ..core.paths import write_marker
 
@@ -83,6 +83,7 @@ def claim_out(cfg: DemoConfig) -> dict:
             raise FileExistsError(f"--out {out} holds a demo made by an older version, without its flags: pass "
                                   f"--overwrite to run every stage again, or choose another --out")
         else:
+            state["config"] = current_names(DemoConfig, state["config"])
             differ = [k for k in config if k not in RERUN_MAY_CHANGE and state["config"].get(k) != config[k]]
             if differ:
                 changes = ", ".join(f"--{k} {state['config'].get(k)} -> {config[k]}" for k in differ)
@@ -197,10 +198,10 @@ def _run_demo(cfg: DemoConfig) -> Path:
     stages.run("facts", out / DEMO_FACTS_DIR / f"{cfg.kept_domains[-1]}.jsonl", facts)
 
     def lens() -> None:
-        common = dict(cfg.model_options(), data="facts:all")
+        common = dict(cfg.model_options(), corpus="facts:all")
         train_lens(LensTrainConfig(**common, out=str(lens_dir), steps=cfg.lens_steps, **continue_or_replace(lens_dir)))
         eval_lens(LensEvalConfig(**common, lens=str(lens_dir), out=str(out / DEMO_LENS_EVAL_FILE), overwrite=True,
-                                 lens_matmul="bfloat16", max_docs=LENS_EVAL_DOCS))
+                                 lens_matmul="bfloat16", eval_limit=LENS_EVAL_DOCS))
     stages.run("lens", out / DEMO_LENS_EVAL_FILE, lens)
 
     stages.run("base eval", base_eval,
@@ -223,9 +224,10 @@ def _run_demo(cfg: DemoConfig) -> Path:
                                               "after unlearning"))
 
     def tamper() -> None:
-        run_tamper(TamperConfig(**cfg.model_options() | {"model": str(run_dir)}, forget=f"facts:{cfg.forget_domain}",
+        run_tamper(TamperConfig(**cfg.model_options() | {"model": None}, run=str(run_dir),
+                                forget=f"facts:{cfg.forget_domain}",
                                 holdout=cfg.holdout, eval_tasks=",".join(cfg.tasks[:2]), eval_format="cloze",
-                                lr=cfg.tamper_lr, full=cfg.tamper_full, examples=cfg.tamper_examples,
+                                lr=cfg.tamper_lr, full=cfg.tamper_full, forget_limit=cfg.tamper_limit,
                                 steps=cfg.tamper_steps, schedule="constant", max_length=64, batch=8,
                                 per_device_batch=8, eval_every=32, baseline=str(base_eval), out=str(tamper_dir),
                                 overwrite=True))

@@ -14,6 +14,8 @@ from ..modeling.options import ModelOptions
 class EvalConfig(ModelOptions):
     """Options of `lensunlearn eval`."""
 
+    help_group = "evaluation"
+
     eval_tasks: tuple[str, ...] = option(("wmdp_bio_robust", "mmlu"),
                                          "comma-separated tasks: wmdp_bio_robust, wmdp_bio, mmlu, mmlu_stem, "
                                          "mmlu_<subject>, facts:<domain>, a .jsonl of {question, choices, "
@@ -22,20 +24,24 @@ class EvalConfig(ModelOptions):
     eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
                                                                "answer text as continuation", old_names=("format",))
     eval_batch: int = option(16, "questions per evaluation forward pass", old_names=("batch_size",))
-    eval_limit: int | None = option(None, "evaluate only the first N questions of each task",
+    eval_limit: int | None = option(None, "evaluate only the first N questions of each task", default_text="all",
                                     old_names=("limit",))
     max_length: int | None = option(None, "context limit in tokens; longer questions lose tokens from the left, as "
-                                          "in lm-eval. None: the model's (config n_positions / "
+                                          "in lm-eval", default_text="the model's (config n_positions / "
                                           "max_position_embeddings / n_ctx, else the tokenizer's, else 2048)")
-    out: str | None = option(None, "JSON file for the results", metavar="FILE")
-    predictions: str | None = option(None, "per-question predictions jsonl (default: beside --out)", metavar="FILE")
-    lens: str | None = option(None, "tuned lens folder or hub id: adds the per-layer knowledge profile")
-    plot: str | None = option(None, "knowledge-profile PNG (default: beside --out when --lens is given)",
-                              metavar="FILE")
-    overwrite: bool = option(False, "replace existing output files (--out, the predictions and the plot)")
+    out: str | None = option(None, "JSON file for the results", metavar="FILE", group="run",
+                             default_text="print the table only")
+    predictions: str | None = option(None, "per-question predictions jsonl", metavar="FILE", group="run",
+                                     default_text="beside --out; none without --out")
+    lens: str | None = option(None, "tuned lens folder or hub id: adds the per-layer knowledge profile",
+                              group="model", default_text="none")
+    plot: str | None = option(None, "knowledge-profile PNG", metavar="FILE", group="run",
+                              default_text="beside --out when --lens is given")
+    overwrite: bool = option(False, "replace existing output files (--out, the predictions and the plot)",
+                             group="run")
     lm_eval_include: str | None = option(None, "folder of your own lm-eval task YAML files, for lm_eval:<task> "
                                                "in --eval_tasks (passed to lm-eval's TaskManager as include_path)",
-                                         metavar="DIR")
+                                         metavar="DIR", default_text="none")
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_tasks, str):

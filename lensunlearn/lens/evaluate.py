@@ -91,9 +91,9 @@ def eval_lens(cfg: LensEvalConfig) -> dict:
     docs = held or train_docs
     if not held:
         log.warning("--holdout is 0: evaluating on the training documents")
-    docs = docs[:cfg.max_docs]
+    docs = docs[:cfg.eval_limit]
     rows = lens_table(model, lens, docs, tokenizer.pad_token_id, cfg.eval_batch, cfg.chunk)
-    result = {"model": cfg.model, "lens": cfg.lens, "data": cfg.data, "documents": len(docs), "layers": rows}
+    result = {"model": cfg.model, "lens": cfg.lens, "corpus": cfg.corpus, "documents": len(docs), "layers": rows}
     print(format_lens_table(rows))
     if cfg.out:
         plot = beside(cfg.out, LENS_PLOT_SUFFIX)

@@ -27,16 +27,22 @@ class CorpusOptions(Options):
     """Where lens text comes from and how it is split into train and held-out parts (`lens train` and
     `lens eval` split it alike, so `lens eval` measures on documents the lens never saw)."""
 
-    data: str = option(DEFAULT_LENS_DATA, "corpus: hub dataset id, local jsonl/json/parquet/txt file or saved "
-                                          "dataset folder, or facts:<domain> / facts:all")
-    data_config: str | None = option(None, "hub dataset config name")
-    split: str = option("train", "dataset split")
-    column: str | None = option(None, "text column; None reads text, or title/abstract/text joined")
-    limit: int | None = option(None, "use only the first N documents")
+    help_group = "data"
+
+    corpus: str = option(DEFAULT_LENS_DATA, "text the lens is fitted on: hub dataset id, local jsonl/json/parquet/txt "
+                                            "file or saved dataset folder, or facts:<domain> / facts:all",
+                         old_names=("data",))
+    corpus_config: str | None = option(None, "hub dataset config of --corpus", default_text="none",
+                                       old_names=("data_config",))
+    corpus_split: str = option("train", "dataset split of --corpus", old_names=("split",))
+    corpus_column: str | None = option(None, "text column of --corpus", old_names=("column",),
+                                       default_text="text, or title/abstract/text joined")
+    corpus_limit: int | None = option(None, "use only the first N documents of --corpus", default_text="all",
+                                      old_names=("limit",))
     holdout: float = option(0.1, "fraction of documents held out for `lens eval` (same seed, same split)",
                             old_names=("heldout",))
     max_length: int = option(128, "truncate documents to this many tokens")
-    seed: int = option(0, "seed for the train/held-out split, data order and initialisation")
+    seed: int = option(0, "seed for the train/held-out split, data order and initialisation", group="run")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
@@ -50,22 +56,23 @@ class CorpusOptions(Options):
 class LensTrainConfig(TrackingOptions, CorpusOptions, TrainingOptions, ModelOptions):
     optimizer: OptimizerName = redefault(TrainingOptions, "optimizer", "muon")
     batch: int = redefault(TrainingOptions, "batch", 8)
-    out: str | None = option(None, "the lens folder; None means runs/lens_<model>", metavar="DIR")
-    steps: int | None = option(None, "optimiser steps; None means one epoch over the training documents")
+    out: str | None = option(None, "the lens folder", metavar="DIR", default_text="runs/lens_<model>")
+    steps: int | None = option(None, "optimiser steps", default_text="one epoch over the training documents")
     lr: float = option(1e-2, "peak learning rate (Muon's, matched to AdamW's update size: 1e-3 leaves one epoch far "
                              "short, 5e-2 overshoots the last layers; sgd wants about 0.1)")
-    chunk: int = option(512, "tokens per chunk of full-vocabulary KL (bounds memory)")
+    chunk: int = option(512, "tokens per chunk of full-vocabulary KL (bounds memory)", group="optimisation")
     lens_matmul: Literal["bfloat16", "float32"] = option("bfloat16", "dtype of the lens's unembedding product during "
                                                                      "training (bfloat16 is several times faster; the "
-                                                                     "KL and the translators stay float32)")
-    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
+                                                                     "KL and the translators stay float32)",
+                                                         group="optimisation")
+    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0: none)")
     resume: bool = option(False, "continue from the checkpoint in --out")
     overwrite: bool = option(False, "replace a finished lens in --out")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         # an untrained lens saved as if trained is the failure these prevent
-        require_positive(steps=self.steps, chunk=self.chunk, limit=self.limit)
+        require_positive(steps=self.steps, chunk=self.chunk, corpus_limit=self.corpus_limit)
         require_nonnegative(checkpoint_every=self.checkpoint_every)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
@@ -75,20 +82,22 @@ class LensTrainConfig(TrackingOptions, CorpusOptions, TrainingOptions, ModelOpti
 
 @dataclass
 class LensEvalConfig(CorpusOptions, ModelOptions):
-    lens: str = option("", f"lens folder ({LENS_PARAMS_FILE} + {LENS_CONFIG_FILE}) or hub id")
+    lens: str = option("", f"lens folder ({LENS_PARAMS_FILE} + {LENS_CONFIG_FILE}) or hub id (required)",
+                       group="model", metavar="DIR")
     out: str | None = option(None, "JSON file for the per-layer table (a PNG plot is written beside it)",
-                             metavar="FILE")
-    eval_batch: int = option(8, "documents per evaluation forward pass", old_names=("batch",))
-    max_docs: int | None = option(None, "score only the first N held-out documents (the table's cost grows with "
-                                        "them); None: all")
-    chunk: int = option(512, "tokens per chunk of full-vocabulary KL")
+                             metavar="FILE", default_text="print the table only")
+    eval_batch: int = option(8, "documents per evaluation forward pass", old_names=("batch",), group="evaluation")
+    eval_limit: int | None = option(None, "score only the first N held-out documents (the table's cost grows with "
+                                          "them)", default_text="all", old_names=("max_docs",), group="evaluation")
+    chunk: int = option(512, "tokens per chunk of full-vocabulary KL", group="evaluation")
     lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product "
-                                                                    "(bfloat16: faster, KL to about 3 digits)")
+                                                                    "(bfloat16: faster, KL to about 3 digits)",
+                                                         group="evaluation")
     overwrite: bool = option(False, "replace an existing --out written by `lens eval`")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive(eval_batch=self.eval_batch, max_docs=self.max_docs)
+        require_positive(eval_batch=self.eval_batch, eval_limit=self.eval_limit)
         if not self.lens:
             raise ConfigError("--lens is required: the folder written by `lensunlearn lens train`")
 

@@ -31,14 +31,15 @@ log = logging.getLogger(__name__)
 
 def split_documents(cfg: CorpusOptions, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """Tokenised (train, held-out) documents: a seeded shuffle, the last `holdout` share held out."""
-    texts = load_texts(cfg.data, config=cfg.data_config, split=cfg.split, column=cfg.column, limit=cfg.limit)
+    texts = load_texts(cfg.corpus, config=cfg.corpus_config, split=cfg.corpus_split, column=cfg.corpus_column,
+                       limit=cfg.corpus_limit, column_flag="--corpus_column")
     docs = tokenize(texts, tokenizer, cfg.max_length)
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_held = int(round(len(docs) * cfg.holdout))
     held = [docs[i] for i in order[len(docs) - n_held:]]
     train = [docs[i] for i in order[:len(docs) - n_held]]
     if not train:
-        raise ValueError(f"corpus {cfg.data} leaves no training documents after holding out {cfg.holdout:.0%}")
+        raise ValueError(f"--corpus {cfg.corpus} leaves no training documents after holding out {cfg.holdout:.0%}")
     return train, held
 
 

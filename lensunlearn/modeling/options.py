@@ -17,10 +17,12 @@ DEFAULT_CHUNK = 1024
 class ModelOptions(Options):
     """Which model to load and how (every command that loads a model takes these)."""
 
+    help_group = "model"
+
     model: str = option(EMBEDDED_MODEL, "hub id, local folder, or smollm2-135m (the embedded default)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "weights dtype: auto is float32 on CPU, "
                                                                               "bfloat16 on GPU")
-    device: str | None = option(None, "cpu or cuda; None picks cuda when available")
+    device: str | None = option(None, "cpu, cuda or cuda:N", default_text="cuda when there is a GPU, else cpu")
     trust_remote_code: bool = option(False, "allow the model's own code from the hub (only if you trust it)")
 
     def model_options(self) -> dict[str, Any]:

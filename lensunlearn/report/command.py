@@ -64,21 +64,26 @@ from .tamper_results import forget_names, load_tamper, series, task_display
 log = logging.getLogger(__name__)
 
 PENDING = "pending"
-RUN_COLUMNS = ("examples", "epochs", "steps", "retain_coef", "remove_coef", "lr", "batch", "retain_loss",
+RUN_COLUMNS = ("examples", "epochs", "steps", "retain_coef", "forget_coef", "lr", "batch", "retain_loss",
                "forget_loss")
 
 
 @dataclass
 class ReportConfig(Options):
-    runs: tuple[str, ...] = option((), "unlearning run directories (tamper and robustness outputs are recognised "
-                                       "too)", positional=True, nargs="*")
-    tamper: tuple[str, ...] = option((), f"comma-separated tamper output folders ({RESULTS_FILE} or {SWEEP_FILE})")
+    runs: tuple[str, ...] = option((), "unlearning run folders (tamper and robustness outputs are recognised too)",
+                                   positional=True, nargs="*", positional_metavar="RUN_DIR", group="data")
+    tamper: tuple[str, ...] = option((), f"comma-separated tamper output folders ({RESULTS_FILE} or {SWEEP_FILE})",
+                                     group="data", default_text="those among the positional folders")
     robustness: tuple[str, ...] = option((), f"comma-separated robustness output folders ({ROBUSTNESS_FILE}), one "
-                                             f"table row and one set of curves each")
-    baseline: str | None = option(None, f"eval JSON of the original model; None uses the first run's {BASE_EVAL_FILE}")
-    forget_task: str | None = option(None, f"forget task column; None means the first task of the runs' {EVAL_FILE}")
-    retain_task: str | None = option(None, f"retain task column; None means the second task of the runs' {EVAL_FILE}")
-    metric: Literal["acc", "acc_norm"] = option("acc", "accuracy reported")
+                                             f"table row and one set of curves each", group="data",
+                                         default_text="those among the positional folders")
+    baseline: str | None = option(None, "eval JSON of the original model", group="data", metavar="FILE",
+                                  default_text=f"the first run's {BASE_EVAL_FILE}")
+    forget_task: str | None = option(None, "forget task column", group="evaluation",
+                                     default_text=f"the first task of the runs' {EVAL_FILE}")
+    retain_task: str | None = option(None, "retain task column", group="evaluation",
+                                     default_text=f"the second task of the runs' {EVAL_FILE}")
+    metric: Literal["acc", "acc_norm"] = option("acc", "accuracy reported", group="evaluation")
     out: str = option(str(Path("runs") / "report"), f"the output folder, for {REPORT_FILE} and the plots",
                       metavar="DIR")
     table_format: Literal["md", "csv", "json"] = option("md", "also write the table as "
@@ -230,7 +235,7 @@ def run_row(run: Run, forget_task: str, retain_task: str, metric: str) -> dict[s
         "epochs": summary.get("epochs", cfg.get("epochs")),
         "steps": summary.get("steps", cfg.get("steps")),
         "retain_coef": cfg.get("retain_coef"),
-        "remove_coef": cfg.get("remove_coef"),
+        "forget_coef": cfg.get("forget_coef", cfg.get("remove_coef")),  # a run from before the rename
         "lr": cfg.get("lr"),
         "batch": cfg.get("batch"),
         "retain_loss": summary.get("final_retain_loss", run.last.get("retain_loss")),
@@ -288,7 +293,7 @@ def tamper_rows(attacks: list[tuple[str, dict]]) -> list[dict[str, Any]]:
             # steps and their batch say how long the attack was even when --steps cycled the chunks
             length = f"{cfg['steps']} steps of {cfg['batch']}" if cfg.get("steps") and cfg.get("batch") \
                 else f"{cfg.get('epochs'):g} epoch"
-            rows.append({"attack": label, "model": Path(str(cfg.get("model"))).name, "task": task,
+            rows.append({"attack": label, "model": Path(str(cfg.get("run") or cfg.get("model"))).name, "task": task,
                          "config": f"{cfg.get('chunks')} chunks, lr={fmt_lr(cfg.get('lr'))}, {length}, "
                                    f"{cfg.get('schedule')}, {trained_params(cfg)}, "
                                    f"{cfg.get('optimizer')}",

@@ -10,7 +10,7 @@ command's own option machinery, so a grid value is read exactly as the same flag
 would be, and every point's config is built (and refused, with one line) before anything trains.
 
 Each point is one run of the command, `OUT/runs/<point>`, named from its grid values
-(`lr1e-3_remove_coef10`, `alpha0.1_steps80`), run after the others in this process. Rerunning the
+(`lr1e-3_forget_coef10`, `alpha0.1_steps80`), run after the others in this process. Rerunning the
 same command continues the search: a finished run is reused once its saved config is checked to be
 the point's, an interrupted one continues from its checkpoint (the command's `--resume`), and a value
 added to the grid adds runs. A finished run is then measured (`--measure`), a distilled run like an
@@ -22,7 +22,7 @@ unlearned one (its base model and forget corpus are its source run's):
   share of the base model's, and the perplexity of held-out generic text (`--generic`) as a multiple
   of the base model's;
 * `robustness`: the same accuracies, and the robustness protocol on the run
-  (`OUT/robustness/<point>`, its options from `--robustness_args`): the unseen-half envelope after
+  (`OUT/robustness/<point>`, its options from `--robustness`): the unseen-half envelope after
   the largest attack, the unlearned model's unseen-half accuracy and the fictional-facts floor; the
   perplexities are the protocol's.
 

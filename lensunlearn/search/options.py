@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import re
 import shlex
+import sys
 import types
 import typing
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from ..core.checks import require_nonnegative, require_positive
 from ..core.config import CONFIG_FILE_DEST, Command, ConfigError, Options, add_config_args, config_from_args, option
 from ..core.paths import SEARCH_RUNS_DIR
 from ..report.tamper_results import task_display
-from ..unlearning.options import PRESETS, SAVED_PLAN_KEYS, DistillConfig, UnlearnConfig
+from ..unlearning.options import OLD_PRESET_NAMES, PRESETS, SAVED_PLAN_KEYS, DistillConfig, UnlearnConfig
 from ..unlearning.options import SAVED_KEYS as DISTILL_SAVED_KEYS
 
 # What the search sets for every point itself: where its run goes and what becomes of an earlier one.
@@ -36,40 +37,48 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0"
 class SearchConfig(Options):
     grid: tuple[str, ...] = option((), "an option of the --stage command and the values to try; repeat the flag "
                                        "for each option searched (the grid is the cross product); separate values "
-                                       "by ';' when they hold commas, e.g. 'layers=20,25;25,29'", metavar="KEY=V1,V2",
-                                   append=True)
+                                       "by ';' when they hold commas, e.g. 'layers=20,25;25,29' (required)",
+                                   metavar="KEY=V1,V2", append=True, group="grid")
     stage: Literal["unlearn", "distill"] = option("unlearn", "the command each point runs: unlearn (one unlearning "
                                                              "run per point, fixed settings in --unlearn) or distill "
                                                              "(one distillation of a finished unlearning run per "
-                                                             "point, fixed settings in --distill)")
-    preset: str = option("seed", "the unlearn preset the fixed settings start from (lensunlearn unlearn --preset; "
-                                 "--stage unlearn)")
+                                                             "point, fixed settings in --distill)", group="grid")
+    preset: str = option("reference", "the unlearn preset the fixed settings start from (lensunlearn unlearn "
+                                      "--preset; --stage unlearn)", group="grid", old_values=OLD_PRESET_NAMES,
+                         metavar="{" + ",".join(PRESETS) + "}")
     unlearn: str = option("", "the fixed unlearn settings, as unlearn's flags in one quoted string, e.g. \"--forget "
                               "facts:country_capital --retain generic:retain\" (a --config FILE among them); the "
-                              "search sets --out, --run_name, --resume and --overwrite of each point", metavar="FLAGS")
+                              "search sets --out, --run_name, --resume and --overwrite of each point", metavar="FLAGS",
+                          group="grid", default_text="the preset's settings")
     distill: str = option("", "--stage distill: the fixed distill settings, as distill's flags in one quoted "
                               "string, the unlearning run to distil among them, e.g. \"--run runs/R --steps 80\"; "
                               "the search sets --out, --run_name, --resume and --overwrite of each point",
-                          metavar="FLAGS")
+                          metavar="FLAGS", group="grid", default_text="none")
     measure: Literal["eval", "robustness"] = option("eval", "eval: accuracies from each run's eval.json and the "
                                                             "perplexity of --generic; robustness: the accuracies "
-                                                            "and the robustness protocol on each run")
+                                                            "and the robustness protocol on each run",
+                                                    group="measure")
     forget_task: str | None = option(None, "the eval task that measures forgetting (the other eval tasks are the "
-                                           "kept domains); None: the first of the points' --eval_tasks")
+                                           "kept domains)", group="measure",
+                                     default_text="the first of the points' --eval_tasks")
     generic: str = option("generic:heldout", "held-out text for perplexity (in no corpus): generic:heldout, a .txt "
                                              "or .jsonl file; '' skips the perplexity of --measure eval",
-                          metavar="TEXT")
-    robustness_args: str = option("", "for --measure robustness: robustness's flags in one quoted string, e.g. "
-                                      "\"--seeds 0 --grid default\"; the search sets the run directory, --out, "
-                                      "--resume and --overwrite, and passes its --forget_task and --generic unless "
-                                      "given here", metavar="FLAGS")
-    target_forget: float = option(0.35, "target: forget-domain accuracy at most this")
-    target_kept: float = option(0.95, "target: every kept domain's accuracy at least this share of the base model's")
-    target_perplexity: float = option(1.10, "target: perplexity at most this multiple of the base model's")
+                          metavar="TEXT", group="measure")
+    robustness: str = option("", "for --measure robustness: robustness's flags in one quoted string, e.g. "
+                                 "\"--seeds 0 --grid default\"; the search sets the run folder, --out, --resume and "
+                                 "--overwrite, and passes its --forget_task and --generic unless given here",
+                             metavar="FLAGS", group="measure", default_text="the protocol's defaults",
+                             old_names=("robustness_args",))
+    target_forget: float = option(0.35, "target: forget-domain accuracy at most this", group="targets")
+    target_kept: float = option(0.95, "target: every kept domain's accuracy at least this share of the base model's",
+                                group="targets")
+    target_perplexity: float = option(1.10, "target: perplexity at most this multiple of the base model's",
+                                      group="targets")
     target_envelope: float = option(0.10, "target (robustness): the unseen-half envelope after the largest attack "
-                                          "at most this above the unlearned model's unseen-half accuracy")
+                                          "at most this above the unlearned model's unseen-half accuracy",
+                                    group="targets")
     target_floor: float = option(0.10, "target (robustness): the same envelope at most this above the "
-                                       "fictional-facts floor")
+                                       "fictional-facts floor", group="targets")
     out: str = option("runs/search", "the search's folder: runs/<point>/, search.json, search.md", metavar="DIR")
     overwrite: bool = option(False, "start over: replace --out once every point is done (without it, rerunning "
                                     "the same command continues the search)")
@@ -171,12 +180,17 @@ def parse_grid(entries: typing.Sequence[str], parser: argparse.ArgumentParser, c
         raise ConfigError(f"--grid is empty: name at least one {command} option and its values, e.g. --grid "
                           f"{'lr=1e-3,1e-2' if command == 'unlearn' else 'alpha=0.1,0.25'}")
     fields = [f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli") is not False]
+    renamed = {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("old_names", ())}
     hints = typing.get_type_hints(cls)
     axes: list[Axis] = []
     for entry in entries:
         key, sep, text = (part.strip() for part in entry.partition("="))
         if not sep or not key or not text:
             raise ConfigError(f"--grid {entry!r}: write KEY=V1,V2, a {command} option and the values to try")
+        if key in renamed:
+            sys.stderr.write(f"lensunlearn: --grid {key} is now --grid {renamed[key]}; the old name goes in the next "
+                             f"release\n")
+            key = renamed[key]
         if key not in fields:
             close = difflib.get_close_matches(key, fields, 3)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
@@ -218,7 +232,7 @@ class Point:
 
 
 def point_name(pairs: typing.Iterable[tuple[str, str]]) -> str:
-    """`lr1e-3_remove_coef10`: each grid option and its value as typed, made safe as a folder name."""
+    """`lr1e-3_forget_coef10`: each grid option and its value as typed, made safe as a folder name."""
     name = "_".join(key + re.sub(r"[^A-Za-z0-9.+-]+", "-", text) for key, text in pairs)
     if len(name) > 96:  # long values (paths) would make a long folder name: keep it readable and unique
         name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
@@ -281,7 +295,7 @@ class Plan:
     axes: list[Axis]
     points: list[Point]
     robustness: RobustnessConfig | None  # the protocol's options; its run directory a placeholder
-    robustness_given: frozenset[str]  # the options --robustness_args sets
+    robustness_given: frozenset[str]  # the options --robustness sets
 
 
 def make_plan(cfg: SearchConfig) -> Plan:
@@ -298,15 +312,16 @@ def make_plan(cfg: SearchConfig) -> Plan:
                           "\"--run DIR ...\" (or search over several with --grid run=DIR1,DIR2)")
     points = plan_points(cfg, axes, fixed)
     if cfg.measure != "robustness":
-        if cfg.robustness_args.strip():
-            raise ConfigError("--robustness_args is read by --measure robustness only: add it, or drop the arguments")
+        if cfg.robustness.strip():
+            raise ConfigError("--robustness is read by --measure robustness only: add --measure robustness, or drop "
+                              "--robustness")
         return Plan(axes, points, None, frozenset())
-    namespace = parse_options(RobustnessConfig, "--robustness_args", "robustness", cfg.robustness_args,
+    namespace = parse_options(RobustnessConfig, "--robustness", "robustness", cfg.robustness,
                               ROBUSTNESS_SET_BY_SEARCH, head=(ROBUSTNESS_RUN_PLACEHOLDER,))
     try:
         robustness = config_from_args(RobustnessConfig, namespace)
     except ConfigError as err:
-        raise ConfigError(f"--robustness_args: {err}") from None
+        raise ConfigError(f"--robustness: {err}") from None
     return Plan(axes, points, robustness, frozenset(vars(namespace)))
 
 

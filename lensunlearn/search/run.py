@@ -257,7 +257,9 @@ def run_point(cfg: SearchConfig, point: Point, work: Path) -> dict:
 def measured_with(cfg: SearchConfig) -> dict:
     """The settings a point's metrics depend on besides its run (the targets only judge them)."""
     return {"measure": cfg.measure, "forget_task": cfg.forget_task, "generic": cfg.generic,
-            "robustness_args": cfg.robustness_args if cfg.measure == "robustness" else None}
+            # the record's key keeps the flag's former name, so that a search measured before it was renamed
+            # is recognised as measured with the same settings
+            "robustness_args": cfg.robustness if cfg.measure == "robustness" else None}
 
 
 def measure(cfg: SearchConfig, point: Point, work: Path) -> dict:
@@ -352,12 +354,12 @@ def robustness_task(cfg: SearchConfig, point: Point) -> str:
 
 
 def robustness_config(cfg: SearchConfig, point: Point, out: Path) -> RobustnessConfig:
-    """The protocol's options for one run: --robustness_args, with the search's forget task and generic text
+    """The protocol's options for one run: --robustness, with the search's forget task and generic text
     unless those set their own."""
     extra: dict[str, Any] = {"forget_task": robustness_task(cfg, point)}
     if "generic" not in cfg.plan.robustness_given and cfg.generic:
         extra["generic"] = cfg.generic
-    return replace(cfg.plan.robustness, run_dir=str(run_dir_of(point.config)), out=str(out), **extra)
+    return replace(cfg.plan.robustness, run=str(run_dir_of(point.config)), out=str(out), **extra)
 
 
 def robustness_dir(work: Path, point: Point) -> Path:

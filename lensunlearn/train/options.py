@@ -20,13 +20,15 @@ class TrainingOptions(Options):
     """The optimiser, its schedule and the batch of every command that trains (a config that needs
     other defaults redeclares a field with `config.redefault`)."""
 
+    help_group = "optimisation"
+
     optimizer: OptimizerName = option("adamw", "adamw; muon for 2-D hidden matrices (LoRA A and B included) with "
                                                "adamw for the rest; or sgd with Nesterov momentum")
     lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(0.01, "weight decay")
     warmup: int = option(0, "linear warmup steps")
     schedule: ScheduleName = option("linear", "lr schedule after warmup")
-    clip: float = option(1.0, "gradient-norm clip (0 disables)")
+    clip: float = option(1.0, "clip the gradient's norm to this (0: no clipping)")
     batch: int = option(32, "examples per optimiser step = per_device_batch x grad accumulation x processes")
     per_device_batch: int = option(8, "examples per forward pass on one device")
 
@@ -53,10 +55,12 @@ def install_hint(tracker: str) -> str:
 
 @dataclass
 class TrackingOptions(Options):
+    help_group = "tracking"
+
     tracker: str | None = option(None, "also log the run (config, metrics, evaluations, plots) to wandb (offline "
                                        "unless WANDB_MODE is set; project $WANDB_PROJECT or lensunlearn) or "
-                                       "tensorboard, in the output folder; None: metrics.jsonl only",
-                                 metavar="{" + ",".join(TRACKERS) + "}")
+                                       "tensorboard, in the output folder",
+                                 metavar="{" + ",".join(TRACKERS) + "}", default_text="none: metrics.jsonl only")
 
     def __post_init__(self) -> None:
         if self.tracker is not None:

@@ -247,7 +247,7 @@ def resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
         tasks = ",".join(tasks)
     fmt = cfg.eval_format or source.get("eval_format") or "letter"
     limit = cfg.eval_limit if cfg.eval_limit is not None else source.get("eval_limit")
-    include = cfg.lm_eval_include or source.get("lm_eval_include")
+    include = source.get("lm_eval_include") if cfg.lm_eval_include is None else cfg.lm_eval_include or None
     return replace(cfg, run=str(run), eval_tasks=tasks, eval_format=fmt, eval_limit=limit, lm_eval_include=include,
                    out=cfg.out or str(run.parent)), source
 
@@ -270,9 +270,9 @@ def load_documents(cfg: DistillConfig, tokenizer) -> tuple[list[list[int]], list
     parts = [p.strip() for p in cfg.corpus.split("+") if p.strip()]
     single = len(parts) == 1
     corpora = [load_texts(p, config=cfg.corpus_config if single else None, split=cfg.corpus_split,
-                          column=cfg.corpus_column if single else None, limit=cfg.max_documents, what="--corpus",
+                          column=cfg.corpus_column if single else None, limit=cfg.corpus_limit, what="--corpus",
                           column_flag="--corpus_column") for p in parts]
-    texts = [c[i] for i in range(max(map(len, corpora))) for c in corpora if i < len(c)][:cfg.max_documents]
+    texts = [c[i] for i in range(max(map(len, corpora))) for c in corpora if i < len(c)][:cfg.corpus_limit]
     docs = []
     for flag, spec, source in (("--corpus", cfg.corpus, texts),
                                ("--generic", cfg.generic, load_texts(cfg.generic, what="--generic text"))):

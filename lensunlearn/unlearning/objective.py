@@ -40,14 +40,14 @@ FORGET_TARGETS = ("uniform", "random")
 RETAIN_LOSSES = ("l2", "kl")
 
 
-def schedule(step: int, steps_per_epoch: int, retain_coef: float, remove_coef: float) -> tuple[float, float]:
+def schedule(step: int, steps_per_epoch: int, retain_coef: float, forget_coef: float) -> tuple[float, float]:
     """(retain weight, forget weight) after `step` optimiser steps: s = min(1, step / T).
 
     The retain weight ramps from 0 to `retain_coef` over the first epoch while the forget weight
-    eases from `remove_coef` to 0.75 x `remove_coef`.
+    eases from `forget_coef` to 0.75 x `forget_coef`.
     """
     s = min(1.0, step / max(1, steps_per_epoch))
-    return retain_coef * s, remove_coef * (1.0 - 0.25 * s)
+    return retain_coef * s, forget_coef * (1.0 - 0.25 * s)
 
 
 class OriginalModel(Protocol):

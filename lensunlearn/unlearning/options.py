@@ -24,22 +24,25 @@ FORGET_CORPUS = "forget"
 
 @dataclass
 class RobustOptions(Options):
-    """Options of the robust gradient step (each off by default; see the module docstring)."""
+    """Options of the robust gradient step (each off by default; see `robust_step`)."""
+
+    help_group = "robust update"
 
     cir: bool = option(False, "shared-direction projection (CIR): the MLP weights of the blocks below the deepest "
                               "target layer are trained full-rank, every other weight frozen, and each update is "
                               "formed from per-token inputs and output gradients with their shared directions "
                               "(mean + top principal components over general text) removed; needs --full, "
                               "--optimizer sgd or muon and --weight_decay 0")
-    cir_blocks: tuple[int, ...] | None = option(None, "blocks whose MLP --cir trains (None: every block below the "
-                                                      "deepest target layer; CIR's own runs take a middle range)")
+    cir_blocks: tuple[int, ...] | None = option(None, "blocks whose MLP --cir trains (CIR's own runs take a middle "
+                                                      "range)", default_text="every block below the deepest target "
+                                                                             "layer")
     cir_act_components: int = option(24, "input directions removed per layer, the mean included (CIR's "
                                          "act_proj_num)")
     cir_grad_components: int = option(36, "output-gradient directions removed per layer, the mean included (CIR's "
                                           "grad_proj_num)")
-    cir_corpus: str | None = option(None, "general text the shared directions are estimated on: None for the "
-                                          "retain corpus, 'forget' for the forget documents (what CIR's code "
-                                          "does), or a corpus (hub id, local file/folder, generic:<name>)")
+    cir_corpus: str | None = option(None, "general text the shared directions are estimated on: 'forget' for the "
+                                          "forget documents (what CIR's code does), or a corpus (hub id, local "
+                                          "file/folder, generic:<name>)", default_text="the retain corpus")
     cir_pca_docs: int = option(32, "documents of the general text in each estimate (their tokens after "
                                    "--skip_first must be at least the number of components)")
     cir_refresh: int = option(0, "re-estimate the shared directions every N optimiser steps (0: once per pass over "
@@ -119,7 +122,8 @@ def check_robust_options(cfg: Any) -> None:
 
 # --- unlearn ---------------------------------------------------------------------------------------
 
-SEED_LAYERS = (5, 10, 15, 20, 25, 30)  # the reference experiment's target layers (a 32-block model)
+REFERENCE_LAYERS = (5, 10, 15, 20, 25, 30)  # the reference experiment's target layers (a 32-block model)
+SEED_LAYERS = REFERENCE_LAYERS  # its former name
 
 
 def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
@@ -130,66 +134,84 @@ def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
 
 @dataclass
 class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOptions):
-    lens: str | None = option(None, "tuned lens folder or hub id; None means runs/lens_<model>, where `lens train` "
-                                    "writes")
+    lens: str | None = option(None, "tuned lens folder or hub id", group="model", metavar="DIR",
+                              default_text="runs/lens_<model>, where `lens train` writes")
     layers: tuple[int, ...] | None = option(None, "target layers l (stream l, read by lens l; l = number of "
-                                                  "blocks is the model's own output), used as given; None: "
-                                                  "5,10,15,20,25,30, keeping those a shallower model has")
-    forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain>")
-    forget_config: str | None = option(None, "hub config of the forget corpus")
-    forget_split: str = option("train", "split of the forget corpus")
-    forget_column: str | None = option(None, "text column of the forget corpus (None: text or title/abstract/text)")
+                                                  "blocks is the model's own output), used as given",
+                                            group="objective", default_text="5,10,15,20,25,30, keeping those a "
+                                                                            "shallower model has")
+    forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain>",
+                         group="data")
+    forget_config: str | None = option(None, "hub config of the forget corpus", group="data", default_text="none")
+    forget_split: str = option("train", "split of the forget corpus", group="data")
+    forget_column: str | None = option(None, "text column of the forget corpus", group="data",
+                                       default_text="text, or title/abstract/text joined")
     retain: str = option("EleutherAI/wikitext_document_level", "retain corpus; join several with '+' to "
-                                                               "interleave them, e.g. facts:element_symbol+notes.txt")
-    retain_config: str | None = option("wikitext-103-raw-v1", "hub config of the retain corpus")
-    retain_split: str = option("train", "split of the retain corpus")
-    retain_column: str | None = option("page", "text column of the retain corpus")
+                                                               "interleave them, e.g. facts:element_symbol+notes.txt",
+                         group="data")
+    retain_config: str | None = option("wikitext-103-raw-v1", "hub config of the retain corpus (none: no config)",
+                                       group="data")
+    retain_split: str = option("train", "split of the retain corpus", group="data")
+    retain_column: str | None = option("page", "text column of the retain corpus (none: text, or "
+                                               "title/abstract/text joined)", group="data")
     retain_shuffle_seed: int | None = option(42, "shuffle the retain corpus with this seed before taking "
-                                                 "the first --examples (None: no shuffle)")
-    examples: int = option(8192, "forget/retain pairs per epoch (a shorter corpus is cycled)")
-    epochs: float = option(1.0, "passes over the --examples pairs")
-    max_length: int = option(2048, "truncate documents to this many tokens")
-    retain_coef: float = option(5.0, "final weight of the retain loss (ramps up from 0 over the first epoch)")
-    remove_coef: float = option(5.0, "initial weight of the forget loss (eases to 0.75x over the first epoch)")
+                                                 "the first --examples (none: no shuffle)", group="data")
+    examples: int = option(8192, "forget/retain pairs per epoch (a shorter corpus is cycled)", group="data")
+    epochs: float = option(1.0, "passes over the --examples pairs", group="optimisation")
+    max_length: int = option(2048, "truncate documents to this many tokens", group="data")
+    retain_coef: float = option(5.0, "final weight of the retain loss (ramps up from 0 over the first epoch)",
+                                group="objective")
+    forget_coef: float = option(5.0, "initial weight of the forget loss (eases to 0.75x over the first epoch)",
+                                group="objective", old_names=("remove_coef",))
     retain_loss: Literal["l2", "kl"] = option("l2", "l2: stream distance to the original model at the target "
-                                                    "layers; kl: KL of output distributions")
-    forget_target: Literal["uniform", "random"] = option("uniform", "uniform: exact expected CE to a random token; "
-                                                                    "random: sampled tokens (the reference)")
+                                                    "layers; kl: KL of output distributions", group="objective")
+    forget_target: Literal["uniform", "random"] = option("uniform", "uniform: exact expected cross-entropy to a "
+                                                                    "random token; random: sampled tokens (the "
+                                                                    "reference experiment's)", group="objective")
     skip_first: int = option(0, "leave the first N positions of every document out of both losses (attention-sink "
-                                "tokens: shared by all documents, with outsized norms in many models)")
-    full: bool = option(False, "train all parameters instead of LoRA adapters")
-    lora_rank: int = option(16, "LoRA rank")
-    lora_alpha: float = option(16.0, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
+                                "tokens: shared by all documents, with outsized norms in many models)",
+                             group="objective")
+    full: bool = option(False, "train all parameters instead of LoRA adapters", group="LoRA")
+    lora_rank: int = option(16, "LoRA rank", group="LoRA")
+    lora_alpha: float = option(16.0, "LoRA alpha (the adapter's update is scaled by alpha / rank)", group="LoRA")
+    lora_dropout: float = option(0.05, "LoRA dropout", group="LoRA")
     lora_targets: str = option("auto", "auto: the modules peft chooses for the architecture; all: every linear "
-                                       "layer; or comma-separated module names")
-    chunk: int = option(1024, "tokens per chunk of full-vocabulary losses (bounds memory)")
+                                       "layer; or comma-separated module names", group="LoRA", metavar="LIST")
+    chunk: int = option(1024, "tokens per chunk of full-vocabulary losses (bounds memory)", group="optimisation")
     lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product in the "
                                                                     "forget loss (bfloat16 is several times faster "
-                                                                    "on CPU; the loss itself stays float32)")
-    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
+                                                                    "on CPU; the loss itself stays float32)",
+                                                         group="optimisation")
+    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory",
+                                          group="optimisation")
     mixed_precision: bool = option(False, "bfloat16 autocast of the model's passes on CPU or GPU (keep --dtype "
-                                          "float32 weights); the lens and the losses stay float32")
+                                          "float32 weights); the lens and the losses stay float32",
+                                   group="optimisation")
     original_cache_mb: int = option(0, "keep the original model's retain streams in CPU memory, up to this many "
                                        "MiB, for retain documents that come back (a cycled retain corpus, "
-                                       "epochs > 1); 0: recompute every time")
+                                       "epochs > 1); 0: recompute every time", group="optimisation")
     seed: int = option(0, "seed for adapters, data order, dropout and random targets")
     out: str = option("runs", "parent folder: the run directory is OUT/<run_name>", metavar="DIR")
-    run_name: str | None = option(None, "run directory name; None: <model>_lens_ex<examples>_rm<remove>_ret<retain> "
-                                        "(+ _full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, _adv "
-                                        "when used)")
-    eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training (\"\" skips)")
+    run_name: str | None = option(None, "run directory name",
+                                  default_text="<model>_lens_ex<examples>_rm<forget_coef>_ret<retain_coef>, then "
+                                               "_full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, _adv "
+                                               "for the settings used")
+    eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training ('' skips "
+                                                   "evaluation)", group="evaluation", metavar="TASKS")
     eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
-                                                               "answer text as continuation")
-    eval_batch: int = option(16, "questions per evaluation forward pass")
-    eval_limit: int | None = option(None, "evaluate only the first N questions of each task")
+                                                               "answer text as continuation", group="evaluation")
+    eval_batch: int = option(16, "questions per evaluation forward pass", group="evaluation")
+    eval_limit: int | None = option(None, "evaluate only the first N questions of each task", group="evaluation",
+                                    default_text="all")
     lm_eval_include: str | None = option(None, "folder of your own lm-eval task YAML files, for lm_eval:<task> "
-                                               "names in --eval_tasks", metavar="DIR")
-    eval_base: bool = option(False, f"also evaluate the model before unlearning ({BASE_EVAL_FILE})")
+                                               "names in --eval_tasks", metavar="DIR", group="evaluation",
+                                         default_text="none")
+    eval_base: bool = option(False, f"also evaluate the model before unlearning ({BASE_EVAL_FILE})",
+                             group="evaluation")
     eval_every: int = option(0, f"also evaluate the eval tasks at step 0 and every N optimiser steps (on --eval_limit "
                                 f"questions), logged to {METRICS_FILE} as {EVAL_KEY_PREFIX}<task>/acc; 0: only after "
-                                f"training")
-    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
+                                f"training", group="evaluation")
+    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0: none)")
     resume: bool = option(False, "continue the unfinished run in the run directory")
     overwrite: bool = option(False, "replace a finished run of the same name")
 
@@ -205,8 +227,8 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
             raise ConfigError(f"--original_cache_mb must be >= 0, got {self.original_cache_mb}")
         if self.skip_first < 0:
             raise ConfigError(f"--skip_first must be >= 0, got {self.skip_first}")
-        if self.retain_coef < 0 or self.remove_coef < 0:
-            raise ConfigError("--retain_coef and --remove_coef must be >= 0")
+        if self.retain_coef < 0 or self.forget_coef < 0:
+            raise ConfigError("--retain_coef and --forget_coef must be >= 0")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.layers is not None:
@@ -221,7 +243,7 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
         require_positive(epochs=self.epochs, lora_alpha=self.lora_alpha, eval_batch=self.eval_batch,
                          eval_limit=self.eval_limit)
-        require_nonnegative(retain_coef=self.retain_coef, remove_coef=self.remove_coef,
+        require_nonnegative(retain_coef=self.retain_coef, forget_coef=self.forget_coef,
                             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every)
         if self.eval_every and not self.eval_tasks.strip():
             raise ConfigError("--eval_every needs tasks to evaluate: pass --eval_tasks, or drop --eval_every")
@@ -230,18 +252,21 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
 
     @property
     def name(self) -> str:
-        """The run directory name: <model>_lens_ex<examples>_rm<remove_coef>_ret<retain_coef>, then a suffix for
+        """The run directory name: <model>_lens_ex<examples>_rm<forget_coef>_ret<retain_coef>, then a suffix for
         each setting that differs from the reference recipe, e.g. smollm2-135m_lens_ex400_rm5.0_ret5.0_muon."""
         if self.run_name:
             return self.run_name
-        name = f"{model_short_name(self.model)}_lens_ex{self.examples}_rm{float(self.remove_coef)}_" \
+        name = f"{model_short_name(self.model)}_lens_ex{self.examples}_rm{float(self.forget_coef)}_" \
                f"ret{float(self.retain_coef)}"
         extras = [("_full", self.full), (f"_{self.optimizer}", self.optimizer != "adamw"),
                   ("_kl", self.retain_loss == "kl"), ("_random", self.forget_target == "random")]
         return name + "".join(suffix for suffix, used in extras if used) + self.robust_suffix()
 
 
-SEED = UnlearnConfig()
+# The reference experiment's settings (WMDP-Bio forgotten, wikitext retained, through a 32-block model's
+# lens at layers 5-30): the defaults of every field.
+REFERENCE = UnlearnConfig()
+SEED = REFERENCE  # its former name
 # Tuned on the embedded SmolLM2-135M and the fact benchmark: the knowledge forms late in this
 # 30-layer model, so the layers are late; its RMS-normed lens cannot become fully uniform, so the
 # forget term needs a large coefficient; the first token (an attention sink shared by every
@@ -251,9 +276,9 @@ SEED = UnlearnConfig()
 # The retain corpus is everyday text that names no evaluated fact, so that the domains reported as
 # kept measure collateral damage rather than what the retain loss was trained to preserve.
 SMALL = replace(
-    SEED, forget="facts:country_capital", retain="generic:retain", retain_config=None,
+    REFERENCE, forget="facts:country_capital", retain="generic:retain", retain_config=None,
     retain_column=None, examples=1600, max_length=64, batch=16, per_device_batch=16, layers=(20, 25, 29), lr=1e-2,
-    retain_coef=1.0, remove_coef=20.0, lora_targets="all", skip_first=1, lens_matmul="bfloat16",
+    retain_coef=1.0, forget_coef=20.0, lora_targets="all", skip_first=1, lens_matmul="bfloat16",
     eval_tasks="facts:country_capital,facts:country_language,facts:country_currency,facts:element_symbol,"
                "facts:us_state_capital,facts:us_state_abbreviation", eval_format="cloze",
     eval_base=True, original_cache_mb=1024)
@@ -279,7 +304,12 @@ SMALL = replace(
 # with languages).
 ROBUST = replace(SMALL, full=True, cir=True, optimizer="muon", weight_decay=0.0, lr=1e-3, cir_refresh=5,
                  cir_max_loss_rise=0.03, cir_on_loss_rise="shrink")
-PRESETS = {"seed": SEED, "small": SMALL, "robust": ROBUST}
+PRESETS = {"reference": REFERENCE, "small": SMALL, "robust": ROBUST}
+OLD_PRESET_NAMES = {"seed": "reference"}
+PRESET_HELP = ("named defaults that explicit flags override: reference (the reference experiment: WMDP-Bio "
+               "forgotten through a 32-block model's lens), small (the embedded model and the fact benchmark, "
+               "country capitals forgotten, in minutes on a CPU) or robust (small's data, updates formed by "
+               "shared-direction projection under a general-text loss budget)")
 
 
 # What run_config.json holds beside the config (the plan of `_plan` and the run's folder): `--config` skips it.
@@ -295,22 +325,27 @@ SOURCE_TASKS = "run"  # --eval_tasks: those of the source run (an empty value al
 @dataclass
 class DistillConfig(TrackingOptions, TrainingOptions):
     run: str = option("", "the unlearning run to distil (a finished `lensunlearn unlearn` folder): its merged/ model "
-                          "is the teacher, and a shrunk and perturbed copy of it the student", metavar="DIR")
+                          "is the teacher, and a shrunk and perturbed copy of it the student (required)",
+                      metavar="DIR", group="model")
     alpha: float = option(0.25, "shrink-and-perturb share in [0, 1]: theta <- (1 - alpha) theta + alpha beta noise "
                                 "(0 keeps the teacher's weights; the paper's WMDP runs use 0.25, its synthetic "
-                                "tasks 0.1-0.7: more is more robust and takes more steps to recover)")
+                                "tasks 0.1-0.7: more is more robust and takes more steps to recover)",
+                          group="objective")
     beta: float = option(0.1, "scale of the noise, a fresh Xavier-uniform initialisation of every matrix "
-                              "(vectors get none)")
+                              "(vectors get none)", group="objective")
     seed: int = option(0, "seed of the noise, the data order and dropout")
     corpus: str = option("generic:retain", "text to distil on: hub id, local file/folder, generic:retain, "
-                                           "facts:<domain>; join several with '+' to interleave them")
-    corpus_config: str | None = option(None, "hub config of the corpus")
-    corpus_split: str = option("train", "split of the corpus")
-    corpus_column: str | None = option(None, "text column of the corpus (None: text or title/abstract/text)")
-    max_documents: int = option(10000, "use at most this many documents of the corpus (cycled over the steps)")
+                                           "facts:<domain>; join several with '+' to interleave them", group="data")
+    corpus_config: str | None = option(None, "hub config of --corpus", group="data", default_text="none")
+    corpus_split: str = option("train", "split of --corpus", group="data")
+    corpus_column: str | None = option(None, "text column of --corpus", group="data",
+                                       default_text="text, or title/abstract/text joined")
+    corpus_limit: int = option(10000, "use at most this many documents of --corpus (cycled over the steps)",
+                               group="data", old_names=("max_documents",))
     generic: str = option("generic:heldout", "held-out text (in no training corpus) whose cross-entropy measures "
-                                             "recovery: generic:heldout, a .txt or .jsonl file", metavar="TEXT")
-    max_length: int = option(128, "truncate documents to this many tokens")
+                                             "recovery: generic:heldout, a .txt or .jsonl file", metavar="TEXT",
+                          group="evaluation")
+    max_length: int = option(128, "truncate documents to this many tokens", group="data")
     # The shipped generic corpus has 333 documents, which 80 steps of 16 go over four times: the student
     # ends with a training KL below its held-out KL (0.32 against 0.46 distilling the robust preset's
     # run). With 1024 documents the teacher wrote as well (13 minutes on 2 CPU cores) the two met (0.50
@@ -318,33 +353,42 @@ class DistillConfig(TrackingOptions, TrainingOptions):
     # budget the steps, not the text, limit recovery. Off by default for that reason.
     generate: int = option(0, "also distil on N documents the teacher writes, each continuing the first "
                               "--generate_prompt tokens of a corpus document, sampled up to --max_length tokens "
-                              f"(kept in {DISTILL_GENERATED_FILE}; a resumed run reuses them); 0: the corpus only")
-    generate_prompt: int = option(8, "corpus tokens that begin each generated document")
+                              f"(kept in {DISTILL_GENERATED_FILE}; a resumed run reuses them); 0: the corpus only",
+                           group="data")
+    generate_prompt: int = option(8, "corpus tokens that begin each generated document", group="data")
     generate_temperature: float = option(1.0, "sampling temperature of the generated documents (1: the teacher's "
-                                              "own distribution)")
-    generate_batch: int = option(32, "documents generated together (each batch has its own seed)")
+                                              "own distribution)", group="data")
+    generate_batch: int = option(32, "documents generated together (each batch has its own seed)", group="data")
     # ~28 minutes for SmolLM2-135M on 2 CPU cores (the other defaults, --eval_limit 64); distilling the
     # small preset's run recovered 0.81 / 0.91 / 0.94 of the held-out gap after 20 / 40 / 80 steps, then no more
-    steps: int = option(120, "optimiser steps: the budget (fewer when --target_share is reached)")
+    steps: int = option(120, "optimiser steps: the budget (fewer when --target_share is reached)",
+                        group="optimisation")
     target_share: float | None = option(None, "stop once the student has recovered this share in [0, 1] of the "
                                               "held-out cross-entropy gap between the perturbed start and the "
-                                              "teacher (checked every --eval_every steps); None or 0: run all steps")
+                                              "teacher (checked every --eval_every steps; 0: run all steps)",
+                                        group="optimisation", default_text="none: run all steps")
     eval_every: int = option(20, "every N steps score the held-out text (student and teacher cross-entropy, KL) "
                                  "and the eval tasks (on --eval_limit questions) into metrics.jsonl: the budget "
-                                 "curve; 0: only before and after training")
-    chunk: int = option(DEFAULT_CHUNK, "tokens per chunk of the full-vocabulary KL (bounds memory)")
-    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
-    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0 disables)")
-    out: str | None = option(None, "parent folder: the output is OUT/<run_name>; None: the source run's folder",
-                             metavar="DIR")
-    run_name: str | None = option(None, "output folder name; None: <source run name>_distilled")
+                                 "curve; 0: only before and after training", group="evaluation")
+    chunk: int = option(DEFAULT_CHUNK, "tokens per chunk of the full-vocabulary KL (bounds memory)",
+                        group="optimisation")
+    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory",
+                                          group="optimisation")
+    checkpoint_every: int = option(50, "write a resumable checkpoint every N steps (0: none)")
+    out: str | None = option(None, "parent folder: the output is OUT/<run_name>", metavar="DIR",
+                             default_text="the folder that holds --run")
+    run_name: str | None = option(None, "output folder name", default_text="<name of --run>_distilled")
     eval_tasks: str = option(SOURCE_TASKS, f"comma-separated tasks evaluated during and after distillation; "
-                                           f"{SOURCE_TASKS}: the source run's; \"\" skips them")
-    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze; None: the source run's")
-    eval_batch: int = option(16, "questions per evaluation forward pass")
-    eval_limit: int | None = option(None, "evaluate only the first N questions of each task; None: the source run's")
+                                           f"{SOURCE_TASKS}: the source run's; '' skips them", group="evaluation",
+                             metavar="TASKS")
+    eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze", group="evaluation",
+                                                            default_text="the source run's")
+    eval_batch: int = option(16, "questions per evaluation forward pass", group="evaluation")
+    eval_limit: int | None = option(None, "evaluate only the first N questions of each task", group="evaluation",
+                                    default_text="the source run's")
     lm_eval_include: str | None = option(None, "folder of your own lm-eval task YAML files, for lm_eval:<task> names "
-                                               "in --eval_tasks; None: the source run's", metavar="DIR")
+                                               "in --eval_tasks ('' or none: no folder)", metavar="DIR",
+                                         group="evaluation", default_text="the source run's", empty=True)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = redefault(ModelOptions, "dtype", "auto")
     device: str | None = redefault(ModelOptions, "device", None)
     trust_remote_code: bool = redefault(ModelOptions, "trust_remote_code", False)
@@ -361,12 +405,12 @@ class DistillConfig(TrackingOptions, TrainingOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.run:
-            raise ConfigError("--run is required: the unlearning run directory to distil, e.g. --run runs/<name>")
+            raise ConfigError("--run is required: the unlearning run folder to distil, e.g. --run runs/<name>")
         if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise ConfigError(f"--alpha must be in [0, 1] (the share of the weights replaced by noise), got "
                               f"{self.alpha}")
         require_nonnegative(beta=self.beta, eval_every=self.eval_every, checkpoint_every=self.checkpoint_every)
-        require_positive(steps=self.steps, chunk=self.chunk, max_documents=self.max_documents,
+        require_positive(steps=self.steps, chunk=self.chunk, corpus_limit=self.corpus_limit,
                          eval_batch=self.eval_batch, eval_limit=self.eval_limit, generate_prompt=self.generate_prompt,
                          generate_temperature=self.generate_temperature, generate_batch=self.generate_batch)
         require_nonnegative(generate=self.generate)
@@ -405,7 +449,8 @@ SAVED_KEYS = ("model", "forget", "teacher", "full", "run_dir")
 
 COMMANDS = [
     Command(("unlearn",), "unlearn a corpus through the tuned lens (LoRA or full parameters)", UnlearnConfig,
-            "lensunlearn.unlearning.run:unlearn", presets=PRESETS, default_preset="seed", derived=SAVED_PLAN_KEYS),
+            "lensunlearn.unlearning.run:unlearn", presets=PRESETS, default_preset="reference", derived=SAVED_PLAN_KEYS,
+            old_presets=OLD_PRESET_NAMES, preset_help=PRESET_HELP),
     Command(("distill",), "distil an unlearned run into a shrunk and perturbed copy of itself (UNDO), so that "
                           "fine-tuning does not bring the forgotten knowledge back", DistillConfig,
             "lensunlearn.unlearning.distill:distill", derived=SAVED_KEYS),

@@ -63,6 +63,8 @@ from ..train.tracking import TRACKING_FIELDS, Tracker, check_tracker, open_track
 from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective, schedule
 from .options import (  # noqa: F401 (re-exported)
     PRESETS,
+    REFERENCE,
+    REFERENCE_LAYERS,
     ROBUST,
     SAVED_PLAN_KEYS,
     SEED,
@@ -142,7 +144,7 @@ def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
 
 def resolve_layers(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
     """Explicit layers as given (they must exist); without --layers, the reference layers this model has."""
-    layers = clip_layers(SEED_LAYERS, num_layers) if cfg.layers is None else cfg.layers
+    layers = clip_layers(REFERENCE_LAYERS, num_layers) if cfg.layers is None else cfg.layers
     layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer", allow_output=True))))
     check_lora_layers(layers, cfg.full)
     return layers
@@ -638,7 +640,7 @@ def train(job: UnlearnJob) -> Path:
 
     def loss_fn(item, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         index, batch = item
-        retain_weight, forget_weight = schedule(step, plan["steps_per_epoch"], cfg.retain_coef, cfg.remove_coef)
+        retain_weight, forget_weight = schedule(step, plan["steps_per_epoch"], cfg.retain_coef, cfg.forget_coef)
         target_seed = (cfg.seed * 1_000_003 + step) * 1_009 + index
         with torch.autocast(job.device.type, torch.bfloat16, enabled=cfg.mixed_precision):
             if robust is not None:  # forms and writes the gradients itself: the loss comes back detached

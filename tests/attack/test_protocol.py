@@ -306,9 +306,9 @@ def test_a_phrasing_file_is_measured_like_the_task(run_files):
 
 
 def test_letter_format_has_no_qa_phrasing_by_default(run_files):
-    cfg = robustness.resolve(robustness.RobustnessConfig(run_dir=str(run_files["run"]), eval_format="letter"))
+    cfg = robustness.resolve(robustness.RobustnessConfig(run=str(run_files["run"]), eval_format="letter"))
     assert cfg.phrasings == ()
-    cfg = robustness.resolve(robustness.RobustnessConfig(run_dir=str(run_files["run"])))
+    cfg = robustness.resolve(robustness.RobustnessConfig(run=str(run_files["run"])))
     assert cfg.phrasings == ("qa",) and cfg.eval_format == "cloze"
 
 

@@ -70,7 +70,7 @@ def test_heldout_attack_from_run_directory(tmp_path, fact_files):
     (run / "base_eval.json").write_text(json.dumps({"results": {"capitals": {"acc": 0.75, "acc_norm": 0.75},
                                                                 "symbols": {"acc": 0.5, "acc_norm": 0.5}}}))
     out = tmp_path / "attack"
-    results = main(["tamper", "--model", str(run), "--holdout", "0.5", "--lr", "1e-2", "--epochs", "3",
+    results = main(["tamper", "--run", str(run), "--holdout", "0.5", "--lr", "1e-2", "--epochs", "3",
                     "--batch", "4", "--per_device_batch", "2", "--eval_every", "2", "--max_length", "16",
                     "--out", str(out)])
     saved = json.loads((out / "results.json").read_text())

@@ -8,6 +8,11 @@ import pytest
 
 from lensunlearn.cli import all_commands, build_parser, main
 from lensunlearn.cli.reference import _subparser
+from lensunlearn.core.config import GROUPS
+
+# Options without a default, which the command refuses to run without (the help says "required").
+REQUIRED = {("lens", "eval"): {"lens"}, ("distill",): {"run"}, ("robustness",): {"run"}, ("report",): {"runs"},
+            ("search",): {"grid"}}
 
 
 def test_help_documents_every_field_with_default():
@@ -17,12 +22,47 @@ def test_help_documents_every_field_with_default():
     parser = build_parser(commands)
     for command in commands:
         text = _subparser(parser, command.words).format_help()
-        for field in dataclasses.fields(command.config):
-            if field.metadata.get("cli") is False:
-                continue
-            flag = field.name.upper() if field.metadata.get("positional") else f"--{field.name}"
+        fields = [f for f in dataclasses.fields(command.config) if f.metadata.get("cli") is not False]
+        for field in fields:
+            flag = field.metadata.get("positional_metavar", field.name.upper()) if field.metadata.get("positional") \
+                else f"--{field.name}"
             assert flag in text, (command.words, field.name)
-        assert text.count("(default:") >= len(dataclasses.fields(command.config)) - 1, command.words
+        assert text.count("(default:") >= len(fields) - len(REQUIRED.get(command.words, ())), command.words
+
+
+def test_help_says_in_words_what_a_missing_default_means():
+    """No help shows a Python value for "not given" (None, an empty string or list): it says what happens
+    ("from the run", "all", "none: ..."), and every such option says it, except the required ones."""
+    parser = build_parser(all_commands())
+    for command in all_commands():
+        text = " ".join(_subparser(parser, command.words).format_help().split())
+        assert "(default: None)" not in text and "(default: )" not in text, command.words
+        assert "None" not in text, (command.words, text[max(0, text.find("None") - 80):text.find("None") + 20])
+        for field in dataclasses.fields(command.config):
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            if default in (None, "", ()) and field.name not in REQUIRED.get(command.words, ()):
+                assert field.metadata.get("default_text"), (command.words, field.name)
+
+
+def test_help_shows_the_option_groups(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    text = capsys.readouterr().out
+    headings = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings == ["options", "model", "data", "objective", "optimisation", "LoRA", "robust update",
+                        "evaluation", "tracking", "run"]
+    assert text.startswith("usage: lensunlearn unlearn [options]\n")
+    for command in all_commands():  # every option of every command sits in a group the command shows
+        for field in dataclasses.fields(command.config):
+            assert field.metadata.get("group", "run") in GROUPS, (command.words, field.name)
+
+
+def test_version(capsys):
+    import lensunlearn
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"lensunlearn {lensunlearn.__version__}\n"
 
 
 def test_help_exits_cleanly(capsys):
@@ -46,7 +86,7 @@ def _flags(command) -> tuple[dict[str, object], dict[str, str]]:
     """({visible flag name: its field}, {old spelling: the field it now sets}) of one command."""
     visible, old = {}, {}
     for field in dataclasses.fields(command.config):
-        if field.metadata.get("cli") is False or field.metadata.get("positional"):
+        if field.metadata.get("cli") is False or field.metadata.get("nargs") == "*":  # report's folders: no flag
             continue
         visible[field.name] = field
         for name in field.metadata.get("old_names", ()):
@@ -69,7 +109,8 @@ def test_one_flag_name_per_concept():
     showed one (say `--heldout` beside another command's `--holdout`) fails here. Two old spellings
     stay visible elsewhere because they name another concept there: `--batch` (examples per
     optimiser step in the training commands; lens eval's old name for its evaluation batch) and
-    `--limit` (documents of the lens corpus; eval's old name for questions per task).
+    `--examples` (forget/retain pairs per epoch of unlearn, an epoch's size; tamper's old name for
+    the attack chunks kept, a document count).
     """
     commands = all_commands()
     parser = build_parser(commands)
@@ -85,36 +126,102 @@ def test_one_flag_name_per_concept():
             assert name not in visible, (command.words, name)
             retired[name] = new
     assert set(retired) == {"heldout", "batch_size", "tasks", "format", "limit", "batch", "lora", "rank", "original",
-                            "retain_domains"}
-    assert {name for name in retired if name in visible_anywhere} == {"batch", "limit"}
+                            "retain_domains", "data", "data_config", "split", "column", "max_docs", "max_documents",
+                            "examples", "remove_coef", "robustness_args", "tamper_examples", "run_dir"}
+    assert {name for name in retired if name in visible_anywhere} == {"batch", "examples"}
     # the issue's pairs, resolved: one name each, wherever the concept appears
     for name, commands_using in (("holdout", {"lens train", "lens eval", "tamper", "robustness", "demo"}),
                                  ("eval_batch", {"lens eval", "eval", "unlearn", "distill", "tamper", "robustness",
                                                  "demo"}),
                                  ("eval_format", {"eval", "unlearn", "distill", "tamper", "robustness"}),
-                                 ("full", {"unlearn", "tamper"}), ("lora_rank", {"unlearn", "tamper", "robustness"})):
+                                 ("full", {"unlearn", "tamper"}), ("lora_rank", {"unlearn", "tamper", "robustness"}),
+                                 ("corpus", {"lens train", "lens eval", "distill"}),
+                                 ("corpus_limit", {"lens train", "lens eval", "distill"}),
+                                 ("eval_limit", {"lens eval", "eval", "unlearn", "distill", "tamper"}),
+                                 ("run", {"distill", "tamper", "robustness"}), ("forget_coef", {"unlearn"})):
         assert visible_anywhere[name] == commands_using, name
+    for role in ("corpus", "forget", "retain"):  # every corpus: --<role>, --<role>_config, _split, _column, _limit
+        for suffix in ("_config", "_column"):
+            assert f"{role}{suffix}" in visible_anywhere, role + suffix
 
 
-@pytest.mark.parametrize("argv,field,value", [
-    (["lens", "train", "--heldout", "0.2"], "holdout", 0.2),
-    (["lens", "eval", "--lens", "x", "--batch", "3"], "eval_batch", 3),
-    (["eval", "--batch_size", "3"], "eval_batch", 3),
-    (["eval", "--format", "cloze"], "eval_format", "cloze"),
-    (["eval", "--tasks", "a.jsonl,mmlu"], "eval_tasks", ("a.jsonl", "mmlu")),
-    (["eval", "--limit", "5"], "eval_limit", 5),
-    (["tamper", "--lora"], "full", False),
-    (["tamper", "--no-lora"], "full", True),
-    (["tamper", "--rank", "4"], "lora_rank", 4),
-    (["tamper", "--original", "base.json"], "baseline", "base.json"),
-    (["report", "run", "--format", "csv"], "table_format", "csv"),
-])
-def test_old_flag_spellings_still_work(argv, field, value, capsys):
-    from lensunlearn.core.config import config_from_args
+# What a command needs on its line besides the flag under test, and values the config accepts.
+_NEEDS = {("lens", "eval"): ["--lens", "x"], ("distill",): ["--run", "x"], ("robustness",): ["x"], ("report",): ["r"],
+          ("search",): ["--grid", "lr=1e-3", "--unlearn", "--eval_tasks a.jsonl"]}
+_VALUES = {"retain_domains": "element_symbol", "robustness_args": "--seeds 0", "heldout": "0.25"}
+_EXTRA = {"robustness_args": ["--measure", "robustness"], "run_dir": []}
 
-    args = build_parser(all_commands()).parse_args(argv)
-    assert getattr(config_from_args(args._command.config, args), field) == value
-    assert "next release" in capsys.readouterr().err  # the user is told the new name
+
+def _old_spellings() -> list:
+    """(argv, field, value, new flag) for every old spelling of every command, built from the configs."""
+    import typing
+
+    from lensunlearn.core.config import _base_type, _converter
+
+    cases = []
+    for command in all_commands():
+        hints = typing.get_type_hints(command.config)
+        for field in dataclasses.fields(command.config):
+            old_names = field.metadata.get("old_names", ())
+            needs = [] if field.metadata.get("positional") else _NEEDS.get(command.words, [])
+            for old in old_names:
+                base, _ = _base_type(hints[field.name])
+                if base is bool:
+                    for flag, value in ((old, old_names[old]), (f"no-{old}", not old_names[old])):
+                        new = field.name if value else f"no-{field.name}"
+                        cases.append(pytest.param([*command.words, *needs, f"--{flag}"], field.name, value, f"--{new}",
+                                                  id=f"{' '.join(command.words)} --{flag}"))
+                    continue
+                choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else ()
+                text = _VALUES.get(old, choices[-1] if choices else {int: "3", float: "0.5"}.get(base, "x"))
+                value = _converter(hints[field.name], field.metadata)(text)
+                if field.name == "robustness":
+                    value = text
+                argv = [*command.words, *needs, *_EXTRA.get(old, []), f"--{old}", text]
+                cases.append(pytest.param(argv, field.name, value, f"--{field.name}",
+                                          id=f"{' '.join(command.words)} --{old}"))
+    return cases
+
+
+@pytest.mark.parametrize("argv,field,value,new", _old_spellings())
+def test_old_flag_spellings_still_work(argv, field, value, new, capsys):
+    from lensunlearn.cli import configure
+
+    _, config = configure(argv)
+    assert getattr(config, field) == value
+    err = capsys.readouterr().err
+    assert f"is now {new};" in err and len(err.splitlines()) == 1  # one line tells the user the new name
+
+
+def test_every_old_spelling_is_covered():
+    names = {p.id.split(" --")[-1] for p in _old_spellings()}
+    assert {"data", "data_config", "split", "column", "limit", "max_docs", "max_documents", "examples",
+            "remove_coef", "robustness_args", "tamper_examples", "run_dir", "lora", "no-lora"} <= names
+
+
+def test_old_preset_and_grid_names_and_run_folders_given_as_model(tmp_path, capsys):
+    from lensunlearn.cli import configure
+    from lensunlearn.unlearning.options import REFERENCE
+
+    _, config = configure(["unlearn", "--preset", "seed"])
+    assert config == REFERENCE
+    assert capsys.readouterr().err == ("lensunlearn: --preset seed is now --preset reference; the old name goes in "
+                                       "the next release\n")
+    _, search = configure(["search", "--preset", "seed", "--grid", "remove_coef=5,10", "--unlearn",
+                           "--eval_tasks a.jsonl"])
+    assert search.preset == "reference" and [p.name for p in search.plan.points] == ["forget_coef5", "forget_coef10"]
+    assert search.plan.points[1].config.forget_coef == 10.0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["lensunlearn: the value seed is now reference; the old name goes in the next release",
+                   "lensunlearn: --grid remove_coef is now --grid forget_coef; the old name goes in the next release"]
+    run = tmp_path / "run"
+    (run / "merged").mkdir(parents=True)
+    _, tamper = configure(["tamper", "--model", str(run)])
+    assert (tamper.run, tamper.model, tamper.attacked) == (str(run), None, str(run))
+    assert capsys.readouterr().err == (f"lensunlearn: tamper --model {run} names an unlearning run: that is now --run "
+                                       f"{run}; the old spelling goes in the next release\n")
+    _, robustness = configure(["robustness", "--run", str(run)])
+    assert robustness.run == str(run) == configure(["robustness", str(run)])[1].run
 
 
 def test_list_options_strip_spaces_around_their_items():
@@ -122,7 +229,7 @@ def test_list_options_strip_spaces_around_their_items():
     from lensunlearn.core.config import config_from_args, parse_str_list
 
     assert parse_str_list(" full, lora ,,") == ("full", "lora") == parse_str_list(["full ", "", " lora"])
-    config = RobustnessConfig(run_dir="run", kinds="full, lora", schedules=" constant", phrasings="qa ,")
+    config = RobustnessConfig(run="run", kinds="full, lora", schedules=" constant", phrasings="qa ,")
     assert (config.kinds, config.schedules, config.phrasings) == (("full", "lora"), ("constant",), ("qa",))
     args = build_parser(all_commands()).parse_args(["demo", "--kept_domains", "element_symbol, us_state_capital"])
     assert config_from_args(args._command.config, args).kept_domains == ("element_symbol", "us_state_capital")

@@ -71,7 +71,7 @@ def test_hub_id_not_in_the_cache_offline(offline_hub, capsys):  # noqa: F811
 
 
 def test_finished_lens_is_not_overwritten(inputs, capsys):
-    line = one_line(["lens", "train", "--model", inputs / "tiny", "--data", inputs / "retain.jsonl",
+    line = one_line(["lens", "train", "--model", inputs / "tiny", "--corpus", inputs / "retain.jsonl",
                      "--out", inputs / "lens"], capsys)
     assert line.startswith("lensunlearn lens train: error: ") and "--overwrite" in line
 
@@ -84,7 +84,7 @@ def test_input_files_name_file_and_line(inputs, capsys):
     tasks.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "answer": 7}) + "\n")
     assert f"error: {tasks} line 2 has answer 7, out of range" in one_line([*base, tasks], capsys)
 
-    train = ["lens", "train", "--model", inputs / "tiny", "--out", inputs / "new_lens", "--data"]
+    train = ["lens", "train", "--model", inputs / "tiny", "--out", inputs / "new_lens", "--corpus"]
     notes = inputs / "notes.txt"
     notes.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     assert f"error: {notes} is not UTF-8 text" in one_line([*train, notes], capsys)
@@ -104,7 +104,7 @@ def test_column_hint_names_the_commands_flag(inputs, capsys):
 def test_truncated_lens_file(inputs, capsys):
     params = inputs / "lens" / "params.pt"
     params.write_bytes(params.read_bytes()[:100])
-    line = one_line(["lens", "eval", "--model", inputs / "tiny", "--lens", inputs / "lens", "--data",
+    line = one_line(["lens", "eval", "--model", inputs / "tiny", "--lens", inputs / "lens", "--corpus",
                      inputs / "retain.jsonl"], capsys)
     assert f"error: {params} is truncated or not a torch file: train the lens again" in line
 
@@ -118,7 +118,7 @@ def test_cuda_without_cuda(inputs, capsys):
 
 def test_lens_of_another_model_and_layer_out_of_range(inputs, capsys):
     shallow = save_tiny_model(inputs / "shallow", layers=2)
-    line = one_line(["lens", "eval", "--model", shallow, "--lens", inputs / "lens", "--data",
+    line = one_line(["lens", "eval", "--model", shallow, "--lens", inputs / "lens", "--corpus",
                      inputs / "retain.jsonl"], capsys)
     assert "was made for a model with 4 layers" in line and f"lensunlearn lens train --model {shallow}`" in line
     line = one_line(["unlearn", "--model", inputs / "tiny", "--lens", inputs / "lens", "--layers", "9", "--forget",
@@ -187,7 +187,7 @@ def test_unexpected_errors_keep_their_traceback_and_key_errors_are_one_line(monk
 def test_help_shows_the_defaults_of_the_preset_on_the_line(capsys):
     from lensunlearn.unlearning.run import PRESETS
 
-    for argv, preset in ((["unlearn", "--help"], "seed"), (["unlearn", "--preset", "small", "--help"], "small"),
+    for argv, preset in ((["unlearn", "--help"], "reference"), (["unlearn", "--preset", "small", "--help"], "small"),
                          (["unlearn", "--preset=small", "--help"], "small")):
         with pytest.raises(SystemExit):
             console(argv)

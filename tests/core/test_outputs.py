@@ -227,7 +227,7 @@ def test_bad_values_are_refused_on_construction(command, kwargs):
 def test_lens_overwrite_with_a_bad_corpus_keeps_the_finished_lens(tmp_path, text_corpus):
     model = save_tiny_model(tmp_path / "tiny")
     out = tmp_path / "lens"
-    args = ["lens", "train", "--model", str(model), "--data", str(text_corpus), "--steps", "1", "--out", str(out),
+    args = ["lens", "train", "--model", str(model), "--corpus", str(text_corpus), "--steps", "1", "--out", str(out),
             "--device", "cpu"]
     main(args)
     old = _snapshot(out)
@@ -254,7 +254,7 @@ def _fake_run(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def _tamper_args(run: Path, corpus: Path, task: Path, out: Path, *extra: str) -> list[str]:
-    return ["tamper", "--model", str(run), "--forget", str(corpus), "--eval_tasks", str(task),
+    return ["tamper", "--run", str(run), "--forget", str(corpus), "--eval_tasks", str(task),
             "--eval_format", "cloze", "--max_length", "16", "--batch", "2", "--per_device_batch", "2",
             "--eval_every", "1", "--lr", "1e-3", "--device", "cpu", "--out", str(out), *extra]
 
@@ -327,7 +327,7 @@ def test_lens_eval_out_needs_overwrite_before_any_model_is_loaded(tmp_path, monk
     notes = tmp_path / "notes.json"
     notes.write_text("{}")
     _no_model(monkeypatch, "lensunlearn.lens.evaluate")
-    base = ["lens", "eval", "--model", str(tmp_path / "none"), "--data", str(text_corpus), "--lens", "x"]
+    base = ["lens", "eval", "--model", str(tmp_path / "none"), "--corpus", str(text_corpus), "--lens", "x"]
     with pytest.raises(FileExistsError, match="--out .* already exists: pass --overwrite"):
         main([*base, "--out", str(existing)])
     with pytest.raises(FileExistsError, match="is not a file this command wrote"):

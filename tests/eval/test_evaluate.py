@@ -293,8 +293,9 @@ def test_eval_command_writes_json_and_predictions(tmp_path, bpe, llama, monkeypa
     TunedLens.from_model(llama).save(tmp_path / "lens")
     # Through the installed `lensunlearn` command, whose return value becomes the exit status.
     monkeypatch.setattr(sys, "argv", [
-        "lensunlearn", "eval", "--model", str(model_dir), "--tasks", f"{task},facts:us_state_capital", "--format",
-        "cloze", "--limit", "5", "--batch_size", "3", "--out", str(out), "--lens", str(tmp_path / "lens")])
+        "lensunlearn", "eval", "--model", str(model_dir), "--eval_tasks", f"{task},facts:us_state_capital",
+        "--eval_format", "cloze", "--eval_limit", "5", "--eval_batch", "3", "--out", str(out),
+        "--lens", str(tmp_path / "lens")])
     (command,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "lensunlearn"]
     assert command.load()() == 0
     data = json.loads(out.read_text())

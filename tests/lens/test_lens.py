@@ -87,7 +87,7 @@ def test_misfit_lens_and_missing_files_are_refused(tmp_path):
 
 
 def _train_args(model_dir, corpus, out, *extra):
-    return ["lens", "train", "--model", str(model_dir), "--data", str(corpus), "--out", str(out), "--batch", "4",
+    return ["lens", "train", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(out), "--batch", "4",
             "--per_device_batch", "2", "--max_length", "16", "--steps", "6", "--lr", "3e-3", *extra]
 
 
@@ -99,7 +99,7 @@ def test_lens_train_then_eval_beats_logit_lens(tmp_path, text_corpus):
     assert [m["step"] for m in metrics] == list(range(1, 31))
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert not (out / "checkpoint.pt").exists()
-    result = main(["lens", "eval", "--model", str(model_dir), "--data", str(text_corpus), "--lens", str(out),
+    result = main(["lens", "eval", "--model", str(model_dir), "--corpus", str(text_corpus), "--lens", str(out),
                    "--max_length", "16", "--out", str(tmp_path / "eval.json")])
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["layers"] == result["layers"] and len(saved["layers"]) == 4
@@ -107,17 +107,17 @@ def test_lens_train_then_eval_beats_logit_lens(tmp_path, text_corpus):
         assert row["tuned_lens_kl"] < row["logit_lens_kl"]
         assert set(row) == {"layer", "logit_lens_kl", "tuned_lens_kl", "logit_lens_top1", "tuned_lens_top1"}
     assert (tmp_path / "eval.png").stat().st_size > 1000
-    fast = main(["lens", "eval", "--model", str(model_dir), "--data", str(text_corpus), "--lens", str(out),
+    fast = main(["lens", "eval", "--model", str(model_dir), "--corpus", str(text_corpus), "--lens", str(out),
                  "--max_length", "16", "--lens_matmul", "bfloat16"])
     for exact, approx in zip(result["layers"], fast["layers"]):
         for key in ("logit_lens_kl", "tuned_lens_kl"):
             assert approx[key] == pytest.approx(exact[key], rel=2e-2, abs=1e-3) and approx[key] != exact[key]
-    few = main(["lens", "eval", "--model", str(model_dir), "--data", str(text_corpus), "--lens", str(out),
-                "--max_length", "16", "--max_docs", "2"])
+    few = main(["lens", "eval", "--model", str(model_dir), "--corpus", str(text_corpus), "--lens", str(out),
+                "--max_length", "16", "--eval_limit", "2"])
     assert few["documents"] == 2 < result["documents"]
     assert few["layers"] != result["layers"]
-    with pytest.raises(ConfigError, match="--max_docs must be"):
-        LensEvalConfig(model=str(model_dir), lens=str(out), max_docs=0)
+    with pytest.raises(ConfigError, match="--eval_limit must be"):
+        LensEvalConfig(model=str(model_dir), lens=str(out), eval_limit=0)
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(_train_args(model_dir, text_corpus, out))
 
@@ -162,7 +162,7 @@ def test_lens_train_bad_inputs(tmp_path, text_corpus):
         main(_train_args(model_dir, empty, tmp_path / "a"))
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"body": "the capital"}\n')
-    with pytest.raises(ValueError, match=r"no 'text' column.*--column"):
+    with pytest.raises(ValueError, match=r"no 'text' column.*--corpus_column"):
         main(_train_args(model_dir, wrong, tmp_path / "b"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(_train_args(model_dir, tmp_path / "missing.jsonl", tmp_path / "c"))

@@ -43,7 +43,8 @@ def _run_dir(root: Path, name: str, *, examples: int, steps: int, lr: float, for
     run = root / name
     _write(run / "run_config.json", {"model": "base-model", "lens": "lens", "forget": "facts:x", "retain": "wiki",
                                      "examples": examples, "epochs": 1, "steps": steps, "batch": 32, "lr": lr,
-                                     "retain_coef": 5.0, "remove_coef": 5.0, "layers": [5, 10], "optimizer": "adamw",
+                                     "retain_coef": 5.0, "remove_coef": 5.0,  # as runs wrote it before forget_coef
+                                     "layers": [5, 10], "optimizer": "adamw",
                                      "full": full, "rank": 16})
     metrics = [{"step": s, "retain_loss": 1.0 + 1 / s, "forget_loss": 0.5 + 1 / s, "lr": lr}
                for s in range(1, steps + 1)]
@@ -93,7 +94,7 @@ def test_table_rebuilds_identically_from_the_files(tmp_path, runs):
     assert text == (tmp_path / "r2" / "report.md").read_text()
     assert (tmp_path / "r1" / "report.csv").read_text() == (tmp_path / "r2" / "report.csv").read_text()
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert lines[0] == ("| examples | epochs | steps | retain_coef | remove_coef | lr | batch | retain_loss | "
+    assert lines[0] == ("| examples | epochs | steps | retain_coef | forget_coef | lr | batch | retain_loss | "
                         "forget_loss | wmdp_bio_robust (↓) | mmlu_stem (↑) | Notes |")
     assert lines[1].startswith("| - | - |") and "42.97% | 36.85% | baseline: original model base-model" in lines[1]
     assert lines[2] == ("| 8192 | 1 | 256 | 5.0 | 5.0 | 1e-3 | 32 | 1.19 | 1.04 | 23.16% | 34.35% | "

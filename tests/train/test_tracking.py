@@ -242,7 +242,7 @@ def test_a_resumed_run_drops_the_tracked_steps_after_its_checkpoint(tmp_path, mo
 def test_lens_train_tracked_with_wandb(tmp_path, text_corpus, offline_wandb):
     model = save_tiny_model(tmp_path / "tiny")
     out = tmp_path / "lens"
-    run_command(["lens", "train", "--model", str(model), "--data", str(text_corpus),
+    run_command(["lens", "train", "--model", str(model), "--corpus", str(text_corpus),
                                       "--steps", "3", "--batch", "4", "--per_device_batch", "4",
                                       "--max_length", "16", "--out", str(out), "--tracker", "wandb"])
     records = wandb_records(out)

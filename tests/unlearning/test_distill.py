@@ -200,10 +200,10 @@ def test_distillation_lowers_the_kl_and_writes_a_run_the_other_commands_read(sou
     assert config["model"] == str(source / "tiny") and config["forget"] == str(source / "forget.jsonl")
     again = read_config_file(DistillConfig, out / "run_config.json", SAVED_KEYS)  # `distill --config` reads it back
     assert again["alpha"] == 0.3 and again["eval_tasks"] == str(source / "task.jsonl")
-    tamper = resolve_defaults(TamperConfig(model=str(out)))
+    tamper = resolve_defaults(TamperConfig(run=str(out)))
     assert model_path(str(out)) == str(out / "merged") and tamper.forget == config["forget"]
     assert tamper.eval_tasks == str(source / "task.jsonl") and tamper.eval_format == "cloze"
-    robustness = resolve_robustness(RobustnessConfig(run_dir=str(out), forget_task=str(source / "task.jsonl")))
+    robustness = resolve_robustness(RobustnessConfig(run=str(out), forget_task=str(source / "task.jsonl")))
     assert robustness.model == str(source / "tiny") and robustness.eval_format == "cloze"
     run = load_run(out)
     assert run.eval["results"]["task"]["n"] == 2 and [e["step"] for e in run.evals] == [0, 4, 8]
@@ -462,8 +462,8 @@ def test_bad_distill_searches_are_one_line_errors_before_training(source, tmp_pa
         argv[argv.index("--stage") + 1] = "unlearn"
         match = "--distill holds the fixed settings of --stage distill"
     elif case == "unlearn_option":
-        argv += ["--grid", "remove_coef=1,2"]
-        match = "--grid remove_coef: not an option of lensunlearn distill"
+        argv += ["--grid", "forget_coef=1,2"]
+        match = "--grid forget_coef: not an option of lensunlearn distill"
     elif case == "missing_run":
         argv[argv.index("--distill") + 1] = f"--run {tmp_path / 'nowhere'}"
         match = "nowhere does not exist"

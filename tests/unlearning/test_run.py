@@ -74,7 +74,7 @@ def test_full_mode_with_kl_retain_and_random_targets(setup):
 
 
 def test_presets_and_run_name():
-    assert PRESETS["seed"] == UnlearnConfig()
+    assert PRESETS["reference"] == UnlearnConfig()
     assert UnlearnConfig(examples=400).name == "smollm2-135m_lens_ex400_rm5.0_ret5.0"
     # The robust preset's two budget rules train for different lengths: their default names differ.
     robust = PRESETS["robust"]
