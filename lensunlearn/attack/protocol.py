@@ -60,6 +60,7 @@ from ..core.paths import (
     SPLIT_FILE,
     robustness_seed_dir,
 )
+from ..core.run_config import fill, read_run_config, run_tasks
 from ..data.corpora import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
 from ..data.tasks import NUM_CHOICES, check_tasks
 from ..report.plots import plot_robustness
@@ -104,30 +105,23 @@ class Inputs:
     phrasings: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # name -> rows with fact_id
 
 
-def _run_config(run: Path) -> dict:
-    path = run / RUN_CONFIG_FILE
-    return json.loads(read_text(path)) if path.is_file() else {}
-
-
 def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
     """Fill what was not given from the run directory; refuse a directory that holds no model."""
     run = Path(cfg.run).expanduser()
     if not (run / MERGED_DIR / MODEL_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{run} holds no {MERGED_DIR}/{MODEL_CONFIG_FILE}, so there is no unlearned model "
                                 f"to attack: pass a finished unlearning run directory")
-    saved = _run_config(run)
-    model = cfg.model or saved.get("model")
-    forget = cfg.forget or saved.get("forget")
+    saved = read_run_config(run)
+    model, forget = fill(cfg.model, saved, "model"), fill(cfg.forget, saved, "forget")
     if not model or not forget:
         raise ConfigError(f"{run} has no {RUN_CONFIG_FILE} naming its base model and forget corpus: pass --model "
                           f"and --forget")
-    tasks = saved.get("eval_tasks") or ""
-    tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    tasks = run_tasks(saved)
     forget_task = cfg.forget_task or (forget if forget.startswith(FACTS_PREFIX) else tasks[0] if tasks else None)
     if not forget_task:
         raise ConfigError(f"pass --forget_task: {run} names no evaluation task")
     kept = cfg.kept_tasks if cfg.kept_tasks is not None else ",".join(t for t in tasks if t != forget_task)
-    fmt = cfg.eval_format or saved.get("eval_format") or "cloze"
+    fmt = fill(cfg.eval_format, saved, "eval_format", "cloze")
     out = cfg.out or str(Path("runs") / f"robustness_{run.resolve().name}")
     phrasings = cfg.phrasings
     if phrasings == (AUTO_PHRASING,):

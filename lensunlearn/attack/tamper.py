@@ -45,6 +45,7 @@ from ..core.paths import (
     TAMPER_PLOT_FILE,
     is_unlearn_run,
 )
+from ..core.run_config import fill, read_run_config, run_tasks
 from ..data.corpora import FACTS_PREFIX, WMDP_BIO_FORGET_CORPUS, batch_indices, chunk_documents, collate, load_texts
 from ..data.tasks import NUM_CHOICES, REFERENCE_EVAL_TASKS, check_tasks, load_items, resolve_tasks
 from ..modeling.loading import load_model
@@ -80,21 +81,17 @@ def model_path(model: str) -> str:
 
 def _run_config(cfg: TamperConfig) -> dict:
     run = run_directory(cfg.attacked)
-    if run is None or not (run / RUN_CONFIG_FILE).is_file():
-        return {}
-    return json.loads((run / RUN_CONFIG_FILE).read_text())
+    return {} if run is None else read_run_config(run)
 
 
 def resolve_defaults(cfg: TamperConfig) -> TamperConfig:
     """Fill forget corpus, eval tasks and format from the run directory, else the reference experiment's."""
     run_cfg = _run_config(cfg)
-    forget = cfg.forget or run_cfg.get("forget") or WMDP_BIO_FORGET_CORPUS
-    tasks = cfg.eval_tasks or run_cfg.get("eval_tasks") or run_cfg.get("tasks")
-    if isinstance(tasks, (list, tuple)):
-        tasks = ",".join(tasks)
+    forget = fill(cfg.forget, run_cfg, "forget", WMDP_BIO_FORGET_CORPUS)
+    tasks = cfg.eval_tasks or ",".join(run_tasks(run_cfg))
     if not tasks:
         tasks = forget if forget.startswith(FACTS_PREFIX) else REFERENCE_EVAL_TASKS
-    fmt = cfg.eval_format or run_cfg.get("eval_format") or "letter"
+    fmt = fill(cfg.eval_format, run_cfg, "eval_format", "letter")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     forget_task = cfg.forget_task or names[0]
     if forget_task not in names:

@@ -153,7 +153,10 @@ def _usage(command: Command) -> str:
 def build_parser(commands: Sequence[Command], argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every command; `argv` (the command line) only picks the preset whose defaults `--help` shows."""
     parser = _Parser(prog="lensunlearn",
-                     description="Unlearn knowledge through tuned lenses, evaluate it, and attack the result.")
+                     description="Unlearn knowledge through tuned lenses, evaluate it, and attack the result.",
+                     epilog="`lensunlearn COMMAND --help` lists a command's options by group. An option left out "
+                            "takes the default its help states; '' (or none) is the same as leaving it out, except "
+                            "where the help says that '' means none.")
     parser.add_argument("--version", action="version", version=f"lensunlearn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also "

@@ -368,8 +368,8 @@ def read_config_file(cls: type, path: str | Path, derived: Iterable[str] = ()) -
                           f"see --help for the options of this command")
     ignored = [key for key in data if key in skipped]
     if ignored and not skipped <= set(data):
-        log.warning("--config %s: %s ignored: %s what a run computed from its options, not options", path,
-                    ", ".join(ignored), "is" if len(ignored) == 1 else "are")
+        log.warning("--config %s: %s %s not an option but what a run computed from its options (its plan): ignored",
+                    path, ", ".join(ignored), "is" if len(ignored) == 1 else "are")
     types_ = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
@@ -404,6 +404,8 @@ def _file_value(value: Any, annotation: Any, what: str, metadata: Any = types.Ma
         raise ConfigError(f"{what} must be {_type_name(base)}, got null")
     if typing.get_origin(base) is tuple:
         inner = typing.get_args(base)[0]
+        if isinstance(value, str) and metadata.get("append"):  # one item of a repeated flag: its commas are its own
+            return (value,)
         if isinstance(value, str):  # the flag's spelling, "5,10,15"
             try:
                 return _converter(base)(value)

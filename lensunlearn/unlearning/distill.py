@@ -77,6 +77,7 @@ from ..core.paths import (
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
 )
+from ..core.run_config import fill, read_run_config, run_tasks
 from ..data.corpora import batch_indices, collate, load_texts, tokenize
 from ..data.tasks import check_tasks
 from ..eval.fluency import decode_batch, pad_id_of, stop_ids
@@ -231,10 +232,7 @@ def check_source(run: Path) -> dict:
     if not (run / MERGED_DIR / MODEL_CONFIG_FILE).is_file():
         raise InputError(f"--run {run} holds no {MERGED_DIR}/{MODEL_CONFIG_FILE}, so there is no unlearned model to "
                          f"distil: pass a finished run directory")
-    saved = read_json(run / RUN_CONFIG_FILE) if (run / RUN_CONFIG_FILE).is_file() else {}
-    if not isinstance(saved, dict):
-        raise InputError(f"{run / RUN_CONFIG_FILE} is not a mapping of settings: re-create the run")
-    return saved
+    return read_run_config(run)
 
 
 def resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
@@ -242,12 +240,10 @@ def resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
     becomes an absolute path, so that a resumed run compares the same folder however it is spelled."""
     run = Path(cfg.run).expanduser().resolve()
     source = check_source(run)
-    tasks = source.get("eval_tasks") or "" if cfg.eval_tasks == SOURCE_TASKS else cfg.eval_tasks
-    if isinstance(tasks, (list, tuple)):
-        tasks = ",".join(tasks)
-    fmt = cfg.eval_format or source.get("eval_format") or "letter"
-    limit = cfg.eval_limit if cfg.eval_limit is not None else source.get("eval_limit")
-    include = source.get("lm_eval_include") if cfg.lm_eval_include is None else cfg.lm_eval_include or None
+    tasks = ",".join(run_tasks(source)) if cfg.eval_tasks == SOURCE_TASKS else cfg.eval_tasks
+    fmt = fill(cfg.eval_format, source, "eval_format", "letter")
+    limit = fill(cfg.eval_limit, source, "eval_limit")
+    include = fill(cfg.lm_eval_include, source, "lm_eval_include") or None  # '' on the line: no folder
     return replace(cfg, run=str(run), eval_tasks=tasks, eval_format=fmt, eval_limit=limit, lm_eval_include=include,
                    out=cfg.out or str(run.parent)), source
 
