@@ -205,6 +205,10 @@ def test_old_preset_and_grid_names_and_run_folders_given_as_model(tmp_path, caps
 
     _, config = configure(["unlearn", "--preset", "seed"])
     assert config == REFERENCE
+    from lensunlearn import REFERENCE as exported
+    from lensunlearn.unlearning.run import SEED, UnlearnConfig
+
+    assert exported is REFERENCE is SEED and REFERENCE == UnlearnConfig()
     assert capsys.readouterr().err == ("lensunlearn: --preset seed is now --preset reference; the old name goes in "
                                        "the next release\n")
     _, search = configure(["search", "--preset", "seed", "--grid", "remove_coef=5,10", "--unlearn",
