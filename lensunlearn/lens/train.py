@@ -65,7 +65,7 @@ def _prepare_out(cfg: LensTrainConfig) -> Output:
     check_tracker(cfg)
     output = prepare_output(cfg.out, "lens", overwrite=cfg.overwrite, resume=cfg.resume,
                             finished=lambda p: (p / LENS_PARAMS_FILE).is_file(),
-                            reads=(("--model", cfg.model), ("--data", cfg.data)))
+                            reads=(("--model", cfg.model), ("--corpus", cfg.corpus)))
     saved = output.work / LENS_TRAIN_CONFIG_FILE
     if cfg.resume and saved.is_file():
         check_resumed_config(json.loads(saved.read_text()), cfg, RESUME_MAY_CHANGE, str(output.final))

@@ -151,8 +151,8 @@ def test_a_grid_string_in_a_search_config_is_one_grid_entry(tmp_path, capsys):
 
 def test_a_grid_value_written_twice_is_refused(capsys):
     line = one_line(["search", "--unlearn", "--eval_tasks a.jsonl", "--grid", "lr=1e-3,0.001"], capsys, status=2)
-    assert line == ("lensunlearn search: error: --grid lr=1e-3,0.001: 1e-3 and 0.001 are the same value, which "
-                    "would train the same point twice: keep one")
+    assert line == ("lensunlearn search: error: --grid lr=1e-3,0.001: 1e-3 and 0.001 are the same value (0.001), one "
+                    "grid point: list each value once")
 
 
 # --- one line per argument error ------------------------------------------------------------------------
