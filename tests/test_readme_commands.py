@@ -2,10 +2,10 @@
 configs and chain.
 
 Every `lensunlearn ...` line of the bash blocks of README.md and docs/*.md goes through the real
-command line (`cli.main`) up to the point where compute would start: the command's runner is replaced
-by one that records the config it was given. That catches a renamed or removed flag, a value the
-config refuses, and a path that one command writes and the next one reads under another name (the
-README's `unlearn --lens` once named a folder that `lens train` never wrote).
+command line (`cli.configure`: the parser, the preset and the config's own checks) up to the point
+where compute would start. That catches a renamed or removed flag, a value the config refuses, and a
+path that one command writes and the next one reads under another name (a README's `unlearn --lens`
+that names a folder `lens train` never writes).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lensunlearn import cli
+from lensunlearn.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -71,21 +72,20 @@ def readme_commands() -> list[list[str]]:
 
 
 @pytest.fixture
-def recorded(monkeypatch) -> list[tuple[Line, object]]:
-    """Run every README and docs line through `cli.main`, recording each command's config instead of
-    running it, in document order."""
-    configs: list = []
-    for command in cli.all_commands():
-        monkeypatch.setattr(command, "run", lambda cfg: configs.append(cfg))
+def recorded() -> list[tuple[Line, object]]:
+    """Every README and docs line as the command line parses it into its command's config (nothing
+    runs), in document order."""
     out = []
     for line in doc_commands():
-        before = len(configs)
+        where = f"{line.path.name}: `lensunlearn {' '.join(line.argv)}`"
         try:
-            cli.main(line.argv)
+            command, config = cli.configure(line.argv)
         except SystemExit as exit_:
-            raise AssertionError(f"{line.path.name}: `lensunlearn {' '.join(line.argv)}` exits {exit_.code}") from None
-        assert len(configs) == before + 1, f"{line.path.name}: `lensunlearn {' '.join(line.argv)}` ran no command"
-        out.append((line, configs[-1]))
+            raise AssertionError(f"{where} exits {exit_.code}") from None
+        except ConfigError as err:
+            raise AssertionError(f"{where} is refused: {err}") from None
+        assert command.words == tuple(line.name.split()), where
+        out.append((line, config))
     return out
 
 
