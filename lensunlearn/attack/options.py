@@ -26,6 +26,8 @@ class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
                              default_text="none: attack --model")
     model: str | None = redefault(ModelOptions, "model", None, default_text=f"{EMBEDDED_MODEL} unless --run is given")
     lr: float = redefault(TrainingOptions, "lr", 2e-5)
+    # no weight decay: the attack of the robustness protocol (`finetune`), which tamper shares
+    weight_decay: float = redefault(TrainingOptions, "weight_decay", 0.0)
     batch: int = redefault(TrainingOptions, "batch", 16)
     per_device_batch: int = redefault(TrainingOptions, "per_device_batch", 4)
     forget: str | None = option(None, "attack corpus: hub id, local file/folder or facts:<domain>", group="data",
@@ -44,7 +46,8 @@ class TamperConfig(TrackingOptions, TrainingOptions, ModelOptions):
                                     group="attack", default_text="none: one attack at --lr")
     schedules: tuple[str, ...] = option((), "sweep: comma-separated schedules (crossed with --lrs)", group="attack",
                                         default_text="none: --schedule")
-    full: bool = option(True, "attack all parameters; --no-full attacks with a LoRA adapter", group="LoRA",
+    full: bool = option(True, "attack all parameters; --no-full attacks with a LoRA adapter on every linear layer "
+                              "of the blocks (no dropout), the robustness protocol's LoRA attack", group="LoRA",
                         old_names={"lora": False})
     lora_rank: int = option(16, "LoRA rank of a --no-full attack (alpha = rank)", old_names=("rank",), group="LoRA")
     holdout: float = option(0.0, "fraction of facts the attack never trains on (0 = off); needs a facts:<domain> "
@@ -154,7 +157,8 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
                                     group="attack", default_text="the grid's")
     batch: int = option(8, "sentences per attack step (the attacked half's text is cycled)", group="attack")
     warmup: int = option(0, "linear warmup steps of every attack", group="attack")
-    lora_rank: int = option(16, "rank of a LoRA attack (alpha = rank)", group="LoRA")
+    lora_rank: int = option(16, "rank of a LoRA attack (alpha = rank; every linear layer of the blocks, no dropout)",
+                            group="LoRA")
     max_length: int = option(64, "cut attack documents into pieces of at most this many tokens", group="data")
     holdout: float = option(0.5, "fraction of the forget task's facts in the unseen half", group="attack")
     seeds: tuple[int, ...] = option((0,), "comma-separated seeds; each repeats the split and the attacks",
@@ -223,9 +227,14 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
 
 
 COMMANDS = [
-    Command(("tamper",), "fine-tune a model on forget-domain text and measure how much knowledge returns",
+    Command(("tamper",), "fine-tune a model on forget-domain text and measure how much knowledge returns: one "
+                         "attack curve (or a sweep of learning rates) on any corpus you choose, optionally with "
+                         "held-out facts (--holdout). For the verdict on an unlearned run (held-out facts, an attack "
+                         "grid and its envelope, controls) use `robustness`; both run the same fine-tuning attack",
             TamperConfig, "lensunlearn.attack.tamper:run_tamper"),
     Command(("robustness",), "the relearning protocol on one unlearned model: held-out split, attack grid with "
-                             "its envelope, base-model, benign and fictional-fact controls, capability and fluency",
+                             "its envelope, base-model, benign and fictional-fact controls, capability and fluency. "
+                             "The verdict on a run; for one attack curve on a corpus you choose use `tamper`, which "
+                             "runs the same fine-tuning attack",
             RobustnessConfig, "lensunlearn.attack.protocol:run_robustness"),
 ]

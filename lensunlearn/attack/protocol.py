@@ -1,12 +1,12 @@
 """`robustness`: the whole relearning protocol on one unlearned model, in one `robustness.json`.
 
 For each seed the forget task's facts are split by `fact_id` into an attacked and an unseen half.
-Every attack of a grid (full-parameter and LoRA fine-tuning, learning rates, schedules) trains on
-the attacked half's text only, starting from the unlearned weights, and is evaluated on both
-halves at several step counts. The schedule spans the longest attack, and an N-step number is
-the state after N steps of that attack (with `constant`, the same as an N-step attack). The
-envelope is, per step count, the best unseen-half accuracy over the grid; its value at the
-largest step count is the headline.
+Every attack of a grid (full-parameter and LoRA fine-tuning, learning rates, schedules; the one
+fine-tuning attack of `finetune`, which `tamper` runs too) trains on the attacked half's text only,
+starting from the unlearned weights, and is evaluated on both halves at several step counts. The
+schedule spans the longest attack, and an N-step number is the state after N steps of that attack
+(with `constant`, the same as an N-step attack). The envelope is, per step count, the best
+unseen-half accuracy over the grid; its value at the largest step count is the headline.
 
 Controls, each attacked with the grid's strongest setting (every setting under `--grid full`):
 the base model (how fast a model that never forgot relearns), a benign attack on text unrelated
@@ -61,10 +61,11 @@ from ..core.paths import (
     robustness_seed_dir,
 )
 from ..core.run_config import fill, read_run_config, run_tasks
-from ..data.corpora import FACTS_PREFIX, batch_indices, chunk_documents, collate, load_texts
+from ..data.corpora import FACTS_PREFIX, chunk_documents, load_texts
 from ..data.tasks import NUM_CHOICES, check_tasks
 from ..report.plots import plot_robustness
 from ..train.tracking import TRACKING_FIELDS, Tracker, check_tracker, flatten, open_tracker
+from .finetune import Attack, attached, run_attack
 from .grid import (
     ATTACKED,
     UNSEEN,
@@ -476,13 +477,12 @@ class Protocol:
         return self.stage(self.seed_dir(seed) / ROBUSTNESS_FLUENCY_FILE, compute)
 
 
-def _lora(model, rank: int):
-    from peft import LoraConfig, get_peft_model
-
-    model.requires_grad_(False)
-    # every linear layer of the blocks, as a determined attacker would (peft's default is q and v only)
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
+def attack_for(cfg: RobustnessConfig, setting: Setting, seed: int) -> Attack:
+    """The fine-tuning attack a grid setting names: `max(--steps)` steps of `--batch` sequences, warmup
+    `--warmup`, LoRA rank `--lora_rank`; everything else the attack's defaults (`finetune`)."""
+    return Attack(kind=setting.kind, lr=setting.lr, steps=max(cfg.step_counts), schedule=setting.schedule,
+                  warmup=cfg.warmup, batch=cfg.batch, per_device_batch=cfg.batch, lora_rank=cfg.lora_rank,
+                  seed=seed)
 
 
 def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: int, role: str,
@@ -490,55 +490,36 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
     """One attack of `max(steps)` optimiser steps from the weights in place; the halves are measured at
     every step count, and at the end (grid and benign attacks) the kept tasks, the perplexity and, when
     prompts are given, the greedy continuations. A diverged attack keeps the points before it diverged."""
-    from ..train.loop import LoopSpec, NonFiniteLossError, run_loop
-    from ..train.optim import build_optimizer, lr_factor
+    from ..train.loop import NonFiniteLossError
 
     cfg, model, tokenizer = protocol.cfg, protocol.model, protocol.tokenizer
-    counts, total = set(cfg.step_counts), max(cfg.step_counts)
-    torch.manual_seed(seed)
-    trainable = model.requires_grad_(True) if setting.kind == "full" else _lora(model, cfg.lora_rank)
-    named = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(named, "adamw", setting.lr, weight_decay=0.0)
-    device = next(model.parameters()).device
+    attack = attack_for(cfg, setting, seed)
+    counts = set(cfg.step_counts)
     points: dict[str, dict] = {}
     losses: list[float] = []
     steps_run = [0]
     fiction = role == "fictional"
     name = f"seed{seed}/{role}_{setting.label}"
-
-    def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        idx = batch_indices(len(chunks), cfg.batch, step, seed)
-        return [collate([chunks[i] for i in idx], tokenizer.pad_token_id)]
-
-    def loss_fn(batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        loss = trainable(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        return loss, {"loss": loss.item()}
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        steps_run[0] = step + 1
-        losses.append(metrics["loss"])
-        tracked = {f"{name}/loss": metrics["loss"], f"{name}/step": step + 1}
-        if step + 1 in counts:
-            acc = protocol.halves(seed, trainable, fiction)
-            # the fictional attack is judged on its own halves; the forget halves ride along
-            point = ({ATTACKED: acc["fictional_attacked"], UNSEEN: acc["fictional_unseen"],
-                      "forget_attacked": acc["forget_attacked"], "forget_unseen": acc["forget_unseen"]}
-                     if fiction else {ATTACKED: acc["forget_attacked"], UNSEEN: acc["forget_unseen"]})
-            points[str(step + 1)] = {**point, "train_loss": statistics.fmean(losses)}
-            losses.clear()
-            tracked.update({f"{name}/{half}": value for half, value in point.items()})
-        protocol.track(tracked)
-
-    spec = LoopSpec(params=[p for _, p in named], optimizer=optimizer, base_lr=setting.lr, total_steps=total,
-                    micro_batches=micro_batches, loss_fn=loss_fn,
-                    lr_factor=lambda s: lr_factor(s, total, cfg.warmup, setting.schedule), clip=1.0,
-                    on_step=on_step, desc=f"{role} {setting.label}", postfix=("loss",))
     out: dict[str, Any] = {"steps": points}
-    try:
-        trainable.train()
+    with attached(model, attack) as trainable:
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            steps_run[0] = step + 1
+            losses.append(metrics["loss"])
+            tracked = {f"{name}/loss": metrics["loss"], f"{name}/step": step + 1}
+            if step + 1 in counts:
+                acc = protocol.halves(seed, trainable, fiction)
+                # the fictional attack is judged on its own halves; the forget halves ride along
+                point = ({ATTACKED: acc["fictional_attacked"], UNSEEN: acc["fictional_unseen"],
+                          "forget_attacked": acc["forget_attacked"], "forget_unseen": acc["forget_unseen"]}
+                         if fiction else {ATTACKED: acc["forget_attacked"], UNSEEN: acc["forget_unseen"]})
+                points[str(step + 1)] = {**point, "train_loss": statistics.fmean(losses)}
+                losses.clear()
+                tracked.update({f"{name}/{half}": value for half, value in point.items()})
+            protocol.track(tracked)
+
         try:
-            run_loop(spec)
+            run_attack(trainable, chunks, tokenizer.pad_token_id, attack, on_step, desc=f"{role} {setting.label}")
         except NonFiniteLossError as err:
             log.warning("%s attack %s diverged (%s): its later step counts are left out", role, setting.label, err)
             out.update(diverged=str(err), steps_run=steps_run[0])
@@ -555,12 +536,6 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
             out["continuations"] = {g: greedy_continuations(trainable, tokenizer, texts, cfg.max_new_tokens)
                                     for g, texts in prompts.items()}
         return out
-    finally:
-        if setting.kind == "lora":
-            trainable.unload()
-        model.requires_grad_(False)
-        model.eval()
-        del optimizer
 
 
 # --- the command --------------------------------------------------------------------------------

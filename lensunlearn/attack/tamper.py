@@ -1,6 +1,7 @@
 """`tamper`: fine-tune a (unlearned) model on forget-domain text and watch knowledge return.
 
-The attack is the package's one training loop with a causal-LM loss. Evaluation runs at step 0,
+The attack is the package's one fine-tuning attack (`finetune`, which the robustness protocol
+runs too): full-parameter, or a LoRA adapter on every linear layer of the blocks. Evaluation runs at step 0,
 every `--eval_every` steps and at the end, and the results (schema in `tamper_results`) are
 rewritten atomically after each one, so a killed attack keeps everything it measured.
 
@@ -24,8 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..core.atomic import write_json_atomic, write_jsonl_atomic
 from ..core.config import ConfigError, to_jsonable
 from ..core.outputs import Output, prepare_output
@@ -46,13 +45,13 @@ from ..core.paths import (
     is_unlearn_run,
 )
 from ..core.run_config import fill, read_run_config, run_tasks
-from ..data.corpora import FACTS_PREFIX, WMDP_BIO_FORGET_CORPUS, batch_indices, chunk_documents, collate, load_texts
+from ..data.corpora import FACTS_PREFIX, WMDP_BIO_FORGET_CORPUS, chunk_documents, load_texts
 from ..data.tasks import NUM_CHOICES, REFERENCE_EVAL_TASKS, check_tasks, load_items, resolve_tasks
 from ..modeling.loading import load_model
 from ..report.tamper_results import ATTACKED, HELDOUT, recovery, task_display
-from ..train.loop import LoopSpec, MetricsLog, run_loop
-from ..train.optim import build_optimizer, embedding_parameters, lr_factor
+from ..train.loop import MetricsLog
 from ..train.tracking import Tracker, check_tracker, open_tracker
+from .finetune import LORA_TARGETS, Attack, attached, run_attack
 from .options import TamperConfig
 
 log = logging.getLogger(__name__)
@@ -247,15 +246,11 @@ def original_scores(cfg: TamperConfig, plan: list[EvalTask], out: Path) -> dict[
 # ---------------------------------------------------------------------------------------- training
 
 
-def _trainable_model(model, cfg: TamperConfig):
-    if cfg.full:
-        model.requires_grad_(True)
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    model.requires_grad_(False)
-    return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.05,
-                                            task_type="CAUSAL_LM"))
+def attack_for(cfg: TamperConfig, lr: float, schedule: str, steps: int) -> Attack:
+    """The fine-tuning attack these options name (`finetune`, the robustness protocol's attack too)."""
+    return Attack(kind="full" if cfg.full else "lora", lr=lr, steps=steps, schedule=schedule, warmup=cfg.warmup,
+                  batch=cfg.batch, per_device_batch=cfg.per_device_batch, optimizer=cfg.optimizer,
+                  weight_decay=cfg.weight_decay, clip=cfg.clip, lora_rank=cfg.lora_rank, seed=cfg.seed)
 
 
 def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[EvalTask],
@@ -268,17 +263,13 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
     line and every evaluation (as `eval/<task>/<metric>` at its step).
     """
     tracker = tracker or Tracker()
-    torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(model_path(cfg.attacked), cfg.dtype, cfg.device, cfg.trust_remote_code)
     chunks = attack_chunks(cfg, tokenizer, attacked)
     steps = cfg.steps or max(1, math.ceil(len(chunks) * cfg.epochs / cfg.batch))
-    model = _trainable_model(model, cfg)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(named, cfg.optimizer, lr, cfg.weight_decay,
-                                exclude_from_muon=embedding_parameters(model))
-    device = next(model.parameters()).device
+    spec = attack_for(cfg, lr, schedule, steps)
     results = {"config": {**to_jsonable(cfg), "lr": lr, "schedule": schedule, "model_path": model_path(cfg.attacked),
-                          "chunks": len(chunks), "steps": steps, "num_attacked_facts": len(attacked or ())},
+                          "chunks": len(chunks), "steps": steps, "num_attacked_facts": len(attacked or ()),
+                          "lora_targets": LORA_TARGETS if spec.kind == "lora" else None},
                "chance": CHANCE, "original": original, "records": [], "recovery": {}, "finished": False}
     log.info("attack lr=%g %s: %d chunks, %d steps of %d, evaluating every %d steps", lr, schedule, len(chunks),
              steps, cfg.batch, cfg.eval_every)
@@ -286,42 +277,28 @@ def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[Ev
     metrics_log = MetricsLog(out / METRICS_FILE, tracker=tracker)
     losses: list[float] = []
     began = time.perf_counter()
+    with attached(model, spec) as trainable:
 
-    def record(step: int, tasks: dict[str, dict] | None = None) -> None:
-        train_loss = sum(losses) / len(losses) if losses else None
-        losses.clear()
-        tasks = tasks if tasks is not None else measure(model, tokenizer, plan, cfg)
-        results["records"].append({"step": step, "train_loss": train_loss, "tasks": tasks,
-                                   "wall_seconds": round(time.perf_counter() - began, 2)})
-        tracker.log({f"{EVAL_KEY_PREFIX}{task}/{metric}": value for task, scores in tasks.items()
-                     for metric, value in scores.items() if metric in ("acc", "acc_norm")}, step)
-        results["recovery"] = recovery(results["records"], cfg.metric)
-        results["finished"] = step == steps  # a killed attack's results say so (report marks them)
-        write_json_atomic(out / RESULTS_FILE, results)
+        def record(step: int, tasks: dict[str, dict] | None = None) -> None:
+            train_loss = sum(losses) / len(losses) if losses else None
+            losses.clear()
+            tasks = tasks if tasks is not None else measure(trainable, tokenizer, plan, cfg)
+            results["records"].append({"step": step, "train_loss": train_loss, "tasks": tasks,
+                                       "wall_seconds": round(time.perf_counter() - began, 2)})
+            tracker.log({f"{EVAL_KEY_PREFIX}{task}/{metric}": value for task, scores in tasks.items()
+                         for metric, value in scores.items() if metric in ("acc", "acc_norm")}, step)
+            results["recovery"] = recovery(results["records"], cfg.metric)
+            results["finished"] = step == steps  # a killed attack's results say so (report marks them)
+            write_json_atomic(out / RESULTS_FILE, results)
 
-    def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        idx = batch_indices(len(chunks), cfg.batch, step, cfg.seed)
-        return [collate([chunks[i] for i in idx[k:k + cfg.per_device_batch]], tokenizer.pad_token_id)
-                for k in range(0, cfg.batch, cfg.per_device_batch)]
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            metrics_log.write(metrics)
+            losses.append(metrics["loss"])
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+                record(step + 1)
 
-    def loss_fn(batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        return loss, {"loss": loss.item(), "tokens": float(mask.sum())}
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        metrics_log.write(metrics)
-        losses.append(metrics["loss"])
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-            record(step + 1)
-
-    record(0, step0)
-    model.train()
-    spec = LoopSpec(params=[p for _, p in named], optimizer=optimizer, base_lr=lr, total_steps=steps,
-                    micro_batches=micro_batches, loss_fn=loss_fn, clip=cfg.clip,
-                    lr_factor=lambda s: lr_factor(s, steps, cfg.warmup, schedule), on_step=on_step,
-                    desc=f"tamper lr={lr:g}", postfix=("loss",))
-    run_loop(spec)
+        record(0, step0)
+        run_attack(trainable, chunks, tokenizer.pad_token_id, spec, on_step, desc=f"tamper lr={lr:g}")
     return results
 
 

@@ -1,0 +1,120 @@
+"""The one fine-tuning attack: `tamper` and the robustness protocol build the same attack for the same
+settings, each through its own command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lensunlearn.attack import finetune, protocol, tamper
+from lensunlearn.attack.finetune import Attack
+
+from ..conftest import run_command, save_tiny_model, write_jsonl
+
+CAPITALS = (("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"))
+
+
+class Built(Exception):
+    """Raised by the recording `run_attack` once it has seen the attack: nothing needs to train."""
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """An unlearning run (tiny Llama in merged/, its base model), a fact corpus and task, a kept task."""
+    base = save_tiny_model(tmp_path / "base", seed=1)
+    run = tmp_path / "run"
+    save_tiny_model(run / "merged", seed=2)
+    answers = [a for _, a in CAPITALS]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"fact_id": f"cap:{s}", "text": f"the capital of {s} is {a} ."}
+                                                     for s, a in CAPITALS])
+    task = write_jsonl(tmp_path / "capitals.jsonl", [
+        {"fact_id": f"cap:{s}", "question": f"what is the capital of {s} ?", "prompt": f"the capital of {s} is",
+         "choices": answers, "answer": answers.index(a)} for s, a in CAPITALS])
+    symbols = ["gold", "iron", "oxygen", "element"]
+    kept = write_jsonl(tmp_path / "symbols.jsonl", [
+        {"question": f"the symbol of {w} ?", "prompt": f"the symbol of {w} is", "choices": symbols, "answer": k}
+        for k, w in enumerate(symbols)])
+    (tmp_path / "text.txt").write_text("it was a question of gold and iron .\nthe answer is in the question .\n")
+    (run / "run_config.json").write_text(json.dumps({"model": str(base), "forget": str(corpus), "eval_format": "cloze",
+                                                     "eval_tasks": [str(task), str(kept)]}))
+    return run
+
+
+def _built(monkeypatch, module, argv: list[str]) -> dict:
+    """What `module`'s command line hands to the shared attack: its settings, and the trained module's
+    adapter settings and trainable parameters."""
+    seen = {}
+
+    def record(trainable, chunks, pad_id, attack, on_step=None, desc=""):
+        names = [n for n, _ in finetune.trainable_parameters(trainable)]
+        lora = getattr(trainable, "peft_config", {}).get("default")
+        seen.update(attack=attack, names=names, count=sum(p.numel() for _, p in finetune.trainable_parameters(
+            trainable)), lora=None if lora is None else {
+                "targets": sorted(lora.target_modules), "r": lora.r, "alpha": lora.lora_alpha,
+                "dropout": lora.lora_dropout},
+            weights=[p.detach().clone() for _, p in finetune.trainable_parameters(trainable)] if lora else None,
+            all_names=[n for n, _ in trainable.named_parameters()])
+        raise Built
+
+    monkeypatch.setattr(module, "run_attack", record)
+    with pytest.raises(Built):
+        run_command(argv)
+    return seen
+
+
+def _tamper(run: Path, *flags: str) -> list[str]:
+    tmp = run.parent  # the model folder itself and explicit inputs: no run-directory defaults involved
+    return ["tamper", "--model", str(run / "merged"), "--forget", str(tmp / "corpus.jsonl"), "--eval_tasks",
+            f"{tmp / 'capitals.jsonl'},{tmp / 'symbols.jsonl'}", "--lr", "1e-3", "--schedule", "constant",
+            "--steps", "8", "--batch", "4", "--per_device_batch", "4", "--eval_format", "cloze",
+            "--out", str(run.parent / "tamper"), *flags]
+
+
+def _robustness(run: Path, kind: str, *flags: str) -> list[str]:
+    return ["robustness", str(run), "--kinds", kind, "--lrs", "1e-3", "--schedules", "constant", "--steps", "8",
+            "--batch", "4", "--seeds", "0", "--generic", str(run.parent / "text.txt"), "--benign",
+            str(run.parent / "text.txt"), "--fluency_prompts", "0", "--out", str(run.parent / "robust"), *flags]
+
+
+def test_tamper_and_the_protocol_build_the_same_lora_attack(run_dir, monkeypatch):
+    by_tamper = _built(monkeypatch, tamper, _tamper(run_dir, "--no-full", "--lora_rank", "4"))
+    by_protocol = _built(monkeypatch, protocol, _robustness(run_dir, "lora", "--lora_rank", "4"))
+    assert by_tamper["attack"] == by_protocol["attack"] == Attack(
+        kind="lora", lr=1e-3, steps=8, schedule="constant", batch=4, per_device_batch=4, lora_rank=4)
+    assert by_tamper["lora"] == by_protocol["lora"]
+    lora = by_tamper["lora"]
+    # every linear layer of the blocks, alpha = rank, no dropout (peft's default was q and v with dropout 0.05)
+    assert lora["targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert (lora["r"], lora["alpha"], lora["dropout"]) == (4, 4, 0.0)
+    assert by_tamper["names"] == by_protocol["names"] and by_tamper["count"] == by_protocol["count"] > 0
+    assert all("lora_A" in n or "lora_B" in n for n in by_tamper["names"])
+    assert len(by_tamper["names"]) == 2 * 7 * 4  # A and B of 7 projections in each of the 4 blocks
+    assert all(a.equal(b) for a, b in zip(by_tamper["weights"], by_protocol["weights"], strict=True))  # same init
+
+
+def test_a_full_attack_trains_every_weight_in_both(run_dir, monkeypatch):
+    by_tamper = _built(monkeypatch, tamper, _tamper(run_dir))
+    by_protocol = _built(monkeypatch, protocol, _robustness(run_dir, "full"))
+    assert by_tamper["attack"] == by_protocol["attack"] and by_tamper["attack"].kind == "full"
+    assert by_tamper["lora"] is None and by_protocol["lora"] is None
+    assert by_tamper["names"] == by_protocol["names"] == by_tamper["all_names"]
+    assert by_tamper["count"] == by_protocol["count"]
+
+
+def test_attach_and_detach_leave_the_weights_as_they_were(tmp_path):
+    from lensunlearn.modeling.loading import load_model
+
+    model, tokenizer = load_model(str(save_tiny_model(tmp_path / "tiny")), "float32", "cpu", False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attack = Attack(kind="lora", lr=1e-2, steps=3, batch=2, lora_rank=2)
+    chunks = [tokenizer("the capital of france is paris .")["input_ids"]] * 3
+    losses = []
+    with finetune.attached(model, attack) as trainable:
+        finetune.run_attack(trainable, chunks, tokenizer.pad_token_id, attack,
+                            lambda step, metrics: losses.append(metrics["loss"]))
+    assert len(losses) == 3 and losses[-1] < losses[0]  # the adapter learned the sentence
+    after = model.state_dict()
+    assert set(after) == set(before) and all(after[k].equal(v) for k, v in before.items())
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
