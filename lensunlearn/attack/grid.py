@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..report.robustness_results import ATTACKED, UNSEEN, describe_setting
-from ..report.robustness_results import is_number as _is_number
+from ..report.tables import is_number, number, percent
+from ..report.tables import markdown_table as table
 from ..train.options import SCHEDULES
 
 KINDS = ("full", "lora")
@@ -224,9 +225,9 @@ def combine(values: Sequence[Any]) -> Any:
             out[key] = next(c for c in column if repr(c) == counts.most_common(1)[0][0])
             if len(counts) > 1:
                 out["settings"] = column
-        elif key == "steps" and _is_number(value):
+        elif key == "steps" and is_number(value):
             out[key] = value
-        elif _is_number(value) and all(_is_number(c) or c is None for c in column):
+        elif is_number(value) and all(is_number(c) or c is None for c in column):
             finite = [float(c) for c in column if c is not None and math.isfinite(c)]
             out[key] = statistics.fmean(finite) if finite else None
             if len(values) > 1:
@@ -242,13 +243,7 @@ def combine(values: Sequence[Any]) -> Any:
 
 
 def _pct(value: Any, sd: Any = None) -> str:
-    if not _is_number(value):
-        return "-"
-    return f"{100 * value:.1f}" + (f" ± {100 * sd:.1f}" if _is_number(sd) else "")
-
-
-def _ppl(value: Any) -> str:
-    return f"{value:.2f}" if _is_number(value) else "-"
+    return percent(value, sd=sd)
 
 
 def _halves(point: Any) -> str:
@@ -260,46 +255,40 @@ def _halves(point: Any) -> str:
 
 def _phrasing_table(result: Mapping) -> list[str]:
     head = result["headline"]
-    lines = [f"Other phrasings of the forget task's facts (attacked / unseen half, after {head['steps']} attack "
-             f"steps; the best attack is the headline's, chosen on the task's own phrasing; the envelope is the "
-             f"most any grid attack recovered in that phrasing):", "",
-             "| phrasing | base model | unlearned | best attack | envelope |", "|---|---:|---:|---:|---:|",
-             f"| the task's own | {_halves(result['base'])} | {_halves(result['unlearned'])} | {_halves(head)} | "
-             f"{_halves(head)} |"]
-    for name, row in result["phrasings"].items():
-        lines.append(f"| {name} | {_halves(row.get('base'))} | {_halves(row.get('unlearned'))} | "
-                     f"{_halves(row.get('after_best_attack'))} | {_halves(row.get('envelope'))} |")
-    return lines
+    rows = [["the task's own", _halves(result["base"]), _halves(result["unlearned"]), _halves(head), _halves(head)]]
+    rows += [[name, _halves(row.get("base")), _halves(row.get("unlearned")), _halves(row.get("after_best_attack")),
+              _halves(row.get("envelope"))] for name, row in result["phrasings"].items()]
+    return [f"Other phrasings of the forget task's facts (attacked / unseen half, after {head['steps']} attack "
+            f"steps; the best attack is the headline's, chosen on the task's own phrasing; the envelope is the "
+            f"most any grid attack recovered in that phrasing):", "",
+            table(["phrasing", "base model", "unlearned", "best attack", "envelope"], rows, "lrrrr")]
 
 
 def markdown_table(result: Mapping) -> str:
     """robustness.json as markdown: accuracies in percent (mean ± sd over seeds), perplexities."""
     steps = [str(n) for n in result["steps"]]
+    rows = [["base model (before unlearning)", _pct(result["base"]["attacked"]), _pct(result["base"]["unseen"]), ""],
+            ["unlearned", _pct(result["unlearned"]["attacked"], result["unlearned"].get("attacked_sd")),
+             _pct(result["unlearned"]["unseen"], result["unlearned"].get("unseen_sd")), ""]]
+    for label, key in (("best attack", "envelope"), ("base model attacked", "base_model_envelope")):
+        for n in steps:
+            point = result[key].get(n, {})
+            rows.append([f"{label}, {n} steps", _pct(point.get("attacked"), point.get("attacked_sd")),
+                         _pct(point.get("unseen"), point.get("unseen_sd")), describe_setting(point.get("setting"))])
+    for n in steps:
+        point = result["benign"]["steps"].get(n, {})
+        rows.append([f"benign attack, {n} steps", _pct(point.get("attacked")), _pct(point.get("unseen")), ""])
+    for n in ["0", *steps]:  # the floor is the unseen column
+        point = result["fictional"].get(n, {})
+        rows.append([f"fictional facts (floor), {n} steps", _pct(point.get("attacked")),
+                     _pct(point.get("unseen"), point.get("unseen_sd")), describe_setting(point.get("setting"))])
     lines = [f"Grid `{result['grid']}` ({len(result['settings'])} attacks: "
              + ", ".join(describe_setting(s) for s in result["settings"])
              + f"), seeds {','.join(map(str, result['seeds']))}, {result['split']['attacked']} attacked / "
              f"{result['split']['unseen']} unseen facts of `{result['forget_task']}`, batch {result['batch']}, "
              f"chance {100 * result['chance']:.0f}%. An N-step number is the state after N steps of the "
              f"longest attack ({max(result['steps'])} steps).", "",
-             "| forget domain | attacked half | unseen half | setting |", "|---|---:|---:|---|",
-             f"| base model (before unlearning) | {_pct(result['base']['attacked'])} | "
-             f"{_pct(result['base']['unseen'])} | |",
-             f"| unlearned | {_pct(result['unlearned']['attacked'], result['unlearned'].get('attacked_sd'))} | "
-             f"{_pct(result['unlearned']['unseen'], result['unlearned'].get('unseen_sd'))} | |"]
-    for label, key in (("best attack", "envelope"), ("base model attacked", "base_model_envelope")):
-        for n in steps:
-            point = result[key].get(n, {})
-            lines.append(f"| {label}, {n} steps | {_pct(point.get('attacked'), point.get('attacked_sd'))} | "
-                         f"{_pct(point.get('unseen'), point.get('unseen_sd'))} | "
-                         f"{describe_setting(point.get('setting'))} |")
-    for n in steps:
-        point = result["benign"]["steps"].get(n, {})
-        lines.append(f"| benign attack, {n} steps | {_pct(point.get('attacked'))} | {_pct(point.get('unseen'))} | |")
-    for n in ["0", *steps]:  # the floor is the unseen column
-        point = result["fictional"].get(n, {})
-        lines.append(f"| fictional facts (floor), {n} steps | {_pct(point.get('attacked'))} | "
-                     f"{_pct(point.get('unseen'), point.get('unseen_sd'))} | "
-                     f"{describe_setting(point.get('setting'))} |")
+             table(["forget domain", "attacked half", "unseen half", "setting"], rows, "lrrl")]
     head = result["headline"]
     floor = result["floor"].get(str(head["steps"]))
     lines += ["", f"**Headline:** unseen-half accuracy after the best attack of {head['steps']} steps: "
@@ -309,19 +298,19 @@ def markdown_table(result: Mapping) -> str:
     if result.get("phrasings"):
         lines += _phrasing_table(result) + [""]
     if result["kept"]:
-        lines += ["| kept task | base | unlearned | after best attack |", "|---|---:|---:|---:|"]
-        for task, row in result["kept"].items():
-            lines.append(f"| {task} | {_pct(row.get('base'))} | {_pct(row.get('unlearned'))} | "
-                         f"{_pct(row.get('after_best_attack'), row.get('after_best_attack_sd'))} |")
-        lines.append("")
+        lines += [table(["kept task", "base", "unlearned", "after best attack"],
+                        [[task, _pct(row.get("base")), _pct(row.get("unlearned")),
+                          _pct(row.get("after_best_attack"), row.get("after_best_attack_sd"))]
+                         for task, row in result["kept"].items()], "lrrr"), ""]
     ppl = result["perplexity"]
-    lines += [f"Perplexity on `{result['generic']}` (held-out generic text):", "", "| model | perplexity |",
-              "|---|---:|", f"| base | {_ppl(ppl.get('base'))} |", f"| unlearned | {_ppl(ppl.get('unlearned'))} |"]
+    rows = [["base", number(ppl.get("base"))], ["unlearned", number(ppl.get("unlearned"))]]
     attacks = ppl.get("attacks", {})
     for label, value in attacks.items():
         if not label.endswith("_sd"):  # a spread is shown beside its mean
             spread = attacks.get(f"{label}_sd")
-            lines.append(f"| after {label.replace('_', ' ')} | {_ppl(value)}"
-                         + (f" ± {_ppl(spread)}" if _is_number(spread) else "") + " |")
-    lines.append(f"| after the benign attack | {_ppl(ppl.get('benign'))} |")
+            rows.append([f"after {label.replace('_', ' ')}",
+                         number(value) + (f" ± {number(spread)}" if is_number(spread) else "")])
+    rows.append(["after the benign attack", number(ppl.get("benign"))])
+    lines += [f"Perplexity on `{result['generic']}` (held-out generic text):", "",
+              table(["model", "perplexity"], rows, "lr")]
     return "\n".join(lines)

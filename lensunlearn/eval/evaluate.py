@@ -28,6 +28,8 @@ from ..core.atomic import write_json_atomic, write_jsonl_atomic
 from ..core.paths import PREDICTIONS_SUFFIX, PROFILE_PLOT_SUFFIX, beside
 from ..data.tasks import FORMATS, Format, TaskSpec, build_request, load_items, resolve_tasks
 from ..modeling.layers import StopForward, capture_streams, model_parts
+from ..report.tables import markdown_table as table
+from ..report.tables import number
 from .knowledge_profile import layer_accuracy, layer_logprobs, profile_table
 from .options import EvalConfig
 
@@ -407,7 +409,7 @@ def write_predictions(path: str | Path, rows: Sequence[dict]) -> Path:
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return number(value, 4)
 
 
 _TABLE_KEYS = {"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
@@ -415,19 +417,18 @@ _TABLE_KEYS = {"n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
 
 def results_table(results: dict) -> str:
     """The results as a markdown table: tasks, then groups."""
-    lines = [f"model: {results.get('model', '')}   format: {results.get('format', '')}",
-             "| task | n | acc | ± | acc_norm | ± |", "|---|---:|---:|---:|---:|---:|"]
-    others = []
+    rows, others = [], []
     for kind in ("results", "groups"):
         for name, r in results.get(kind, {}).items():
             label = f"**{name}**" if kind == "groups" else name
-            lines.append(f"| {label} | {r.get('n', '-')} | {_fmt(r.get('acc'))} | {_fmt(r.get('acc_stderr'))} | "
-                         f"{_fmt(r.get('acc_norm'))} | {_fmt(r.get('acc_norm_stderr'))} |")
+            rows.append([label, r.get("n", "-"), _fmt(r.get("acc")), _fmt(r.get("acc_stderr")), _fmt(r.get("acc_norm")),
+                         _fmt(r.get("acc_norm_stderr"))])
             # lm_eval: tasks may report other metrics (exact_match, f1, ...): list them below the table
             extra = {k: v for k, v in r.items() if k not in _TABLE_KEYS and isinstance(v, (int, float))}
             if extra:
                 others.append(f"{name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in extra.items()))
-    lines += others
+    lines = [f"model: {results.get('model', '')}   format: {results.get('format', '')}",
+             table(["task", "n", "acc", "±", "acc_norm", "±"], rows, "lrrrrr"), *others]
     if "profile" in results:
         lines += ["", "knowledge profile (accuracy through lens l):", profile_table(results["profile"])]
     return "\n".join(lines)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..report.tables import cell, number
+from ..report.tables import markdown_table as table
 from .evaluate import encode_request
 
 
@@ -255,29 +257,15 @@ def fluency_report(base_model: nn.Module, models: Mapping[str, nn.Module], token
     return {"max_new_tokens": max_new_tokens, "groups": groups}
 
 
-def _cell(text: str) -> str:
-    """Text that keeps a markdown table row on one line and in its columns."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
 def fluency_table(report: dict) -> str:
     """The report as markdown: a summary per group and model, then every prompt's continuations."""
-    lines = ["| group | model | n | empty | median ppl | geo-mean ppl | mean ppl |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    summary = [[group, name, row["summary"]["n"], row["summary"]["empty"], number(row["summary"]["median"], 1),
+                number(row["summary"]["geometric_mean"], 1), number(row["summary"]["mean"], 1)]
+               for group, data in report["groups"].items() for name, row in data["models"].items()]
+    lines = [table(["group", "model", "n", "empty", "median ppl", "geo-mean ppl", "mean ppl"], summary, "llrrrrr")]
     for group, data in report["groups"].items():
-        for name, row in data["models"].items():
-            s = row["summary"]
-            lines.append(f"| {_cell(group)} | {_cell(name)} | {s['n']} | {s['empty']} | {_num(s['median'])} | "
-                         f"{_num(s['geometric_mean'])} | {_num(s['mean'])} |")
-    for group, data in report["groups"].items():
-        lines += ["", f"**{_cell(group)}** (perplexity under the base model)", "",
-                  "| prompt | model | continuation | ppl |", "|---|---|---|---:|"]
-        for k, prompt in enumerate(data["prompts"]):
-            for name, row in data["models"].items():
-                lines.append(f"| {_cell(prompt)} | {_cell(name)} | {_cell(row['continuations'][k])} | "
-                             f"{_num(row['perplexities'][k])} |")
+        rows = [[prompt, name, row["continuations"][k], number(row["perplexities"][k], 1)]
+                for k, prompt in enumerate(data["prompts"]) for name, row in data["models"].items()]
+        lines += ["", f"**{cell(group)}** (perplexity under the base model)", "",
+                  table(["prompt", "model", "continuation", "ppl"], rows, "lllr")]
     return "\n".join(lines)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..report.tables import markdown_table, number
+
 
 @torch.no_grad()
 def layer_logprobs(lens, streams: dict[int, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
@@ -46,10 +48,8 @@ def layer_accuracy(layer_lls: Sequence[np.ndarray], golds: Sequence[int], choice
 def profile_table(profile: dict) -> str:
     """A text table of accuracy per layer, one column per task."""
     tasks = list(profile["tasks"])
-    header = "| layer | " + " | ".join(tasks) + " |"
-    lines = [header, "|" + "---|" * (len(tasks) + 1)]
-    for i, layer in enumerate(profile["layers"]):
-        lines.append(f"| {layer} | " + " | ".join(f"{profile['tasks'][t]['acc'][i]:.4f}" for t in tasks) + " |")
-    lines.append("| final | " + " | ".join(f"{profile['tasks'][t]['final_acc']:.4f}" for t in tasks) + " |")
-    return "\n".join(lines)
+    rows = [[layer, *(number(profile["tasks"][t]["acc"][i], 4) for t in tasks)]
+            for i, layer in enumerate(profile["layers"])]
+    rows.append(["final", *(number(profile["tasks"][t]["final_acc"], 4) for t in tasks)])
+    return markdown_table(["layer", *tasks], rows)
 

@@ -21,6 +21,7 @@ from ..core.paths import LENS_PLOT_SUFFIX, beside
 from ..data.corpora import collate
 from ..modeling.loading import DTYPES, load_model, model_short_name
 from ..report.plots import plot_lens_kl
+from ..report.tables import markdown_table, number
 from .options import LensEvalConfig
 from .train import lens_streams, split_documents
 from .tuned_lens import TunedLens
@@ -65,10 +66,10 @@ def lens_table(model, lens: TunedLens, docs: list[list[int]], pad_id: int, batch
 
 
 def format_lens_table(rows: list[dict]) -> str:
-    lines = ["layer  logit_lens_kl  tuned_lens_kl  logit_top1  tuned_top1"]
-    lines += [f"{r['layer']:>5}  {r['logit_lens_kl']:>13.4f}  {r['tuned_lens_kl']:>13.4f}  "
-              f"{r['logit_lens_top1']:>10.3f}  {r['tuned_lens_top1']:>10.3f}" for r in rows]
-    return "\n".join(lines)
+    """KL (nats) and top-1 agreement with the model's output, per layer, as a markdown table."""
+    return markdown_table(["layer", "logit_lens_kl", "tuned_lens_kl", "logit_top1", "tuned_top1"],
+                          [[r["layer"], number(r["logit_lens_kl"], 4), number(r["tuned_lens_kl"], 4),
+                            number(r["logit_lens_top1"], 3), number(r["tuned_lens_top1"], 3)] for r in rows], "rrrrr")
 
 
 def _is_lens_table(path: Path) -> bool:

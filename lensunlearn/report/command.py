@@ -19,8 +19,6 @@ in progress has every row.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -59,11 +57,11 @@ from .robustness_results import (
     robustness_row,
     robustness_table,
 )
+from .tables import MISSING, PENDING, csv_table, learning_rate, markdown_table, percent, plain, points
 from .tamper_results import forget_names, load_tamper, series, task_display
 
 log = logging.getLogger(__name__)
 
-PENDING = "pending"
 RUN_COLUMNS = ("examples", "epochs", "steps", "retain_coef", "forget_coef", "lr", "batch", "retain_loss",
                "forget_loss")
 
@@ -194,27 +192,6 @@ def score(result: dict | None, task: str, metric: str) -> float | None:
 # ------------------------------------------------------------------------------------------- tables
 
 
-def fmt_number(value: Any) -> str:
-    """Integers as integers, whole floats with one decimal (5.0), others with two (1.19)."""
-    if value is None:
-        return PENDING
-    if isinstance(value, (bool, str, int)):
-        return str(value)
-    return f"{value:.1f}" if float(value).is_integer() else f"{value:.2f}"
-
-
-def fmt_lr(value: Any) -> str:
-    """Small learning rates in short scientific notation: 1e-3, 2e-5, 1.5e-4 (0.02 stays 0.02)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < abs(value) < 1e-2:
-        return fmt_number(value) if not isinstance(value, float) else f"{value:g}"
-    mantissa, exponent = f"{value:e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def fmt_pct(value: float | None) -> str:
-    return PENDING if value is None else f"{100 * value:.2f}%"
-
-
 def trained_params(cfg: dict) -> str:
     """"full" or "LoRA r16" from a run's or an attack's config; configs written before the flags were
     unified say `lora` / `rank` instead of `full` / `lora_rank`."""
@@ -253,18 +230,21 @@ def baseline_row(baseline: dict, forget_task: str, retain_task: str, metric: str
     return row
 
 
-def markdown_table(rows: list[dict], forget_task: str, retain_task: str) -> str:
+def _acc(value: float | None) -> str:
+    return percent(value, 2, unit="%", missing=PENDING)
+
+
+def runs_table(rows: list[dict], forget_task: str, retain_task: str) -> str:
     header = [*RUN_COLUMNS, f"{forget_task} (↓)", f"{retain_task} (↑)", "Notes"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    body = []
     for row in rows:
         if row["run"] == "baseline":
-            cells = ["-"] * len(RUN_COLUMNS)
+            cells = [MISSING] * len(RUN_COLUMNS)
         else:
-            cells = [fmt_lr(row[c]) if c == "lr" else f"{row[c]:g}" if c == "epochs" and row[c] is not None
-                     else fmt_number(row[c]) for c in RUN_COLUMNS]
-        cells += [fmt_pct(row["forget_acc"]), fmt_pct(row["retain_acc"]), row["notes"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells = [learning_rate(row[c]) if c == "lr" else f"{row[c]:g}" if c == "epochs" and row[c] is not None
+                     else plain(row[c]) for c in RUN_COLUMNS]
+        body.append([*cells, _acc(row["forget_acc"]), _acc(row["retain_acc"]), row["notes"]])
+    return markdown_table(header, body)
 
 
 def attack_status(results: dict) -> str | None:
@@ -294,7 +274,7 @@ def tamper_rows(attacks: list[tuple[str, dict]]) -> list[dict[str, Any]]:
             length = f"{cfg['steps']} steps of {cfg['batch']}" if cfg.get("steps") and cfg.get("batch") \
                 else f"{cfg.get('epochs'):g} epoch"
             rows.append({"attack": label, "model": Path(str(cfg.get("run") or cfg.get("model"))).name, "task": task,
-                         "config": f"{cfg.get('chunks')} chunks, lr={fmt_lr(cfg.get('lr'))}, {length}, "
+                         "config": f"{cfg.get('chunks')} chunks, lr={learning_rate(cfg.get('lr'))}, {length}, "
                                    f"{cfg.get('schedule')}, {trained_params(cfg)}, "
                                    f"{cfg.get('optimizer')}",
                          "step0": points[0][1], "peak": peak[1], "peak_step": peak[0], "final": points[-1][1],
@@ -303,13 +283,10 @@ def tamper_rows(attacks: list[tuple[str, dict]]) -> list[dict[str, Any]]:
 
 
 def tamper_table(rows: list[dict]) -> str:
-    lines = ["| Attack | Model | Task | Attack config | Step 0 | Peak (step) | Final (step) | Recovery |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['attack']} | {r['model']} | {r['task']} | {r['config']} | {fmt_pct(r['step0'])} | "
-                     f"{fmt_pct(r['peak'])} ({r['peak_step']}) | {fmt_pct(r['final'])} ({r['final_step']}) | "
-                     f"{100 * r['recovery']:+.2f} pts |")
-    return "\n".join(lines)
+    header = ["Attack", "Model", "Task", "Attack config", "Step 0", "Peak (step)", "Final (step)", "Recovery"]
+    return markdown_table(header, [[r["attack"], r["model"], r["task"], r["config"], _acc(r["step0"]),
+                                    f"{_acc(r['peak'])} ({r['peak_step']})", f"{_acc(r['final'])} ({r['final_step']})",
+                                    points(r["recovery"])] for r in rows])
 
 
 # ---------------------------------------------------------------------------------------- the command
@@ -378,7 +355,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         rows = ([baseline_row(baseline, forget, retain, cfg.metric)] if baseline else []) + \
                [run_row(r, forget, retain, cfg.metric) for r in runs]
         sections += ["## Unlearning runs", "", f"Accuracy: `{cfg.metric}`; chance {100 / NUM_CHOICES:.0f}%.", "",
-                     markdown_table(rows, forget, retain), ""]
+                     runs_table(rows, forget, retain), ""]
     curves: list[tuple[str, dict[str, Curve]]] = [(r.name, c) for r in runs if (c := training_curves(r, cfg.metric))]
     if curves:
         sections += curves_section(curves, forget)
@@ -393,22 +370,14 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
             "robustness_results": robustness, "markdown": "\n".join(sections)}
 
 
-def _csv_text(rows: list[dict], fields: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
-    writer.writeheader()
-    writer.writerows({k: row.get(k) for k in fields} for row in rows)
-    return buffer.getvalue()
-
-
 def _tables(report: dict, table_format: str, out: Path) -> list[Path]:
     """report.csv (and report_robustness.csv: other columns) or report.json, as --table_format asks."""
     if table_format == "csv":
-        written = [write_text_atomic(out / REPORT_TABLE_FILES["csv"], _csv_text(
+        written = [write_text_atomic(out / REPORT_TABLE_FILES["csv"], csv_table(
             report["rows"], ["run", *RUN_COLUMNS, "forget_acc", "retain_acc", "notes"]))]
         if report["robustness"]:  # columns in order of first appearance: runs may differ in steps and tasks
             fields = list(dict.fromkeys(k for row in report["robustness"] for k in row))
-            written.append(write_text_atomic(out / REPORT_ROBUSTNESS_CSV_FILE, _csv_text(report["robustness"],
+            written.append(write_text_atomic(out / REPORT_ROBUSTNESS_CSV_FILE, csv_table(report["robustness"],
                                                                                         fields)))
         return written
     if table_format == "json":

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..core.atomic import save_figure_atomic
-from .robustness_results import UNSEEN, capability, is_number, unseen_curves
+from .robustness_results import UNSEEN, capability, unseen_curves
+from .tables import is_number
 from .tamper_results import ATTACKED, HELDOUT, half, series, split_tasks
 
 DPI = 100

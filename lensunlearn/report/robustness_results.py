@@ -25,6 +25,7 @@ from typing import Any
 
 from ..core.errors import InputError, UserError, read_json
 from ..core.paths import ROBUSTNESS_FILE, read_marker
+from .tables import MISSING, PENDING, is_number, markdown_table, number, percent
 
 # The halves' keys as `robustness_grid` writes them, repeated here because importing that module
 # imports torch (through its schedules), which a report of finished files never needs.
@@ -76,7 +77,7 @@ def load_robustness(path: str | Path) -> tuple[str, dict | None]:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if is_number(value) else None
 
 
 def _at(node: Any, key: str) -> tuple[float | None, float | None]:
@@ -108,7 +109,7 @@ def capability_failures(result: Mapping) -> list[str]:
 def capability(result: Mapping | None) -> str:
     """"ok", "fails", "unknown" (nothing measured capability) or "pending" (the output is not finished)."""
     if result is None:
-        return "pending"
+        return PENDING
     if capability_failures(result):
         return "fails"
     return "ok" if perplexity_ratio(result) is not None or result["kept"] else "unknown"
@@ -131,11 +132,6 @@ def unseen_curves(result: Mapping) -> dict[str, tuple[list[int], list[float | No
 # --- the table -----------------------------------------------------------------------------------
 
 
-def is_number(value: Any) -> bool:
-    """A real number (a bool is not one, though Python says it is an int)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def describe_setting(setting: Mapping | None) -> str:
     """An attack setting in a few words: `full lr 0.001 constant`."""
     if not setting:
@@ -155,7 +151,7 @@ def robustness_row(label: str, result: Mapping | None) -> dict[str, Any]:
     only the run's name and "pending" for an output still running."""
     row: dict[str, Any] = {"run": label}
     if result is None:
-        return {**row, "capability": "pending", "capability_failures": ""}
+        return {**row, "capability": PENDING, "capability_failures": ""}
     top = str(result["headline"]["steps"])
     row.update(grid=result["grid"], attacks=len(result.get("settings") or []),
                steps="/".join(map(str, result["steps"])), seeds=",".join(map(str, result["seeds"])),
@@ -204,21 +200,20 @@ def fmt_fluency(row: Mapping, key: str) -> str:
     """"12.3 (base 2.9)", the continuation perplexities of one fluency group; "-" when not recorded."""
     value, base = _number(row.get(f"fluency_{key}")), _number(row.get(f"fluency_{key}_base"))
     if value is None:
-        return "-"
-    return f"{value:.1f}" + (f" (base {base:.1f})" if base is not None else "")
+        return MISSING
+    return number(value, 1) + (f" (base {number(base, 1)})" if base is not None else "")
 
 
-def fmt_acc(row: Mapping, key: str, base_key: str | None = None, pending: str = "pending") -> str:
+def fmt_acc(row: Mapping, key: str, base_key: str | None = None, pending: str = PENDING) -> str:
     """An accuracy in percent as "12.5 ± 3.1 (base 80.0)": the sd when there were several seeds, the
     base model's number when there is one; "-" for a number the run did not measure."""
-    if row.get("capability") == "pending":
+    if row.get("capability") == PENDING:
         return pending
-    value, sd = _number(row.get(key)), _number(row.get(f"{key}_sd"))
+    value = _number(row.get(key))
     if value is None:
-        return "-"
-    text = f"{100 * value:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+        return MISSING
     base = _number(row.get(base_key)) if base_key else None
-    return text + (f" (base {100 * base:.1f})" if base is not None else "")
+    return percent(value, sd=_number(row.get(f"{key}_sd"))) + (f" (base {percent(base)})" if base is not None else "")
 
 
 def _capability_cell(row: Mapping) -> str:
@@ -240,22 +235,21 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
               *(f"unseen, {n} steps" for n in steps), f"attacked half, {last}", f"floor, {last}",
               f"benign, {last}", *(c for p in phrasings for c in (f"{p}: forget ↓", f"{p}: unseen, {last}")),
               "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 4) + "---|---|"]
+    body = []
     for r in rows:
-        done = r["capability"] != "pending"
-        ratio = _number(r.get("perplexity_ratio"))
-        cells = [r["run"], f"{r['grid']} ({r['attacks']} attacks, seeds {r['seeds']})" if done else "pending",
+        done = r["capability"] != PENDING
+        cells = [r["run"], f"{r['grid']} ({r['attacks']} attacks, seeds {r['seeds']})" if done else PENDING,
                  fmt_acc(r, "forget_unseen", "base_forget_unseen"),
                  *(fmt_acc(r, f"kept_{t}", f"kept_{t}_base") for t in tasks),
-                 (f"{ratio:.2f}" if ratio is not None else "-") if done else "pending",
+                 number(r.get("perplexity_ratio")) if done else PENDING,
                  *(fmt_acc(r, f"unseen_{n}", f"base_unseen_{n}") for n in steps),
                  fmt_acc(r, "attacked"), fmt_acc(r, "floor"), fmt_acc(r, "benign_unseen"),
                  *(fmt_acc(r, f"phrasing_{p}_{key}", f"phrasing_{p}_base" if key == "forget" else None)
                    for p in phrasings for key in ("forget", "envelope")),
-                 *((fmt_fluency(r, key) if done else "pending") for key in FLUENCY_GROUPS.values()),
-                 r.get("best_attack", "pending"), _capability_cell(r)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                 *((fmt_fluency(r, key) if done else PENDING) for key in FLUENCY_GROUPS.values()),
+                 r.get("best_attack", PENDING), _capability_cell(r)]
+        body.append(cells)
+    return markdown_table(header, body, "ll" + "r" * (len(header) - 4))
 
 
 def grid_lines(runs: Sequence[tuple[str, Mapping | None]]) -> list[str]:

@@ -35,6 +35,8 @@ from ..core.paths import (
     SUMMARY_FILE,
 )
 from ..data.tasks import check_tasks
+from ..report.tables import markdown_table as table
+from ..report.tables import number, percent
 from ..report.tamper_results import task_display
 from ..train.loop import NonFiniteLossError
 from ..unlearning.distill import RESUME_MAY_CHANGE as DISTILL_MAY_CHANGE
@@ -463,7 +465,7 @@ def _mark(met: bool | None) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+    return percent(value)
 
 
 def _row(summary: dict, record: dict) -> list[str]:
@@ -481,7 +483,7 @@ def _row(summary: dict, record: dict) -> list[str]:
         f"base 0 ({worst}){_mark(met['kept'])}")
     ppl = metrics.get("perplexity")
     cells = [f"{_pct(forget['acc'])} ({_pct(forget['base'])}){_mark(met['forget'])}", kept_cell,
-             "-" if not ppl else f"{ppl['ratio']:.3f}{_mark(met['perplexity'])}"]
+             "-" if not ppl else f"{number(ppl['ratio'], 3)}{_mark(met['perplexity'])}"]
     if robust:
         r = metrics["robustness"]
         cells += [f"{_pct(r['envelope'])}{_mark(met['envelope'])}", _pct(r["unlearned_unseen"]),
@@ -489,7 +491,7 @@ def _row(summary: dict, record: dict) -> list[str]:
     all_met = "yes" if record["measured_targets_met"] else "no"
     ability = {"kept": "kept", "lost": "**LOST**", "unmeasured": "unmeasured"}[record["ability"]]
     seconds = record.get("seconds", {}).get(summary["config"]["stage"])
-    return [str(record["rank"]), *settings, *cells, ability, all_met, "-" if seconds is None else f"{seconds:.0f}"]
+    return [str(record["rank"]), *settings, *cells, ability, all_met, number(seconds, 0)]
 
 
 def markdown_table(summary: dict) -> str:
@@ -513,8 +515,7 @@ def markdown_table(summary: dict) -> str:
                 f"{100 * t['envelope']:.0f} points and <= the fictional-facts floor + {100 * t['floor']:.0f} points"
                 if robust else "") + ". ✓ met, ✗ missed; general ability is **LOST** when a kept domain or the "
              "perplexity misses its target.", "", f"Order: {summary['ranking']}.", "",
-             "| rank | " + " | ".join(head) + " |", "|" + "---:|" * (len(head) + 1)]
-    lines += ["| " + " | ".join(_row(summary, r)) + " |" for r in summary["points"]]
+             table(["rank", *head], [_row(summary, r) for r in summary["points"]], "r" * (len(head) + 1))]
     best = next((r for r in summary["points"] if r["name"] == summary["best"]), None)
     if best is not None:
         lines += ["", f"**Best:** `{best['name']}` ({best['run_dir']})"

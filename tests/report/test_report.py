@@ -13,8 +13,9 @@ from lensunlearn.cli import all_commands, build_parser
 from lensunlearn.core.config import ConfigError, config_from_args
 from lensunlearn.core.paths import is_tamper_output
 from lensunlearn.report import command as report
-from lensunlearn.report.command import ReportConfig, fmt_lr, fmt_number
+from lensunlearn.report.command import ReportConfig
 from lensunlearn.report.plots import DPI, TAMPER_SIZE, TRADEOFF_SIZE
+from lensunlearn.report.tables import learning_rate, plain
 
 
 def main(argv: list[str]):
@@ -143,9 +144,9 @@ def test_errors_name_the_fix(tmp_path):
 @pytest.mark.parametrize("value,text", [(1e-3, "1e-3"), (2e-5, "2e-5"), (1.5e-4, "1.5e-4"), (0.02, "0.02"),
                                         (None, "pending")])
 def test_learning_rates_in_seed_style(value, text):
-    assert fmt_lr(value) == text
+    assert learning_rate(value) == text
 
 
 @pytest.mark.parametrize("value,text", [(5.0, "5.0"), (32, "32"), (1.19, "1.19"), (0.001, "0.00"), (None, "pending")])
 def test_numbers_in_seed_style(value, text):
-    assert fmt_number(value) == text
+    assert plain(value) == text
