@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -31,6 +32,17 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     assert json.loads((out / "lens_eval.json").read_text())["documents"] == 128  # the demo's share of the held-out text
     report = (out / "report.md").read_text()
     assert "| baseline" in report.lower() or "baseline" in report.lower()
+    # every kept domain in the demo's table, the runs table and the attack's table; every figure linked
+    for domain in ("element symbol", "us state capital"):
+        assert f"| {domain} (kept) |" in report.replace("_", " ") or f"{domain} (kept)" in report.replace("_", " ")
+    for task in ("facts:element_symbol", "facts:us_state_capital"):
+        assert f"{task} (↑)" in report and f"| {task} |" in report.split("## Tampering resistance")[1]
+    drawn = {str(p.relative_to(out)) for p in out.rglob("*.png")}
+    assert drawn == set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)) and "tamper/tamper.png" in drawn
+    summary = json.loads((out / "unlearn" / "summary.json").read_text())
+    taken = max(json.loads(line)["step"] for line in (out / "unlearn" / "metrics.jsonl").read_text().splitlines())
+    steps = f"{taken} of {summary['steps']}" if taken != summary["steps"] else str(taken)
+    assert f"| {steps} |" in report.split("## Unlearning runs")[1]  # the steps the run took
     records = json.loads((out / "tamper" / "results.json").read_text())["records"]
     assert [r["step"] for r in records] == [0, 32, 33]  # the attack cycles its 16 chunks for --tamper_steps
     assert "facts:country_capital:heldout" in records[-1]["tasks"]  # the unseen half is measured apart

@@ -36,10 +36,12 @@ from ..core.paths import (
     DEMO_UNLEARN_RUN,
     DEMO_UNLEARNED_EVAL_FILE,
     EVAL_FILE,
+    LENS_PLOT_SUFFIX,
     MERGED_DIR,
     PREDICTIONS_SUFFIX,
     PROFILE_PLOT_SUFFIX,
     REPORT_FILE,
+    RESULTS_FILE,
     TAMPER_PLOT_FILE,
     beside,
 )
@@ -157,6 +159,55 @@ def _evaluate_with_profile(cfg: DemoConfig, model_name: str, lens_dir: Path, out
     write_json_atomic(out, result)
 
 
+def _domain(task: str) -> str:
+    return task.removeprefix("facts:").replace("_", " ")
+
+
+def demo_summary(cfg: DemoConfig, out: Path) -> list[str]:
+    """The demo's own section of report.md: each domain before unlearning, after it and after the
+    held-out attack, the attack's two halves step by step, and the figures of the earlier stages."""
+    from ..core.errors import read_json
+    from ..report.run_results import load_run, steps_planned, steps_taken
+    from ..report.tables import learning_rate, markdown_table, percent
+    from ..report.tamper_results import ATTACKED, HELDOUT
+
+    def acc(result: dict, task: str) -> float | None:
+        return (result.get("results", {}).get(task) or {}).get("acc")
+
+    before, after = read_json(out / BASE_EVAL_FILE), read_json(out / DEMO_UNLEARNED_EVAL_FILE)
+    attack = read_json(out / DEMO_TAMPER_DIR / RESULTS_FILE)
+    records = attack["records"]
+    run = load_run(out / DEMO_UNLEARN_RUN)
+    taken, planned = steps_taken(run), steps_planned(run)
+    stop = f"stopped at step {taken} of {planned}" if taken != planned else f"{taken} steps"
+    forget, kept = cfg.tasks[0], cfg.tasks[1:]
+    last = records[-1]["tasks"]
+    header = ["", f"{_domain(forget)} (forgotten)", *(f"{_domain(t)} (kept)" for t in kept)]
+    rows = [["before", *(percent(acc(before, t), 2, unit="%") for t in cfg.tasks)],
+            [f"after `--preset robust` ({stop})", *(percent(acc(after, t), 2, unit="%") for t in cfg.tasks)],
+            [f"after the held-out attack ({records[-1]['step']} steps): unseen half",
+             percent(last[f"{forget}:{HELDOUT}"]["acc"], 2, unit="%"),
+             *(percent(last[t]["acc"], 2, unit="%") if t in last else "-" for t in kept)]]
+    halves = [["before the attack" if r["step"] == 0 else f"after {r['step']} steps",
+               *(percent(r["tasks"][f"{forget}:{half}"]["acc"], 2, unit="%") for half in (ATTACKED, HELDOUT))]
+              for r in records]
+    profiles = [beside(name, PROFILE_PLOT_SUFFIX).name for name in (BASE_EVAL_FILE, DEMO_UNLEARNED_EVAL_FILE)]
+    lens_plot = beside(DEMO_LENS_EVAL_FILE, LENS_PLOT_SUFFIX).name
+    return ["## The demo", "",
+            f"{_domain(forget).capitalize()} unlearned with `unlearn --preset robust` through a tuned lens, the "
+            f"kept domains evaluated but never trained on; then a held-out relearning attack: "
+            f"{'full-parameter' if attack['config'].get('full', True) else 'LoRA'} fine-tuning at lr "
+            f"{learning_rate(attack['config']['lr'])} on {attack['config']['chunks']} sentences about "
+            f"{attack['config']['num_attacked_facts']} of the facts (the attacked half), measured as well on the "
+            f"facts it never trained on (the unseen half).", "",
+            markdown_table(header, rows), "",
+            markdown_table(["held-out attack", "attacked half", "unseen half"], halves), "",
+            f"![held-out attack]({DEMO_TAMPER_DIR}/{TAMPER_PLOT_FILE})", "",
+            "Knowledge profile (accuracy through the tuned lens at every layer) before and after unlearning, and "
+            "the lens's KL to the model's output by layer:", "",
+            f"![profile before]({profiles[0]}) ![profile after]({profiles[1]}) ![lens KL]({lens_plot})", ""]
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage that has no output yet; return the path of report.md."""
     from ..core.errors import Interrupted
@@ -226,7 +277,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
     def tamper() -> None:
         run_tamper(TamperConfig(**cfg.model_options() | {"model": None}, run=str(run_dir),
                                 forget=f"facts:{cfg.forget_domain}",
-                                holdout=cfg.holdout, eval_tasks=",".join(cfg.tasks[:2]), eval_format="cloze",
+                                holdout=cfg.holdout, eval_tasks=",".join(cfg.tasks), eval_format="cloze",
                                 lr=cfg.tamper_lr, full=cfg.tamper_full, forget_limit=cfg.tamper_limit,
                                 steps=cfg.tamper_steps, schedule="constant", max_length=64, batch=8,
                                 per_device_batch=8, eval_every=32, baseline=str(base_eval), out=str(tamper_dir),
@@ -235,7 +286,8 @@ def _run_demo(cfg: DemoConfig) -> Path:
 
     report = out / REPORT_FILE
     stages.run("report", report, lambda: run_report(ReportConfig(
-        runs=(str(run_dir),), tamper=(str(tamper_dir),), baseline=str(base_eval), out=str(out))))
+        runs=(str(run_dir),), tamper=(str(tamper_dir),), baseline=str(base_eval), out=str(out)),
+        preface=demo_summary(cfg, out)))
     write_json_atomic(out / DEMO_TIME_FILE, {"seconds_this_invocation": time.perf_counter() - began})
     log.info("demo finished: %s", report)
     print(report.read_text())

@@ -24,6 +24,7 @@ TRAINING_CURVES_SIZE = TAMPER_SIZE  # the same two panels: forget left, kept rig
 LENS_KL_SIZE = (6.0, 4.0)
 PROFILE_SIZE = (8.4, 4.8)
 HALF_STYLE = {ATTACKED: "-", HELDOUT: "--"}
+KEPT_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")  # one per kept task, in the trade-off and training curves
 
 
 def _pyplot():
@@ -173,24 +174,39 @@ def plot_tamper_comparison(runs: Sequence[tuple[str, dict]], path: str | Path, m
     return save_figure(fig, path)
 
 
-def plot_tradeoff(points: Sequence[tuple[str, float, float]], path: str | Path,
-                  baseline: tuple[float, float] | None = None, chance: float | None = None,
-                  forget_label: str = "forget", retain_label: str = "retain") -> Path:
-    """Forget accuracy (x) against retain accuracy (y), one point per run; baseline and chance marked."""
+def plot_tradeoff(points: Sequence[tuple[str, float | None, Mapping[str, float | None]]], path: str | Path,
+                  baseline: tuple[float | None, Mapping[str, float | None]] | None = None,
+                  chance: float | None = None, forget_label: str = "forget",
+                  kept_labels: Sequence[str] = ()) -> Path:
+    """Forget accuracy (x) against the accuracy on each kept task (y): one colour per run, one marker per
+    kept task, so every kept task is on the plot; the baseline (black) and chance marked. `points` holds
+    (run, forget accuracy, {kept task: accuracy}); a run or task not measured yet is left out."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=TRADEOFF_SIZE, dpi=DPI)
-    for label, forget, retain in points:
-        ax.scatter([100 * forget], [100 * retain], s=30, zorder=3)
-        ax.annotate(label, (100 * forget, 100 * retain), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if baseline is not None:
-        ax.scatter([100 * baseline[0]], [100 * baseline[1]], marker="*", s=160, color="black", zorder=4,
-                   label="baseline (original model)")
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    tasks = list(kept_labels)
+    for k, task in enumerate(tasks):  # the legend: one entry per kept task, by its marker
+        ax.scatter([], [], marker=KEPT_MARKERS[k % len(KEPT_MARKERS)], color="grey", label=task)
+    for index, (label, forget, kept) in enumerate(points):
+        drawn = [(k, kept[t]) for k, t in enumerate(tasks) if forget is not None and kept.get(t) is not None]
+        for k, value in drawn:
+            ax.scatter([100 * forget], [100 * value], s=30, zorder=3, color=cycle[index % len(cycle)],
+                       marker=KEPT_MARKERS[k % len(KEPT_MARKERS)])
+        if drawn:
+            ax.annotate(label, (100 * forget, 100 * drawn[0][1]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    if baseline is not None and baseline[0] is not None:
+        for k, task in enumerate(tasks):
+            if baseline[1].get(task) is not None:
+                ax.scatter([100 * baseline[0]], [100 * baseline[1][task]], marker=KEPT_MARKERS[k % len(KEPT_MARKERS)],
+                           s=110, color="black", zorder=4, label="baseline (original model)" if k == 0 else None)
     if chance is not None:
         ax.axvline(100 * chance, color="grey", linestyle=":", label=f"chance ({100 * chance:.0f}%)")
         ax.axhline(100 * chance, color="grey", linestyle=":")
     ax.set_xlabel(f"{forget_label} accuracy [%] (lower is better)")
-    ax.set_ylabel(f"{retain_label} accuracy [%] (higher is better)")
-    ax.set_title("unlearning trade-off")
+    kept_name = tasks[0] if len(tasks) == 1 else "kept-task"
+    ax.set_ylabel(f"{kept_name} accuracy [%] (higher is better)")
+    ax.set_title("unlearning trade-off" + (" (marker: kept task)" if len(tasks) > 1 else ""))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="lower right")
@@ -235,9 +251,6 @@ def plot_robustness_comparison(runs: Sequence[tuple[str, dict]], path: str | Pat
     ax.set_xticks([0, *counts], [str(n) for n in [0, *counts]])
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-KEPT_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
 
 
 def plot_training_curves(runs: Sequence[tuple[str, dict[str, tuple[list[int], list[float]]]]], forget_task: str,

@@ -11,6 +11,7 @@ import pytest
 
 from lensunlearn.cli import all_commands, build_parser
 from lensunlearn.core.config import ConfigError, config_from_args
+from lensunlearn.core.errors import InputError
 from lensunlearn.core.paths import is_tamper_output
 from lensunlearn.report import command as report
 from lensunlearn.report.command import ReportConfig
@@ -102,7 +103,7 @@ def test_table_rebuilds_identically_from_the_files(tmp_path, runs):
                         "adamw, LoRA r16; m_lens_ex8192_rm5.0_ret5.0 |")
     # No summary.json: losses come from the last metrics line; no eval.json: accuracies are pending.
     assert lines[3] == ("| 16384 | 1 | 1024 | 5.0 | 5.0 | 1e-3 | 32 | 1.00 | 0.50 | pending | pending | "
-                        "adamw, full; m_lens_ex16384_rm5.0_ret5.0 |")
+                        "adamw, full, unfinished (step 1024 of 1024); m_lens_ex16384_rm5.0_ret5.0 |")
     assert "| attack | best | wmdp_bio_robust:attacked | 512 chunks, lr=2e-5, 100 steps of 8, linear, full, adamw | " \
            "24.82% | 52.08% (50) | 51.61% (100) | +26.79 pts |" in text
     assert "| wmdp_bio_robust:heldout |" in text
@@ -110,6 +111,7 @@ def test_table_rebuilds_identically_from_the_files(tmp_path, runs):
     assert [r["run"] for r in rows] == ["baseline", runs[0].name, runs[1].name]
     assert float(rows[1]["forget_acc"]) == 0.2316 and float(rows[1]["retain_loss"]) == 1.19
     assert [r["forget_acc"] for r in first["rows"]] == [0.4297, 0.2316, None]
+    assert rows[1]["kept_acc:mmlu_stem"] == "0.3435" and rows[1]["steps"] == "256"
     assert _png_shape(tmp_path / "r1" / "tradeoff.png") == (TRADEOFF_SIZE[1] * DPI, TRADEOFF_SIZE[0] * DPI)
     assert _png_shape(tmp_path / "r1" / "tamper_curves.png") == (TAMPER_SIZE[1] * DPI, TAMPER_SIZE[0] * DPI)
 
@@ -131,14 +133,18 @@ def test_baseline_file_tasks_and_json(tmp_path, runs):
     saved = json.loads((tmp_path / "r" / "report.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(out["rows"]))
     assert saved["rows"][0]["forget_acc"] == pytest.approx(0.59) and saved["rows"][1]["retain_acc"] == 0.2216
+    assert saved["kept_tasks"] == ["wmdp_bio_robust"] and saved["rows"][1]["kept_acc"] == {"wmdp_bio_robust": 0.2216}
     assert saved["forget_task"] == "mmlu_stem" and not (tmp_path / "r" / "tamper_curves.png").exists()
 
 
 def test_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError):
         ReportConfig()
-    with pytest.raises(FileNotFoundError, match="run_config.json"):
-        main([str(tmp_path), "--out", str(tmp_path / "r")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds none .*run_config.json"):
+        main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    with pytest.raises(InputError, match="does not exist"):
+        main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
 
 
 @pytest.mark.parametrize("value,text", [(1e-3, "1e-3"), (2e-5, "2e-5"), (1.5e-4, "1.5e-4"), (0.02, "0.02"),
