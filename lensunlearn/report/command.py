@@ -179,7 +179,7 @@ def gather_inputs(cfg: ReportConfig) -> Inputs:
                              f"(found: {held}): pass folders those commands wrote (a run folder holds "
                              f"run_config.json)")
     if found.skipped:
-        log.warning("report: not reported, being no run, tamper or robustness output: %s", "; ".join(found.skipped))
+        log.warning("report: left out, being no run, tamper or robustness output: %s", "; ".join(found.skipped))
     counts = {kind: len(getattr(found, kind)) for kind in NOUNS_PLURAL}
     log.info("report: %s", ", ".join(f"{n} {NOUNS_PLURAL[k]}{'s' if n != 1 else ''}" for k, n in counts.items() if n))
     return found
