@@ -264,10 +264,13 @@ def test_robustness_measure_runs_the_protocol_on_each_run(tmp, trained):
     robust = summary["points"][0]["metrics"]["robustness"]
     assert robust["steps"] == 2 and robust["envelope"] == result["headline"]["unseen"]
     assert robust["unlearned_unseen"] == result["unlearned"]["unseen"] and robust["floor"] == result["floor"]["2"]
+    assert robust["recovery_share"] == result["recovery_share"]["2"] and robust["paper_attacks"] == {}
+    assert robust["selected"] == result["selected"]["2"]["unseen"]
     ppl = summary["points"][0]["metrics"]["perplexity"]
     assert ppl["ratio"] == pytest.approx(result["perplexity"]["unlearned"] / result["perplexity"]["base"])
     assert summary["points"][0]["targets"]["envelope"] is not None
     assert "unseen envelope" in (tmp / "search" / "search.md").read_text()
+    assert "| recovery share |" in (tmp / "search" / "search.md").read_text()
     trained.clear()
     main(argv)  # read back: neither the run nor the protocol again
     assert trained == [] and json.loads((out / "robustness.json").read_text()) == result

@@ -12,6 +12,13 @@ and clip the gradient norm at 1: the relearning attacks of "Tamper-Resistant Saf
 Open-Weight LLMs" (https://arxiv.org/abs/2408.00761) and "An Adversarial Perspective on Machine
 Unlearning for AI Safety" (https://arxiv.org/abs/2409.18025) are plain fine-tuning of this kind.
 
+Two choices reproduce the weaker attacks that unlearning papers test themselves against: `targets="mlp"`
+trains only the MLP weights of the blocks (a full attack) or adapts only the MLP projections (LoRA),
+and `optimizer="sgd"` with `momentum=0` is plain SGD, each step -lr x gradient. "Collapsing the
+Irreversible" (CIR, https://arxiv.org/abs/2509.11816) relearns with plain SGD at lr 1e-5 on the MLP
+weights; MUDMAN ("Robust LLM Unlearning with MUDMAN", https://arxiv.org/abs/2506.12484) with plain
+SGD on every weight (lr 3e-3 for SmolLM-135M). Neither clips the gradient (`clip=0`).
+
 Data order is a pure function of the step and the seed (`data.batch_indices`), so the attacked text is
 cycled when the attack runs longer than one pass over it.
 """
@@ -28,10 +35,15 @@ from torch import nn
 
 from ..data.corpora import batch_indices, collate
 from ..train.loop import LoopSpec, run_loop
-from ..train.optim import OptimizerName, build_optimizer, embedding_parameters, lr_factor
+from ..train.optim import MultiOptimizer, OptimizerName, build_optimizer, embedding_parameters, lr_factor
 
 AttackKind = Literal["full", "lora"]
 KINDS: tuple[AttackKind, ...] = ("full", "lora")
+AttackTargets = Literal["all", "mlp"]
+TARGETS: tuple[AttackTargets, ...] = ("all", "mlp")
+# A block's MLP, by the child name of every supported architecture (Llama, Qwen2, OLMo2 and GPT-2: mlp)
+# and the common alternatives.
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
 # every linear layer of the blocks (peft resolves it per architecture and leaves the unembedding out)
 LORA_TARGETS = "all-linear"
 LORA_DROPOUT = 0.0
@@ -53,37 +65,66 @@ class Attack:
     per_device_batch: int | None = None  # sequences per forward pass; None: the whole batch at once
     optimizer: OptimizerName = "adamw"
     weight_decay: float = WEIGHT_DECAY
-    clip: float = CLIP
+    clip: float = CLIP  # gradient-norm clip; 0: none
     lora_rank: int = LORA_RANK
     seed: int = 0  # the LoRA initialisation and the data order
+    momentum: float | None = None  # of sgd (Nesterov above 0; 0: plain SGD); None: the optimiser's default
+    targets: AttackTargets = "all"  # all: every weight (full) or every linear layer (LoRA); mlp: the MLPs only
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown attack kind {self.kind!r}: use {' or '.join(KINDS)}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"unknown attack targets {self.targets!r}: use {' or '.join(TARGETS)}")
+        if self.momentum is not None and (self.optimizer != "sgd" or not 0 <= self.momentum < 1):
+            raise ValueError(f"an attack's momentum is that of sgd, in [0, 1): got {self.momentum} with "
+                             f"{self.optimizer}")
 
     @property
     def micro_batch(self) -> int:
         return self.per_device_batch or self.batch
 
 
-def lora_config(rank: int):
-    """The LoRA attack's adapter: every linear layer of the blocks, alpha = rank, no dropout."""
+def mlp_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{qualified name: module} of the MLP of every block (the child named one of `MLP_NAMES`)."""
+    from ..modeling.layers import model_parts, unwrap
+
+    blocks = model_parts(unwrap(model)).blocks
+    found = {id(child) for block in blocks for name, child in block.named_children() if name in MLP_NAMES}
+    named = {name: module for name, module in model.named_modules() if id(module) in found}
+    if len(named) != len(blocks):
+        raise ValueError(f"an MLP-only attack needs an MLP child named one of {MLP_NAMES} in every block of "
+                         f"{type(unwrap(model)).__name__}; found {len(named)} of {len(blocks)}")
+    return named
+
+
+def lora_config(rank: int, target_modules: str | list[str] = LORA_TARGETS):
+    """The LoRA attack's adapter: every linear layer of the blocks (or those named), alpha = rank, no dropout."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=LORA_DROPOUT, target_modules=LORA_TARGETS,
+    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=LORA_DROPOUT, target_modules=target_modules,
                       task_type="CAUSAL_LM")
 
 
 def attach(model: nn.Module, attack: Attack) -> nn.Module:
-    """The module to train: `model` itself with every weight trainable, or `model` wrapped in a fresh LoRA
-    adapter (seeded by `attack.seed`) with only the adapter trainable."""
+    """The module to train: `model` itself with every weight (or every MLP weight) trainable, or `model`
+    wrapped in a fresh LoRA adapter (seeded by `attack.seed`) with only the adapter trainable."""
     torch.manual_seed(attack.seed)
-    if attack.kind == "full":
+    if attack.kind == "full" and attack.targets == "all":
         return model.requires_grad_(True)
+    if attack.kind == "full":
+        model.requires_grad_(False)
+        for module in mlp_modules(model).values():
+            module.requires_grad_(True)
+        return model
     from peft import get_peft_model
 
+    targets: str | list[str] = LORA_TARGETS
+    if attack.targets == "mlp":  # the linear layers inside the blocks' MLPs, by their full names
+        targets = [f"{name}.{sub}" for name, mlp in mlp_modules(model).items()
+                   for sub, child in mlp.named_modules() if isinstance(child, nn.Linear)]
     model.requires_grad_(False)
-    return get_peft_model(model, lora_config(attack.lora_rank))
+    return get_peft_model(model, lora_config(attack.lora_rank, targets))
 
 
 def detach(trainable: nn.Module, model: nn.Module, attack: Attack) -> None:
@@ -124,14 +165,25 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.devi
     return loss, {"loss": loss.item(), "tokens": float(mask.sum())}
 
 
+def attack_optimizer(trainable: nn.Module, named: list[tuple[str, nn.Parameter]], attack: Attack
+                     ) -> MultiOptimizer:
+    """The attack's optimiser: the package's (`build_optimizer`), or SGD with the attack's own momentum
+    when it names one (0: plain SGD, the relearning of CIR and MUDMAN)."""
+    if attack.optimizer == "sgd" and attack.momentum is not None:
+        params = [p for _, p in named]
+        return MultiOptimizer([torch.optim.SGD(params, lr=attack.lr, momentum=attack.momentum,
+                                               nesterov=attack.momentum > 0, weight_decay=attack.weight_decay)])
+    return build_optimizer(named, attack.optimizer, attack.lr, attack.weight_decay,
+                           exclude_from_muon=embedding_parameters(trainable))
+
+
 def run_attack(trainable: nn.Module, chunks: Sequence[Sequence[int]], pad_id: int, attack: Attack,
                on_step: Callable[[int, dict[str, float]], None] | None = None, desc: str = "attack") -> None:
     """`attack.steps` optimiser steps of next-token training on `chunks` (cycled), through the package's
     one training loop; `on_step(step, metrics)` after each (where the caller measures). A non-finite
     loss raises `loop.NonFiniteLossError` after the steps before it."""
     named = trainable_parameters(trainable)
-    optimizer = build_optimizer(named, attack.optimizer, attack.lr, attack.weight_decay,
-                                exclude_from_muon=embedding_parameters(trainable))
+    optimizer = attack_optimizer(trainable, named, attack)
     device = next(trainable.parameters()).device
     spec = LoopSpec(params=[p for _, p in named], optimizer=optimizer, base_lr=attack.lr, total_steps=attack.steps,
                     micro_batches=lambda step: micro_batches(chunks, attack, pad_id, step),

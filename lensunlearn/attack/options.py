@@ -14,7 +14,7 @@ from ..data.corpora import WMDP_BIO_FORGET_CORPUS
 from ..data.tasks import REFERENCE_EVAL_TASKS
 from ..modeling.options import EMBEDDED_MODEL, ModelOptions, model_short_name
 from ..train.options import SCHEDULES, TrackingOptions, TrainingOptions
-from .grid import GRID_AXES, Setting, grid_settings
+from .grid import GRID_AXES, PaperAttack, Setting, grid_settings, paper_settings
 
 AUTO_PHRASING, QA_PHRASING = "auto", "qa"
 
@@ -138,23 +138,35 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
                                     default_text="the run's other eval tasks")
     generic: str = option("generic:heldout", "held-out text for perplexity (in no corpus): generic:heldout, a "
                                               ".txt or .jsonl file", metavar="TEXT", group="evaluation")
-    benign: str = option("generic:retain", "text of the benign attack, unrelated to the forget domain",
-                         group="data", metavar="TEXT")
+    benign: str = option("generic:benign", "text of the benign attack, unrelated to the forget domain; the default "
+                                           "is generic text no unlearning or distillation stage trains on and "
+                                           "not the --generic text", group="data", metavar="TEXT")
     eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze", group="evaluation",
                                                             default_text="the run's, else cloze")
     grid: Literal["default", "full"] = option("default", "default: full-parameter attacks at lr 1e-5, 1e-4, 1e-3 "
                                                          "and LoRA at 1e-3, constant, 8/32/64 steps; full: {full, "
                                                          "lora} x lr 1e-6..1e-3 (4) x {constant, cosine}, "
                                                          "8/32/128/512 steps", group="attack")
-    kinds: tuple[str, ...] = option((), "replace the grid's attack kinds (full, lora); any axis given makes "
-                                        "the grid the cross product of the axes", group="attack",
-                                    default_text="the grid's")
+    kinds: tuple[str, ...] = option((), "replace the grid's attack kinds: full, lora (AdamW, clipped at 1), "
+                                        "mlp_sgd (plain SGD on the blocks' MLP weights), full_sgd (plain SGD on "
+                                        "every weight); any axis given makes the grid the cross product of the "
+                                        "axes", group="attack", default_text="the grid's")
     lrs: tuple[float, ...] = option((), "replace the grid's learning rates", group="attack",
                                     default_text="the grid's")
     schedules: tuple[str, ...] = option((), "replace the grid's schedules (constant, linear, cosine)", group="attack",
                                         default_text="the grid's")
     steps: tuple[int, ...] = option((), "replace the grid's step counts at which attacks are evaluated",
                                     group="attack", default_text="the grid's")
+    paper_attacks: tuple[str, ...] = option((), "also run each named paper's own relearning attack, reported "
+                                                "apart from the grid's envelope: cir (plain SGD lr 1e-5 on the MLP "
+                                                "weights), mudman (plain SGD lr 3e-3 on every weight), all; '' "
+                                                "none", group="attack", default_text="none")
+    guessable: Literal["apart", "keep"] = option("apart", "facts whose subject gives the answer away (Mexico City "
+                                                          "for Mexico, Tunis for Tunisia: one contains the other, "
+                                                          "they share a word, or two of their words begin with the "
+                                                          "same 5 letters): apart leaves them out of both halves "
+                                                          "and reports them on their own; keep splits them like any "
+                                                          "other fact", group="attack")
     batch: int = option(8, "sentences per attack step (the attacked half's text is cycled)", group="attack")
     warmup: int = option(0, "linear warmup steps of every attack", group="attack")
     lora_rank: int = option(16, "rank of a LoRA attack (alpha = rank; every linear layer of the blocks, no dropout)",
@@ -180,6 +192,7 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
 
     def __post_init__(self) -> None:
         self.kinds, self.schedules = parse_str_list(self.kinds), parse_str_list(self.schedules)
+        self.paper_attacks = parse_str_list(self.paper_attacks)
         self.phrasings = parse_str_list(self.phrasings)
         self.lrs, self.steps, self.seeds = parse_float_list(self.lrs), parse_int_list(self.steps), \
             parse_int_list(self.seeds)
@@ -193,6 +206,10 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
             grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        try:
+            paper_settings(self.paper_attacks)
+        except ValueError as err:
+            raise ConfigError(f"--paper_attacks: {err}") from err
         for lr in self.lrs:
             require_positive(lrs=lr)
         for n in self.steps:
@@ -216,6 +233,11 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
     @property
     def settings(self) -> list[Setting]:
         return grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
+
+    @property
+    def papers(self) -> dict[str, PaperAttack]:
+        """The paper attacks asked for, by name."""
+        return paper_settings(self.paper_attacks)
 
     @property
     def step_counts(self) -> tuple[int, ...]:

@@ -9,12 +9,18 @@ schedule spans the longest attack, and an N-step number is the state after N ste
 unseen-half accuracy over the grid; its value at the largest step count is the headline.
 
 Controls, each attacked with the grid's strongest setting (every setting under `--grid full`):
-the base model (how fast a model that never forgot relearns), a benign attack on text unrelated
-to the forget domain, and fictional facts (made-up subjects with answers from the forget task's
-answer set) that the model never knew: their unseen half can only be "recovered" through format
-and prior, which makes it the floor. Capability is the kept tasks' accuracy and the perplexity of
-held-out generic text before unlearning, after it and after every attack; fluency is the base
+the base model (how fast a model that never forgot relearns), a benign attack on generic text that
+no unlearning or distillation stage trained on, and fictional facts that the model never knew, each
+the twin of a real forget fact (its prompt, question and corpus sentences, with a made-up subject and
+an answer from the forget task's answer set): their unseen half can only be "recovered" through
+format and prior, which makes it the floor. Capability is the kept tasks' accuracy and the perplexity
+of held-out generic text before unlearning, after it and after every attack; fluency is the base
 model's perplexity of the base, unlearned and best-attacked models' greedy continuations.
+
+Beside the envelope: the recovery share per step count; the unseen half under an attack chosen on
+the other of two folds of it (the envelope chooses on the facts it reports, which biases it up); each
+named paper's own attack (`--paper_attacks`); and facts whose subject gives the answer away, left out
+of the split and reported on their own (`--guessable`).
 
 Other phrasings of the forget facts (`--phrasings`: the questions asked as "Q: ... A:", or the
 user's own question files) are measured on both halves for the base and unlearned models and at
@@ -68,11 +74,15 @@ from ..train.tracking import TRACKING_FIELDS, Tracker, check_tracker, flatten, o
 from .finetune import Attack, attached, run_attack
 from .grid import (
     ATTACKED,
+    KIND_RECIPES,
     UNSEEN,
+    Phrasing,
     Setting,
     combine,
+    fact_phrasing,
     fictional_facts,
     markdown_table,
+    selection_folds,
     split_ids,
     summarise_seed,
 )
@@ -80,16 +90,19 @@ from .options import AUTO_PHRASING, QA_PHRASING, RobustnessConfig
 
 log = logging.getLogger(__name__)
 
-ROLES = ("grid", "base", "benign", "fictional")
+ROLES = ("grid", "base", "benign", "fictional", "paper")
 HALF_TASKS = {"forget_attacked": "forget", "forget_unseen": "forget", "fictional_attacked": "fictional",
               "fictional_unseen": "fictional"}
+GUESSABLE_TASK = "guessable"  # the forget facts left out of the split (`--guessable apart`)
 # Settings that may change on --resume: where it runs and how evaluation is batched (same numbers).
 # Each seed's attacks are stored apart and depend only on the other settings and that seed, so a
 # resumed protocol may add seeds (`--seeds 0` then `--seeds 0,1,2`) and reuses the finished ones.
-RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out", "seeds", *TRACKING_FIELDS)
+# Paper attacks may be added to an output the same way (`--paper_attacks cir` on a finished output).
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out", "seeds", "paper_attacks",
+                     *TRACKING_FIELDS)
 # What the tracker's summary holds: robustness.json's numbers, without the per-seed and per-attack detail.
-TRACKED_SUMMARY = ("headline", "unlearned", "envelope", "floor", "benign", "base_model_envelope", "kept", "perplexity",
-                   "wall_seconds")
+TRACKED_SUMMARY = ("headline", "unlearned", "envelope", "recovery_share", "selected", "floor", "benign",
+                   "base_model_envelope", "paper_attacks", "guessable", "kept", "perplexity", "wall_seconds")
 
 
 # --- inputs, checked before any model is loaded ------------------------------------------------
@@ -104,6 +117,32 @@ class Inputs:
     benign: list[str]
     splits: dict[int, tuple[list[str], list[str]]]
     phrasings: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # name -> rows with fact_id
+    guessable: list[str] = dataclasses.field(default_factory=list)  # fact ids left out of the split
+    twins: list[Phrasing | None] = dataclasses.field(default_factory=list)  # each split fact's own phrasing
+    avoid: list[str] = dataclasses.field(default_factory=list)  # real names no fictional subject may hold
+    holdout: float = 0.5
+
+    @property
+    def split_items(self) -> list[dict]:
+        """The forget questions the halves are drawn from (all but the guessable ones)."""
+        left_out = set(self.guessable)
+        return [i for i in self.forget_items if i["fact_id"] not in left_out]
+
+    def fiction(self, seed: int) -> tuple[list[dict], list[dict]]:
+        """The seed's fictional facts: one twin per split fact, in its phrasing."""
+        items = self.split_items
+        return fictional_facts(len(items), [i["choices"][i["answer"]] for i in items],
+                               [c for i in items for c in i["choices"]], seed, self.avoid, self.twins)
+
+    def split_record(self, seed: int) -> dict:
+        """What `split.json` holds for the seed: which facts are in which half, fold and control."""
+        attacked, unseen = self.splits[seed]
+        questions, _ = self.fiction(seed)
+        f_attacked, f_unseen = split_ids([q["fact_id"] for q in questions], self.holdout, seed)
+        fold0, fold1 = selection_folds(unseen, seed)
+        return {"attacked": attacked, "unseen": unseen, "fictional_attacked": f_attacked,
+                "fictional_unseen": f_unseen, "selection_folds": [fold0, fold1], "guessable": list(self.guessable),
+                "fictional_subjects": [q["subject"] for q in questions]}
 
 
 def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
@@ -209,17 +248,70 @@ def phrasing_items(cfg: RobustnessConfig, items: list[dict]) -> dict[str, list[d
     return out
 
 
+def fact_subject(item: dict) -> str | None:
+    """The subject a forget question asks about: its row's `subject`, else its fact domain's (by `fact_id`);
+    None for a user's question without one."""
+    from ..data.facts import fact_by_id
+
+    if item.get("subject"):
+        return str(item["subject"])
+    fact = fact_by_id(item["fact_id"])
+    return fact.subject if fact is not None else None
+
+
+def guessable_ids(items: list[dict]) -> list[str]:
+    """The forget facts whose subject gives the answer away (`data.facts.guessable`), sorted."""
+    from ..data.facts import guessable
+
+    out = []
+    for item in items:
+        subject = fact_subject(item)
+        if subject is not None and guessable(subject, item["choices"][item["answer"]]):
+            out.append(item["fact_id"])
+    return sorted(set(out))
+
+
+def avoided_names(items: list[dict]) -> list[str]:
+    """Every real name a made-up subject must not equal or contain: the forget task's subjects and choices,
+    and every subject and answer of the fact domains its facts come from."""
+    from ..data.facts import DOMAINS, facts
+
+    names = {c for i in items for c in i["choices"]} | {s for i in items if (s := fact_subject(i))}
+    for domain in sorted({str(i["fact_id"]).split(":", 1)[0] for i in items} & set(DOMAINS)):
+        names |= {x for f in facts(domain) for x in (f.subject, f.answer)}
+    return sorted(names)
+
+
+def twin_phrasings(items: list[dict], corpus: list[dict]) -> list[Phrasing | None]:
+    """Each question's own phrasing (its prompt, question and corpus sentences with the subject and answer
+    taken out), for the fictional fact that stands in for it; None where it cannot be recovered."""
+    texts: dict[str, list[str]] = {}
+    for row in corpus:
+        texts.setdefault(row["fact_id"], []).append(row["text"])
+    out = []
+    for item in items:
+        subject = fact_subject(item)
+        out.append(None if subject is None else fact_phrasing(
+            subject, item["choices"][item["answer"]], item.get("prompt"), item["question"],
+            texts.get(item["fact_id"], [])))
+    return out
+
+
 def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
     """Everything that can be wrong with the inputs, found before any attack (`cfg` resolved)."""
     items = forget_items(cfg.forget_task)
-    pool = [c for i in items for c in i["choices"]]
+    guess = guessable_ids(items) if cfg.guessable == "apart" else []
+    corpus = corpus_rows(cfg.forget)
+    split_items = [i for i in items if i["fact_id"] not in set(guess)]
+    inputs = Inputs(items, corpus, [], [], [], {}, guessable=guess, holdout=cfg.holdout,
+                    twins=twin_phrasings(split_items, corpus), avoid=avoided_names(items))
+    pool = [c for i in split_items for c in i["choices"]]
     try:  # the floor's invented facts take their answers and distractors from the task: refused now, not later
-        fictional_facts(len(items), [i["choices"][i["answer"]] for i in items], pool, cfg.seeds[0])
+        inputs.fiction(cfg.seeds[0])
     except ValueError:
         raise ValueError(f"--forget_task {cfg.forget_task} has {len(set(pool))} distinct choices: the fictional-facts "
                          f"control needs at least 4, an answer and three distractors for each invented fact; use a "
                          f"task with more distinct choices") from None
-    corpus = corpus_rows(cfg.forget)
     kept = [t.strip() for t in cfg.kept_tasks.split(",") if t.strip()]
     if kept:
         check_tasks(kept, "--kept_tasks")
@@ -229,9 +321,20 @@ def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
         raise ValueError(f"--kept_tasks includes the forget task {cfg.forget_task}: list only tasks to keep")
     generic = load_texts(cfg.generic, what="--generic text")
     benign = load_texts(cfg.benign, what="--benign text")
+    shared = set(generic) & set(benign)
+    if shared:
+        raise ValueError(f"--benign {cfg.benign} and --generic {cfg.generic} share {len(shared)} documents: the "
+                         f"perplexity after the benign attack would be measured on text it trained on; pass "
+                         f"separate texts (the defaults generic:benign and generic:heldout are)")
     splits = {}
     for seed in cfg.seeds:
-        attacked, unseen = split_ids([i["fact_id"] for i in items], cfg.holdout, seed)
+        try:
+            attacked, unseen = split_ids([i["fact_id"] for i in split_items], cfg.holdout, seed)
+        except ValueError as err:
+            if not guess:
+                raise
+            raise ValueError(f"{err} ({len(guess)} of the {len(items)} facts are left out as guessable from their "
+                             f"subject; pass --guessable keep to split them too)") from None
         texts = [r["text"] for r in corpus if r["fact_id"] in set(attacked)]
         if not chunk_documents(texts, tokenizer, cfg.max_length):
             raise ValueError(f"the attacked half of seed {seed} ({len(attacked)} facts) has no text in --forget "
@@ -239,7 +342,30 @@ def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
         splits[seed] = (attacked, unseen)
     if not chunk_documents(benign, tokenizer, cfg.max_length):
         raise ValueError(f"--benign {cfg.benign} yields no chunks of 2+ tokens")
-    return Inputs(items, corpus, kept, generic, benign, splits, phrasing_items(cfg, items))
+    return dataclasses.replace(inputs, kept=kept, generic=generic, benign=benign, splits=splits,
+                               phrasings=phrasing_items(cfg, items))
+
+
+def check_existing_splits(out: Path, inputs: Inputs) -> None:
+    """A resumed output's seeds must have been split as this protocol splits them: attacks finished on
+    another split (or other fictional facts) would be mixed with new ones."""
+    for seed in inputs.splits:
+        path = robustness_seed_dir(out, seed) / SPLIT_FILE
+        if path.is_file() and json.loads(read_text(path)) != inputs.split_record(seed):
+            raise ConfigError(f"--resume: seed {seed} of {out} was split otherwise (its facts, halves or fictional "
+                              f"facts differ from what this version of the protocol draws): start over with "
+                              f"--overwrite, or use another --out")
+
+
+def warn_on_trained_benign(cfg: RobustnessConfig) -> None:
+    """A benign attack on the text the run's retain loss or distillation trained on relearns less than one on
+    fresh text: say so when the run names the same text."""
+    saved = read_run_config(Path(cfg.run).expanduser())
+    for key in ("retain", "corpus"):
+        if saved.get(key) == cfg.benign:
+            log.warning("--benign %s is the text the run trained on (its %s): the benign attack then understates "
+                        "what fine-tuning on unrelated text brings back; the default generic:benign is text no "
+                        "stage trains on", cfg.benign, key)
 
 
 # --- the protocol -------------------------------------------------------------------------------
@@ -276,7 +402,7 @@ class Protocol:
             raise ValueError(f"the base model {cfg.model} does not have the unlearned model's weights (names or "
                              f"shapes differ): pass the model the run started from with --model")
         self.controls = len(cfg.settings) if cfg.grid == "full" else 1
-        self.total = len(cfg.seeds) * (len(cfg.settings) + 3 * self.controls)
+        self.total = len(cfg.seeds) * (len(cfg.settings) + 3 * self.controls + len(cfg.papers))
         self.bar = tqdm(total=self.total, desc="robustness attacks", dynamic_ncols=True)
         self.durations: list[float] = []
         self.fiction: dict[int, list[str]] = {}
@@ -293,19 +419,30 @@ class Protocol:
 
     def accuracy(self, tasks: list[str], model=None) -> dict[str, float]:
         """{task name as evaluate reports it: acc}."""
+        return self.scored(tasks, model)[0]
+
+    def scored(self, tasks: list[str], model=None, answers: bool = False) -> tuple[dict[str, float], list[dict]]:
+        """({task name as evaluate reports it: acc}, one row per question: {"task", "fact_id", "pred", "gold"}
+        when `answers`, else none). The rows come from the same evaluation as the accuracies."""
+        import tempfile
+
         from ..eval.evaluate import evaluate
         from ..report.tamper_results import task_display
 
         if not tasks:
-            return {}
-        result = evaluate(model or self.model, self.tokenizer, tasks, format=self.cfg.eval_format,
-                          batch_size=self.cfg.eval_batch, progress=False)
+            return {}, []
+        with tempfile.TemporaryDirectory() as tmp:
+            predictions = Path(tmp) / "predictions.jsonl" if answers else None
+            result = evaluate(model or self.model, self.tokenizer, tasks, format=self.cfg.eval_format,
+                              batch_size=self.cfg.eval_batch, progress=False, predictions_path=predictions)
+            rows = [json.loads(line) for line in read_text(predictions).splitlines() if line.strip()] \
+                if predictions is not None else []
         out = {}
         for task in tasks:
             key = task_display(task)
             found = result["results"].get(key) or result["groups"].get(key)
             out[key] = found["acc"]
-        return out
+        return out, rows
 
     def perplexity(self, model=None) -> float:
         from ..eval.fluency import text_perplexity
@@ -321,11 +458,18 @@ class Protocol:
         return {name: {half: acc.get(f"phrasing_{name}_{half}") for half in (ATTACKED, UNSEEN)}
                 for name in self.inputs.phrasings}
 
-    def halves(self, seed: int, model=None, fiction: bool = False) -> dict[str, float]:
+    def halves(self, seed: int, model=None, fiction: bool = False, guessable: bool = False) -> dict[str, Any]:
+        """Accuracy on each half task (the fictional ones with `fiction`, the guessable facts with
+        `guessable` when there are any), and `unseen_correct`: the unseen facts answered right."""
         names = [n for n, kind in HALF_TASKS.items() if fiction or kind == "forget"]
+        if guessable and self.inputs.guessable:
+            names.append(GUESSABLE_TASK)
         tasks = self.seed_dir(seed) / "tasks"
-        acc = self.accuracy([str(tasks / f"{n}.jsonl") for n in names], model)
-        return {n: acc[n] for n in names}
+        acc, rows = self.scored([str(tasks / f"{n}.jsonl") for n in names], model, answers=True)
+        out: dict[str, Any] = {n: acc[n] for n in names}
+        out["unseen_correct"] = sorted(r["fact_id"] for r in rows
+                                       if r["task"] == "forget_unseen" and r["pred"] == r["gold"])
+        return out
 
     # stages: each writes its file and is skipped when the file exists
 
@@ -355,16 +499,17 @@ class Protocol:
         attacked, unseen = self.inputs.splits[seed]
         folder = self.seed_dir(seed)
         items = self.inputs.forget_items
-        questions, fiction = fictional_facts(len(items), [i["choices"][i["answer"]] for i in items],
-                                             [c for i in items for c in i["choices"]], seed)
-        f_attacked, f_unseen = split_ids([q["fact_id"] for q in questions], self.cfg.holdout, seed)
-        write_json_atomic(folder / SPLIT_FILE, {"attacked": attacked, "unseen": unseen,
-                                                  "fictional_attacked": f_attacked, "fictional_unseen": f_unseen})
+        questions, fiction = self.inputs.fiction(seed)
+        split = self.inputs.split_record(seed)
+        f_attacked, f_unseen = split["fictional_attacked"], split["fictional_unseen"]
+        write_json_atomic(folder / SPLIT_FILE, split)
         for name, rows, ids in (("forget_attacked", items, attacked), ("forget_unseen", items, unseen),
                                 ("fictional_attacked", questions, f_attacked),
-                                ("fictional_unseen", questions, f_unseen)):
+                                ("fictional_unseen", questions, f_unseen),
+                                (GUESSABLE_TASK, items, self.inputs.guessable)):
             keep = set(ids)
-            write_jsonl_atomic(folder / "tasks" / f"{name}.jsonl", [r for r in rows if r["fact_id"] in keep])
+            if keep:
+                write_jsonl_atomic(folder / "tasks" / f"{name}.jsonl", [r for r in rows if r["fact_id"] in keep])
         for name, rows in self.inputs.phrasings.items():
             for half, ids in ((ATTACKED, attacked), (UNSEEN, unseen)):
                 keep = set(ids)
@@ -377,7 +522,7 @@ class Protocol:
             out = {}
             for name, state in (("unlearned", self.unlearned), ("base", self.base)):
                 self.restore(state)
-                out[name] = self.halves(seed, fiction=True)
+                out[name] = self.halves(seed, fiction=True, guessable=True)
                 if self.inputs.phrasings:
                     out[name]["phrasings"] = self.phrasing_halves(seed)
             return out
@@ -420,7 +565,8 @@ class Protocol:
             self.bar.update(1)
             return json.loads(read_text(path))
         attacked = set(self.inputs.splits[seed][0])
-        texts = {"grid": None, "base": None, "benign": self.inputs.benign, "fictional": self.fiction[seed]}[role]
+        texts = {"grid": None, "base": None, "paper": None, "benign": self.inputs.benign,
+                 "fictional": self.fiction[seed]}[role]
         if texts is None:
             texts = [r["text"] for r in self.inputs.corpus if r["fact_id"] in attacked]
         chunks = chunk_documents(texts, self.tokenizer, self.cfg.max_length)
@@ -450,6 +596,7 @@ class Protocol:
             [Setting(**strongest(attacks["grid"], steps)["setting"])]
         for role in ("base", "benign", "fictional"):
             attacks[role] = [self.attack(seed, role, s, {}) for s in controls]
+        attacks["paper"] = [self.attack(seed, "paper", paper.setting, {}) for paper in self.cfg.papers.values()]
         fluency = self.fluency(seed, prompts, strongest(attacks["grid"], steps)) if prompts else None
         return {"start": start, "attacks": attacks, "fluency": fluency}
 
@@ -479,10 +626,11 @@ class Protocol:
 
 def attack_for(cfg: RobustnessConfig, setting: Setting, seed: int) -> Attack:
     """The fine-tuning attack a grid setting names: `max(--steps)` steps of `--batch` sequences, warmup
-    `--warmup`, LoRA rank `--lora_rank`; everything else the attack's defaults (`finetune`)."""
-    return Attack(kind=setting.kind, lr=setting.lr, steps=max(cfg.step_counts), schedule=setting.schedule,
-                  warmup=cfg.warmup, batch=cfg.batch, per_device_batch=cfg.batch, lora_rank=cfg.lora_rank,
-                  seed=seed)
+    `--warmup`, LoRA rank `--lora_rank`, what the kind trains and how (`grid.KIND_RECIPES`); everything
+    else the attack's defaults (`finetune`)."""
+    return Attack(**KIND_RECIPES[setting.kind], lr=setting.lr, steps=max(cfg.step_counts),
+                  schedule=setting.schedule, warmup=cfg.warmup, batch=cfg.batch, per_device_batch=cfg.batch,
+                  lora_rank=cfg.lora_rank, seed=seed)
 
 
 def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: int, role: str,
@@ -508,14 +656,18 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
             losses.append(metrics["loss"])
             tracked = {f"{name}/loss": metrics["loss"], f"{name}/step": step + 1}
             if step + 1 in counts:
-                acc = protocol.halves(seed, trainable, fiction)
+                acc = protocol.halves(seed, trainable, fiction, guessable=role == "grid")
                 # the fictional attack is judged on its own halves; the forget halves ride along
                 point = ({ATTACKED: acc["fictional_attacked"], UNSEEN: acc["fictional_unseen"],
                           "forget_attacked": acc["forget_attacked"], "forget_unseen": acc["forget_unseen"]}
                          if fiction else {ATTACKED: acc["forget_attacked"], UNSEEN: acc["forget_unseen"]})
+                tracked.update({f"{name}/{half}": value for half, value in point.items()})
+                if not fiction:  # which facts came back: the held-out selection scores folds of the unseen half
+                    point["unseen_correct"] = acc["unseen_correct"]
+                if GUESSABLE_TASK in acc:
+                    point["guessable"] = acc[GUESSABLE_TASK]
                 points[str(step + 1)] = {**point, "train_loss": statistics.fmean(losses)}
                 losses.clear()
-                tracked.update({f"{name}/{half}": value for half, value in point.items()})
             protocol.track(tracked)
 
         try:
@@ -525,7 +677,7 @@ def train(protocol: Protocol, setting: Setting, chunks: list[list[int]], seed: i
             out.update(diverged=str(err), steps_run=steps_run[0])
             return out
         out["steps_run"] = steps_run[0]
-        if role in ("grid", "benign"):
+        if role in ("grid", "benign", "paper"):
             out["kept"] = protocol.accuracy(protocol.inputs.kept, trainable)
             out["perplexity"] = protocol.perplexity(trainable)
         if role == "grid" and protocol.inputs.phrasings:
@@ -546,7 +698,7 @@ def _prepare(cfg: RobustnessConfig) -> Output:
     if out.resolve() == run or run in out.resolve().parents:
         raise FileExistsError(f"--out {out} is inside the run being attacked ({run}): choose another --out")
     output = prepare_output(out, "robustness", overwrite=cfg.overwrite, resume=cfg.resume,
-                            finished=lambda p: (p / ROBUSTNESS_FILE).is_file(),
+                            finished=lambda p: (p / ROBUSTNESS_FILE).is_file() and not adds_points(p, cfg),
                             reads=(("RUN_DIR", cfg.run), ("--model", cfg.model), ("--forget", cfg.forget)))
     saved = output.work / ROBUSTNESS_CONFIG_FILE
     if saved.is_file():
@@ -557,6 +709,19 @@ def _prepare(cfg: RobustnessConfig) -> Output:
             raise
     write_json_atomic(saved, to_jsonable(cfg))
     return output
+
+
+def adds_points(out: Path, cfg: RobustnessConfig) -> bool:
+    """Whether a `--resume` asks a finished output for seeds or paper attacks it does not hold: those are
+    run and added (the finished attacks are reused), and the output is rewritten."""
+    if not cfg.resume:
+        return False
+    try:
+        result = json.loads(read_text(out / ROBUSTNESS_FILE))
+    except (OSError, ValueError):
+        return False
+    return not (set(cfg.seeds) <= set(result.get("seeds") or []) and
+                set(cfg.papers) <= set(result.get("paper_attacks") or {}))
 
 
 def finished_steps(out: Path, cfg: RobustnessConfig) -> int:
@@ -577,8 +742,10 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     check_tracker(cfg)
     tokenizer = load_tokenizer(str(Path(cfg.run).expanduser() / MERGED_DIR), cfg.trust_remote_code)
     inputs = check_inputs(cfg, tokenizer)
+    warn_on_trained_benign(cfg)
     output = _prepare(cfg)
     try:
+        check_existing_splits(output.work, inputs)
         began = time.perf_counter()
         done = finished_steps(output.work, cfg)
         with open_tracker(cfg, output.work, output.final.name, "robustness", resume_step=done,
@@ -604,7 +771,10 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
 
 def assemble(cfg: RobustnessConfig, inputs: Inputs, reference: dict, seeds: list[dict], wall: float) -> dict:
     steps = cfg.step_counts
-    per_seed = {str(seed): summarise_seed(s["start"], s["attacks"], steps) for seed, s in zip(cfg.seeds, seeds)}
+    papers = {name: paper.as_dict() for name, paper in cfg.papers.items()}
+    per_seed = {str(seed): summarise_seed(s["start"], s["attacks"], steps,
+                                          selection_folds(inputs.splits[seed][1], seed), papers)
+                for seed, s in zip(cfg.seeds, seeds)}
     result = combine(list(per_seed.values()))
     for task in inputs.kept:
         from ..report.tamper_results import task_display
@@ -619,7 +789,11 @@ def assemble(cfg: RobustnessConfig, inputs: Inputs, reference: dict, seeds: list
               "generic": cfg.generic, "benign": cfg.benign, "eval_format": cfg.eval_format, "grid": cfg.grid_name,
               "settings": [s.as_dict() for s in cfg.settings], "steps": list(steps), "batch": cfg.batch,
               "seeds": list(cfg.seeds), "chance": 1.0 / NUM_CHOICES,
-              "split": {"holdout": cfg.holdout, ATTACKED: len(attacked), UNSEEN: len(unseen)},
+              "split": {"holdout": cfg.holdout, ATTACKED: len(attacked), UNSEEN: len(unseen),
+                        "guessable": len(inputs.guessable)},
+              "guessable_facts": list(inputs.guessable),
+              "fictional_phrasing": {"forget task": sum(t is not None for t in inputs.twins),
+                                     "registry": sum(t is None for t in inputs.twins)},
               "wall_seconds": round(wall, 1), "threads": torch.get_num_threads()}
     return {**header, **result, "fluency": seeds[0]["fluency"], "per_seed": per_seed,
             "config": to_jsonable(cfg)}

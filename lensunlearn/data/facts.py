@@ -17,8 +17,10 @@ left out.
 Next to the facts ships a generic corpus (`generic_texts`): short everyday texts (cooking, sports,
 hobbies, software, ...) that the embedded model itself wrote, from which every document naming a
 subject or an answer of any domain is dropped. It is split deterministically into a retain part
-(`generic:retain`, a retain corpus that teaches nothing about the evaluated facts) and a held-out
-part (`generic:heldout`, in no corpus, for measuring perplexity on text never trained on).
+(`generic:retain`, a retain corpus that teaches nothing about the evaluated facts), a held-out part
+(`generic:heldout`, in no corpus, for measuring perplexity on text never trained on) and a benign
+part (`generic:benign`, which only the robustness protocol's benign attack trains on: text that no
+unlearning or distillation stage saw, and not the text perplexity is measured on).
 `scripts/make_generic_corpus.py` wrote it.
 
 Everything is derived from sorted data with string-seeded RNGs or hashes, so the output never
@@ -43,10 +45,14 @@ DOMAINS = ("country_capital", "element_symbol", "us_state_capital", "country_lan
            "us_state_abbreviation")
 NUM_CHOICES = 4
 GENERIC_PREFIX = "generic:"
-GENERIC_PARTS = ("retain", "heldout")
+GENERIC_PARTS = ("retain", "heldout", "benign")
 _DATA = Path(__file__).parent / "assets"
 GENERIC_FILE = _DATA / "generic_texts.jsonl"
 _HELDOUT_SHARE = 0.2  # of the generic documents, kept out of every corpus
+# Of the generic documents, the benign attack's text: a slice of what was the retain part (the held-out
+# part, and so every perplexity number, is unchanged), so that the benign attack trains on text the
+# retain loss never protected.
+_BENIGN_SHARE = 0.1
 
 # Dependencies and territories, disputed or renamed capitals, duplicates and countries with
 # several capitals: left out so that every question has one unambiguous answer.
@@ -304,10 +310,12 @@ def fact_mentions(text: str) -> list[str]:
 
 
 def generic_part(doc_id: str) -> str:
-    """"heldout" for about a fifth of the document ids, "retain" for the rest, by a hash of the id
-    alone: a document keeps its side when others are added or dropped."""
-    digest = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
-    return "heldout" if digest % 1000 < _HELDOUT_SHARE * 1000 else "retain"
+    """"heldout" for about a fifth of the document ids, "benign" for about a tenth, "retain" for the
+    rest, by a hash of the id alone: a document keeps its side when others are added or dropped."""
+    bucket = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") % 1000
+    if bucket < _HELDOUT_SHARE * 1000:
+        return "heldout"
+    return "benign" if bucket < (_HELDOUT_SHARE + _BENIGN_SHARE) * 1000 else "retain"
 
 
 @functools.cache
@@ -318,13 +326,62 @@ def _generic_rows() -> tuple[dict, ...]:
 
 
 def generic_rows(part: str) -> list[dict]:
-    """{"id", "topic", "text"} of the generic documents on one side of the split ("retain" | "heldout")."""
+    """{"id", "topic", "text"} of the generic documents in one part of the split (`GENERIC_PARTS`)."""
     if part not in GENERIC_PARTS:
-        names = " or ".join(GENERIC_PREFIX + p for p in GENERIC_PARTS)
+        names = ", ".join(GENERIC_PREFIX + p for p in GENERIC_PARTS)
         raise ValueError(f"unknown generic corpus part {part!r}: use {names}")
     return [dict(row) for row in _generic_rows() if generic_part(row["id"]) == part]
 
 
 def generic_texts(part: str) -> list[str]:
-    """The generic documents on one side of the split ("retain" | "heldout"), in file order."""
+    """The generic documents in one part of the split (`GENERIC_PARTS`), in file order."""
     return [row["text"] for row in generic_rows(part)]
+
+
+# --- facts the subject gives away -------------------------------------------------------------------
+
+# Words too common to tie an answer to its subject ("Republic of the Congo").
+_GUESS_STOPWORDS = frozenset({"the", "and", "of"})
+# Two words that begin with the same five letters name one thing (Tunis / Tunisia, Algiers / Algeria,
+# Indianapolis / Indiana, Mexican peso / Mexico); four would also pair unrelated words.
+_GUESS_PREFIX = 5
+
+
+def fold(text: str) -> str:
+    """Lowercase ASCII: accents dropped ("São Tomé" -> "sao tome"), so spellings compare."""
+    import unicodedata
+
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+
+
+def _guess_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", fold(text)) if len(w) >= 3 and w not in _GUESS_STOPWORDS}
+
+
+def guessable(subject: str, answer: str) -> bool:
+    """Whether a fact's answer can be guessed from its subject alone, so that a model answering it proves
+    no recall (Mexico City for Mexico, Luxembourg for Luxembourg, Tunis for Tunisia).
+
+    The rule, on lowercase text with accents dropped: one is a substring of the other (the shorter of
+    3+ letters); or they share a word (3+ letters, not "the", "and", "of"); or a word of each begins
+    with the same 5+ letters. One-letter and two-letter answers (element symbols, state codes) are
+    never guessable by it: they abbreviate the subject rather than repeat it.
+    """
+    s, a = fold(subject).strip(), fold(answer).strip()
+    shorter = min(s, a, key=len)
+    if len(shorter) >= 3 and (s in a or a in s):
+        return True
+    subject_words, answer_words = _guess_words(subject), _guess_words(answer)
+    if subject_words & answer_words:
+        return True
+    return any(len(x) >= _GUESS_PREFIX and len(y) >= _GUESS_PREFIX and x[:_GUESS_PREFIX] == y[:_GUESS_PREFIX]
+               for x in subject_words for y in answer_words)
+
+
+def fact_by_id(fact_id: str) -> Fact | None:
+    """The fact of a domain with this id (`country_capital:FR`), or None for an id of no fact domain
+    (a user's own facts)."""
+    domain = str(fact_id).split(":", 1)[0]
+    if domain not in DOMAINS:
+        return None
+    return {f.fact_id: f for f in _facts(domain)}.get(str(fact_id))

@@ -214,7 +214,7 @@ def validate_items(rows: Sequence[dict], task: str, locations: Sequence[str] | N
             raise ValueError(f"{where} has answer {answer!r}, out of range: the answer is the index "
                              f"0..{NUM_CHOICES - 1} of the correct choice")
         item = {"question": str(row["question"]), "choices": [str(c) for c in choices], "answer": int(answer)}
-        for key in ("prompt", "fact_id"):
+        for key in ("prompt", "fact_id", "subject"):
             if row.get(key):  # a missing, null or empty prompt means: build it from the question
                 item[key] = str(row[key])
         items.append(item)

@@ -281,7 +281,10 @@ def plot_training_curves(runs: Sequence[tuple[str, dict[str, tuple[list[int], li
     return save_figure(fig, path)
 
 
-PHRASING_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+PHRASING_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:gray")
+
+
+PAPER_COLORS = ("black", "tab:cyan", "tab:olive")  # apart from PHRASING_COLORS
 
 
 def plot_robustness(result: Mapping, path: str | Path) -> Path:
@@ -306,6 +309,9 @@ def plot_robustness(result: Mapping, path: str | Path) -> Path:
     ax.plot(xs, curve(start, result["benign"]["steps"]), color="tab:orange", marker="^", label="benign attack")
     ax.plot(xs, curve(result["floor"].get("0"), result["floor"]), color="tab:red", marker="v",
             label="floor: fictional facts, unseen half")
+    for k, (name, paper) in enumerate((result.get("paper_attacks") or {}).items()):  # each paper's own attack
+        ax.plot(xs, curve(start, paper.get("steps") or {}), color=PAPER_COLORS[k % len(PAPER_COLORS)],
+                linestyle="-.", marker="x", label=f"{name} paper's own attack")
     # another phrasing is measured before the attacks and after their last step only: a straight
     # segment from the unlearned model to the most any grid attack recovered in that phrasing
     for k, (name, row) in enumerate((result.get("phrasings") or {}).items()):

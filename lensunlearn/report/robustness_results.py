@@ -15,6 +15,14 @@ number is the mean and `<key>_sd` beside it the sample sd):
 
 and, where the protocol measured other phrasings of the forget facts (optional: older outputs lack it),
 "phrasings": {name: {"base", "unlearned", "after_best_attack", "envelope": {"attacked", "unseen"}}}.
+Also optional, for the same reason:
+
+    "recovery_share": {"<n>": share}, "selected": {"<n>": {"unseen", "bias", "recovery_share"}},
+    "fictional": {"<n>": {"forget_unseen"}}, "guessable": {"base", "unlearned", "steps": {"<n>": acc}},
+    "paper_attacks": {name: {"setting", "title", "steps": {"<n>": {"unseen"}}, "recovery_share": {"<n>"}}}
+
+(the recovery share is (after the attack - unlearned) / (base - unlearned) on the unseen half, None where
+unlearning removed nothing; `selected` is the unseen half under the attack chosen on the other fold of it).
 """
 
 from __future__ import annotations
@@ -142,6 +150,16 @@ def describe_setting(setting: Mapping | None) -> str:
 _setting = describe_setting
 
 
+def _share_of_means(result: Mapping, n: int) -> float | None:
+    """The recovery share at `n` steps from the mean accuracies, for an output written before the protocol
+    recorded it (with several seeds, the share of the means rather than the mean of each seed's share)."""
+    value = _at(result["envelope"].get(str(n)), UNSEEN)[0]
+    unlearned, base = _at(result["unlearned"], UNSEEN)[0], _at(result["base"], UNSEEN)[0]
+    if value is None or unlearned is None or base is None or base - unlearned <= 0:
+        return None
+    return (value - unlearned) / (base - unlearned)
+
+
 def _put(row: dict, key: str, pair: tuple[float | None, float | None]) -> None:
     row[key], row[f"{key}_sd"] = pair
 
@@ -169,9 +187,26 @@ def robustness_row(label: str, result: Mapping | None) -> dict[str, Any]:
     for n in result["steps"]:
         _put(row, f"unseen_{n}", _at(result["envelope"].get(str(n)), UNSEEN))
         _put(row, f"base_unseen_{n}", _at(result["base_model_envelope"].get(str(n)), UNSEEN))
+        _put(row, f"recovery_share_{n}", _at(result.get("recovery_share"), str(n)) if result.get("recovery_share")
+             else (_share_of_means(result, n), None))
+    selected = (result.get("selected") or {}).get(top)
+    _put(row, "selected_unseen", _at(selected, UNSEEN))
+    _put(row, "selection_bias", _at(selected, "bias"))
+    for name, paper in (result.get("paper_attacks") or {}).items():
+        row[f"paper_{name}_setting"] = _setting(paper.get("setting"))
+        for n in result["steps"]:
+            _put(row, f"paper_{name}_unseen_{n}", _at((paper.get("steps") or {}).get(str(n)), UNSEEN))
+            _put(row, f"paper_{name}_recovery_share_{n}", _at(paper.get("recovery_share"), str(n)))
     _put(row, "attacked", _at(result["headline"], ATTACKED))
     _put(row, "floor", _at(result["floor"], top))
+    _put(row, "fictional_forget_unseen", _at((result.get("fictional") or {}).get(top), "forget_unseen"))
     _put(row, "benign_unseen", _at(result["benign"], UNSEEN))
+    guess = result.get("guessable")
+    if guess:
+        row["guessable_facts"] = len(result.get("guessable_facts") or [])
+        row["guessable_base"] = _at(guess, "base")[0]
+        _put(row, "guessable_unlearned", _at(guess, "unlearned"))
+        _put(row, "guessable_after_best_attack", _at(guess.get("steps"), top))
     for name, phrasing in (result.get("phrasings") or {}).items():
         row[f"phrasing_{name}_base"] = _at(phrasing.get("base"), UNSEEN)[0]
         _put(row, f"phrasing_{name}_forget", _at(phrasing.get("unlearned"), UNSEEN))
@@ -216,6 +251,14 @@ def fmt_acc(row: Mapping, key: str, base_key: str | None = None, pending: str = 
     return percent(value, sd=_number(row.get(f"{key}_sd"))) + (f" (base {percent(base)})" if base is not None else "")
 
 
+def fmt_share(row: Mapping, key: str, pending: str = PENDING) -> str:
+    """A recovery share as "0.57 ± 0.03"; "-" where it is not defined or was not measured."""
+    if row.get("capability") == PENDING:
+        return pending
+    value, sd = _number(row.get(key)), _number(row.get(f"{key}_sd"))
+    return MISSING if value is None else number(value) + (f" ± {number(sd)}" if sd is not None else "")
+
+
 def _capability_cell(row: Mapping) -> str:
     if row["capability"] == "fails":
         return f"**fails**: {row['capability_failures']}"
@@ -228,12 +271,23 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
     steps = sorted({n for result in finished for n in result["steps"]})
     tasks = list(dict.fromkeys(task for result in finished for task in result["kept"]))
     phrasings = list(dict.fromkeys(name for result in finished for name in result.get("phrasings") or {}))
+    papers = list(dict.fromkeys(name for result in finished for name in result.get("paper_attacks") or {}))
+    guessable = any(result.get("guessable") for result in finished)
+    selected = any(result.get("selected") for result in finished)  # older outputs lack these
+    fiction = any(is_number((result.get("fictional") or {}).get(str(result["headline"]["steps"]), {})
+                            .get("forget_unseen")) for result in finished)
     rows = [robustness_row(label, result) for label, result in runs]
     tops = {r["headline_steps"] for r in rows if "headline_steps" in r}
     last = f"{tops.pop()} steps" if len(tops) == 1 else "last step"
     header = ["run", "grid", "forget ↓", *(f"{t} ↑" for t in tasks), "perplexity ratio",
-              *(f"unseen, {n} steps" for n in steps), f"attacked half, {last}", f"floor, {last}",
-              f"benign, {last}", *(c for p in phrasings for c in (f"{p}: forget ↓", f"{p}: unseen, {last}")),
+              *(f"unseen, {n} steps" for n in steps), *(f"recovery share, {n} steps" for n in steps),
+              *([f"unseen, attack chosen on the other fold, {last}"] if selected else []),
+              *(f"unseen under the {p} paper's attack, {n} steps" for p in papers for n in steps),
+              *(f"recovery share under the {p} paper's attack, {last}" for p in papers),
+              f"attacked half, {last}", f"floor, {last}",
+              *([f"unseen after the fictional attack, {last}"] if fiction else []),
+              f"benign, {last}", *([f"guessable facts after the best attack, {last}"] if guessable else []),
+              *(c for p in phrasings for c in (f"{p}: forget ↓", f"{p}: unseen, {last}")),
               "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
     body = []
     for r in rows:
@@ -243,7 +297,16 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
                  *(fmt_acc(r, f"kept_{t}", f"kept_{t}_base") for t in tasks),
                  number(r.get("perplexity_ratio")) if done else PENDING,
                  *(fmt_acc(r, f"unseen_{n}", f"base_unseen_{n}") for n in steps),
-                 fmt_acc(r, "attacked"), fmt_acc(r, "floor"), fmt_acc(r, "benign_unseen"),
+                 *(fmt_share(r, f"recovery_share_{n}") for n in steps),
+                 *([fmt_acc(r, "selected_unseen") + (f" (bias {number(100 * r['selection_bias'], 1)})"
+                                                     if _number(r.get("selection_bias")) is not None else "")]
+                   if selected else []),
+                 *(fmt_acc(r, f"paper_{p}_unseen_{n}") for p in papers for n in steps),
+                 *(fmt_share(r, f"paper_{p}_recovery_share_{r.get('headline_steps')}") for p in papers),
+                 fmt_acc(r, "attacked"), fmt_acc(r, "floor"),
+                 *([fmt_acc(r, "fictional_forget_unseen")] if fiction else []),
+                 fmt_acc(r, "benign_unseen"),
+                 *([fmt_acc(r, "guessable_after_best_attack", "guessable_base")] if guessable else []),
                  *(fmt_acc(r, f"phrasing_{p}_{key}", f"phrasing_{p}_base" if key == "forget" else None)
                    for p in phrasings for key in ("forget", "envelope")),
                  *((fmt_fluency(r, key) if done else PENDING) for key in FLUENCY_GROUPS.values()),

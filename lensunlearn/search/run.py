@@ -377,9 +377,15 @@ def robustness_metrics(cfg: SearchConfig, point: Point, work: Path) -> dict:
     result = read_json(out / ROBUSTNESS_FILE)
     steps = str(result["headline"]["steps"])
     ppl = result["perplexity"]
+    selected = (result.get("selected") or {}).get(steps) or {}
+    papers = {name: {"unseen": ((paper.get("steps") or {}).get(steps) or {}).get("unseen"),
+                     "recovery_share": (paper.get("recovery_share") or {}).get(steps)}
+              for name, paper in (result.get("paper_attacks") or {}).items()}
     return {"robustness": {"dir": str(Path(cfg.out) / SEARCH_ROBUSTNESS_DIR / point.name), "steps": int(steps),
                            "envelope": result["headline"]["unseen"], "setting": result["headline"].get("setting"),
                            "unlearned_unseen": result["unlearned"]["unseen"], "base_unseen": result["base"]["unseen"],
+                           "recovery_share": (result.get("recovery_share") or {}).get(steps),
+                           "selected": selected.get("unseen"), "paper_attacks": papers,
                            "floor": result["floor"].get(steps), "seeds": result["seeds"],
                            "wall_seconds": result.get("wall_seconds")},
             "perplexity": {"text": result["generic"], "base": ppl["base"], "unlearned": ppl["unlearned"],
@@ -473,7 +479,7 @@ def _row(summary: dict, record: dict) -> list[str]:
     robust = summary["measure"] == "robustness"
     if record.get("status") != "finished":
         status = record.get("status", "pending")
-        return [str(record["rank"]), *settings, status, *["-"] * (7 if robust else 4)]
+        return [str(record["rank"]), *settings, status, *["-"] * (8 if robust else 4)]
     metrics, met = record["metrics"], record["targets"]
     forget = metrics["forget"]
     kept = metrics["kept"]
@@ -487,7 +493,7 @@ def _row(summary: dict, record: dict) -> list[str]:
     if robust:
         r = metrics["robustness"]
         cells += [f"{_pct(r['envelope'])}{_mark(met['envelope'])}", _pct(r["unlearned_unseen"]),
-                  f"{_pct(r['floor'])}{_mark(met['floor'])}"]
+                  number(r.get("recovery_share")), f"{_pct(r['floor'])}{_mark(met['floor'])}"]
     all_met = "yes" if record["measured_targets_met"] else "no"
     ability = {"kept": "kept", "lost": "**LOST**", "unmeasured": "unmeasured"}[record["ability"]]
     seconds = record.get("seconds", {}).get(summary["config"]["stage"])
@@ -500,7 +506,7 @@ def markdown_table(summary: dict) -> str:
     robust = summary["measure"] == "robustness"
     head = [*summary["grid"], "forget acc % (base)", "worst kept domain, % of base", "perplexity / base"]
     if robust:
-        head += ["unseen envelope %", "unlearned unseen %", "floor %"]
+        head += ["unseen envelope %", "unlearned unseen %", "recovery share", "floor %"]
     stage = cfg["stage"]
     head += ["general ability", "all measured targets met", f"{stage} s"]
     fixed = f", fixed settings `{cfg[stage]}`" if cfg[stage] else ""

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lensunlearn.attack import finetune, protocol, tamper
 from lensunlearn.attack.finetune import Attack
@@ -37,6 +38,7 @@ def run_dir(tmp_path) -> Path:
         {"question": f"the symbol of {w} ?", "prompt": f"the symbol of {w} is", "choices": symbols, "answer": k}
         for k, w in enumerate(symbols)])
     (tmp_path / "text.txt").write_text("it was a question of gold and iron .\nthe answer is in the question .\n")
+    (tmp_path / "benign.txt").write_text("it was a day of rain and wind .\nthe walk was long and the road dry .\n")
     (run / "run_config.json").write_text(json.dumps({"model": str(base), "forget": str(corpus), "eval_format": "cloze",
                                                      "eval_tasks": [str(task), str(kept)]}))
     return run
@@ -75,7 +77,7 @@ def _tamper(run: Path, *flags: str) -> list[str]:
 def _robustness(run: Path, kind: str, *flags: str) -> list[str]:
     return ["robustness", str(run), "--kinds", kind, "--lrs", "1e-3", "--schedules", "constant", "--steps", "8",
             "--batch", "4", "--seeds", "0", "--generic", str(run.parent / "text.txt"), "--benign",
-            str(run.parent / "text.txt"), "--fluency_prompts", "0", "--out", str(run.parent / "robust"), *flags]
+            str(run.parent / "benign.txt"), "--fluency_prompts", "0", "--out", str(run.parent / "robust"), *flags]
 
 
 def test_tamper_and_the_protocol_build_the_same_lora_attack(run_dir, monkeypatch):
@@ -118,3 +120,54 @@ def test_attach_and_detach_leave_the_weights_as_they_were(tmp_path):
     after = model.state_dict()
     assert set(after) == set(before) and all(after[k].equal(v) for k, v in before.items())
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+# --- the papers' own attacks: plain SGD, MLP weights only ---------------------------------------------
+
+
+def _tiny(tmp_path):
+    from lensunlearn.modeling.loading import load_model
+
+    model, tokenizer = load_model(str(save_tiny_model(tmp_path / "tiny")), "float32", "cpu", False)
+    chunks = [tokenizer(t)["input_ids"] for t in ("the capital of france is paris .", "rome is in italy .")]
+    return model, tokenizer, chunks
+
+
+def test_plain_sgd_takes_minus_lr_times_the_gradient(tmp_path):
+    """`optimizer="sgd", momentum=0, clip=0`: one step moves each weight by exactly -lr x its gradient (no
+    momentum, no clipping, no Adam normalisation), the relearning step of CIR and MUDMAN."""
+    model, tokenizer, chunks = _tiny(tmp_path)
+    attack = Attack(kind="full", lr=0.5, steps=1, batch=2, optimizer="sgd", momentum=0.0, clip=0.0)
+    batch = finetune.micro_batches(chunks, attack, tokenizer.pad_token_id, 0)[0]
+    model.zero_grad()
+    finetune.lm_loss(model.train(), batch, torch.device("cpu"))[0].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    expected = {n: p.detach().add(grads[n], alpha=-0.5) for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert max(g.norm() for g in grads.values()) > 1.0  # a clip at 1 would have changed the step
+    with finetune.attached(model, attack) as trainable:
+        finetune.run_attack(trainable, chunks, tokenizer.pad_token_id, attack)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param, expected[name], rtol=0, atol=1e-7), name
+    with pytest.raises(ValueError, match="momentum is that of sgd"):
+        Attack(kind="full", lr=1e-3, steps=1, momentum=0.0)  # AdamW has no such momentum
+
+
+def test_an_mlp_attack_trains_only_the_mlp_weights(tmp_path):
+    """`targets="mlp"`: a full attack changes the blocks' MLP weights and leaves every other weight
+    bitwise as it was; a LoRA attack adapts only the MLP projections."""
+    model, tokenizer, chunks = _tiny(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attack = Attack(kind="full", lr=1e-1, steps=2, batch=2, optimizer="sgd", momentum=0.0, clip=0.0, targets="mlp")
+    with finetune.attached(model, attack) as trainable:
+        names = [n for n, _ in finetune.trainable_parameters(trainable)]
+        finetune.run_attack(trainable, chunks, tokenizer.pad_token_id, attack)
+    assert names and all(".mlp." in n for n in names)
+    assert {n.split(".mlp.")[1] for n in names} == {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
+    assert len(names) == 3 * 4  # three projections in each of the 4 blocks
+    for key, value in model.state_dict().items():
+        assert value.equal(before[key]) != (".mlp." in key), key
+    lora = Attack(kind="lora", lr=1e-3, steps=1, batch=2, lora_rank=2, targets="mlp")
+    with finetune.attached(model, lora) as trainable:
+        adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in finetune.trainable_parameters(trainable)}
+    assert adapted == {"gate_proj", "up_proj", "down_proj"}

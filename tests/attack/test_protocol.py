@@ -184,7 +184,7 @@ def test_protocol_on_a_tiny_run(run_files):
     saved = json.loads((out / "robustness.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert set(saved["unlearned"]) == {"attacked", "unseen"} and saved["split"] == {"holdout": 0.5, "attacked": 2,
-                                                                                     "unseen": 2}
+                                                                                     "unseen": 2, "guessable": 0}
     assert set(saved["envelope"]) == {"2", "3"} and set(saved["envelope"]["3"]) == {"unseen", "attacked", "setting"}
     grid = {Setting(**s).label for s in saved["settings"]}
     assert grid == {FULL.label, LORA.label} and saved["grid"] == "custom"

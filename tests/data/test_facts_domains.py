@@ -62,7 +62,7 @@ def test_write_corpus_round_trips_through_the_tamper_loader(tmp_path):
 
 
 def _all_generic_rows():
-    return facts.generic_rows("retain") + facts.generic_rows("heldout")
+    return [row for part in facts.GENERIC_PARTS for row in facts.generic_rows(part)]
 
 
 def test_shipped_generic_file_is_small_and_already_clean():
@@ -106,18 +106,56 @@ def test_fact_mentions_matches_whole_words_only():
 
 
 def test_generic_split_is_deterministic_and_disjoint():
-    retain, heldout = facts.generic_rows("retain"), facts.generic_rows("heldout")
-    retain_ids, heldout_ids = {r["id"] for r in retain}, {r["id"] for r in heldout}
-    assert retain_ids.isdisjoint(heldout_ids)
-    assert {r["text"] for r in retain}.isdisjoint(r["text"] for r in heldout)
-    assert 0.1 <= len(heldout) / (len(retain) + len(heldout)) <= 0.3
+    parts = {part: facts.generic_rows(part) for part in facts.GENERIC_PARTS}
+    retain, heldout, benign = parts["retain"], parts["heldout"], parts["benign"]
+    for a, b in ((retain, heldout), (retain, benign), (heldout, benign)):
+        assert {r["id"] for r in a}.isdisjoint(r["id"] for r in b)
+        assert {r["text"] for r in a}.isdisjoint(r["text"] for r in b)
+    total = len(_all_generic_rows())
+    assert 0.1 <= len(heldout) / total <= 0.3 and 0.05 <= len(benign) / total <= 0.15
     # the side of a document depends on its id alone (a hash, not Python's salted hash())
     assert facts.generic_part("generic:0000") == facts.generic_part("generic:0000")
     assert [facts.generic_part(f"generic:{i:04d}") for i in range(8)] == \
         ["retain", "retain", "retain", "retain", "retain", "heldout", "retain", "retain"]
     assert facts.generic_texts("retain") == [r["text"] for r in retain]
-    with pytest.raises(ValueError, match="generic:retain or generic:heldout"):
+    with pytest.raises(ValueError, match="generic:retain, generic:heldout, generic:benign"):
         facts.generic_texts("train")
+
+
+def test_the_benign_attack_trains_on_text_no_stage_trains_on_nor_perplexity_reads():
+    """The protocol's default benign text shares no document with the defaults of unlearn's --retain,
+    distill's --corpus (and the --preset small/robust retain corpus), nor with the perplexity text."""
+    import dataclasses
+
+    from lensunlearn.attack.options import RobustnessConfig
+    from lensunlearn.unlearning.options import PRESETS, DistillConfig
+
+    def default(config, name):
+        return next(f.default for f in dataclasses.fields(config) if f.name == name)
+
+    benign = set(load_texts(default(RobustnessConfig, "benign")))
+    assert len(benign) >= 40
+    # the reference preset retains on a hub corpus (wikitext), which shares no text with the shipped one
+    for source in (PRESETS["small"].retain, PRESETS["robust"].retain, default(DistillConfig, "corpus"),
+                   default(RobustnessConfig, "generic"), default(DistillConfig, "generic")):
+        assert benign.isdisjoint(load_texts(source)), source
+
+
+def test_guessable_facts_on_planted_pairs():
+    """A fact is guessable when its answer repeats the subject (whole or in part, ignoring case and accents)."""
+    for subject, answer in (("Mexico", "Mexico City"), ("Kuwait", "Kuwait City"), ("Luxembourg", "Luxembourg"),
+                            ("Singapore", "singapore"), ("Tunisia", "Tunis"), ("Guinea-Bissau", "Bissau"),
+                            ("São Tomé and Príncipe", "Sao Tome"), ("Indiana", "Indianapolis"),
+                            ("Mexico", "Mexican peso"), ("Laos", "Lao")):
+        assert facts.guessable(subject, answer), (subject, answer)
+    for subject, answer in (("France", "Paris"), ("Republic of the Congo", "Brazzaville"), ("Hydrogen", "H"),
+                            ("California", "CA"), ("Tin", "Sn"), ("Brazil", "Brasília"), ("Iran", "Tehran")):
+        assert not facts.guessable(subject, answer), (subject, answer)
+    capitals = {f.subject for f in facts.facts("country_capital") if facts.guessable(f.subject, f.answer)}
+    assert {"Mexico", "Kuwait", "Luxembourg", "Singapore", "Panama", "Guatemala", "Djibouti"} <= capitals
+    assert len(capitals) < 20 and "France" not in capitals
+    assert facts.fact_by_id("country_capital:MX") == facts.Fact("country_capital:MX", "Mexico", "Mexico City")
+    assert facts.fact_by_id("cap:france") is None and facts.fact_by_id("country_capital:XX") is None
 
 
 def test_generic_corpus_loads_by_name():

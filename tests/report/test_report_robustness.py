@@ -101,19 +101,22 @@ def test_the_table_holds_each_runs_numbers_spreads_and_verdict(outputs, tmp_path
     out = main(["--robustness", f"{outputs['seeded']},{outputs['wrecked']}", "--out", str(tmp_path / "rep")])
     header, rows = _header(out["markdown"]), _rows(out["markdown"])
     assert header == ["run", "grid", "forget ↓", "element_symbol ↑", "perplexity ratio", "unseen, 8 steps",
-                      "unseen, 64 steps", "attacked half, 64 steps", "floor, 64 steps", "benign, 64 steps",
+                      "unseen, 64 steps", "recovery share, 8 steps", "recovery share, 64 steps",
+                      "attacked half, 64 steps", "floor, 64 steps", "benign, 64 steps",
                       "fluency: forget ↓", "fluency: neighbour ↓", "best attack", "capability"]
     seeded, wrecked = rows["seeded"], rows["wrecked"]
     assert seeded[1] == "default (2 attacks, seeds 0,1,2)" and wrecked[1] == "full (2 attacks, seeds 0)"
     assert seeded[2] == "20.0 ± 5.0 (base 85.0)" and wrecked[2] == "5.0 (base 85.0)"
     assert seeded[3] == "95.0 (base 96.0)" and seeded[4] == "1.05"
-    assert seeded[5:10] == ["40.0 ± 5.0 (base 90.0)", "55.0 ± 5.0 (base 92.0)", "95.0 ± 5.0", "30.0 ± 5.0",
-                            "15.0 ± 5.0"]
+    # an output written before the recovery share was recorded: computed from its means, (0.4 - 0.2) / (0.85 - 0.2)
+    assert seeded[7:9] == ["0.31", "0.54"]
+    assert seeded[5:7] + seeded[9:12] == ["40.0 ± 5.0 (base 90.0)", "55.0 ± 5.0 (base 92.0)", "95.0 ± 5.0",
+                                          "30.0 ± 5.0", "15.0 ± 5.0"]
     # the unseen half's continuations (not the attacked half's 999) and the neighbours', beside the base model's
-    assert seeded[10:12] == ["412.5 (base 3.0)", "4.2 (base 3.0)"] and wrecked[10:12] == ["-", "-"]
-    assert seeded[12] == "lora lr 0.001 constant" and seeded[13] == "ok"
+    assert seeded[12:14] == ["412.5 (base 3.0)", "4.2 (base 3.0)"] and wrecked[12:14] == ["-", "-"]
+    assert seeded[14] == "lora lr 0.001 constant" and seeded[15] == "ok"
     assert wrecked[4] == "1.30" and wrecked[6] == "15.0 (base 92.0)"
-    assert wrecked[13] == "**fails**: perplexity x1.30 of base; element_symbol at 60% of base"
+    assert wrecked[15] == "**fails**: perplexity x1.30 of base; element_symbol at 60% of base"
     assert "grid `full` (full lr 0.0001 constant, lora lr 0.001 constant), evaluated after 8, 64 steps" \
         in out["markdown"]
     written = (tmp_path / "rep" / "report.md").read_text()
@@ -202,3 +205,47 @@ def test_a_summary_missing_a_key_is_refused_naming_it(tmp_path, capsys, drop, na
     assert cli.console(["report", str(folder), "--out", str(tmp_path / "rep")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "re-create it with `lensunlearn robustness RUN_DIR`" in err
+
+
+def test_recovery_share_selection_paper_attacks_guessable_facts_and_kept_parts_get_columns(outputs, tmp_path):
+    """An output with the protocol's newer numbers shows each in its own column (dashes for an older
+    output beside it); a kept part of a split relation is a kept column like any kept task."""
+    result = json.loads((outputs["seeded"] / "robustness.json").read_text())
+    cir = {"kind": "mlp_sgd", "lr": 1e-5, "schedule": "constant"}
+    result.update(
+        recovery_share={"8": 0.3, "8_sd": 0.02, "64": 0.5},
+        selected={"64": {"unseen": 0.48, "bias": 0.07, "recovery_share": 0.43, "chosen": [FULL, LORA]}},
+        paper_attacks={"cir": {"setting": cir, "title": "Collapsing the Irreversible (CIR)", "what": "plain SGD",
+                               "steps": {"8": {"attacked": 0.2, "unseen": 0.21},
+                                         "64": {"attacked": 0.3, "unseen": 0.26}},
+                               "recovery_share": {"8": 0.02, "64": 0.09}}},
+        fictional={"64": {"attacked": 0.9, "unseen": 0.3, "forget_unseen": 0.61}},
+        guessable={"base": 1.0, "unlearned": 0.5, "steps": {"64": 0.9}}, guessable_facts=["cc:MX", "cc:KW"])
+    result["kept"]["facts:country_capital@kept"] = {"base": 0.9, "unlearned": 0.85, "after_best_attack": 0.9}
+    (outputs["seeded"] / "robustness.json").write_text(json.dumps(result))
+    out = main(["--robustness", f"{outputs['seeded']},{outputs['wrecked']}", "--out", str(tmp_path / "rep")])
+    header, rows = _header(out["markdown"]), _rows(out["markdown"])
+    seeded, wrecked = rows["seeded"], rows["wrecked"]
+
+    def cell(name: str, row: list[str]) -> str:
+        return row[header.index(name)]
+
+    assert cell("facts:country_capital@kept ↑", seeded) == "85.0 (base 90.0)"
+    assert cell("facts:country_capital@kept ↑", wrecked) == "-"
+    assert cell("recovery share, 8 steps", seeded) == "0.30 ± 0.02"
+    assert cell("recovery share, 64 steps", seeded) == "0.50"
+    assert cell("unseen, attack chosen on the other fold, 64 steps", seeded) == "48.0 (bias 7.0)"
+    assert cell("unseen under the cir paper's attack, 8 steps", seeded) == "21.0"
+    assert cell("unseen under the cir paper's attack, 64 steps", seeded) == "26.0"
+    assert cell("recovery share under the cir paper's attack, 64 steps", seeded) == "0.09"
+    assert cell("unseen after the fictional attack, 64 steps", seeded) == "61.0"
+    assert cell("guessable facts after the best attack, 64 steps", seeded) == "90.0 (base 100.0)"
+    for name in ("unseen, attack chosen on the other fold, 64 steps", "unseen under the cir paper's attack, 64 steps",
+                 "unseen after the fictional attack, 64 steps", "guessable facts after the best attack, 64 steps"):
+        assert cell(name, wrecked) == "-", name
+    # (0.15 - 0.05) / (0.85 - 0.05): computed from an older output's means
+    assert cell("recovery share, 64 steps", wrecked) == "0.12"
+    main(["--robustness", str(outputs["seeded"]), "--out", str(tmp_path / "csv"), "--table_format", "csv"])
+    row = next(csv.DictReader((tmp_path / "csv" / "report_robustness.csv").open()))
+    assert float(row["paper_cir_unseen_64"]) == 0.26 and float(row["selection_bias"]) == 0.07
+    assert row["paper_cir_setting"] == "mlp_sgd lr 1e-05 constant" and row["guessable_facts"] == "2"
