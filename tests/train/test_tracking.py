@@ -322,7 +322,7 @@ def test_robustness_tracked_with_wandb(tmp_path, offline_wandb, run_files):  # n
     run, generic = run_files["run"], run_files["generic"]
     out = tmp_path / "robust"
     result = run_command([
-        "robustness", str(run), "--generic", str(generic), "--benign", str(generic),
+        "robustness", str(run), "--generic", str(generic), "--benign", str(run_files["benign"]),
         "--kinds", "lora", "--lrs", "1e-2", "--steps", "2", "--batch", "2", "--lora_rank", "2",
         "--fluency_prompts", "0", "--out", str(out), "--tracker", "wandb"])
     records = wandb_records(out)
@@ -351,7 +351,7 @@ def test_a_resumed_robustness_protocol_continues_its_tracked_steps(tmp_path, mon
     attack once: the finished attacks' steps are counted, the killed attack's events are dropped."""
     out = tmp_path / "robust"
     argv = ["robustness", str(run_files["run"]), "--generic", str(run_files["generic"]), "--benign",
-            str(run_files["generic"]), "--kinds", "lora", "--lrs", "1e-2", "--steps", "2,3", "--batch", "2",
+            str(run_files["benign"]), "--kinds", "lora", "--lrs", "1e-2", "--steps", "2,3", "--batch", "2",
             "--lora_rank", "2", "--fluency_prompts", "0", "--phrasings", "", "--out", str(out),
             "--tracker", "tensorboard"]
     real, started = robustness.Protocol.track, []
