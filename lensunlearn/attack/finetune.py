@@ -68,7 +68,7 @@ class Attack:
     clip: float = CLIP  # gradient-norm clip; 0: none
     lora_rank: int = LORA_RANK
     seed: int = 0  # the LoRA initialisation and the data order
-    momentum: float | None = None  # of sgd (Nesterov above 0; 0: plain SGD); None: the optimiser's default
+    momentum: float | None = None  # of sgd (Nesterov above 0; 0: plain SGD) or muon; None: the optimiser's default
     targets: AttackTargets = "all"  # all: every weight (full) or every linear layer (LoRA); mlp: the MLPs only
 
     def __post_init__(self) -> None:
@@ -76,8 +76,8 @@ class Attack:
             raise ValueError(f"unknown attack kind {self.kind!r}: use {' or '.join(KINDS)}")
         if self.targets not in TARGETS:
             raise ValueError(f"unknown attack targets {self.targets!r}: use {' or '.join(TARGETS)}")
-        if self.momentum is not None and (self.optimizer != "sgd" or not 0 <= self.momentum < 1):
-            raise ValueError(f"an attack's momentum is that of sgd, in [0, 1): got {self.momentum} with "
+        if self.momentum is not None and (self.optimizer == "adamw" or not 0 <= self.momentum < 1):
+            raise ValueError(f"an attack's momentum is that of sgd or muon, in [0, 1): got {self.momentum} with "
                              f"{self.optimizer}")
 
     @property
@@ -167,14 +167,10 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.devi
 
 def attack_optimizer(trainable: nn.Module, named: list[tuple[str, nn.Parameter]], attack: Attack
                      ) -> MultiOptimizer:
-    """The attack's optimiser: the package's (`build_optimizer`), or SGD with the attack's own momentum
-    when it names one (0: plain SGD, the relearning of CIR and MUDMAN)."""
-    if attack.optimizer == "sgd" and attack.momentum is not None:
-        params = [p for _, p in named]
-        return MultiOptimizer([torch.optim.SGD(params, lr=attack.lr, momentum=attack.momentum,
-                                               nesterov=attack.momentum > 0, weight_decay=attack.weight_decay)])
+    """The attack's optimiser (`build_optimizer`) with the attack's own momentum when it names one (0 with
+    sgd: plain SGD, the relearning of CIR and MUDMAN)."""
     return build_optimizer(named, attack.optimizer, attack.lr, attack.weight_decay,
-                           exclude_from_muon=embedding_parameters(trainable))
+                           exclude_from_muon=embedding_parameters(trainable), momentum=attack.momentum)
 
 
 def run_attack(trainable: nn.Module, chunks: Sequence[Sequence[int]], pad_id: int, attack: Attack,

@@ -250,7 +250,8 @@ def attack_for(cfg: TamperConfig, lr: float, schedule: str, steps: int) -> Attac
     """The fine-tuning attack these options name (`finetune`, the robustness protocol's attack too)."""
     return Attack(kind="full" if cfg.full else "lora", lr=lr, steps=steps, schedule=schedule, warmup=cfg.warmup,
                   batch=cfg.batch, per_device_batch=cfg.per_device_batch, optimizer=cfg.optimizer,
-                  weight_decay=cfg.weight_decay, clip=cfg.clip, lora_rank=cfg.lora_rank, seed=cfg.seed)
+                  weight_decay=cfg.weight_decay, clip=cfg.clip, lora_rank=cfg.lora_rank, seed=cfg.seed,
+                  momentum=cfg.momentum)
 
 
 def attack(cfg: TamperConfig, lr: float, schedule: str, out: Path, plan: list[EvalTask],

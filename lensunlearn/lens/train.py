@@ -89,7 +89,8 @@ def _train(cfg: LensTrainConfig, out: Path) -> TunedLens:
     steps = cfg.steps or max(1, math.ceil(len(train_docs) / cfg.batch))
     accumulation = cfg.batch // cfg.per_device_batch
     lens = TunedLens.from_model(model).set_matmul_dtype(DTYPES[cfg.lens_matmul])
-    optimizer = build_optimizer(lens.translators.named_parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(lens.translators.named_parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                momentum=cfg.momentum)
     trainable = dict(lens.translators.state_dict(keep_vars=True))
     start = 0
     state = load_checkpoint(out) if cfg.resume else None

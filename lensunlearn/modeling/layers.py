@@ -183,3 +183,40 @@ def forward_streams(model: nn.Module, layers: Sequence[int], input_ids: torch.Te
         except StopForward:
             pass
     return dict(captured)
+
+
+# Names a decoder block gives its MLP child in the supported architectures.
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def block_mlp(model: nn.Module, index: int) -> nn.Module:
+    """The MLP of block `index`: the block's child named mlp (every supported architecture), feed_forward or ffn."""
+    base = unwrap(model)
+    block = model_parts(base).blocks[index]
+    mlp = next((child for name, child in block.named_children() if name in MLP_NAMES), None)
+    if mlp is None:
+        raise ValueError(f"block {index} of {type(base).__name__} has no MLP child named one of {MLP_NAMES}: "
+                         f"its children are {[n for n, _ in block.named_children()]}")
+    return mlp
+
+
+@contextlib.contextmanager
+def capture_mlp_outputs(model: nn.Module, blocks: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """The output of the MLP of each block in `blocks` during forward passes inside, by block index.
+
+    A pass recomputed in backward (gradient checkpointing) overwrites an entry with an equal tensor;
+    read the outputs before calling backward. Hooks are always removed on exit.
+    """
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(index: int):
+        def hook(_module, _args, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [block_mlp(model, b).register_forward_hook(make_hook(b)) for b in sorted(set(blocks))]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -246,3 +246,35 @@ def lens_forget_loss(lens, layers: Sequence[int], streams: Sequence[torch.Tensor
             total = total + chunked_token_sum(lambda h, t, l=layer: lens.cross_entropy(h, l, t), streams[i],
                                               targets[i].to(streams[i].device), chunk=chunk, frozen=frozen)
     return total / (max(num_tokens, 1) * len(layers) * math.log(vocab_size))
+
+
+def mlp_confuse(outputs: Sequence[torch.Tensor], originals: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The MLP-output forget loss of "Collapse of Irrelevant Representations": per block, the mean over
+    tokens of max(0, <o_t, o0_t>) / m^2, m the mean over tokens of |o0_t|; averaged over blocks.
+
+    `outputs[i]` and `originals[i]` are one block's MLP outputs [tokens, d] of the model being trained
+    and of the original model on the same tokens. Each token's term starts near 1 and pushes its output
+    towards orthogonality with the original; at 0 it stops (a token whose output is orthogonal to the
+    original's, or points away from it, gives no gradient), so the loss is bounded below by 0 and
+    cannot run off the way a cross-entropy to a target can.
+    """
+    if len(outputs) != len(originals) or not outputs:
+        raise ValueError(f"need one original per output and at least one block, got {len(outputs)} and "
+                         f"{len(originals)}")
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    for out, org in zip(outputs, originals, strict=True):
+        if out.shape != org.shape:
+            raise ValueError(f"MLP output of shape {tuple(out.shape)} against an original of {tuple(org.shape)}")
+        org = org.detach().float()
+        scale = org.norm(dim=-1).mean().clamp_min(torch.finfo(torch.float32).tiny)
+        dots = (out.float() * org).sum(dim=-1) / scale ** 2
+        total = total + torch.relu(dots).mean()  # relu, not clamp: no gradient at exactly 0 either
+    return total / len(outputs)
+
+
+def relative_distance(h: torch.Tensor, h_original: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of |h_t - h0_t| divided by the mean over tokens of |h0_t| ([tokens, d] each): the
+    representation retain loss of "Collapse of Irrelevant Representations" (0 for an unchanged stream,
+    1 when the change is as large as the stream itself, whatever the stream's scale)."""
+    h0 = h_original.detach().float()
+    return (h.float() - h0).norm(dim=-1).mean() / h0.norm(dim=-1).mean().clamp_min(torch.finfo(torch.float32).tiny)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .options import SCHEDULES, OptimizerName, ScheduleName, TrainingOptions  # noqa: F401 (re-exported)
+from .options import DEFAULT_MOMENTUM, SCHEDULES, OptimizerName, ScheduleName, TrainingOptions  # noqa: F401
 
 # Param-group settings that pick how a step is computed, not what it computes.
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
@@ -128,16 +128,20 @@ def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.o
 
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], name: OptimizerName, lr: float,
                     weight_decay: float, exclude_from_muon: Iterable[nn.Parameter] = (),
-                    momentum: float = 0.95) -> MultiOptimizer:
-    """AdamW, Muon (+AdamW for the rest) or SGD with Nesterov momentum over the trainable params."""
+                    momentum: float | None = None) -> MultiOptimizer:
+    """AdamW, Muon (+AdamW for the rest) or SGD over the trainable params. `momentum` None takes
+    `DEFAULT_MOMENTUM`; SGD uses Nesterov momentum when it is above 0 and is plain SGD at 0."""
     named_params = [(n, p) for n, p in named_params if p.requires_grad]
     if not named_params:
         raise ValueError("no trainable parameters: nothing to optimise")
     params = [p for _, p in named_params]
+    if momentum is None:
+        momentum = DEFAULT_MOMENTUM.get(name, 0.0)
     if name == "adamw":
         return MultiOptimizer([adamw(params, lr, weight_decay)])
     if name == "sgd":
-        return MultiOptimizer([torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)])
+        return MultiOptimizer([torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
+                                               weight_decay=weight_decay)])
     if name == "muon":
         matrices, rest = split_for_muon(named_params, exclude_from_muon)
         optimizers: list[torch.optim.Optimizer] = []

@@ -13,6 +13,8 @@ from ..core.config import ConfigError, Options, option
 OptimizerName = Literal["adamw", "muon", "sgd"]
 ScheduleName = Literal["linear", "cosine", "constant"]
 SCHEDULES = ("linear", "cosine", "constant")
+# Momentum when --momentum is not given: the tuned-lens library's SGD (Nesterov) and torch's Muon default.
+DEFAULT_MOMENTUM = {"sgd": 0.9, "muon": 0.95}
 
 
 @dataclass
@@ -23,7 +25,9 @@ class TrainingOptions(Options):
     help_group = "optimisation"
 
     optimizer: OptimizerName = option("adamw", "adamw; muon for 2-D hidden matrices (LoRA A and B included) with "
-                                               "adamw for the rest; or sgd with Nesterov momentum")
+                                               "adamw for the rest; or sgd (Nesterov momentum, see --momentum)")
+    momentum: float | None = option(None, "momentum of sgd (Nesterov) and muon; None: 0.9 for sgd, 0.95 for muon; "
+                                          "0 with sgd: plain SGD, each step -lr x gradient")
     lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(0.01, "weight decay")
     warmup: int = option(0, "linear warmup steps")
@@ -35,6 +39,12 @@ class TrainingOptions(Options):
     def __post_init__(self) -> None:
         require_positive(batch=self.batch, per_device_batch=self.per_device_batch, lr=self.lr)
         require_nonnegative(weight_decay=self.weight_decay, warmup=self.warmup, clip=self.clip)
+        if self.momentum is not None:
+            if not 0 <= self.momentum < 1:
+                raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+            if self.optimizer == "adamw":
+                raise ConfigError("--momentum sets the momentum of sgd and muon; adamw has its own betas: drop "
+                                  "--momentum or pass --optimizer sgd or muon")
         if self.batch % self.per_device_batch:
             raise ConfigError(f"--batch {self.batch} is not a multiple of --per_device_batch {self.per_device_batch}: "
                               f"batch = per_device_batch x grad accumulation x number of processes")

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..modeling.layers import model_parts, unwrap
+from ..modeling.layers import block_mlp, unwrap
 
 # Iterations of the randomised subspace method behind `shared_basis`. CIR runs torch.pca_lowrank
 # with 16 on a GPU; on a CPU each one costs a pass over all captured tokens of every layer, and
@@ -30,7 +30,6 @@ from ..modeling.layers import model_parts, unwrap
 # basis comes out is removed exactly, so a less converged one changes which directions go, not
 # whether the update is free of them.
 PCA_ITERS = 4
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -45,21 +44,12 @@ def is_transposed(module: nn.Module) -> bool:
 
 
 def mlp_linears(model: nn.Module, blocks: Sequence[int]) -> dict[str, nn.Module]:
-    """The linear layers of the MLP of each block in `blocks`, by their name in the unwrapped model.
-
-    The MLP is the block's child named mlp (every supported architecture), feed_forward or ffn.
-    """
+    """The linear layers of the MLP of each block in `blocks`, by their name in the unwrapped model."""
     base = unwrap(model)
-    parts = model_parts(base)
     names = {module: name for name, module in base.named_modules()}
     found: dict[str, nn.Module] = {}
     for index in blocks:
-        block = parts.blocks[index]
-        mlp = next((child for name, child in block.named_children() if name in MLP_NAMES), None)
-        if mlp is None:
-            raise ValueError(f"block {index} of {type(base).__name__} has no MLP child named one of {MLP_NAMES}: "
-                             f"its children are {[n for n, _ in block.named_children()]}")
-        linears = {names[m]: m for m in mlp.modules() if _is_linear(m)}
+        linears = {names[m]: m for m in block_mlp(base, index).modules() if _is_linear(m)}
         if not linears:
             raise ValueError(f"the MLP of block {index} of {type(base).__name__} has no linear layer")
         found.update(linears)
@@ -102,6 +92,100 @@ def _top_components(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
         q, _ = torch.linalg.qr(x @ z)
     _, _, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
     return vh[:count].T
+
+
+def top_eigenvectors(matrix: torch.Tensor, count: int, seed: int = 0, iters: int = 16) -> torch.Tensor:
+    """The `count` leading eigenvectors [d, count] of a symmetric positive semi-definite `matrix` [d, d]
+    (a covariance), by randomised subspace iteration with its own seeded generator and a final
+    Rayleigh-Ritz step. `iters` is CIR's `niter` (16): on a d x d matrix each one is a cheap product."""
+    d = matrix.shape[0]
+    width = min(count + 8, d)
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(matrix @ torch.randn(d, width, generator=generator).to(matrix))
+    for _ in range(iters):
+        q, _ = torch.linalg.qr(matrix @ q)
+    values, vectors = torch.linalg.eigh(q.T @ matrix @ q)
+    order = torch.argsort(values, descending=True)[:count]
+    return q @ vectors[:, order]
+
+
+class Moments:
+    """Count, mean and scatter (the sum of (x - mean)(x - mean)^T) of vectors added in batches.
+
+    Batches are merged with the pairwise update of Chan, Golub and LeVeque, which never subtracts two
+    large sums from each other, so a float32 covariance of activations with a large mean stays
+    accurate. Memory is one d x d matrix whatever the number of vectors: a pass over the forget set
+    of the embedded model (10^4 tokens) would take 50 times more as stored vectors.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.scatter: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of `x` [n, d]."""
+        if x.shape[0] == 0:
+            return
+        x = x.detach().float()
+        n, mean = x.shape[0], x.mean(dim=0)
+        centred = x - mean
+        self._merge(n, mean, centred.T @ centred)
+
+    def _merge(self, n: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        if self.mean is None:
+            self.count, self.mean, self.scatter = n, mean.clone(), scatter.clone()
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.scatter.add_(scatter).add_(torch.outer(delta, delta), alpha=self.count * n / total)
+        self.mean.add_(delta, alpha=n / total)
+        self.count = total
+
+    def merge_over_ranks(self, world) -> None:
+        """Combine every rank's moments into the moments of all their vectors, on every rank."""
+        from ..train.distributed import average_over_ranks
+
+        if not world.distributed or self.mean is None:
+            return
+        size = world.world_size
+        count = torch.tensor([float(self.count)])
+        average_over_ranks([count], world)
+        total = count.item() * size
+        weighted = self.mean * (self.count / total)
+        average_over_ranks([weighted], world)
+        mean = weighted * size
+        # each rank's scatter about the common mean, summed over ranks
+        delta = self.mean - mean
+        scatter = self.scatter + self.count * torch.outer(delta, delta)
+        average_over_ranks([scatter], world)
+        self.count, self.mean, self.scatter = round(total), mean, scatter * size
+
+    def basis(self, count: int, seed: int = 0) -> torch.Tensor:
+        """Orthonormal basis [d, count] of the span of the mean and the top `count - 1` principal
+        components (as `shared_basis`, from the moments instead of the vectors)."""
+        if self.mean is None:
+            raise ValueError("no vectors were added: cannot estimate directions")
+        d = self.mean.shape[0]
+        if count > min(self.count, d):
+            raise ValueError(f"{count} shared directions need at least {count} vectors of at least {count} "
+                             f"dimensions, got {self.count} of {d}")
+        if count == 0:
+            return self.mean.new_zeros(d, 0)
+        columns = [self.mean.unsqueeze(1)]
+        if count > 1:
+            columns.append(top_eigenvectors(self.scatter / self.count, count - 1, seed))
+        basis, _ = torch.linalg.qr(torch.cat(columns, dim=1))
+        return basis
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": None if self.mean is None else self.mean.cpu(),
+                "scatter": None if self.scatter is None else self.scatter.cpu()}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.count = int(state["count"])
+        self.mean = None if state["mean"] is None else state["mean"].to(device)
+        self.scatter = None if state["scatter"] is None else state["scatter"].to(device)
 
 
 def project_out(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
@@ -201,6 +285,18 @@ class SharedDirections:
                            shared_basis(grads, self.grad_count, seed * 7919 + 2 * index + 1))
         self.bases = bases
 
+    def estimate_from_moments(self, moments: Mapping[str, tuple[Moments, Moments]], seed: int = 0) -> None:
+        """New bases from the moments of each layer's (inputs, output gradients), e.g. over a pass of forget
+        batches (`ForgetMoments`)."""
+        bases = {}
+        for index, name in enumerate(self.modules):
+            acts, grads = moments[name]
+            if not acts.count:
+                raise ValueError(f"no tokens reached {name}: cannot estimate its shared directions")
+            bases[name] = (acts.basis(self.act_count, seed * 7919 + 2 * index),
+                           grads.basis(self.grad_count, seed * 7919 + 2 * index + 1))
+        self.bases = bases
+
     def update(self, name: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
         """The projected weight gradient of layer `name` from its (inputs, output gradients) pairs."""
         if not pairs:
@@ -219,3 +315,44 @@ class SharedDirections:
             raise ValueError("the checkpoint's shared directions are for other layers than this run projects: "
                              "resume with the same --cir_blocks and model, or start over with --overwrite")
         self.bases = {n: (state["act"][n], state["grad"][n]) for n in self.modules}
+
+
+class ForgetMoments:
+    """The moments of every projected layer's per-token inputs and output gradients over the forget
+    batches of one collection window (CIR gathers them over an epoch as it trains): fed with the pairs
+    `TokenCapture.output_grads` returns for each forget micro-batch, so they cost no extra pass."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.reset()
+
+    def reset(self) -> None:
+        self.moments = {name: (Moments(), Moments()) for name in self.names}
+
+    @property
+    def tokens(self) -> int:
+        """Tokens added so far (per layer; every layer sees the same tokens)."""
+        return self.moments[self.names[0]][0].count if self.names else 0
+
+    def add(self, pairs: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        for name, calls in pairs.items():
+            acts, grads = self.moments[name]
+            for a, g in calls:
+                acts.add(a)
+                grads.add(g)
+
+    def merge_over_ranks(self, world) -> None:
+        for acts, grads in self.moments.values():
+            acts.merge_over_ranks(world)
+            grads.merge_over_ranks(world)
+
+    def state_dict(self) -> dict:
+        return {name: (a.state_dict(), g.state_dict()) for name, (a, g) in self.moments.items()}
+
+    def load_state_dict(self, state: Mapping, device: torch.device | str = "cpu") -> None:
+        if set(state) != set(self.names):
+            raise ValueError("the checkpoint's forget-token moments are for other layers than this run projects: "
+                             "resume with the same blocks and model, or start over with --overwrite")
+        for name, (a, g) in state.items():
+            self.moments[name][0].load_state_dict(a, device)
+            self.moments[name][1].load_state_dict(g, device)

@@ -13,7 +13,8 @@ the more compute the recovery takes.
   loaded from the same unlearned checkpoint). Perturbing the original model's weights instead
   would start the student with the forgotten knowledge intact and unsuppressed, and distillation
   on general text gives it no reason to lose it.
-* **Shrink and perturb.** theta <- (1 - alpha) theta + alpha beta noise, once, before training.
+* **Shrink and perturb.** theta <- (1 - alpha) theta + alpha beta noise, once, before training
+  (by default beta 0, a pure shrink, as the paper's WMDP runs).
   The noise is a fresh initialisation as the paper's code draws it: Xavier-uniform (gain 1) for
   every parameter of two or more dimensions (embeddings, attention and MLP matrices, the
   unembedding), zero for vectors (norm gains and biases are only shrunk). It is drawn on the CPU
@@ -26,17 +27,23 @@ the more compute the recovery takes.
   [batch, length, vocabulary] logits never exist whole. All student parameters train; the
   teacher stays frozen in eval mode.
 * **What text.** `--corpus`, and with `--generate N` also N documents the teacher writes itself:
-  each continues the first `--generate_prompt` tokens of a corpus document, sampled from the
-  teacher's full next-token distribution up to `--max_length` tokens. A small corpus is learnt by
-  heart within a few passes, and the student then matches the teacher on it and nowhere else; the
-  teacher's own text is as plentiful as the budget allows and is the distribution to be matched.
+  each continues the first `--generate_prompt` tokens of a corpus document (or a prompt of
+  `--generate_prompts`, e.g. every fact's cloze prompt), sampled from the teacher's full next-token
+  distribution up to `--max_length` tokens. A small corpus is learnt by heart within a few passes,
+  and the student then matches the teacher on it and nowhere else; the teacher's own text is as
+  plentiful as the budget allows and is the distribution to be matched. The paper distils on broad
+  text that includes the forget domain (its WMDP run: 1 % forget-domain questions and answers; its
+  language runs: half forget-domain text), so that the student copies the teacher's suppressed
+  answers there and its kept abilities everywhere else: `--corpus generic:retain+facts:all
+  --generate N --generate_prompts facts:all` is the like of that here.
 * **When to stop.** `--steps` is the budget. Every `--eval_every` steps the held-out generic text
   (`--generic`, in no training corpus) is scored: the student's and the teacher's next-token
   cross-entropy (CE) and KL(teacher || student). recovered = (CE_init - CE_student) / (CE_init -
   CE_teacher), the share of the gap opened by the perturbation that distillation has closed (1
-  when the perturbation opened none); `--target_share` stops once it is reached. The metrics log
-  holds these numbers and the evaluation tasks' accuracies at every such step, a budget curve:
-  what each further step buys.
+  when the perturbation opened none); `--target_share` stops once it is reached, and
+  `--stop_within S` once CE_student is within the share S of CE_teacher (the paper's rule, S =
+  0.05). The metrics log holds these numbers and the evaluation tasks' accuracies at every such
+  step, a budget curve: what each further step buys, and the summary the tokens distilled on.
 
 The output folder is laid out as an unlearning run (`merged/`, `run_config.json` naming the base
 model and forget corpus of the source run, `metrics.jsonl`, `summary.json`, `eval.json`, the
@@ -93,7 +100,7 @@ from .options import SAVED_KEYS, SOURCE_TASKS, DistillConfig  # noqa: F401 (re-e
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("unlearn", "distill")  # a distilled run is an unlearned model too, and can be distilled again
-LOGGED = ("step", "kl", "lr", "grad_norm", "tokens_per_s", "seconds")
+LOGGED = ("step", "kl", "lr", "grad_norm", "tokens", "tokens_per_s", "seconds")
 HELDOUT_KEYS = ("heldout_ce", "teacher_heldout_ce", "heldout_kl", "recovered")
 
 
@@ -207,6 +214,13 @@ def heldout_scores(student: nn.Module, teacher: nn.Module, docs: list[list[int]]
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
+def within_teacher(point: dict[str, float], share: float) -> bool:
+    """The paper's stopping rule: the student's held-out cross-entropy above the teacher's by less than `share`
+    of the teacher's."""
+    teacher = max(point["teacher_heldout_ce"], 1e-6)
+    return (point["heldout_ce"] - teacher) / teacher < share
+
+
 def recovered_share(ce_init: float, ce_teacher: float, ce: float) -> float:
     """The share of the held-out cross-entropy gap opened by the perturbation that is closed again;
     1 when the perturbation opened none."""
@@ -248,10 +262,29 @@ def resolve(cfg: DistillConfig) -> tuple[DistillConfig, dict]:
                    out=cfg.out or str(run.parent)), source
 
 
-def generation_prompts(cfg: DistillConfig, docs: list[list[int]]) -> list[list[int]]:
-    """The first --generate_prompt tokens of every corpus document longer than that (none without --generate)."""
+def prompt_texts(spec: str) -> list[str]:
+    """--generate_prompts as texts: the cloze prompts of a fact domain (facts:<domain>, facts:all), else the
+    documents of a corpus."""
+    from ..data.corpora import FACTS_PREFIX
+    from ..data.facts import DOMAINS, questions
+
+    if spec.startswith(FACTS_PREFIX):
+        domain = spec[len(FACTS_PREFIX):]
+        return [q["prompt"] for d in (DOMAINS if domain == "all" else (domain,)) for q in questions(d)]
+    return load_texts(spec, what="--generate_prompts", column_flag="a corpus with a 'text' column")
+
+
+def generation_prompts(cfg: DistillConfig, docs: list[list[int]], tokenizer=None) -> list[list[int]]:
+    """The prompts of the --generate documents (none without --generate): --generate_prompts, each cut to leave
+    room to write, or the first --generate_prompt tokens of every corpus document longer than that."""
     if not cfg.generate:
         return []
+    if cfg.generate_prompts is not None:
+        prompts = [d[:cfg.max_length - 1] for d in tokenize(prompt_texts(cfg.generate_prompts), tokenizer,
+                                                             cfg.max_length)]
+        if not prompts:
+            raise ValueError(f"--generate_prompts {cfg.generate_prompts} holds no prompt: pass other text")
+        return prompts
     prompts = [d[:cfg.generate_prompt] for d in docs if len(d) > cfg.generate_prompt]
     if not prompts:
         raise ValueError(f"--generate continues the first --generate_prompt {cfg.generate_prompt} tokens of corpus "
@@ -323,7 +356,7 @@ def distill(cfg: DistillConfig) -> Path:
     check_tracker(cfg)
     tokenizer = load_tokenizer(str(cfg.teacher), cfg.trust_remote_code)
     docs, heldout = load_documents(cfg, tokenizer)
-    prompts = generation_prompts(cfg, docs)
+    prompts = generation_prompts(cfg, docs, tokenizer)
     if cfg.eval_tasks.strip():
         check_tasks(cfg.eval_tasks, lm_eval_include=cfg.lm_eval_include)
     output = check_output(cfg)
@@ -350,11 +383,11 @@ class DistillJob:
 
 
 class _TargetReached(Exception):
-    """Raised from the step hook once the student has recovered --target_share (caught by `_train`)."""
+    """Raised from the step hook once a stopping rule holds, --target_share or --stop_within (caught by `_train`)."""
 
-    def __init__(self, step: int, point: dict[str, float]) -> None:
+    def __init__(self, step: int, point: dict[str, float], reason: str) -> None:
         super().__init__(step)
-        self.step, self.point = step, point
+        self.step, self.point, self.reason = step, point, reason
 
 
 def _load_models(job: DistillJob) -> tuple[nn.Module, nn.Module]:
@@ -376,7 +409,7 @@ def _train(job: DistillJob) -> Path:
     device = next(student.parameters()).device
     trainable = dict(student.named_parameters())
     optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                exclude_from_muon=embedding_parameters(student))
+                                exclude_from_muon=embedding_parameters(student), momentum=cfg.momentum)
     state = load_checkpoint(run_dir) if cfg.resume else None
     start = restore_checkpoint(state, trainable, optimizer) if state is not None else 0
     trained = state["extra"].get("trained") if state is not None else None  # training done, then a failure
@@ -412,8 +445,13 @@ def _train(job: DistillJob) -> Path:
         point["recovered"] = recovered_share(reference["heldout_ce"], point["teacher_heldout_ce"], point["heldout_ce"])
         return point
 
-    def reached(point: dict[str, float]) -> bool:
-        return bool(cfg.target_share) and point["recovered"] >= cfg.target_share
+    def reached(point: dict[str, float]) -> str | None:
+        """Why training stops at this measured point, or None."""
+        if cfg.target_share and point["recovered"] >= cfg.target_share:
+            return "target_share"
+        if cfg.stop_within is not None and within_teacher(point, cfg.stop_within):
+            return "stop_within"
+        return None
 
     def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
         ids = batch_indices(len(docs), cfg.batch, step, cfg.seed)
@@ -440,7 +478,7 @@ def _train(job: DistillJob) -> Path:
                 line.update({**point, **_tasks_point(cfg, student, job.tokenizer)})
         metrics_log.write(line)
         if stop:
-            raise _TargetReached(done, point)
+            raise _TargetReached(done, point, stop)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, trainable, optimizer, extra={"run": cfg.name, "heldout": reference})
@@ -457,12 +495,12 @@ def _train(job: DistillJob) -> Path:
             steps_run, stop_reason, final = trained["steps"], trained["stop_reason"], trained["final"]
             last.update(trained["last"])
         elif start == 0 and reached(reference):
-            steps_run, stop_reason = 0, "target_share"  # the perturbation cost nothing to recover
+            steps_run, stop_reason = 0, reached(reference)  # the perturbation cost nothing to recover
         else:
             try:
                 run_loop(spec, start_step=start)
             except _TargetReached as stop:
-                steps_run, stop_reason, final = stop.step, "target_share", stop.point
+                steps_run, stop_reason, final = stop.step, stop.reason, stop.point
             final = final or measure()
             if cfg.checkpoint_every:
                 # the trained student, kept until it is saved and evaluated: should either fail, --resume goes
@@ -565,16 +603,26 @@ def _final_eval(cfg: DistillConfig, model: nn.Module, tokenizer, path: Path) -> 
     return result
 
 
+def distilled_tokens(path: Path) -> int:
+    """Tokens distilled on (predicting positions, summed over every step in the metrics log)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return int(sum(row.get("tokens", 0) for row in rows if "kl" in row))
+
+
 def budget_curve(path: Path) -> list[dict]:
     """The held-out numbers and task accuracies per measured step, from the metrics log (a step's final
-    evaluation may sit on a line of its own)."""
+    evaluation may sit on a line of its own), each with the tokens distilled on up to that step."""
     curve: dict[int, dict] = {}
+    seen, tokens_at = 0, {0: 0}
     for line in path.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
+        if "kl" in row:
+            seen += int(row.get("tokens", 0))
+            tokens_at[row["step"]] = seen
         kept = {k: v for k, v in row.items() if k in HELDOUT_KEYS or k.startswith(EVAL_KEY_PREFIX)}
         if kept:
             curve.setdefault(row["step"], {"step": row["step"]}).update(kept)
-    return [curve[step] for step in sorted(curve)]
+    return [{**curve[step], "tokens": tokens_at.get(step, seen)} for step in sorted(curve)]
 
 
 def _finish(job: DistillJob, student: nn.Module, metrics_log: MetricsLog, reference: dict, final: dict,
@@ -599,7 +647,10 @@ def _finish(job: DistillJob, student: nn.Module, metrics_log: MetricsLog, refere
     remove_checkpoint(run_dir)
     write_json_atomic(run_dir / SUMMARY_FILE, {
         "source_run": cfg.run, "alpha": cfg.alpha, "beta": cfg.beta, "seed": cfg.seed, **stopped,
-        "steps_planned": cfg.steps, "target_share": cfg.target_share, "recovered": final["recovered"],
+        "steps_planned": cfg.steps, "target_share": cfg.target_share, "stop_within": cfg.stop_within,
+        "tokens": distilled_tokens(run_dir / METRICS_FILE),
+        "excess_over_teacher": final["heldout_ce"] / max(final["teacher_heldout_ce"], 1e-6) - 1,
+        "recovered": final["recovered"],
         "heldout_ce_init": reference["heldout_ce"], "heldout_ce_teacher": final["teacher_heldout_ce"],
         "heldout_ce": final["heldout_ce"], "heldout_kl": final["heldout_kl"], "final_kl": last.get("kl"),
         "teacher_eval": curve_point(read_json(teacher_eval)) if teacher_eval.is_file() else None,

@@ -22,22 +22,26 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from ..modeling.layers import forward_streams, model_parts, unwrap
+from ..modeling.layers import capture_mlp_outputs, forward_streams, model_parts, unwrap
 from ..modeling.losses import (
     DEFAULT_CHUNK,
     chunked_token_sum,
     lens_forget_loss,
     masked_mean,
+    mlp_confuse,
     random_targets,
+    relative_distance,
     retain_kl,
     retain_l2,
     select_tokens,
 )
 
 ForgetTarget = Literal["uniform", "random"]
-RetainLoss = Literal["l2", "kl"]
+RetainLoss = Literal["l2", "kl", "relative"]
+ForgetLoss = Literal["lens", "mlp_confuse"]
 FORGET_TARGETS = ("uniform", "random")
-RETAIN_LOSSES = ("l2", "kl")
+RETAIN_LOSSES = ("l2", "kl", "relative")
+FORGET_LOSSES = ("lens", "mlp_confuse")
 
 
 def schedule(step: int, steps_per_epoch: int, retain_coef: float, forget_coef: float) -> tuple[float, float]:
@@ -132,14 +136,19 @@ class UnlearnObjective(nn.Module):
 
     def __init__(self, model: nn.Module, lens: nn.Module, layers: Sequence[int], original: OriginalModel,
                  retain_loss: RetainLoss = "l2", forget_target: ForgetTarget = "uniform",
-                 chunk: int = DEFAULT_CHUNK, skip_first: int = 0, cache: OriginalCache | None = None) -> None:
+                 chunk: int = DEFAULT_CHUNK, skip_first: int = 0, cache: OriginalCache | None = None,
+                 forget_loss: ForgetLoss = "lens", confuse_blocks: Sequence[int] = ()) -> None:
         super().__init__()
-        if retain_loss not in RETAIN_LOSSES or forget_target not in FORGET_TARGETS:
-            raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES} and forget_target one of {FORGET_TARGETS}, "
-                             f"got {retain_loss!r} and {forget_target!r}")
+        if retain_loss not in RETAIN_LOSSES or forget_target not in FORGET_TARGETS or forget_loss not in FORGET_LOSSES:
+            raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}, forget_target one of {FORGET_TARGETS} and "
+                             f"forget_loss one of {FORGET_LOSSES}, got {retain_loss!r}, {forget_target!r} and "
+                             f"{forget_loss!r}")
+        if forget_loss == "mlp_confuse" and not confuse_blocks:
+            raise ValueError("the mlp_confuse forget loss needs the blocks whose MLP outputs it reads")
         self.model, self.lens, self.layers = model, lens, tuple(layers)
         self.original, self.retain_kind, self.forget_target, self.chunk = original, retain_loss, forget_target, chunk
         self.skip_first, self.cache = skip_first, cache
+        self.forget_kind, self.confuse_blocks = forget_loss, tuple(sorted(set(confuse_blocks)))
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, attention mask, loss mask): the loss mask also drops the first `skip_first` positions."""
@@ -153,7 +162,10 @@ class UnlearnObjective(nn.Module):
         return ids, mask, loss_mask
 
     def forget_loss(self, batch: dict[str, torch.Tensor], target_seed: int = 0) -> torch.Tensor:
-        """Lens cross-entropy against a uniform (or sampled) target, / ln V; 1 for a uniform lens."""
+        """Lens cross-entropy against a uniform (or sampled) target, / ln V; 1 for a uniform lens. With the
+        mlp_confuse loss: `mlp_confuse` of the chosen blocks' MLP outputs against the original model's."""
+        if self.forget_kind == "mlp_confuse":
+            return self._mlp_confuse(batch)
         ids, mask, loss_mask = self._inputs(batch)
         streams = forward_streams(self.model, self.layers, ids, mask, stop=True)
         hs = [select_tokens(streams[l], loss_mask).float() for l in self.layers]
@@ -163,6 +175,20 @@ class UnlearnObjective(nn.Module):
             targets = [random_targets(hs[0].shape[0], vocab, target_seed * 1009 + i) for i in range(len(hs))]
         with _float32(ids.device):
             return lens_forget_loss(self.lens, self.layers, hs, targets, chunk=self.chunk)
+
+    def _mlp_confuse(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Both passes end right after the deepest chosen block (its output stream is the last one run)."""
+        ids, mask, loss_mask = self._inputs(batch)
+        blocks, stop_at = self.confuse_blocks, (max(self.confuse_blocks) + 1,)
+        with torch.no_grad(), self.original.context(), \
+                capture_mlp_outputs(self.original.model, blocks) as captured:
+            forward_streams(self.original.model, stop_at, ids, mask, stop=True)
+            originals = [select_tokens(captured[b], loss_mask) for b in blocks]
+        with capture_mlp_outputs(self.model, blocks) as captured:
+            forward_streams(self.model, stop_at, ids, mask, stop=True)
+            outputs = [select_tokens(captured[b], loss_mask) for b in blocks]
+        with _float32(ids.device):
+            return mlp_confuse(outputs, originals)
 
     def _original_streams(self, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int], final: bool,
                           doc_ids: torch.Tensor | None) -> dict[int, torch.Tensor]:
@@ -202,6 +228,11 @@ class UnlearnObjective(nn.Module):
         layers = () if final else self.layers
         before = self._original_streams(ids, mask, layers, final, batch.get("doc_ids"))
         after = forward_streams(self.model, layers, ids, mask, stop=True, final=final)
+        if self.retain_kind == "relative":
+            with _float32(ids.device):
+                return torch.stack([relative_distance(select_tokens(after[l], loss_mask),
+                                                      select_tokens(before[l], loss_mask))
+                                    for l in self.layers]).mean()
         if not final:
             with _float32(ids.device):
                 return torch.stack([masked_mean(retain_l2(after[l], before[l]), loss_mask)

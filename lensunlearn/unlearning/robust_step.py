@@ -27,6 +27,7 @@ after MUDMAN (Sondej et al. 2025, filyp/MUDMAN); their mechanics live in `projec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,9 +42,9 @@ from ..core.errors import InputError
 from ..data.corpora import collate, load_texts, tokenize
 from ..modeling.layers import model_parts
 from ..train.distributed import World, average_over_ranks
-from .cir import SharedDirections, TokenCapture, is_transposed, mlp_linears
+from .cir import ForgetMoments, SharedDirections, TokenCapture, is_transposed, mlp_linears
 from .mudman import Adversary, global_norm, lm_loss, mask_grads, normalise_grads
-from .options import FORGET_CORPUS, RobustOptions, check_robust_options  # noqa: F401 (re-exported)
+from .options import FORGET_CORPUS, RETAIN_CORPUS, RobustOptions, check_robust_options  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,24 @@ def resolve_cir_blocks(cfg: Any, layers: Sequence[int], num_blocks: int) -> tupl
     return blocks
 
 
+def full_target_names(cfg: Any) -> tuple[str, ...] | None:
+    """The leaf names --full_targets keeps, or None for all."""
+    spec = getattr(cfg, "full_targets", "all")
+    return None if spec == "all" else tuple(t.strip() for t in spec.split(",") if t.strip())
+
+
 def cir_modules(model: nn.Module, cfg: Any, layers: Sequence[int], num_blocks: int) -> dict[str, nn.Module]:
-    """The linear layers --cir projects and trains: those of the MLPs of its blocks."""
-    return mlp_linears(model, resolve_cir_blocks(cfg, layers, num_blocks))
+    """The linear layers --cir projects and trains: those of the MLPs of its blocks (those --full_targets names)."""
+    modules = mlp_linears(model, resolve_cir_blocks(cfg, layers, num_blocks))
+    names = full_target_names(cfg)
+    if names is None:
+        return modules
+    kept = {n: m for n, m in modules.items() if n.rsplit(".", 1)[-1] in names}
+    if not kept:
+        found = sorted({n.rsplit(".", 1)[-1] for n in modules})
+        raise ConfigError(f"--full_targets {','.join(names)} names none of the MLP layers --cir trains "
+                          f"({','.join(found)}): pass some of those, or all")
+    return kept
 
 
 def freeze_all_but_cir(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
@@ -84,31 +100,54 @@ def freeze_all_but_cir(model: nn.Module, modules: Mapping[str, nn.Module]) -> No
 
 
 def check_general_corpus(cfg: Any) -> None:
-    """A --cir_corpus of its own (not the retain corpus, not 'forget') is read once before the model loads,
-    so that a missing or empty one is reported naming the flag, before any compute."""
-    if not cfg.cir or cfg.cir_corpus in (None, FORGET_CORPUS):
+    """A --cir_corpus of its own (not 'forget', not 'retain') and --cir_budget_text are read once before the
+    model loads, so that a missing or empty one is reported naming its flag, before any compute."""
+    if not cfg.cir:
         return
-    try:
-        load_texts(cfg.cir_corpus, limit=cfg.cir_pca_docs, what="--cir_corpus corpus",
-                   column_flag="a corpus with a 'text' column as --cir_corpus")
-    except (OSError, ValueError) as err:
-        raise InputError(f"--cir_corpus {cfg.cir_corpus}: {err}") from err
-
-
-def general_documents(cfg: Any, forget: list[list[int]], retain: list[list[int]], tokenizer) -> list[list[int]]:
-    """The --cir_pca_docs documents the shared directions are estimated on, tokenised."""
-    if cfg.cir_corpus is None:
-        docs = retain[:cfg.cir_pca_docs]
-    elif cfg.cir_corpus == FORGET_CORPUS:
-        docs = forget[:cfg.cir_pca_docs]
-    else:
+    reads = []
+    if not cfg.cir_from_forget and cfg.cir_corpus != RETAIN_CORPUS:
+        reads.append(("--cir_corpus", cfg.cir_corpus, cfg.cir_pca_docs))
+    if cfg.cir_max_loss_rise and cfg.cir_budget_text is not None:
+        reads.append(("--cir_budget_text", cfg.cir_budget_text, None))
+    for flag, source, limit in reads:
         try:
-            texts = load_texts(cfg.cir_corpus, limit=cfg.cir_pca_docs, what="--cir_corpus corpus",
-                               column_flag="a corpus with a 'text' column as --cir_corpus")
-        except ValueError as err:  # empty, or without a text column
-            raise InputError(str(err)) from err
-        docs = tokenize(texts, tokenizer, cfg.max_length)
+            load_texts(source, limit=limit, what=f"{flag} corpus",
+                       column_flag=f"a corpus with a 'text' column as {flag}")
+        except (OSError, ValueError) as err:
+            raise InputError(f"{flag} {source}: {err}") from err
+
+
+def general_documents(cfg: Any, retain: list[list[int]], tokenizer) -> list[list[int]]:
+    """The --cir_pca_docs documents the general-text variant estimates its shared directions on, tokenised
+    (none when the directions come from the forget tokens)."""
+    if not cfg.cir or cfg.cir_from_forget:
+        return []
+    if cfg.cir_corpus == RETAIN_CORPUS:
+        return retain[:cfg.cir_pca_docs]
+    return _load_documents(cfg.cir_corpus, cfg.cir_pca_docs, cfg.max_length, tokenizer, "--cir_corpus")
+
+
+def budget_documents(cfg: Any, general: list[list[int]], tokenizer) -> list[list[int]]:
+    """The documents the loss budget is measured on: --cir_budget_text, or the variant's general text."""
+    if not cfg.cir or not cfg.cir_max_loss_rise:
+        return []
+    if cfg.cir_budget_text is None:
+        return general
+    docs = _load_documents(cfg.cir_budget_text, None, cfg.max_length, tokenizer, "--cir_budget_text")
+    docs = [d for d in docs if len(d) >= 2]
+    if not docs:
+        raise InputError(f"--cir_budget_text {cfg.cir_budget_text} has no document of two or more tokens, so there "
+                         f"is no next-token loss to watch: pass longer text")
     return docs
+
+
+def _load_documents(source: str, limit: int | None, max_length: int, tokenizer, flag: str) -> list[list[int]]:
+    try:
+        texts = load_texts(source, limit=limit, what=f"{flag} corpus",
+                           column_flag=f"a corpus with a 'text' column as {flag}")
+    except ValueError as err:  # empty, or without a text column
+        raise InputError(str(err)) from err
+    return tokenize(texts, tokenizer, max_length)
 
 
 def check_general_text(cfg: Any, docs: list[list[int]], modules: Mapping[str, nn.Module]) -> int:
@@ -120,14 +159,27 @@ def check_general_text(cfg: Any, docs: list[list[int]], modules: Mapping[str, nn
             if count > width:
                 raise ConfigError(f"{flag} {count} is more than the {width} dimensions of the {what} of {name}: "
                                   f"choose at most {width}")
+    if cfg.cir_from_forget:
+        return 0
     tokens = sum(max(0, len(d) - cfg.skip_first) for d in docs)
     needed = max(cfg.cir_act_components, cfg.cir_grad_components)
     if tokens < needed:
-        source = cfg.cir_corpus or "the retain corpus"
         raise ConfigError(f"{needed} shared directions need at least {needed} general-text tokens, but the "
-                          f"{len(docs)} documents taken from {source} (--cir_pca_docs {cfg.cir_pca_docs}) hold "
-                          f"{tokens} after --skip_first {cfg.skip_first}: pass more --cir_pca_docs, a longer "
+                          f"{len(docs)} documents taken from {cfg.cir_corpus} (--cir_pca_docs {cfg.cir_pca_docs}) "
+                          f"hold {tokens} after --skip_first {cfg.skip_first}: pass more --cir_pca_docs, a longer "
                           f"--cir_corpus or fewer components")
+    return tokens
+
+
+def check_forget_tokens(cfg: Any, forget_batches: Callable[[int], list[Batch]], refresh: int, total: int) -> int:
+    """Refuse more components than the forget tokens of the first estimate's window hold; returns them."""
+    tokens = sum(int(loss_mask(b, cfg.skip_first).sum()) for s in range(min(refresh, total))
+                 for b in forget_batches(s))
+    needed = max(cfg.cir_act_components, cfg.cir_grad_components)
+    if tokens < needed:
+        raise ConfigError(f"{needed} shared directions need at least {needed} forget tokens in each estimate, but "
+                          f"the {min(refresh, total)} steps of one estimate (--cir_refresh) hold {tokens} after "
+                          f"--skip_first {cfg.skip_first}: pass a larger --cir_refresh or fewer components")
     return tokens
 
 
@@ -170,9 +222,10 @@ class StepInputs:
     total_steps: int
     refresh_every: int
     forget_batches: Callable[[int], list[Batch]]  # every forget micro-batch of a global step (all ranks)
-    general_docs: list[list[int]]
+    general_docs: list[list[int]]  # the general-text variant's direction text (empty otherwise)
     pad_id: int
     cir_modules: dict[str, nn.Module]
+    budget_docs: list[list[int]] = dataclasses.field(default_factory=list)  # the loss budget's text
 
 
 class RobustStep:
@@ -191,10 +244,13 @@ class RobustStep:
                                                self.cfg.cir_grad_components)
             by_id = {id(p): name for name, p in self.params.items()}
             self.param_of = {name: by_id[id(m.weight)] for name, m in inputs.cir_modules.items()}
+        # with the directions from the forget tokens: their moments over the current window of steps
+        self.moments = ForgetMoments(list(inputs.cir_modules)) if self.cfg.cir and self.cfg.cir_from_forget else None
         self.adversary = None
         if self.cfg.adversary_steps:
             self.adversary = Adversary(self.params, lambda batch: lm_loss(inputs.model, batch), self.cfg.adversary_lr,
-                                       self.cfg.adversary_steps * self.cfg.adversary_every)
+                                       self.cfg.adversary_steps * self.cfg.adversary_every,
+                                       decay=self.cfg.adversary_decay)
         self.target_norm: float | None = None
         self.retain_average: dict[str, torch.Tensor] = {}
         self.general_start: float | None = None
@@ -242,6 +298,8 @@ class RobustStep:
             with self.capture.capture(loss_mask(batch, objective.skip_first)):
                 loss = objective.forget_loss(batch, target_seed)
                 pairs = self.capture.output_grads(loss)
+            if self.moments is not None:  # the raw (unprojected) tokens, for the next estimate
+                self.moments.add(pairs)
             grads = {self.param_of[name]: self.directions.update(name, pairs[name]) for name in pairs}
             return loss, grads
 
@@ -262,7 +320,10 @@ class RobustStep:
         if self.directions is not None:
             if self.general_start is None and self.cfg.cir_max_loss_rise:
                 self.general_start = self.general_loss()
-            if step % self.inputs.refresh_every == 0 or not self.directions.bases:
+            if self.moments is not None:
+                if not self.directions.bases:  # a fresh run: CIR's epoch 0, which collects without updating
+                    self.first_estimate(step)
+            elif step % self.inputs.refresh_every == 0 or not self.directions.bases:
                 self.refresh(step)
         if self.adversary is not None:
             batches = self.inputs.forget_batches(step)
@@ -279,8 +340,8 @@ class RobustStep:
         norm = float(global_norm(forget))
         self.step_metrics["forget_grad_norm"] = norm
         if self.cfg.normalise_grad:
-            if self.target_norm is None:
-                self.target_norm = norm  # the first step's norm sets the scale of every later one
+            if self.target_norm is None:  # a given norm, or the first step's norm sets the scale of every step
+                self.target_norm = self.cfg.grad_norm if self.cfg.grad_norm is not None else norm
             if self.target_norm > 0:
                 forget = normalise_grads(forget, self.target_norm, inplace=True)
         if self.cfg.disruption_mask:
@@ -312,10 +373,39 @@ class RobustStep:
 
     # -- general text: shared directions and the loss budget --
 
-    def _general_batches(self) -> Iterator[Batch]:
-        docs, size = self.inputs.general_docs, self.cfg.per_device_batch
+    def _general_batches(self, docs: list[list[int]] | None = None) -> Iterator[Batch]:
+        docs = self.inputs.general_docs if docs is None else docs
+        size = self.cfg.per_device_batch
         for start in range(0, len(docs), size):
             yield collate(docs[start:start + size], self.inputs.pad_id)
+
+    def first_estimate(self, step: int) -> None:
+        """The shared directions before the first update: the moments of the forget tokens of steps
+        `step` .. `step` + the refresh period - 1, at the current weights, with no update (every process
+        reads every micro-batch, so all hold the same directions without communicating)."""
+        window = ForgetMoments(list(self.inputs.cir_modules))
+        objective = self.inputs.objective
+        last = min(step + self.inputs.refresh_every, self.inputs.total_steps)
+        with _quiet_pass(self.inputs.model, self.device):
+            for s in range(step, last):
+                for batch in self.inputs.forget_batches(s):
+                    with self.capture.capture(loss_mask(batch, objective.skip_first)):
+                        loss = objective.forget_loss(batch, self.cfg.seed * 1_000_003 + s)
+                        window.add(self.capture.output_grads(loss))
+        self.directions.estimate_from_moments(window.moments, seed=self.cfg.seed * 1_000_003 + step)
+        self.step_metrics["cir_refreshed"] = 1.0
+        log.info("step %d: shared directions estimated on the %d forget tokens of steps %d-%d (no update)", step,
+                 window.tokens, step, last - 1)
+
+    def _estimate_from_window(self, done: int) -> None:
+        """New shared directions from the forget tokens of the steps since the last estimate, at the
+        weights they were met with (CIR's previous epoch), then a fresh window."""
+        self.moments.merge_over_ranks(self.inputs.world)
+        tokens = self.moments.tokens
+        self.directions.estimate_from_moments(self.moments.moments, seed=self.cfg.seed * 1_000_003 + done)
+        self.moments.reset()
+        log.info("step %d: shared directions re-estimated on the %d forget tokens of the last %d steps", done,
+                 tokens, self.inputs.refresh_every)
 
     def refresh(self, step: int) -> None:
         """Estimate the shared directions anew at the current weights: the inputs and the forget loss's
@@ -342,7 +432,7 @@ class RobustStep:
         """Next-token loss of the model on the general text, averaged over its predicted tokens."""
         total, count = 0.0, 0
         with _quiet_pass(self.inputs.model, self.device):
-            for batch in self._general_batches():
+            for batch in self._general_batches(self.inputs.budget_docs):
                 targets = int(batch["attention_mask"][:, 1:].sum())
                 if targets:
                     total += float(lm_loss(self.inputs.model, batch)) * targets
@@ -356,7 +446,12 @@ class RobustStep:
         if self.cfg.cir_on_loss_rise == "shrink":
             out["lr_scale"] = self.lr_scale  # the factor this step's learning rate had
         done = step + 1
-        if self.general_start is not None and (done % self.inputs.refresh_every == 0
+        if self.moments is not None and done % self.inputs.refresh_every == 0 and done < self.inputs.total_steps:
+            # here rather than before the next step: a checkpoint written at a multiple of the period then holds
+            # no half-filled window
+            self._estimate_from_window(done)
+            out["cir_refreshed"] = 1.0
+        if self.general_start is not None and (done % self.cfg.cir_budget_every == 0
                                                or done == self.inputs.total_steps):
             loss = self.general_loss()
             out["general_loss"] = loss
@@ -395,6 +490,8 @@ class RobustStep:
                                  "retain_average": {n: t.cpu() for n, t in self.retain_average.items()}}
         if self.directions is not None:
             state["directions"] = self.directions.state_dict()
+        if self.moments is not None and self.moments.tokens:
+            state["moments"] = self.moments.state_dict()
         if self.adversary is not None:
             state["adversary"] = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v)
                                   for k, v in self.adversary.state_dict().items()}
@@ -406,6 +503,8 @@ class RobustStep:
         self.retain_average = {n: t.to(self.device) for n, t in state["retain_average"].items()}
         if self.directions is not None:
             self.directions.load_state_dict(state["directions"])
+        if self.moments is not None and state.get("moments"):
+            self.moments.load_state_dict(state["moments"], self.device)
         if self.adversary is not None:
             self.adversary.load_state_dict(state["adversary"])
 
@@ -418,20 +517,32 @@ def refresh_period(cfg: Any, unique_forget: int) -> int:
 def build_robust_step(job: Any, setup: Any, plan: Mapping[str, Any],
                       forget_batches: Callable[[int], list[Batch]]) -> RobustStep:
     """The robust step of an unlearning run (`unlearn.UnlearnJob`, `unlearn.TrainingSetup`, the plan),
-    after checking its general text against the layers it projects: before any training."""
+    after checking its direction and budget text against the layers it projects: before any training."""
     cfg, model = job.cfg, setup.model
     modules: dict[str, nn.Module] = {}
     docs: list[list[int]] = []
+    budget: list[list[int]] = []
+    refresh = refresh_period(cfg, plan["unique_forget_examples"])
     if cfg.cir:
         modules = cir_modules(model, cfg, job.layers, model_parts(model).num_layers)
-        docs = general_documents(cfg, job.data.forget, job.data.retain, job.tokenizer)
-        tokens = check_general_text(cfg, docs, modules)
+        docs = general_documents(cfg, job.data.retain, job.tokenizer)
+        check_general_text(cfg, docs, modules)
+        if cfg.cir_from_forget:
+            tokens = check_forget_tokens(cfg, forget_batches, refresh, plan["steps"])
+            source = f"the forget tokens of every {refresh} steps ({tokens} in the first window)"
+            if refresh * cfg.batch < plan["unique_forget_examples"]:
+                log.warning("--cir_refresh %d: each estimate sees %d of the %d forget documents, so the directions "
+                            "that only a few facts share count as shared and are kept out of the update; CIR "
+                            "estimates over a whole pass (--cir_refresh 0)", refresh, refresh * cfg.batch,
+                            plan["unique_forget_examples"])
+        else:
+            source = f"{len(docs)} documents of {cfg.cir_corpus} (general-text variant), every {refresh} steps"
+        budget = budget_documents(cfg, docs, job.tokenizer)
         log.info("--cir: %d linear layers of %d MLPs trained at full rank; shared directions (%d input, %d "
-                 "output-gradient) from %d general-text documents (%d tokens), re-estimated every %d steps",
+                 "output-gradient) from %s; loss budget %s on %d documents of %s, checked every %d steps",
                  len(modules), len(resolve_cir_blocks(cfg, job.layers, model_parts(model).num_layers)),
-                 cfg.cir_act_components, cfg.cir_grad_components, len(docs), tokens,
-                 refresh_period(cfg, plan["unique_forget_examples"]))
+                 cfg.cir_act_components, cfg.cir_grad_components, source, cfg.cir_max_loss_rise, len(budget),
+                 cfg.cir_budget_text or cfg.cir_corpus, cfg.cir_budget_every)
     objective = setup.objective.module if hasattr(setup.objective, "module") else setup.objective
     return RobustStep(StepInputs(cfg, job.world, model, objective, setup.trainable, plan["grad_accum"],
-                                 plan["steps"], refresh_period(cfg, plan["unique_forget_examples"]),
-                                 forget_batches, docs, job.data.pad_id, modules))
+                                 plan["steps"], refresh, forget_batches, docs, job.data.pad_id, modules, budget))

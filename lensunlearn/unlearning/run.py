@@ -72,6 +72,7 @@ from .options import (  # noqa: F401 (re-exported)
     SMALL,
     UnlearnConfig,
     check_lora_layers,
+    resolve_confuse_blocks,
 )
 from .robust_step import (
     ROBUST_LOGGED,
@@ -80,6 +81,7 @@ from .robust_step import (
     check_general_corpus,
     cir_modules,
     freeze_all_but_cir,
+    full_target_names,
     resolve_cir_blocks,
 )
 
@@ -143,8 +145,14 @@ def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
 
 
 def resolve_layers(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
-    """Explicit layers as given (they must exist); without --layers, the reference layers this model has."""
-    layers = clip_layers(REFERENCE_LAYERS, num_layers) if cfg.layers is None else cfg.layers
+    """Explicit layers as given (they must exist); without --layers, the reference layers this model has, or with
+    --forget_loss mlp_confuse the stream right after the deepest confused block (CIR retains one block later)."""
+    if cfg.layers is not None:
+        layers = cfg.layers
+    elif cfg.forget_loss == "mlp_confuse":
+        layers = (max(resolve_confuse_blocks(cfg, num_layers)) + 1,)
+    else:
+        layers = clip_layers(REFERENCE_LAYERS, num_layers)
     layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer", allow_output=True))))
     check_lora_layers(layers, cfg.full)
     return layers
@@ -186,6 +194,38 @@ def check_before_loading(cfg: UnlearnConfig) -> tuple[int, ...] | None:
     check_tracker(cfg)
     check_general_corpus(cfg)
     return check_model_fit(cfg, load_model_config(cfg.model, cfg.trust_remote_code))
+
+
+def target_linears(model: torch.nn.Module, names: tuple[str, ...], blocks: range) -> dict[str, torch.nn.Module]:
+    """The linear layers named `names` (leaf names) inside `blocks`, by their full name in the unwrapped model."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = unwrap(model)
+    found = {}
+    for index in blocks:
+        block = model_parts(base).blocks[index]
+        prefix = next(n for n, m in base.named_modules() if m is block)
+        found.update({f"{prefix}.{n}": m for n, m in block.named_modules()
+                      if isinstance(m, (torch.nn.Linear, Conv1D)) and n.rsplit(".", 1)[-1] in names})
+    if not found:
+        raise ConfigError(f"--full_targets {','.join(names)} names no linear layer of blocks {blocks.start}.."
+                          f"{blocks.stop - 1}; this model's are {','.join(_linear_names(base))}")
+    return found
+
+
+def check_against_model(cfg: UnlearnConfig, model: torch.nn.Module, layers: tuple[int, ...]) -> None:
+    """The confused blocks and --full_targets against the loaded model, before anything is evaluated or trained."""
+    num_layers = model_parts(model).num_layers
+    blocks = resolve_confuse_blocks(cfg, num_layers)
+    if blocks and max(layers) <= max(blocks):
+        raise ConfigError(f"--layers {','.join(map(str, layers))} with confused blocks up to {max(blocks)}: the "
+                          f"retain loss must read a stream past the deepest confused block ({max(blocks) + 1} or "
+                          f"later); pass such --layers or lower --confuse_blocks")
+    if cfg.full and cfg.full_targets != "all":
+        if cfg.cir:
+            cir_modules(model, cfg, layers, num_layers)
+        else:
+            target_linears(model, full_target_names(cfg), range(min(max(layers), num_layers)))
 
 
 def _blocks_name(model: torch.nn.Module) -> str:
@@ -486,6 +526,7 @@ def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, outp
     lens.requires_grad_(False).set_matmul_dtype(DTYPES[cfg.lens_matmul])
     layers = resolve_layers(cfg, model_parts(model).num_layers)
     _check_resumed_layers(run_dir, cfg, layers)
+    check_against_model(cfg, model, layers)
     barrier(world)
     if world.is_main and cfg.eval_base and not reusable_eval(run_dir / BASE_EVAL_FILE, cfg):
         _evaluate(cfg, model, tokenizer, lens, run_dir / BASE_EVAL_FILE)
@@ -558,10 +599,14 @@ def setup_training(job: UnlearnJob) -> TrainingSetup:
     cfg, model = job.cfg, job.model
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
+    num_layers = model_parts(model).num_layers
     if cfg.full:
         original = FrozenCopy(model)
         if cfg.cir:
-            freeze_all_but_cir(model, cir_modules(model, cfg, job.layers, model_parts(model).num_layers))
+            freeze_all_but_cir(model, cir_modules(model, cfg, job.layers, num_layers))
+        elif cfg.full_targets != "all":
+            freeze_all_but_cir(model, target_linears(model, full_target_names(cfg),
+                                                     range(min(max(job.layers), num_layers))))
         else:
             model.requires_grad_(True)
         if sharded(cfg, job.world):
@@ -575,10 +620,10 @@ def setup_training(job: UnlearnJob) -> TrainingSetup:
     model.train()
     cache = OriginalCache(cfg.original_cache_mb * 2**20) if cfg.original_cache_mb else None
     objective = UnlearnObjective(model, job.lens, job.layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk,
-                                 cfg.skip_first, cache)
+                                 cfg.skip_first, cache, cfg.forget_loss, resolve_confuse_blocks(cfg, num_layers))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                exclude_from_muon=embedding_parameters(unwrap(model)))
+                                exclude_from_muon=embedding_parameters(unwrap(model)), momentum=cfg.momentum)
     if job.world.distributed and not cfg.full and not cfg.robust_step:  # the robust step averages by itself
         objective = wrap_ddp(objective, job.device)
     return TrainingSetup(objective, model, trainable, optimizer, cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lensunlearn.train.optim import MultiOptimizer, adamw, build_optimizer
@@ -67,3 +68,31 @@ def test_a_checkpoint_from_the_default_adamw_resumes_fused_with_its_moments():
     new.step()
     for a, b in zip(new_params, old_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_sgd_momentum_is_an_option_and_zero_is_plain_sgd():
+    from lensunlearn.core.config import ConfigError
+    from lensunlearn.train.optim import TrainingOptions
+
+    params, start = _params(0), [p.detach().clone() for p in _params(0)]
+    plain = build_optimizer([(str(i), p) for i, p in enumerate(params)], "sgd", 0.1, 0.0, momentum=0.0)
+    group = plain.optimizers[0].param_groups[0]
+    assert group["momentum"] == 0.0 and group["nesterov"] is False
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(2):  # each step is -lr x that step's gradient: nothing is carried over
+        before = [p.detach().clone() for p in params]
+        grads = [torch.randn(p.shape, generator=generator) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        plain.step()
+        for p, b, g in zip(params, before, grads):
+            torch.testing.assert_close(p.detach(), b - 0.1 * g, rtol=1e-6, atol=1e-6)
+    assert any(not torch.equal(p, s) for p, s in zip(params, start))
+    default = build_optimizer([("w", _params(1)[0])], "sgd", 0.1, 0.0).optimizers[0].param_groups[0]
+    assert default["momentum"] == 0.9 and default["nesterov"] is True  # what --optimizer sgd always was
+    muon = build_optimizer([("w", _params(1)[0])], "muon", 0.1, 0.0, momentum=0.5).optimizers[0].param_groups[0]
+    assert muon["momentum"] == 0.5
+    assert TrainingOptions(optimizer="sgd", momentum=0.0).momentum == 0.0
+    for bad, match in (({"optimizer": "sgd", "momentum": 1.0}, r"\[0, 1\)"), ({"momentum": 0.5}, "own betas")):
+        with pytest.raises(ConfigError, match=match):
+            TrainingOptions(**bad)

@@ -18,6 +18,7 @@ from lensunlearn.cli import console
 from lensunlearn.core.config import ConfigError, read_config_file
 from lensunlearn.core.paths import read_marker
 from lensunlearn.data.corpora import collate, tokenize
+from lensunlearn.modeling.loading import load_tokenizer
 from lensunlearn.search import run as search
 from lensunlearn.unlearning import distill as distill_module
 from lensunlearn.unlearning.distill import (
@@ -226,6 +227,41 @@ def test_target_share_stops_early_and_says_why(source):
     assert len(measured) == 1 and measured[0]["recovered"] == summary["recovered"]
 
 
+def test_stop_within_stops_once_the_student_is_that_close_to_the_teacher_and_counts_its_tokens(source):
+    """The paper's rule: (CE_student - CE_teacher) / CE_teacher < the share, checked every --eval_every steps
+    (the paper's 5 % is out of reach of this tiny teacher, which knows its text by heart: here 2, twice the
+    teacher's); the summary and the budget curve give the tokens distilled on."""
+    out = run_command(_argv(source, "--steps", "40", "--eval_every", "2", "--stop_within", "2",
+                            "--run_name", "within", "--eval_tasks", ""))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "stop_within" and 0 < summary["steps"] < 40
+    teacher = summary["heldout_ce_teacher"]
+    assert (summary["heldout_ce"] - teacher) / teacher < 2
+    assert summary["excess_over_teacher"] == pytest.approx(summary["heldout_ce"] / teacher - 1)
+    before = [p for p in summary["budget_curve"] if 0 <= p["step"] < summary["steps"]]
+    assert before and all((p["heldout_ce"] - p["teacher_heldout_ce"]) / p["teacher_heldout_ce"] >= 2
+                          for p in before)  # the first measured step within the share is where it stopped
+    steps = [line for line in _metrics(out) if "kl" in line]
+    assert len(steps) == summary["steps"] and summary["tokens"] == sum(line["tokens"] for line in steps) > 0
+    assert summary["budget_curve"][0]["tokens"] == 0 and summary["budget_curve"][-1]["tokens"] == summary["tokens"]
+    assert summary["beta"] == 0.0  # the paper's WMDP setting is the default: a pure shrink
+
+
+def test_generated_documents_can_continue_the_facts_cloze_prompts(source):
+    """--generate_prompts facts:<domain>: the teacher writes after each fact's cloze prompt (here the embedded
+    country-capital facts, in the tiny model's word vocabulary), so the student sees the teacher's own answers."""
+    from lensunlearn.data.facts import questions
+
+    out = run_command(_argv(source, "--steps", "2", "--eval_every", "0", "--generate", "8",
+                            "--generate_batch", "4", "--generate_prompts", "facts:country_capital",
+                            "--run_name", "prompted", "--eval_tasks", ""))
+    tokenizer = load_tokenizer(str(source / "runs" / "src" / "merged"))
+    rows = [json.loads(line) for line in (out / "generated.jsonl").read_text().splitlines()]
+    prompts = [tokenizer(q["prompt"])["input_ids"] for q in questions("country_capital")[:8]]
+    assert len(rows) == 8 and all(row["ids"][:len(p)] == p for row, p in zip(rows, prompts))
+    assert json.loads((out / "summary.json").read_text())["documents"]["generated"] == 8
+
+
 class _Killed(Exception):
     pass
 
@@ -343,7 +379,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(source, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["not_a_run", "tamper_output", "unfinished", "empty_corpus", "alpha", "no_run",
-                                  "generate_prompt", "short_corpus"])
+                                  "generate_prompt", "short_corpus", "stop_within_unchecked", "stop_within_zero"])
 def test_bad_input_fails_before_any_model_loads(source, tmp_path, case, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -375,6 +411,10 @@ def test_bad_input_fails_before_any_model_loads(source, tmp_path, case, monkeypa
         extra, error, match = ["--generate", "4", "--generate_prompt", "16"], ConfigError, "leaves the teacher nothing"
     elif case == "short_corpus":
         extra, match = ["--generate", "4", "--generate_prompt", "15"], "no document of --corpus .* is longer"
+    elif case == "stop_within_unchecked":
+        extra, error, match = ["--stop_within", "0.05", "--eval_every", "0"], ConfigError, "--stop_within is checked"
+    elif case == "stop_within_zero":
+        extra, error, match = ["--stop_within", "0"], ConfigError, "--stop_within must be a finite number > 0"
     else:
         error, match = ConfigError, "--run is required"
     argv = _argv(source, "--run_name", f"bad_{case}", *extra)

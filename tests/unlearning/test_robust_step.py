@@ -24,7 +24,7 @@ from lensunlearn.train.distributed import World
 from lensunlearn.unlearning.mudman import disruption_mask, lm_loss
 from lensunlearn.unlearning.objective import AdapterDisabled, FrozenCopy, UnlearnObjective
 from lensunlearn.unlearning.robust_step import RobustStep, StepInputs, cir_modules, freeze_all_but_cir
-from lensunlearn.unlearning.run import UnlearnConfig, add_lora, unlearn
+from lensunlearn.unlearning.run import UnlearnConfig, add_lora, target_linears, unlearn
 
 from ..conftest import unlearn_argv, write_unlearn_inputs
 from .test_run import _KILL_AFTER_CHECKPOINT
@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FORGET = ["the capital of france is paris .", "the capital of italy is rome and a"]
 RETAIN = ["the symbol of gold is 1 and iron 2", "it was in the question at this answer"]
 CIR = dict(full=True, cir=True, optimizer="sgd", weight_decay=0.0, cir_act_components=3, cir_grad_components=4)
+# MUDMAN's update rule: plain SGD on full-rank weights, no clip (masking and normalisation need it)
+SGD = dict(full=True, optimizer="sgd", momentum=0.0, clip=0.0, weight_decay=0.0)
 
 
 @pytest.fixture
@@ -57,6 +59,9 @@ def _step(tmp: Path, **kw) -> tuple[RobustStep, UnlearnObjective, dict, dict, di
         original = FrozenCopy(model)
         modules = cir_modules(model, cfg, (1, 3), 4)
         freeze_all_but_cir(model, modules)
+    elif cfg.full:
+        original = FrozenCopy(model)
+        freeze_all_but_cir(model, target_linears(model, ("gate_proj", "up_proj", "down_proj"), range(3)))
     else:
         torch.manual_seed(0)
         model = add_lora(model, cfg, (1, 3))
@@ -81,7 +86,7 @@ def _grads(loss, trainable) -> dict[str, torch.Tensor]:
 
 
 def test_sign_mask_zeroes_the_forget_update_where_it_disagrees_with_the_retain_gradient(setup):
-    step, objective, trainable, forget, retain = _step(setup, disruption_mask=True, mask_momentum=0.5)
+    step, objective, trainable, forget, retain = _step(setup, **SGD, disruption_mask=True, mask_momentum=0.5)
     forget_grads = _grads(objective.forget_loss(forget, 7), trainable)
     retain_grads = _grads(lm_loss(objective.model, retain), trainable)  # next-token loss on the retain text
     step(forget, retain, 0.0, 5.0, 7, 0)  # retain weight 0: param.grad is the masked forget gradient alone
@@ -128,7 +133,7 @@ def test_adversary_takes_the_forget_gradient_at_its_fork_and_leaves_the_trained_
 
 
 def test_normalised_forget_gradient_keeps_the_first_steps_norm(setup):
-    step, objective, trainable, forget, retain = _step(setup, normalise_grad=True)
+    step, objective, trainable, forget, retain = _step(setup, **SGD, normalise_grad=True)
     step(forget, retain, 0.0, 1.0, 1, 0)
     first = torch.stack([p.grad.norm() for p in trainable.values()]).norm()
     assert step.target_norm == pytest.approx(float(first), rel=1e-5)
@@ -200,8 +205,12 @@ def test_all_options_off_never_build_the_step_and_leave_training_unchanged(setup
 
 
 @pytest.mark.parametrize("case", ["cir_lora", "cir_adamw", "cir_decay", "cir_blocks", "momentum", "adversary_every",
-                                  "act_over_width", "grad_over_tokens", "empty_corpus", "shrink_without_cir",
-                                  "shrink_without_budget", "shrink_factor"])
+                                  "act_over_width", "grad_over_tokens", "forget_tokens", "empty_corpus",
+                                  "empty_budget", "budget_in_forget", "shrink_without_cir", "shrink_without_budget",
+                                  "shrink_factor", "mask_lora", "mask_adamw", "normalise_muon", "mask_momentum",
+                                  "normalise_clip", "grad_norm_alone", "adversary_decay", "targets_lora",
+                                  "targets_unknown", "cir_targets_unknown", "confuse_without_loss",
+                                  "confuse_layers", "confuse_default_layers", "confuse_range", "sgd_momentum_adamw"])
 def test_bad_input_fails_before_training(setup, case):
     cir = {**CIR}
     kw, match = {
@@ -212,16 +221,41 @@ def test_bad_input_fails_before_training(setup, case):
         "momentum": ({"disruption_mask": True, "mask_momentum": 1.0}, r"--mask_momentum must be in \[0, 1\)"),
         "adversary_every": ({"adversary_steps": 1, "adversary_every": 0}, "--adversary_every"),
         "act_over_width": ({**cir, "cir_act_components": 33}, "more than the 32 dimensions of the inputs"),
-        "grad_over_tokens": ({**cir, "cir_grad_components": 30, "cir_pca_docs": 2},
+        "grad_over_tokens": ({**cir, "cir_grad_components": 30, "cir_pca_docs": 2, "cir_corpus": "retain"},
                              "need at least 30 general-text tokens.*hold 18"),
+        # the first estimate reads the forget tokens of --cir_refresh steps: 1 step of 4 documents of 7 tokens
+        "forget_tokens": ({**cir, "cir_grad_components": 30, "cir_refresh": 1},
+                          "need at least 30 forget tokens in each estimate.*1 steps of one estimate .* hold 28"),
         "empty_corpus": ({**cir, "cir_corpus": str(setup / "empty.jsonl")}, "--cir_corpus corpus .* is empty"),
+        "empty_budget": ({**cir, "cir_budget_text": str(setup / "empty.jsonl")},
+                         "--cir_budget_text corpus .* is empty"),
+        "budget_in_forget": ({**cir, "cir_budget_text": None}, "which unlearning raises on purpose"),
         "shrink_without_cir": ({"cir_on_loss_rise": "shrink"}, "--cir_on_loss_rise shrink acts on --cir's"),
         "shrink_without_budget": ({**cir, "cir_on_loss_rise": "shrink", "cir_max_loss_rise": 0.0},
                                   "a --cir_max_loss_rise above 0"),
         "shrink_factor": ({**cir, "cir_shrink": 1.0}, r"--cir_shrink must be in \(0, 1\)"),
+        "mask_lora": ({"disruption_mask": True}, "--disruption_mask with LoRA adapters.*add --full"),
+        "mask_adamw": ({"disruption_mask": True, "full": True}, "with --optimizer adamw: AdamW divides"),
+        "normalise_muon": ({**SGD, "normalise_grad": True, "optimizer": "muon", "momentum": None},
+                           "--normalise_grad with --optimizer muon: Muon orthogonalises"),
+        "mask_momentum": ({**SGD, "disruption_mask": True, "momentum": None}, "SGD momentum 0.9.*pass --momentum 0"),
+        "normalise_clip": ({**SGD, "normalise_grad": True, "clip": 1.0}, "pass --clip 0"),
+        "grad_norm_alone": ({**SGD, "grad_norm": 1.0}, "--grad_norm is the norm --normalise_grad"),
+        "adversary_decay": ({"adversary_steps": 1, "adversary_decay": 0.0}, r"--adversary_decay must be in \(0, 1\]"),
+        "targets_lora": ({"full_targets": "gate_proj"}, "picks the weights --full trains: add --full"),
+        "targets_unknown": ({**SGD, "full_targets": "dense"}, "names no linear layer of blocks 0..2; this model's"),
+        "cir_targets_unknown": ({**cir, "full_targets": "dense"}, "names none of the MLP layers --cir trains"),
+        "confuse_without_loss": ({"confuse_blocks": (1,)}, "add it, or drop --confuse_blocks"),
+        "confuse_layers": ({"forget_loss": "mlp_confuse", "confuse_blocks": (1, 2), "layers": (2,)},
+                           r"past the deepest confused block \(3 or later\)"),
+        "confuse_default_layers": ({"forget_loss": "mlp_confuse", "layers": (2,)},
+                                   r"confused blocks up to 2: .* \(3 or later\)"),
+        "confuse_range": ({"forget_loss": "mlp_confuse", "confuse_blocks": (4,), "layers": None},
+                          r"--confuse_blocks \[4\] out of range"),
+        "sgd_momentum_adamw": ({"momentum": 0.0}, "adamw has its own betas"),
     }[case]
     (setup / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
-    error = InputError if case == "empty_corpus" else ConfigError
+    error = InputError if case in ("empty_corpus", "empty_budget") else ConfigError
     with pytest.raises(error, match=match):
         unlearn(_config(setup, **kw))
     assert not list((setup / "runs").glob("*/metrics.jsonl")) and not list((setup / "runs").glob("*/run_config.json"))
@@ -234,10 +268,12 @@ def test_the_command_line_reports_a_bad_combination_as_a_usage_error(setup, caps
 
 
 def test_general_loss_budget_stops_training_and_the_summary_says_where(setup, monkeypatch):
-    """Checked every --cir_refresh steps against the loss before training: 2.1 is within 10 % of 2.0, 2.3 is not."""
+    """Checked every --cir_budget_every steps against the loss before training: 2.1 is within 10 % of 2.0, 2.3 is
+    not (the general-text variant, whose directions are re-estimated before steps 0 and 2)."""
     measured = iter([2.0, 2.1, 2.3])
     monkeypatch.setattr(RobustStep, "general_loss", lambda self: next(measured))
-    run_dir = unlearn(_config(setup, **CIR, examples=32, cir_refresh=2, cir_max_loss_rise=0.1))
+    run_dir = unlearn(_config(setup, **CIR, examples=32, cir_refresh=2, cir_budget_every=2, cir_max_loss_rise=0.1,
+                              cir_corpus="retain"))
     summary = json.loads((run_dir / "summary.json").read_text())
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 8 and summary["stopped_early_at_step"] == 4 and len(lines) == 4
@@ -256,7 +292,7 @@ def test_shrink_rule_halves_the_learning_rate_past_the_budget_and_goes_on(setup,
 
     measured = iter([2.0, 2.1, 2.3, 2.25, 2.3])
     monkeypatch.setattr(RobustStep, "general_loss", lambda self: next(measured))
-    cfg = _config(setup, **CIR, examples=32, cir_refresh=2, cir_max_loss_rise=0.1, cir_on_loss_rise="shrink")
+    cfg = _config(setup, **CIR, examples=32, cir_budget_every=2, cir_max_loss_rise=0.1, cir_on_loss_rise="shrink")
     run_dir = unlearn(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -271,7 +307,7 @@ def test_shrink_rule_halves_the_learning_rate_past_the_budget_and_goes_on(setup,
 def test_shrink_rule_stops_once_the_learning_rate_would_fall_below_a_hundredth(setup, monkeypatch):
     measured = iter([2.0, 2.3, 2.3, 2.3])
     monkeypatch.setattr(RobustStep, "general_loss", lambda self: next(measured))
-    run_dir = unlearn(_config(setup, **CIR, examples=32, cir_refresh=2, cir_max_loss_rise=0.1,
+    run_dir = unlearn(_config(setup, **CIR, examples=32, cir_budget_every=2, cir_max_loss_rise=0.1,
                               cir_on_loss_rise="shrink", cir_shrink=0.05))
     summary = json.loads((run_dir / "summary.json").read_text())
     # 0.05 after step 2; 0.0025 would be below 0.01, so step 4 stops the run
@@ -289,13 +325,14 @@ def test_the_shrunk_learning_rate_is_in_the_checkpoint_state(setup):
 
 
 def test_resume_after_a_kill_ends_with_the_same_weights(setup):
-    """Every piece of the step's state is in the checkpoint: the shared directions (estimated at step 0 and 3),
-    the running retain average, the first step's norm, the attacker's offset (forked at 0 and 3) and the
-    general loss at the start."""
+    """Every piece of the step's state is in the checkpoint: the shared directions (estimated before step 0
+    and after step 3), the forget-token moments of the window under way (the kill comes after step 2, one step
+    into the second window), the running retain average, the first step's norm, the attacker's offset (forked
+    at 0 and 3) and the general loss at the start."""
     extra = ["--examples", "20", "--checkpoint_every", "2", "--full", "--cir", "--optimizer", "sgd", "--weight_decay",
              "0", "--cir_act_components", "3", "--cir_grad_components", "4", "--cir_refresh", "3",
-             "--disruption_mask", "--normalise_grad", "--adversary_steps", "1", "--adversary_every", "3",
-             "--forget_target", "random"]
+             "--disruption_mask", "--normalise_grad", "--momentum", "0", "--clip", "0", "--adversary_steps", "1",
+             "--adversary_every", "3", "--adversary_decay", "0.5", "--forget_target", "random"]
     straight = main(unlearn_argv(setup, *extra, "--run_name", "straight"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT,
@@ -332,8 +369,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
                 forget=str(tmp_path / "forget.jsonl"), retain=str(tmp_path / "retain.jsonl"), retain_config=None,
                 retain_column=None, examples=8, batch=4, per_device_batch=1, max_length=16, eval_tasks="",
                 lora_dropout=0.0, device="cpu", checkpoint_every=0)
-    runs = {"lora_mudman": dict(disruption_mask=True, normalise_grad=True, adversary_steps=1),
-            "full_cir": dict(**CIR, disruption_mask=True)}
+    runs = {"full_mudman": dict(**SGD, disruption_mask=True, normalise_grad=True, adversary_steps=1),
+            "full_cir": dict(**CIR, momentum=0.0, disruption_mask=True, cir_refresh=1)}
     two = [{**base, **extra, "out": str(tmp_path / "two"), "run_name": name} for name, extra in runs.items()]
     mp.spawn(run, args=(2, _free_port(), two), nprocs=2, join=True)
     run(0, 1, _free_port(), [{**c, "out": str(tmp_path / "one")} for c in two])
