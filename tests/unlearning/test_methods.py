@@ -352,7 +352,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights_for_cir_with_its_own_los
         return [a for a in args if a not in ("--layers", "1,3")] + ["--layers", "3"]
 
     straight = main(argv("straight"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # float sums depend on it: the same as this process
     killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, *argv("killed")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]

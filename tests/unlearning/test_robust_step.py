@@ -373,7 +373,11 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             "full_cir": dict(**CIR, momentum=0.0, disruption_mask=True, cir_refresh=1)}
     two = [{**base, **extra, "out": str(tmp_path / "two"), "run_name": name} for name, extra in runs.items()]
     mp.spawn(run, args=(2, _free_port(), two), nprocs=2, join=True)
-    run(0, 1, _free_port(), [{**c, "out": str(tmp_path / "one")} for c in two])
+    threads = torch.get_num_threads()
+    try:
+        run(0, 1, _free_port(), [{**c, "out": str(tmp_path / "one")} for c in two])
+    finally:  # the worker runs on one thread; later tests in this process compare with subprocesses
+        torch.set_num_threads(threads)
     for name in runs:
         a = load_file(tmp_path / "one" / name / "merged" / "model.safetensors")
         b = load_file(tmp_path / "two" / name / "merged" / "model.safetensors")
