@@ -1,17 +1,19 @@
-"""Shared-direction projection of weight updates (after "Collapse of Irrelevant Representations").
+"""Shared-direction projection of weight updates, after "Collapse of Irrelevant Representations (CIR)
+Ensures Robust and Non-Disruptive LLM Unlearning" (https://arxiv.org/abs/2509.11816).
 
 A linear layer's weight gradient is a sum over tokens of outer products, grad_W = sum_t g_t x_t^T
-(g_t: the gradient at the layer's output, x_t: its input). Directions that every token's input
-(or output gradient) shares, such as the mean activation and the top principal components over
-general text, carry what the forget facts have in common with everything else. Removing them from
-each token's x_t and g_t before the outer products leaves an update W' with W' v = 0 for every
-removed input direction v and u^T W' = 0 for every removed output-gradient direction u, so the
-update acts on what is specific to the forget tokens.
+(g_t: the gradient at the layer's output, x_t: its input). Directions that the tokens' inputs (or
+output gradients) share, such as their mean and top principal components over the forget tokens,
+carry what the forget facts have in common with each other and with everything else (the template,
+the relation). Removing them from each token's x_t and g_t before the outer products leaves an
+update W' with W' v = 0 for every removed input direction v and u^T W' = 0 for every removed
+output-gradient direction u, so the update acts on what is specific to each forget fact.
 
-Here: which layers are projected (`mlp_linears`), the bases (`shared_basis`, `SharedDirections`),
-the per-token capture during a forward pass (`TokenCapture`) and the projected update
-(`projected_update`). Pure tensor code: the robust step (`robust.py`) decides when to estimate
-and when to apply.
+Here: which layers are projected (`mlp_linears`), the bases (`shared_basis` from vectors,
+`Moments.basis` from running moments, `SharedDirections`), the moments of a window of forget
+batches (`ForgetMoments`), the per-token capture during a forward pass (`TokenCapture`) and the
+projected update (`projected_update`). Pure tensor code: the robust step (`robust_step`) decides
+when to estimate and when to apply.
 """
 
 from __future__ import annotations

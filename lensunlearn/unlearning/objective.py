@@ -9,6 +9,11 @@ target layer, so later blocks never run. Stream l depends on blocks 0 .. l-1 onl
 LoRA adapters are placed on blocks 0 .. max(layers) - 1 (an adapter on block max(layers) could not
 change any stream the objective reads). The `kl` retain loss needs the model's output, so it runs
 every block up to the final norm (the unembedding is applied in chunks here, never [B, T, V] whole).
+
+The forget loss is the lens loss or, with `forget_loss="mlp_confuse"`, the MLP-output loss of
+"Collapse of Irrelevant Representations (CIR) Ensures Robust and Non-Disruptive LLM Unlearning"
+(https://arxiv.org/abs/2509.11816), whose passes end after the deepest chosen block; the retain
+loss `relative` is that paper's relative stream distance.
 """
 
 from __future__ import annotations

@@ -5,23 +5,27 @@ With every option off `unlearn` never builds a `RobustStep`: its loss goes throu
 and the loop's backward as before, so those runs are unchanged. With any option on, each
 micro-batch's gradients are formed here and the loop only clips and steps:
 
-1. at the start of an optimiser step: re-estimate the shared directions when due (`--cir`), and
-   let the adversary take its relearning steps on the step's forget text (`--adversary_steps`);
-2. per micro-batch: the forget gradient (of the lens forget loss; at the adversary's attacked fork;
-   for the projected MLP weights from projected per-token inputs and output gradients), the
-   retain gradient (of the retain loss, while its weight is above 0) and, for the mask, the
-   gradient of next-token cross-entropy on the retain text; each summed over micro-batches;
+1. at the start of an optimiser step: the first estimate of the shared directions (`--cir`: from
+   the forget batches of the first window, read without updating, or in the general-text variant
+   from that text, again when due), and the adversary's relearning steps on the step's forget text
+   (`--adversary_steps`);
+2. per micro-batch: the forget gradient (of the forget loss; at the adversary's attacked fork;
+   for the projected MLP weights from projected per-token inputs and output gradients, whose raw
+   values also feed the moments of the next estimate), the retain gradient (of the retain loss,
+   while its weight is above 0) and, for the mask, the gradient of next-token cross-entropy on the
+   retain text; each summed over micro-batches;
 3. after the last micro-batch: the sums averaged over processes (the step bypasses DDP), the
    forget gradient rescaled (`--normalise_grad`) and masked (`--disruption_mask`), and
    param.grad = forget weight x forget gradient + retain weight x retain gradient;
-4. after the optimiser step, at each re-estimate (`--cir`): next-token loss on the general text
-   against its budget (`--cir_max_loss_rise`); past it, training stops or, with
+4. after the optimiser step: at the end of each window of `--cir_refresh` steps, new shared
+   directions from the forget tokens of that window; every `--cir_budget_every` steps, next-token
+   loss on the held-out budget text against `--cir_max_loss_rise`; past it, training stops or, with
    `--cir_on_loss_rise shrink`, goes on at a learning rate shrunk by `--cir_shrink`.
 
-Shared directions after "Collapse of Irrelevant Representations" (Sondej & Yang 2025, code
-filyp/unlearning src/CIR.py, configs/CIR_simple.yaml); masking, normalisation and the adversary
-after MUDMAN (Sondej et al. 2025, filyp/MUDMAN); their mechanics live in `projection` and
-`disruption`.
+Shared directions after "Collapse of Irrelevant Representations (CIR) Ensures Robust and
+Non-Disruptive LLM Unlearning" (https://arxiv.org/abs/2509.11816); masking, normalisation and the
+adversary after "Robust LLM Unlearning with MUDMAN: Meta-Unlearning with Disruption Masking And
+Normalization" (https://arxiv.org/abs/2506.12484); their mechanics live in `cir` and `mudman`.
 """
 
 from __future__ import annotations
