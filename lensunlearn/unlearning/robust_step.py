@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 
 Batch = Mapping[str, torch.Tensor]
 # What the step adds to each line of the metrics log, and to the run's summary.
-ROBUST_LOGGED = ("forget_grad_norm", "masked_fraction", "adversary_loss", "general_loss", "cir_refreshed",
-                 "lr_scale")
+ROBUST_LOGGED = ("forget_grad_norm", "retain_grad_norm", "masked_fraction", "adversary_loss", "general_loss",
+                 "cir_refreshed", "lr_scale")
 ROBUST_SUMMARY_KEYS = ("general_loss_start", "general_loss_end", "stopped_early_at_step", "lr_shrunk_at_steps")
 # --cir_on_loss_rise shrink stops once the learning rate is shrunk below this share of the schedule's:
 # by then the updates are too small to move the loss, and the run would only spend time.
@@ -351,6 +351,8 @@ class RobustStep:
         if self.cfg.disruption_mask:
             self._mask(forget, sums["mask"])
         retain = sums.get("retain", {})
+        if retain:  # before its weight: with plain SGD, lr x weight x this is the retain step's size
+            self.step_metrics["retain_grad_norm"] = float(global_norm(retain))
         for name, p in self.params.items():
             grad = forget[name].mul_(forget_weight)
             if name in retain:
