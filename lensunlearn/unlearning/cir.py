@@ -291,10 +291,13 @@ class SharedDirections:
         """New bases from the moments of each layer's (inputs, output gradients), e.g. over a pass of forget
         batches (`ForgetMoments`)."""
         bases = {}
-        for index, name in enumerate(self.modules):
+        for index, (name, module) in enumerate(self.modules.items()):
             acts, grads = moments[name]
-            if not acts.count:
-                raise ValueError(f"no tokens reached {name}: cannot estimate its shared directions")
+            if not acts.count:  # the forget loss does not reach this layer (it sits past the loss): nothing to remove
+                d_out, d_in = module.weight.shape if not is_transposed(module) else module.weight.shape[::-1]
+                bases[name] = (module.weight.new_zeros(d_in, 0, dtype=torch.float32),
+                               module.weight.new_zeros(d_out, 0, dtype=torch.float32))
+                continue
             bases[name] = (acts.basis(self.act_count, seed * 7919 + 2 * index),
                            grads.basis(self.grad_count, seed * 7919 + 2 * index + 1))
         self.bases = bases

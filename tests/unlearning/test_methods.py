@@ -367,3 +367,19 @@ def test_resume_after_a_kill_ends_with_the_same_weights_for_cir_with_its_own_los
     assert any(not torch.equal(base[k], a[k]) for k in base)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_cir_trains_layers_the_forget_loss_does_not_reach_by_the_retain_loss_alone(setup):
+    """MLP-output loss on block 1, retain loss at stream 3: --cir trains the MLPs of blocks 0-2, and block 2's has
+    no forget tokens to estimate directions on (none to remove either); only the retain loss moves it."""
+    base = load_file(setup / "tiny" / "model.safetensors")
+    runs = {}
+    for retain_coef in (0.0, 1.0):
+        runs[retain_coef] = load_file(unlearn(_config(
+            setup, **{**CIR, "momentum": 0.0}, forget_loss="mlp_confuse", confuse_blocks=(1,), layers=(3,),
+            retain_loss="relative", retain_coef=retain_coef, examples=16, cir_refresh=2, cir_max_loss_rise=0.0,
+            run_name=f"ret{retain_coef}")) / "merged" / "model.safetensors")
+    block2 = [k for k in base if k.startswith("model.layers.2.mlp.")]
+    assert all(torch.equal(runs[0.0][k], base[k]) for k in block2)
+    assert any(not torch.equal(runs[1.0][k], base[k]) for k in block2)
+    assert any(not torch.equal(runs[0.0][k], base[k]) for k in base if k.startswith("model.layers.1.mlp."))
