@@ -26,8 +26,8 @@ class TrainingOptions(Options):
 
     optimizer: OptimizerName = option("adamw", "adamw; muon for 2-D hidden matrices (LoRA A and B included) with "
                                                "adamw for the rest; or sgd (Nesterov momentum, see --momentum)")
-    momentum: float | None = option(None, "momentum of sgd (Nesterov) and muon; None: 0.9 for sgd, 0.95 for muon; "
-                                          "0 with sgd: plain SGD, each step -lr x gradient")
+    momentum: float | None = option(None, "momentum of sgd (Nesterov) and muon; 0 with sgd: plain SGD, each step "
+                                          "-lr x gradient", default_text="0.9 for sgd, 0.95 for muon")
     lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(0.01, "weight decay")
     warmup: int = option(0, "linear warmup steps")

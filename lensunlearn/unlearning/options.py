@@ -78,8 +78,9 @@ class RobustOptions(Options):
                                          "CIR's normalisation); needs --full, --optimizer sgd and --clip 0")
     grad_norm: float | None = option(None, "the global norm --normalise_grad rescales to (with --optimizer sgd "
                                            "--momentum 0 a forget step then moves the weights by lr x forget weight "
-                                           "x this, in L2 norm); None: the norm of the first step's forget "
-                                           "gradient (MUDMAN's runner calibrates so)")
+                                           "x this, in L2 norm)", default_text="the norm of the first step's forget "
+                                                                               "gradient (MUDMAN's runner calibrates "
+                                                                               "so)")
     adversary_steps: int = option(0, "relearning steps a simulated attacker takes on each step's forget text before "
                                      "the forget gradient is taken at its attacked fork (MUDMAN: 1); 0: no adversary")
     adversary_lr: float = option(1e-3, "the attacker's SGD learning rate (MUDMAN's adv_lr)")
@@ -239,8 +240,8 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
                                                                  "the MLP outputs of --confuse_blocks towards "
                                                                  "orthogonality with the original model's, "
                                                                  "stopping at 0 (CIR's loss); the target layers are "
-                                                                 "then where the retain loss reads (default: the "
-                                                                 "stream after the deepest confused block)",
+                                                                 "then where the retain loss reads, by default the "
+                                                                 "stream after the deepest confused block",
                                                          group="objective")
     confuse_blocks: tuple[int, ...] | None = option(None, "blocks whose MLP outputs --forget_loss mlp_confuse reads",
                                                     group="objective", default_text="the middle blocks, from 3/8 to "

@@ -105,6 +105,19 @@ def test_a_full_attack_trains_every_weight_in_both(run_dir, monkeypatch):
     assert by_tamper["count"] == by_protocol["count"]
 
 
+def test_tamper_passes_its_momentum_to_the_attack(run_dir, monkeypatch):
+    """`tamper --optimizer sgd --momentum 0` is the papers' plain-SGD relearning: the attack gets the momentum
+    and builds SGD without it (Muon takes a momentum too; AdamW, which has its own betas, is refused)."""
+    attack = _built(monkeypatch, tamper, _tamper(run_dir, "--optimizer", "sgd", "--momentum", "0", "--clip", "0",
+                                                 "--weight_decay", "0"))["attack"]
+    assert (attack.optimizer, attack.momentum, attack.clip) == ("sgd", 0.0, 0.0)
+    sgd = finetune.attack_optimizer(torch.nn.Linear(2, 2), [("w", torch.nn.Parameter(torch.ones(2, 2)))], attack)
+    assert [(g["momentum"], g["nesterov"]) for g in sgd.optimizers[0].param_groups] == [(0.0, False)]
+    assert Attack(kind="full", lr=1e-3, steps=1, optimizer="muon", momentum=0.5).momentum == 0.5
+    with pytest.raises(ValueError, match="momentum is that of sgd or muon"):
+        Attack(kind="full", lr=1e-3, steps=1, optimizer="adamw", momentum=0.5)
+
+
 def test_attach_and_detach_leave_the_weights_as_they_were(tmp_path):
     from lensunlearn.modeling.loading import load_model
 

@@ -241,7 +241,7 @@ def test_mlp_confuse_is_its_formula_and_stops_pushing_at_zero():
     out = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [3.0, 4.0]], requires_grad=True)
     loss = mlp_confuse([out], [org])
     # dots / 2^2: 0.5, 0 (orthogonal), -0.25 (pointing away), 6.25; clipped at 0 and averaged over 4 tokens
-    assert float(loss) == pytest.approx((0.5 + 0 + 0 + 6.25) / 4)
+    assert loss.item() == pytest.approx((0.5 + 0 + 0 + 6.25) / 4)
     (grad,) = torch.autograd.grad(loss, out)
     torch.testing.assert_close(grad[[0, 3]], org[[0, 3]] / 4 / 4)
     assert torch.equal(grad[[1, 2]], torch.zeros(2, 2))  # orthogonal or past it: no push at all
