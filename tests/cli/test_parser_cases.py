@@ -171,7 +171,7 @@ def test_a_grid_value_written_twice_is_refused(capsys):
     (["unlearn", "--eval_format", "clozed"], "lensunlearn unlearn: error: --eval_format: choose from letter, cloze, "
                                              "got 'clozed' (did you mean cloze?)"),
     (["unlearn", "--preset", "smal"], "lensunlearn unlearn: error: --preset: choose from reference, small, robust, "
-                                      "got 'smal' (did you mean small?)"),
+                                      "cir, cir_mlp, mudman, got 'smal' (did you mean small?)"),
     (["unlern"], "lensunlearn: error: unlern is not a command of lensunlearn (did you mean unlearn?): choose from "
                  "lens, eval, unlearn, distill, tamper, robustness, search, report, demo"),
     (["lens"], "lensunlearn lens: error: lensunlearn lens needs a command: train, eval"),

@@ -246,7 +246,7 @@ def test_mlp_confuse_is_its_formula_and_stops_pushing_at_zero():
     torch.testing.assert_close(grad[[0, 3]], org[[0, 3]] / 4 / 4)
     assert torch.equal(grad[[1, 2]], torch.zeros(2, 2))  # orthogonal or past it: no push at all
     two = mlp_confuse([out, out.detach() * 0], [org, org])  # blocks are averaged; an all-zero output adds 0
-    assert float(two) == pytest.approx(float(loss) / 2)
+    assert two.item() == pytest.approx(loss.item() / 2)
 
 
 def test_relative_distance_is_the_mean_distance_over_the_mean_norm():
