@@ -154,8 +154,8 @@ def _notes(run: Run, taken: int | None, planned: int | None) -> str:
         what = f"distilled (alpha {cfg.get('alpha', '?')}, beta {cfg.get('beta', '?')})"
         if is_number(summary.get("recovered")):
             what += f", {100 * summary['recovered']:.0f}% of the held-out gap recovered"
-        if summary.get("stop_reason") == "target_share":
-            what += ", stopped at --target_share"
+        if summary.get("stop_reason") in ("target_share", "stop_within"):
+            what += f", stopped at --{summary['stop_reason']}"
     else:
         what = f"{cfg.get('optimizer', '?')}, {trained_params(cfg)}"
         if is_number(summary.get("stopped_early_at_step")):

@@ -171,6 +171,14 @@ def test_a_finished_distill_run_has_no_pending_cells(tmp_path):
                                      "at --target_share")
 
 
+def test_a_distill_run_stopped_near_the_teacher_says_so(tmp_path):
+    run = _distill_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    _write(run / "summary.json", {**summary, "stop_reason": "stop_within"})
+    header, row = _rows(main([str(run), "--out", str(tmp_path / "r")])["markdown"])
+    assert ", stopped at --stop_within;" in dict(zip(header, row, strict=True))["Notes"]
+
+
 def test_an_unfinished_run_is_pending_and_says_where_it_is(tmp_path):
     run = _demo_like_run(tmp_path)
     (run / "summary.json").unlink()
