@@ -170,7 +170,7 @@ def check_points(cfg: SearchConfig, points: list[Point], work: Path) -> None:
     for tracked in {p.config.tracker for p in points} - {None}:
         check_tracker(types.SimpleNamespace(tracker=tracked))
     if cfg.stage == "unlearn":
-        for lens, model in {(p.config.lens, p.config.model) for p in points}:
+        for lens, model in {(p.config.lens, p.config.model) for p in points if p.config.objective == "lens"}:
             find_lens(lens, model)
         # every point's layers and CIR options against its model's config.json (no weights loaded), so that a
         # value the model cannot take is refused before the first point trains, not when its turn comes
