@@ -151,8 +151,9 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
                                                   "stream steered (the three blocks below it train); rr: the "
                                                   "rerouted streams; sequential: the probe streams, deepest first; "
                                                   "graddiff, npo, simnpo: none (they read the output)",
-                                            group="objective", default_text="5,10,15,20,25,30, keeping those a "
-                                                                            "shallower model has")
+                                            group="objective", default_text="lens: 5,10,15,20,25,30, keeping "
+                                                                            "those a shallower model has; "
+                                                                            "graddiff, npo, simnpo: none")
     forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain>",
                          group="data")
     forget_config: str | None = option(None, "hub config of the forget corpus", group="data", default_text="none")
@@ -344,7 +345,7 @@ PRESET_HELP = ("named defaults that explicit flags override: reference (the refe
 
 # What run_config.json holds beside the config (the plan of `_plan` and the run's folder): `--config` skips it.
 SAVED_PLAN_KEYS = ("steps", "steps_per_epoch", "world_size", "grad_accum", "unique_forget_examples",
-                   "unique_retain_examples", "effective_epochs", "run_dir", "phase_starts")
+                   "unique_retain_examples", "effective_epochs", "run_dir")
 
 
 # --- distill ---------------------------------------------------------------------------------------

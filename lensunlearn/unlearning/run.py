@@ -201,10 +201,12 @@ def check_model_fit(cfg: UnlearnConfig, model_config: Any) -> tuple[int, ...] | 
 
 
 def check_before_loading(cfg: UnlearnConfig) -> tuple[int, ...] | None:
-    """What `unlearn` checks before it loads the model, creates its run folder or trains: the lens exists,
-    the tracker can start, and the layers and CIR options fit the model's config.json (read without the
-    weights). Returns the target layers as resolved for this model (None when the config does not say)."""
-    find_lens(cfg.lens, cfg.model)
+    """What `unlearn` checks before it loads the model, creates its run folder or trains: the lens exists
+    (for the lens objective, the only one that reads one), the tracker can start, and the layers and CIR
+    options fit the model's config.json (read without the weights). Returns the target layers as resolved
+    for this model (None when the config does not say)."""
+    if uses_lens(cfg.objective):
+        find_lens(cfg.lens, cfg.model)
     check_tracker(cfg)
     check_general_corpus(cfg)
     return check_model_fit(cfg, load_model_config(cfg.model, cfg.trust_remote_code))
@@ -715,7 +717,10 @@ def train(job: UnlearnJob) -> Path:
         trained = state["extra"].get("trained")
         log.info("resuming %s at step %d of %d%s", run_dir, start, plan["steps"],
                  ": training is done, saving and evaluating the model" if trained is not None else "")
-    run_config = {**to_jsonable(cfg), **plan, "layers": list(job.layers), "run_dir": str(job.output.final)}
+    # a sequential run's phase starts follow from its steps and layers: left out, so that every run's saved
+    # config holds the same plan keys (a file that holds them all reads back as the run's own config)
+    saved_plan = {key: value for key, value in plan.items() if key != "phase_starts"}
+    run_config = {**to_jsonable(cfg), **saved_plan, "layers": list(job.layers), "run_dir": str(job.output.final)}
     if world.is_main:
         write_json_atomic(run_dir / RUN_CONFIG_FILE, run_config)
     tracker = open_tracker(cfg, run_dir, job.output.final.name, "unlearn", resume_step=start,

@@ -5,6 +5,7 @@ objectives' own settings over a preset, and the lens objective left exactly as i
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lensunlearn.cli import _config, _parse, main
+from lensunlearn.cli import _config, _parse, configure, main
 from lensunlearn.core.config import ConfigError
 from lensunlearn.modeling.layers import model_parts
 from lensunlearn.modeling.losses import (
@@ -274,7 +275,7 @@ def test_rmu_steers_forget_activations_to_its_target_and_keeps_retain_ones(setup
 
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "lora"])
-def test_sequential_trains_its_blocks_back_to_front(setup, monkeypatch, full):
+def test_sequential_trains_its_blocks_back_to_front(setup, monkeypatch, caplog, full):
     """Streams 3, 2, 1 on a 4-block model: steps 1-2 change block 2 only, steps 3-4 block 1, steps 5-6 block 0."""
     changed_at: list[set[int]] = []
     real_loop = unlearn_module.run_loop
@@ -308,7 +309,11 @@ def test_sequential_trains_its_blocks_back_to_front(setup, monkeypatch, full):
                                 "--lr", "1e-2", "--retain_coef", "1", *(["--full"] if full else [])))
     assert changed_at == [{2}, {2}, {1}, {1}, {0}, {0}]
     config = json.loads((run_dir / "run_config.json").read_text())
-    assert config["layers"] == [3, 2, 1] and config["phase_starts"] == [0, 2, 4]
+    assert config["layers"] == [3, 2, 1] and "phase_starts" not in config  # they follow from steps and layers
+    with caplog.at_level(logging.WARNING):  # its saved config reads back as the run's own: no plan-key warning
+        _, again = configure(["unlearn", "--config", str(run_dir / "run_config.json")])
+    assert again.objective == "sequential" and again.layers == (3, 2, 1)
+    assert not [r for r in caplog.records if r.name == "lensunlearn.core.config"]
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["retain_weight"] for l in lines] == [0.0, 0.5, 0.0, 0.5, 0.0, 0.5]  # the ramp restarts each phase
     assert [l["lr"] for l in lines] == pytest.approx([1e-2, 5e-3] * 3)  # and so does the learning rate's decay
@@ -397,7 +402,7 @@ def test_an_objective_brings_its_own_settings_over_the_presets_budget():
     explicit = _parsed("--preset", "small", "--objective", "rmu", "--lr", "3e-4", "--layers", "12")
     assert explicit.lr == 3e-4 and explicit.layers == (12,) and explicit.steering_coef == \
         OBJECTIVE_SETTINGS["rmu"]["steering_coef"]
-    assert _parsed("--objective", "npo").examples == PRESETS["seed"].examples  # the default preset's budget
+    assert _parsed("--objective", "npo").examples == PRESETS["reference"].examples  # the default preset's budget
     with pytest.raises(ConfigError):
         UnlearnConfig(objective="npo", layers=(3,))
     assert typing.get_args(typing.get_type_hints(UnlearnConfig)["objective"]) == OBJECTIVES
@@ -558,9 +563,29 @@ def test_a_search_over_objectives_and_their_settings(setup):
         assert point["metrics"]["forget"]["task"] == "capitals"
 
 
-def test_help_shows_the_objectives_own_defaults(capsys):
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_help_shows_the_objectives_own_defaults(capsys, objective):
+    """`unlearn --objective NAME --help` shows NAME's own settings as the defaults (the lens objective: the
+    preset's), and the help of --objective names each objective's paper."""
     with pytest.raises(SystemExit):
-        main(["unlearn", "--preset", "small", "--objective", "rmu", "--help"])
+        main(["unlearn", "--preset", "small", "--objective", objective, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default: {OBJECTIVE_SETTINGS['rmu']['steering_coef']})" in text
-    assert "(default: 8)" in text and f"(default: {OBJECTIVE_SETTINGS['rmu']['lr']})" in text
+
+    def shown(flag: str) -> str:
+        match = re.search(rf"--{flag} (X|LR|LIST|\{{[^}}]*\}}) (.*?)\(default: ([^)]*)\)", text)
+        assert match, flag
+        return match.group(3)
+
+    settings = {**{k: getattr(PRESETS["small"], k) for k in ("lr", "retain_loss", "retain_coef", "forget_coef")},
+                **OBJECTIVE_SETTINGS.get(objective, {})}
+    assert shown("lr") == str(settings["lr"]) and shown("retain_coef") == str(settings["retain_coef"])
+    assert shown("forget_coef") == str(settings["forget_coef"])
+    assert shown("retain_loss") == settings["retain_loss"]
+    layers = settings.get("layers", PRESETS["small"].layers)
+    in_words = "lens: 5,10,15,20,25,30, keeping those a shallower model has; graddiff, npo, simnpo: none"
+    assert shown("layers") == (",".join(map(str, layers)) if layers else in_words)
+    for name, value in OBJECTIVE_SETTINGS.get(objective, {}).items():
+        if name in ("steering_coef", "beta", "gamma", "orth_coef"):
+            assert shown(name) == str(value), name
+    for paper in ("The WMDP Benchmark", "Negative Preference Optimization", "Simplicity Prevails", "Circuit Breakers"):
+        assert paper in text
