@@ -78,6 +78,9 @@ def check_objective(cfg: Any) -> None:
                           f"cross-entropy target, and --objective {objective} has none: drop it")
     if cfg.orth_coef and objective != "rr":
         raise ConfigError(f"--orth_coef weights a term of --objective rr, not of {objective}: drop it")
+    if cfg.orth_coef and cfg.per_device_batch < 2:
+        raise ConfigError(f"--orth_coef compares the forget sequences of one micro-batch, and --per_device_batch "
+                          f"{cfg.per_device_batch} holds one: pass --per_device_batch 2 or more, or --orth_coef 0")
     if cfg.layers is not None:
         if not uses_layers(objective):
             raise ConfigError(f"--objective {objective} trains on next-token loss at the model's output and reads "

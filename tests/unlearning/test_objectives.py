@@ -371,6 +371,8 @@ def test_objectives_that_read_no_lens_never_ask_for_one(setup, monkeypatch):
     (["--objective", "simnpo", "--forget_target", "random"], "--forget_target random .* has none"),
     (["--objective", "npo", "--orth_coef", "1"], "--orth_coef weights a term of --objective rr"),
     (["--objective", "npo", "--beta", "0"], "beta"),
+    (["--objective", "rr", "--layers", "1,3", "--orth_coef", "0.5", "--per_device_batch", "1"],
+     "--orth_coef compares the forget sequences of one micro-batch, and --per_device_batch 1 holds one"),
     (["--objective", "sequential", "--layers", "3,2", "--disruption_mask"], "sequential trains one block per phase"),
     (["--objective", "sequential", "--layers", "3,2,1", "--examples", "8"], "phase of the run's 2 steps"),
     (["--objective", "lens", "--retain_loss", "nll"], "use l2 or kl"),
