@@ -449,13 +449,14 @@ DIST_RUNS = {
     "sequential_full": dict(objective="sequential", layers=(3, 2), retain_loss="l2", full=True),
     "rmu_full": dict(objective="rmu", layers=(3,), retain_loss="mse", full=True, lr=1e-2),  # FSDP2, frozen rest
     "npo_lora": dict(objective="npo", layers=None, retain_loss="nll", beta=0.5),  # DDP
-    "rr_full": dict(objective="rr", layers=(1, 3), orth_coef=0.5, full=True),  # FSDP2
+    # FSDP2; two sequences per micro-batch for the orthogonal term to compare (2 per device x 1 x 2 ranks)
+    "rr_full": dict(objective="rr", layers=(1, 3), orth_coef=0.5, full=True, per_device_batch=2),
 }
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    """Each objective's run by two processes (global batch 4 = 1 per device x 2 accumulation x 2) ends with
-    the weights of the same run by one process."""
+    """Each objective's run by two processes (global batch 4 = 1 per device x 2 accumulation x 2; rr: 2 per
+    device x 1 x 2) ends with the weights of the same run by one process."""
     import socket
 
     import torch.multiprocessing as mp
@@ -481,7 +482,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         b = load_file(tmp_path / "two" / name / "merged" / "model.safetensors")
         assert a.keys() == b.keys()
         for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6,
+            # float32 sums in another order (FSDP2's reduce-scatter): a few 1e-6 apart after the steps
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5,
                                        msg=lambda m, n=name, k=key: f"{n} {k}: {m}")
         original = load_file(tmp_path / "tiny" / "model.safetensors")
         assert any(not torch.equal(original[k], a[k]) for k in original if k in a), f"{name}: training changed nothing"
