@@ -25,10 +25,12 @@ def time_interleaved(steps: dict[str, Callable[[], float]], repeats: int
     return values, times
 
 
-def parse_args(doc: str, batch: tuple[int, str] | None = None) -> argparse.Namespace:
+def parse_args(doc: str, batch: tuple[int, str] | None = None, model: str | None = None) -> argparse.Namespace:
     """The CPU benchmarks' common flags (--repeats, --threads, and with `batch` = (default, help)
-    --batch and --tokens); sets torch's thread count."""
+    --batch and --tokens, with `model` --model and that default); sets torch's thread count."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if model is not None:
+        parser.add_argument("--model", default=model, help="the model (hub id, local folder or embedded name)")
     if batch is not None:
         parser.add_argument("--batch", type=int, default=batch[0], help=batch[1])
         parser.add_argument("--tokens", type=int, default=128, help="tokens per document")

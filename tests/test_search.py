@@ -249,6 +249,17 @@ def test_robustness_ranks_by_the_envelope_and_judges_it_against_unlearned_and_fl
     assert summary["points"][1]["targets"]["envelope"] is False and summary["points"][1]["targets"]["floor"] is False
 
 
+def test_an_order_from_fewer_than_three_protocol_seeds_is_called_provisional():
+    cfg = _config("robustness")
+    records = [_record("forget_coef80", 80, forget=0.20, kept=0.80, ppl=1.0, envelope=0.70),
+               _record("forget_coef20", 20, forget=0.30, kept=0.80, ppl=1.0, envelope=0.35)]
+    for seeds, record in zip(([0], [0, 1, 2]), records):
+        record["metrics"]["robustness"]["seeds"] = seeds
+    assert "from 1 protocol seed(s)" in search.markdown_table(search.summarise(cfg, records, 1.0))
+    records[0]["metrics"]["robustness"]["seeds"] = [0, 1, 2]
+    assert "Provisional" not in search.markdown_table(search.summarise(cfg, records, 1.0))
+
+
 # --- the robustness protocol as the measure, on a tiny run ------------------------------------------
 
 

@@ -785,7 +785,8 @@ def assemble(cfg: RobustnessConfig, inputs: Inputs, reference: dict, seeds: list
     result["perplexity"].update(base=reference["base"]["perplexity"],
                                 unlearned=reference["unlearned"]["perplexity"])
     attacked, unseen = inputs.splits[cfg.seeds[0]]
-    header = {"run": cfg.run, "model": cfg.model, "forget": cfg.forget, "forget_task": cfg.forget_task,
+    header = {"run": cfg.run, "objective": read_run_config(Path(cfg.run).expanduser()).get("objective"),
+              "model": cfg.model, "forget": cfg.forget, "forget_task": cfg.forget_task,
               "generic": cfg.generic, "benign": cfg.benign, "eval_format": cfg.eval_format, "grid": cfg.grid_name,
               "settings": [s.as_dict() for s in cfg.settings], "steps": list(steps), "batch": cfg.batch,
               "seeds": list(cfg.seeds), "chance": 1.0 / NUM_CHOICES,

@@ -150,6 +150,19 @@ def _usage(command: Command) -> str:
                      "[options]"])
 
 
+def _flags_on_line(argv: Sequence[str]) -> dict[str, str]:
+    """`--name value` and `--name=value` pairs of `argv`, as written (for what `--help` shows)."""
+    argv = list(argv)
+    flags = {}
+    for index, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg:
+            name, value = arg[2:].split("=", 1)
+            flags[name] = value
+        elif arg.startswith("--") and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+            flags[arg[2:]] = argv[index + 1]
+    return flags
+
+
 def build_parser(commands: Sequence[Command], argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every command; `argv` (the command line) only picks the preset whose defaults `--help` shows."""
     parser = _Parser(prog="lensunlearn",
@@ -175,6 +188,12 @@ def build_parser(commands: Sequence[Command], argv: Sequence[str] | None = None)
                                 usage=_usage(command))
         shown = _preset_on_line(command, argv) or command.default_preset
         base = command.presets.get(shown) if shown else None
+        if base is not None and command.adjust_preset is not None and argv and \
+                all(word in argv for word in command.words):
+            try:  # --help shows the preset as the line's flags make it (unlearn --objective NAME)
+                base = command.adjust_preset(base, _flags_on_line(argv))
+            except (TypeError, ValueError):
+                pass  # a bad value is reported when the line is parsed
         if command.presets:
             sub.add_argument("--preset", type=_preset_type(command), default=command.default_preset,
                              metavar="{" + ",".join(command.presets) + "}",
@@ -202,7 +221,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, Command
 
 def _config(command: Command, args: argparse.Namespace) -> Any:
     base = command.presets.get(getattr(args, "preset", None)) if command.presets else None
-    return config_from_args(command.config, args, base, command.derived)
+    return config_from_args(command.config, args, base, command.derived, command.adjust_preset)
 
 
 def _prog(command: Command | None) -> str:

@@ -290,11 +290,13 @@ def given_values(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None = None,
-                     derived: Iterable[str] = ()) -> T:
+                     derived: Iterable[str] = (),
+                     adjust: Callable[[T, dict[str, Any]], T] | None = None) -> T:
     """Build `cls` from parsed flags over the values of each `--config FILE` (when given; a later file
     overrides an earlier one) over `base` (a preset) over the field defaults. `derived`: keys the
     command's own saved config holds beside its fields (a run's plan), skipped when such a file is read
-    back."""
+    back. `adjust(base, values)`: the preset as the given values make it (unlearn's objectives bring
+    their own settings over the preset's)."""
     paths = getattr(namespace, CONFIG_FILE_DEST, None) or []
     from_file: dict[str, Any] = {}
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
@@ -302,6 +304,8 @@ def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None
     values = {**from_file, **given_values(cls, namespace)}
     if base is None:
         return cls(**values)
+    if adjust is not None:
+        base = adjust(base, values)
     return dataclasses.replace(base, **values)
 
 
@@ -490,6 +494,8 @@ class Command:
     derived: tuple[str, ...] = ()
     old_presets: dict[str, str] = dataclasses.field(default_factory=dict)  # a preset's former name -> its name
     preset_help: str = "named defaults that explicit flags override"
+    # the preset as the given values make it (see `config_from_args`)
+    adjust_preset: Callable[[Any, dict[str, Any]], Any] | None = None
 
     def runner(self) -> Callable[[Any], Any]:
         """The function that runs the command, imported now."""

@@ -220,3 +220,58 @@ def capture_mlp_outputs(model: nn.Module, blocks: Sequence[int]) -> Iterator[dic
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class BlockCall:
+    """What block l was called with in a forward pass: its hidden-state input (stream l) and the rest of
+    its arguments (attention mask, position embeddings, ...), so that blocks l .. L-1 can be run again
+    from another stream (`run_blocks_from`)."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+def call_of_block(model: nn.Module, layer: int, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> BlockCall:
+    """Run `model` up to block `layer` (0 <= layer < L) and return that block's call; later blocks never run."""
+    parts = model_parts(model)
+    check_layers((layer,), parts.num_layers)
+    seen: list[BlockCall] = []
+
+    def hook(_module, args, kwargs):
+        seen.append(BlockCall(_hidden_from_call(args, kwargs), args, kwargs))
+        raise StopForward
+
+    handle = parts.blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def run_blocks_from(model: nn.Module, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    """Blocks `layer` .. L-1 of `model` applied to `hidden` (a stream-`layer` tensor), with the other
+    arguments `call` recorded for block `layer`; returns the final norm's input (stream L).
+
+    Every block of the supported architectures gets the same mask and position arguments, which is
+    what makes one recorded call serve them all; a model whose blocks differ in attention type (a
+    sliding-window layer among full ones) is refused rather than run with the wrong mask.
+    """
+    blocks = model_parts(model).blocks
+    kinds = {getattr(block, "attention_type", None) for block in list(blocks)[layer:]}
+    if len(kinds) > 1:
+        raise ValueError(f"blocks {layer}.. of {type(unwrap(model)).__name__} mix attention types "
+                         f"{sorted(map(str, kinds))}: their masks differ, so one recorded call cannot rerun them")
+    from_kwargs = "hidden_states" in call.kwargs and not (call.args and isinstance(call.args[0], torch.Tensor))
+    for block in list(blocks)[layer:]:
+        if from_kwargs:
+            out = block(*call.args, **{**call.kwargs, "hidden_states": hidden})
+        else:
+            out = block(hidden, *call.args[1:], **call.kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden

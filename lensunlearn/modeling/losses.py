@@ -278,3 +278,98 @@ def relative_distance(h: torch.Tensor, h_original: torch.Tensor) -> torch.Tensor
     1 when the change is as large as the stream itself, whatever the stream's scale)."""
     h0 = h_original.detach().float()
     return (h.float() - h0).norm(dim=-1).mean() / h0.norm(dim=-1).mean().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+# --- Baseline objectives' losses ----------------------------------------------------------------
+# Each is written as its paper states it; the objectives in `unlearning.baselines` feed them.
+
+
+def chunked_token_values(per_token: Callable[..., torch.Tensor], *tensors: torch.Tensor,
+                         chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """`per_token(*slices)` over token slices of at most `chunk` rows, concatenated ([tokens] values).
+
+    Unlike `chunked_token_sum` the per-token values come back, for losses that are not a plain sum of
+    them (a per-sequence transform, as in NPO). Each slice runs under activation checkpointing when a
+    gradient is needed, so only one slice's intermediates (e.g. [chunk, vocab] logits) are alive at once.
+    """
+    n = tensors[0].shape[0]
+    if n == 0:
+        return tensors[0].new_zeros((0,), dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    parts = []
+    for start in range(0, n, chunk):
+        slices = [t[start:start + chunk] for t in tensors]
+        if needs_grad:
+            parts.append(checkpoint(lambda *xs: per_token(*xs).float(), *slices, use_reentrant=False))
+        else:
+            parts.append(per_token(*slices).float())
+    return torch.cat(parts)
+
+
+def sequence_sums(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Per-sequence sums of per-token `values`; `rows[i]` is the sequence of token i."""
+    return values.new_zeros(num_rows).index_add(0, rows.to(values.device), values)
+
+
+def rmu_control_vector(dim: int, steering_coef: float, seed: int) -> torch.Tensor:
+    """RMU's fixed target: a vector drawn uniformly from [0, 1)^d, scaled to norm `steering_coef`.
+
+    "The WMDP Benchmark" (Li et al. 2024, https://arxiv.org/abs/2403.03218) draws u once, uniformly in
+    the unit cube, normalises it and multiplies it by the steering coefficient c. Drawn here from its own
+    seeded generator, so a resumed run (and every process) has the same one without saving it.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.rand(dim, generator=generator, dtype=torch.float64)
+    return (u / u.norm() * steering_coef).float()
+
+
+def mean_squared_error(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token mean over features of the squared difference ([tokens, d] -> [tokens]); RMU's MSE."""
+    return (h.float() - target.float()).pow(2).mean(dim=-1)
+
+
+def npo_loss(nll: torch.Tensor, reference_nll: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-sequence NPO loss, -(2/beta) log sigmoid(-beta log(pi_theta(y|x) / pi_ref(y|x))).
+
+    "Negative Preference Optimization" (Zhang et al. 2024, https://arxiv.org/abs/2404.05868). With
+    log pi = -NLL summed over the sequence's tokens, -beta log(pi_theta / pi_ref) = beta (NLL - NLL_ref).
+    """
+    return -(2.0 / beta) * F.logsigmoid(beta * (nll.float() - reference_nll.float()))
+
+
+def simnpo_loss(nll: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Per-sequence SimNPO loss, -(2/beta) log sigmoid(-(beta / |y|) log pi_theta(y|x) - gamma).
+
+    "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning" (Fan et al.
+    2024, https://arxiv.org/abs/2410.07163): reference-free, the sequence's log-likelihood normalised by
+    its length |y|, with the reward margin gamma. -(beta / |y|) log pi = beta NLL / |y|.
+    """
+    return -(2.0 / beta) * F.logsigmoid(beta * nll.float() / lengths.float().clamp_min(1) - gamma)
+
+
+def cosine_relu(h: torch.Tensor, h_original: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-token ReLU of the cosine similarity between updated and original representations.
+
+    The rerouting loss of "Improving Alignment and Robustness with Circuit Breakers" (Zou et al. 2024,
+    https://arxiv.org/abs/2406.04313): zero once a representation is orthogonal to (or opposed to) its
+    original.
+    """
+    h, h0 = h.float(), h_original.float()
+    cos = (h * h0).sum(-1) / (h.norm(dim=-1) * h0.norm(dim=-1)).clamp_min(eps)
+    return torch.relu(cos)
+
+
+def pairwise_cosine_relu(pooled: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over ordered pairs i != j of ReLU(cos(p_i, p_j)) of the rows of `pooled` ([n, d]); 0 for n < 2.
+
+    The orthogonality term of the orthogonal circuit breakers in EleutherAI/unlearn: the forget
+    sequences' pooled representations are pushed apart, so that they do not collapse onto one direction
+    (one direction is easy for an attacker to undo).
+    """
+    n = pooled.shape[0]
+    if n < 2:
+        return pooled.new_zeros((), dtype=torch.float32)
+    unit = pooled.float() / (pooled.float().norm(dim=-1, keepdim=True) + eps)
+    sim = unit @ unit.T
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=pooled.device)
+    return torch.relu(sim[off_diagonal]).sum() / (n * (n - 1))

@@ -171,7 +171,7 @@ def robustness_row(label: str, result: Mapping | None) -> dict[str, Any]:
     if result is None:
         return {**row, "capability": PENDING, "capability_failures": ""}
     top = str(result["headline"]["steps"])
-    row.update(grid=result["grid"], attacks=len(result.get("settings") or []),
+    row.update(objective=result.get("objective"), grid=result["grid"], attacks=len(result.get("settings") or []),
                steps="/".join(map(str, result["steps"])), seeds=",".join(map(str, result["seeds"])),
                headline_steps=int(top), best_attack=_setting(result["headline"].get("setting")))
     _put(row, "forget_unseen", _at(result["unlearned"], UNSEEN))
@@ -326,7 +326,8 @@ def grid_lines(runs: Sequence[tuple[str, Mapping | None]]) -> list[str]:
         split = result.get("split") or {}
         facts = f"; {split[ATTACKED]} attacked / {split[UNSEEN]} unseen facts" \
             if ATTACKED in split and UNSEEN in split else ""
-        lines.append(f"- `{label}`: grid `{result['grid']}` ({settings}), evaluated after "
+        objective = f"objective `{result['objective']}`, " if result.get("objective") else ""
+        lines.append(f"- `{label}`: {objective}grid `{result['grid']}` ({settings}), evaluated after "
                      f"{', '.join(map(str, result['steps']))} steps, seeds {','.join(map(str, result['seeds']))}"
                      f"{facts}; forget task `{result.get('forget_task', '?')}`.")
     return lines

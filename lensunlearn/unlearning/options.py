@@ -16,6 +16,7 @@ from ..data.corpora import WMDP_BIO_FORGET_CORPUS
 from ..data.tasks import REFERENCE_EVAL_TASKS
 from ..modeling.options import DEFAULT_CHUNK, ModelOptions, model_short_name
 from ..train.options import DEFAULT_MOMENTUM, TrackingOptions, TrainingOptions
+from .baseline_options import check_objective, objective_preset
 
 # The --cir_corpus value that names the forget tokens explicitly (the default, None, means the same), and
 # the one that means the retain corpus (the general-text variant the robust preset uses).
@@ -201,12 +202,25 @@ def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
 
 @dataclass
 class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOptions):
-    lens: str | None = option(None, "tuned lens folder or hub id", group="model", metavar="DIR",
-                              default_text="runs/lens_<model>, where `lens train` writes")
+    objective: Literal["lens", "rmu", "graddiff", "npo", "simnpo", "rr", "sequential"] = option(
+        "lens", "what the run minimises: lens (the tuned-lens objective); rmu (RMU, 'The WMDP Benchmark', Li et al. "
+                "2024); graddiff (gradient difference, as in TOFU / open-unlearning); npo ('Negative Preference "
+                "Optimization', Zhang et al. 2024); simnpo ('Simplicity Prevails', Fan et al. 2024); rr "
+                "(representation rerouting, 'Circuit Breakers', Zou et al. 2024; --orth_coef for the orthogonal "
+                "variant); sequential (back-to-front, one block per target layer, the original model's later "
+                "blocks as the probe; EleutherAI/unlearn). An objective other than lens brings its own settings "
+                "over the preset's, the budget (examples, batch, max_length, epochs) kept; only lens needs a "
+                "tuned lens", group="objective", metavar="NAME")
+    lens: str | None = option(None, "tuned lens folder or hub id (--objective lens only)", group="model",
+                              metavar="DIR", default_text="runs/lens_<model>, where `lens train` writes")
     layers: tuple[int, ...] | None = option(None, "target layers l (stream l, read by lens l; l = number of "
-                                                  "blocks is the model's own output), used as given",
-                                            group="objective", default_text="5,10,15,20,25,30, keeping those a "
-                                                                            "shallower model has")
+                                                  "blocks is the model's own output), used as given. rmu: the one "
+                                                  "stream steered (the three blocks below it train); rr: the "
+                                                  "rerouted streams; sequential: the probe streams, deepest first; "
+                                                  "graddiff, npo, simnpo: none (they read the output)",
+                                            group="objective", default_text="lens: 5,10,15,20,25,30, keeping "
+                                                                            "those a shallower model has; "
+                                                                            "graddiff, npo, simnpo: none")
     forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain>",
                          group="data")
     forget_config: str | None = option(None, "hub config of the forget corpus", group="data", default_text="none")
@@ -226,15 +240,17 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
     examples: int = option(8192, "forget/retain pairs per epoch (a shorter corpus is cycled)", group="data")
     epochs: float = option(1.0, "passes over the --examples pairs", group="optimisation")
     max_length: int = option(2048, "truncate documents to this many tokens", group="data")
-    retain_coef: float = option(5.0, "final weight of the retain loss (ramps up from 0 over the first epoch)",
-                                group="objective")
-    forget_coef: float = option(5.0, "initial weight of the forget loss (eases to 0.75x over the first epoch)",
-                                group="objective", old_names=("remove_coef",))
-    retain_loss: Literal["l2", "kl", "relative"] = option("l2", "l2: stream distance to the original model at the "
-                                                                "target layers; kl: KL of output distributions; "
-                                                                "relative: the stream distance divided by the "
-                                                                "original stream's norm (CIR's retain loss)",
-                                                          group="objective")
+    retain_coef: float = option(5.0, "final weight of the retain loss (lens: ramps up from 0 over the first epoch; "
+                                     "rmu: the paper's alpha; graddiff, npo, simnpo: constant; rr: x t/2T; "
+                                     "sequential: ramps up in each phase)", group="objective")
+    forget_coef: float = option(5.0, "initial weight of the forget loss (lens: eases to 0.75x over the first epoch; "
+                                     "rmu, graddiff, npo, simnpo: constant; rr: x (1 - t/2T); sequential: eases "
+                                     "in each phase)", group="objective", old_names=("remove_coef",))
+    retain_loss: Literal["l2", "kl", "relative", "nll", "mse"] = option(
+        "l2", "l2: stream distance to the original model at the target layers; kl: KL of output distributions; "
+              "relative: the stream distance divided by the original stream's norm (CIR's retain loss); nll: "
+              "next-token loss on the retain text (graddiff, npo, simnpo); mse: mean squared stream distance (rmu)",
+        group="objective")
     forget_loss: Literal["lens", "mlp_confuse"] = option("lens", "lens: the tuned lens's cross-entropy to a uniform "
                                                                  "target at the target layers; mlp_confuse: push "
                                                                  "the MLP outputs of --confuse_blocks towards "
@@ -249,7 +265,15 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
                                                                                     "of 16)")
     forget_target: Literal["uniform", "random"] = option("uniform", "uniform: exact expected cross-entropy to a "
                                                                     "random token; random: sampled tokens (the "
-                                                                    "reference experiment's)", group="objective")
+                                                                    "reference experiment's); lens and sequential",
+                                                         group="objective")
+    steering_coef: float = option(20.0, "rmu: norm c of the fixed random vector that forget activations are steered "
+                                        "to (the WMDP paper's steering coefficient)", group="objective")
+    beta: float = option(0.1, "npo, simnpo: inverse temperature beta of the preference loss", group="objective")
+    gamma: float = option(0.0, "simnpo: the reward margin gamma", group="objective")
+    orth_coef: float = option(0.0, "rr: weight of the term that pushes the forget sequences' pooled streams apart "
+                                   "(the orthogonal circuit breakers of EleutherAI/unlearn); 0: plain rerouting",
+                              group="objective")
     skip_first: int = option(0, "leave the first N positions of every document out of both losses (attention-sink "
                                 "tokens: shared by all documents, with outsized norms in many models)",
                              group="objective")
@@ -262,7 +286,8 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
     lora_alpha: float = option(16.0, "LoRA alpha (the adapter's update is scaled by alpha / rank)", group="LoRA")
     lora_dropout: float = option(0.05, "LoRA dropout", group="LoRA")
     lora_targets: str = option("auto", "auto: the modules peft chooses for the architecture; all: every linear "
-                                       "layer; or comma-separated module names", group="LoRA", metavar="LIST")
+                                       "layer; mlp: the MLPs' linear layers; or comma-separated module names",
+                                 group="LoRA", metavar="LIST")
     chunk: int = option(1024, "tokens per chunk of full-vocabulary losses (bounds memory)", group="optimisation")
     lens_matmul: Literal["float32", "bfloat16"] = option("float32", "dtype of the lens's unembedding product in the "
                                                                     "forget loss (bfloat16 is several times faster "
@@ -279,9 +304,9 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
     seed: int = option(0, "seed for adapters, data order, dropout and random targets")
     out: str = option("runs", "parent folder: the run directory is OUT/<run_name>", metavar="DIR")
     run_name: str | None = option(None, "run directory name",
-                                  default_text="<model>_lens_ex<examples>_rm<forget_coef>_ret<retain_coef>, then "
-                                               "_full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, _adv "
-                                               "for the settings used")
+                                  default_text="<model>_<objective>_ex<examples>_rm<forget_coef>_ret<retain_coef>, "
+                                               "then _full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, "
+                                               "_adv for the settings used")
     eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training ('' skips "
                                                    "evaluation)", group="evaluation", metavar="TASKS")
     eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
@@ -317,9 +342,10 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
             raise ConfigError("--retain_coef and --forget_coef must be >= 0")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.layers is not None and not self.layers:
+            raise ConfigError("--layers is empty: pass target layers such as 5,10,15, or none for the default")
+        check_objective(self)
         if self.layers is not None:
-            if not self.layers:
-                raise ConfigError("--layers is empty: pass target layers such as 5,10,15, or none for the default")
             check_lora_layers(self.layers, self.full)
         check_method_options(self)
         check_robust_options(self)
@@ -343,19 +369,25 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
         each setting that differs from the reference recipe, e.g. smollm2-135m_lens_ex400_rm5.0_ret5.0_muon."""
         if self.run_name:
             return self.run_name
-        name = f"{model_short_name(self.model)}_lens_ex{self.examples}_rm{float(self.forget_coef)}_" \
+        name = f"{model_short_name(self.model)}_{self.objective}_ex{self.examples}_rm{float(self.forget_coef)}_" \
                f"ret{float(self.retain_coef)}"
+        own = {"rmu": f"_c{float(self.steering_coef)}", "npo": f"_beta{float(self.beta)}",
+               "simnpo": f"_beta{float(self.beta)}_gamma{float(self.gamma)}",
+               "rr": f"_orth{float(self.orth_coef)}" if self.orth_coef else ""}.get(self.objective, "")
         extras = [("_full", self.full), (f"_{self.full_targets.replace(',', '+')}", self.full_targets != "all"),
                   (f"_{self.optimizer}", self.optimizer != "adamw"),
                   (f"_mom{self.momentum if self.momentum is None else format(self.momentum, 'g')}",
                    self.momentum is not None),
-                  (f"_{self.retain_loss}", self.retain_loss != "l2"), ("_random", self.forget_target == "random"),
-                  ("_confuse", self.forget_loss == "mlp_confuse")]
-        return name + "".join(suffix for suffix, used in extras if used) + self.robust_suffix()
+                  (f"_{self.retain_loss}", self.retain_loss in ("kl", "relative")),
+                  ("_random", self.forget_target == "random"), ("_confuse", self.forget_loss == "mlp_confuse")]
+        return name + own + "".join(suffix for suffix, used in extras if used) + self.robust_suffix()
 
 
 def check_method_options(cfg: UnlearnConfig) -> None:
     """Refuse settings of the forget loss and of --full_targets that cannot work together."""
+    if cfg.forget_loss != "lens" and cfg.objective != "lens":
+        raise ConfigError(f"--forget_loss {cfg.forget_loss} replaces the lens objective's forget loss, and "
+                          f"--objective {cfg.objective} has its own: drop --forget_loss or use --objective lens")
     if cfg.confuse_blocks is not None:
         if cfg.forget_loss != "mlp_confuse":
             raise ConfigError("--confuse_blocks picks the blocks of --forget_loss mlp_confuse: add it, or drop "
@@ -611,7 +643,7 @@ SAVED_KEYS = ("model", "forget", "teacher", "full", "run_dir")
 COMMANDS = [
     Command(("unlearn",), "unlearn a corpus through the tuned lens (LoRA or full parameters)", UnlearnConfig,
             "lensunlearn.unlearning.run:unlearn", presets=PRESETS, default_preset="reference", derived=SAVED_PLAN_KEYS,
-            old_presets=OLD_PRESET_NAMES, preset_help=PRESET_HELP),
+            old_presets=OLD_PRESET_NAMES, preset_help=PRESET_HELP, adjust_preset=objective_preset),
     Command(("distill",), "distil an unlearned run into a shrunk and perturbed copy of itself (UNDO), so that "
                           "fine-tuning does not bring the forgotten knowledge back", DistillConfig,
             "lensunlearn.unlearning.distill:distill", derived=SAVED_KEYS),

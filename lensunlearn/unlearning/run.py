@@ -46,6 +46,7 @@ from ..modeling.loading import (
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.distributed import (
     World,
+    average_over_ranks,
     barrier,
     cleanup,
     device_for,
@@ -60,7 +61,22 @@ from ..train.distributed import (
 from ..train.loop import LoopSpec, MetricsLog, run_loop
 from ..train.optim import MultiOptimizer, build_optimizer, embedding_parameters, lr_factor
 from ..train.tracking import TRACKING_FIELDS, Tracker, check_tracker, open_tracker
-from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective, schedule
+from .baseline_options import needs_original
+from .baselines import (
+    GradDiffObjective,
+    NPOObjective,
+    RerouteObjective,
+    RMUObjective,
+    SequentialObjective,
+    SimNPOObjective,
+    default_layers,
+    phase_of,
+    phase_starts,
+    trained_blocks,
+    uses_lens,
+    weights,
+)
+from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective
 from .options import (  # noqa: F401 (re-exported)
     PRESETS,
     REFERENCE,
@@ -145,15 +161,20 @@ def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
 
 
 def resolve_layers(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
-    """Explicit layers as given (they must exist); without --layers, the reference layers this model has, or with
-    --forget_loss mlp_confuse the stream right after the deepest confused block (CIR retains one block later)."""
+    """Explicit layers as given (they must exist); without --layers, the reference layers this model has (for
+    the baselines, their papers' choice scaled to this model's depth: `baselines.default_layers`), or with
+    --forget_loss mlp_confuse the stream right after the deepest confused block (CIR retains one block later).
+    Sequential phases are returned deepest first, every other objective's layers in ascending order."""
     if cfg.layers is not None:
         layers = cfg.layers
+    elif cfg.objective != "lens":
+        layers = default_layers(cfg.objective, num_layers)
     elif cfg.forget_loss == "mlp_confuse":
         layers = (max(resolve_confuse_blocks(cfg, num_layers)) + 1,)
     else:
         layers = clip_layers(REFERENCE_LAYERS, num_layers)
-    layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer", allow_output=True))))
+    layers = tuple(sorted(set(check_layers(layers, num_layers, "target layer", allow_output=True)),
+                          reverse=cfg.objective == "sequential"))
     check_lora_layers(layers, cfg.full)
     return layers
 
@@ -187,10 +208,12 @@ def check_model_fit(cfg: UnlearnConfig, model_config: Any) -> tuple[int, ...] | 
 
 
 def check_before_loading(cfg: UnlearnConfig) -> tuple[int, ...] | None:
-    """What `unlearn` checks before it loads the model, creates its run folder or trains: the lens exists,
-    the tracker can start, and the layers and CIR options fit the model's config.json (read without the
-    weights). Returns the target layers as resolved for this model (None when the config does not say)."""
-    find_lens(cfg.lens, cfg.model)
+    """What `unlearn` checks before it loads the model, creates its run folder or trains: the lens exists
+    (for the lens objective, the only one that reads one), the tracker can start, and the layers and CIR
+    options fit the model's config.json (read without the weights). Returns the target layers as resolved
+    for this model (None when the config does not say)."""
+    if uses_lens(cfg.objective):
+        find_lens(cfg.lens, cfg.model)
     check_tracker(cfg)
     check_general_corpus(cfg)
     return check_model_fit(cfg, load_model_config(cfg.model, cfg.trust_remote_code))
@@ -282,16 +305,28 @@ def use_bulk_dropout(model: torch.nn.Module) -> int:
     return replaced
 
 
-def add_lora(model: torch.nn.Module, cfg: UnlearnConfig, layers: tuple[int, ...]) -> torch.nn.Module:
-    """LoRA on blocks 0 .. max(layers) - 1, the only blocks that the target streams depend on."""
+def _mlp_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the linear layers inside the blocks' MLPs."""
+    from .cir import mlp_linears
+
+    return sorted({name.rsplit(".", 1)[-1] for name in mlp_linears(model, range(model_parts(model).num_layers))})
+
+
+def add_lora(model: torch.nn.Module, cfg: UnlearnConfig, layers: tuple[int, ...],
+             blocks: list[int] | None = None) -> torch.nn.Module:
+    """LoRA on `blocks`; by default blocks 0 .. max(layers) - 1, the only blocks that the target streams
+    depend on (an objective that trains fewer passes its own: `baselines.trained_blocks`)."""
     from peft import LoraConfig, get_peft_model
 
     if cfg.lora_targets == "all":
         targets = _linear_names(model)
+    elif cfg.lora_targets == "mlp":
+        targets = _mlp_names(model)
     else:
         targets = None if cfg.lora_targets == "auto" else [t for t in cfg.lora_targets.split(",") if t]
+    blocks = list(range(max(layers))) if blocks is None else blocks
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, layers_to_transform=list(range(max(layers))),
+                      target_modules=targets, layers_to_transform=blocks,
                       layers_pattern=_blocks_name(model), task_type="CAUSAL_LM")
     try:
         model = get_peft_model(model, lora)
@@ -522,8 +557,10 @@ def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, outp
     data = load_pairs(cfg, load_tokenizer(cfg.model, cfg.trust_remote_code))
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, cfg.dtype, device, cfg.trust_remote_code)
-    lens = TunedLens.load(find_lens(cfg.lens, cfg.model), model)
-    lens.requires_grad_(False).set_matmul_dtype(DTYPES[cfg.lens_matmul])
+    lens = None
+    if uses_lens(cfg.objective):
+        lens = TunedLens.load(find_lens(cfg.lens, cfg.model), model)
+        lens.requires_grad_(False).set_matmul_dtype(DTYPES[cfg.lens_matmul])
     layers = resolve_layers(cfg, model_parts(model).num_layers)
     _check_resumed_layers(run_dir, cfg, layers)
     check_against_model(cfg, model, layers)
@@ -541,7 +578,7 @@ def global_micro_batches(cfg: UnlearnConfig, data: PairedData, step: int) -> lis
             for k in range(0, cfg.batch, cfg.per_device_batch)]
 
 
-def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
+def _plan(cfg: UnlearnConfig, data: PairedData, world: World, layers: tuple[int, ...] = ()) -> dict:
     """Steps, accumulation and effective epochs; logged before training and saved in run_config.json."""
     steps = max(1, math.ceil(cfg.examples * cfg.epochs / cfg.batch))
     steps_per_epoch = max(1, math.ceil(cfg.examples / cfg.batch))
@@ -550,6 +587,12 @@ def _plan(cfg: UnlearnConfig, data: PairedData, world: World) -> dict:
             "grad_accum": cfg.batch // (cfg.per_device_batch * world.world_size), "examples": cfg.examples,
             "unique_forget_examples": unique, "unique_retain_examples": min(cfg.examples, len(data.retain)),
             "effective_epochs": steps * cfg.batch / unique}
+    if cfg.objective == "sequential":
+        plan["phase_starts"] = phase_starts(steps, len(layers))
+        if steps < len(layers):
+            raise ConfigError(f"--objective sequential gives each of its {len(layers)} layers "
+                              f"({','.join(map(str, layers))}) a phase of the run's {steps} steps: pass more "
+                              f"--examples or fewer --layers")
     log.info("%d unique forget examples (%d retain), %d optimiser steps of %d pairs (%d per device x %d accumulation "
              "x %d processes), %.2f effective epochs over the forget set", unique, plan["unique_retain_examples"],
              steps, cfg.batch, cfg.per_device_batch, plan["grad_accum"], world.world_size, plan["effective_epochs"])
@@ -569,7 +612,7 @@ class UnlearnJob:
     device: torch.device
     model: torch.nn.Module
     tokenizer: Any
-    lens: TunedLens
+    lens: TunedLens | None  # None for an objective that reads no lens
     layers: tuple[int, ...]
     data: PairedData
     output: Output
@@ -588,44 +631,98 @@ class TrainingSetup:
 
 
 def sharded(cfg: UnlearnConfig, world: World) -> bool:
-    """Full parameters under torchrun are sharded with FSDP2, except with the robust step: it forms the
-    gradients by hand and averages them itself, so every process holds the whole model (as under DDP)."""
-    return cfg.full and world.distributed and not cfg.robust_step
+    """Full parameters under torchrun are sharded with FSDP2, except with the robust step (it forms the
+    gradients by hand and averages them itself) and with the sequential objective (it trains one block
+    per phase and averages its gradients itself), so every process holds the whole model (as under DDP)."""
+    return cfg.full and world.distributed and not cfg.robust_step and not averages_by_hand(cfg, world)
+
+
+def averages_by_hand(cfg: UnlearnConfig, world: World) -> bool:
+    """The sequential objective under torchrun: the trained tensors change from phase to phase, which DDP's
+    and FSDP's fixed sets cannot follow, so the loop's loss function averages the gradients itself."""
+    return cfg.objective == "sequential" and world.distributed
+
+
+def full_trainable(job: UnlearnJob, model: torch.nn.Module) -> None:
+    """With --full, what trains: every weight for the lens, next-token and rerouting objectives; the MLPs of
+    the three blocks below the layer for rmu (the WMDP paper's); the blocks of its phases for sequential;
+    with --cir only the MLP weights it projects; with --full_targets only the named linear layers below the
+    deepest target layer."""
+    cfg = job.cfg
+    num_layers = model_parts(model).num_layers
+    if cfg.cir:
+        freeze_all_but_cir(model, cir_modules(model, cfg, job.layers, num_layers))
+    elif cfg.full_targets != "all":
+        blocks = range(min(max(job.layers), num_layers))
+        freeze_all_but_cir(model, target_linears(model, full_target_names(cfg), blocks))
+    elif cfg.objective == "rmu":
+        from .cir import mlp_linears
+
+        model.requires_grad_(False)
+        for module in mlp_linears(model, trained_blocks(cfg.objective, job.layers)).values():
+            module.weight.requires_grad_(True)
+    elif cfg.objective == "sequential":
+        model.requires_grad_(False)
+        blocks = model_parts(model).blocks
+        for index in trained_blocks(cfg.objective, job.layers):
+            blocks[index].requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+
+
+def build_objective(job: UnlearnJob, model: torch.nn.Module, original, cache: OriginalCache | None) -> torch.nn.Module:
+    """The objective module of `--objective` (see `baselines`)."""
+    cfg, layers = job.cfg, job.layers
+    if cfg.objective == "lens":
+        return UnlearnObjective(model, job.lens, layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk,
+                                cfg.skip_first, cache, cfg.forget_loss,
+                                resolve_confuse_blocks(cfg, model_parts(model).num_layers))
+    common = dict(chunk=cfg.chunk, skip_first=cfg.skip_first, cache=cache)
+    args = (model, layers, original, cfg.retain_loss)
+    if cfg.objective == "graddiff":
+        return GradDiffObjective(*args, **common)
+    if cfg.objective == "npo":
+        return NPOObjective(*args, **common, beta=cfg.beta)
+    if cfg.objective == "simnpo":
+        return SimNPOObjective(*args, **common, beta=cfg.beta, gamma=cfg.gamma)
+    if cfg.objective == "rmu":
+        return RMUObjective(*args, **common, steering_coef=cfg.steering_coef, seed=cfg.seed)
+    if cfg.objective == "rr":
+        return RerouteObjective(*args, **common, orth_coef=cfg.orth_coef)
+    blocks = model_parts(model).blocks
+    phase_params = [[p for p in blocks[layer - 1].parameters() if p.requires_grad] for layer in layers]
+    return SequentialObjective(*args, **common, forget_target=cfg.forget_target, phase_params=phase_params)
 
 
 def setup_training(job: UnlearnJob) -> TrainingSetup:
-    """LoRA adapters (original model: adapters off) or all parameters (original model: a frozen copy,
-    FSDP2 under torchrun; with --cir only the MLP weights it projects), the objective and the optimiser."""
+    """LoRA adapters (original model: adapters off) or the objective's parameters (original model: a frozen
+    copy, when the objective compares with it; FSDP2 under torchrun), the objective and the optimiser."""
     cfg, model = job.cfg, job.model
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
-    num_layers = model_parts(model).num_layers
+    original = None
     if cfg.full:
-        original = FrozenCopy(model)
-        if cfg.cir:
-            freeze_all_but_cir(model, cir_modules(model, cfg, job.layers, num_layers))
-        elif cfg.full_targets != "all":
-            freeze_all_but_cir(model, target_linears(model, full_target_names(cfg),
-                                                     range(min(max(job.layers), num_layers))))
-        else:
-            model.requires_grad_(True)
+        if needs_original(cfg):
+            original = FrozenCopy(model)
+        full_trainable(job, model)
         if sharded(cfg, job.world):
             shard_fsdp(model)
         elif job.world.distributed:
-            log.info("the robust step averages its own gradients: every process holds the whole model (no FSDP)")
+            log.info("the gradients are averaged by hand: every process holds the whole model (no FSDP)")
     else:
         torch.manual_seed(cfg.seed)
-        model = add_lora(model, cfg, job.layers)
+        blocks = None if cfg.objective == "lens" else trained_blocks(cfg.objective, job.layers)
+        model = add_lora(model, cfg, job.layers, blocks)
         original = AdapterDisabled(model)
     model.train()
     cache = OriginalCache(cfg.original_cache_mb * 2**20) if cfg.original_cache_mb else None
-    objective = UnlearnObjective(model, job.lens, job.layers, original, cfg.retain_loss, cfg.forget_target, cfg.chunk,
-                                 cfg.skip_first, cache, cfg.forget_loss, resolve_confuse_blocks(cfg, num_layers))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
                                 exclude_from_muon=embedding_parameters(unwrap(model)), momentum=cfg.momentum)
-    if job.world.distributed and not cfg.full and not cfg.robust_step:  # the robust step averages by itself
-        objective = wrap_ddp(objective, job.device)
+    # after the optimiser, which takes what requires grad: the sequential objective freezes all but its phase's block
+    objective = build_objective(job, model, original, cache)
+    if job.world.distributed and not cfg.full and not cfg.robust_step and not averages_by_hand(cfg, job.world):
+        objective = wrap_ddp(objective, job.device)  # the robust step and the sequential one average by themselves
     return TrainingSetup(objective, model, trainable, optimizer, cache)
 
 
@@ -644,7 +741,7 @@ def curve_at(job: UnlearnJob, model: torch.nn.Module, step: int) -> dict:
 def train(job: UnlearnJob) -> Path:
     """Resume or start, run the loop, save the model, evaluate it and write the summary; return the run."""
     cfg, world, run_dir, data = job.cfg, job.world, job.output.work, job.data
-    plan = _plan(cfg, data, world)
+    plan = _plan(cfg, data, world, job.layers)
     setup = setup_training(job)
     robust = None  # with any robust option on, the step that forms the gradients (checked before training)
     if cfg.robust_step:
@@ -666,7 +763,10 @@ def train(job: UnlearnJob) -> Path:
         trained = state["extra"].get("trained")
         log.info("resuming %s at step %d of %d%s", run_dir, start, plan["steps"],
                  ": training is done, saving and evaluating the model" if trained is not None else "")
-    run_config = {**to_jsonable(cfg), **plan, "layers": list(job.layers), "run_dir": str(job.output.final)}
+    # a sequential run's phase starts follow from its steps and layers: left out, so that every run's saved
+    # config holds the same plan keys (a file that holds them all reads back as the run's own config)
+    saved_plan = {key: value for key, value in plan.items() if key != "phase_starts"}
+    run_config = {**to_jsonable(cfg), **saved_plan, "layers": list(job.layers), "run_dir": str(job.output.final)}
     if world.is_main:
         write_json_atomic(run_dir / RUN_CONFIG_FILE, run_config)
     tracker = open_tracker(cfg, run_dir, job.output.final.name, "unlearn", resume_step=start,
@@ -683,10 +783,16 @@ def train(job: UnlearnJob) -> Path:
         return [(index, data.micro_batch(pair_ids)) for index, pair_ids in
                 shard(global_micro_batches(cfg, data, step), world)]
 
+    starts = plan.get("phase_starts", ())
+    by_hand = averages_by_hand(cfg, world)
+    micro_done = [0]  # micro-batches of the current step done (sequential under torchrun)
+
     def loss_fn(item, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         index, batch = item
-        retain_weight, forget_weight = schedule(step, plan["steps_per_epoch"], cfg.retain_coef, cfg.forget_coef)
+        retain_weight, forget_weight = weights(cfg.objective, step, plan, cfg.retain_coef, cfg.forget_coef, starts)
         target_seed = (cfg.seed * 1_000_003 + step) * 1_009 + index
+        if starts and setup.objective.phase != phase_of(step, starts):
+            setup.objective.set_phase(phase_of(step, starts))
         with torch.autocast(job.device.type, torch.bfloat16, enabled=cfg.mixed_precision):
             if robust is not None:  # forms and writes the gradients itself: the loss comes back detached
                 loss, forget, retain = robust(batch["forget"], batch["retain"], retain_weight, forget_weight,
@@ -694,6 +800,13 @@ def train(job: UnlearnJob) -> Path:
             else:
                 loss, forget, retain = setup.objective(batch["forget"], batch["retain"], retain_weight,
                                                        forget_weight, target_seed=target_seed)
+        if by_hand:  # backward here, and the gradients averaged over processes after the step's last micro-batch
+            (loss / plan["grad_accum"]).backward()
+            loss = loss.detach()
+            micro_done[0] += 1
+            if micro_done[0] == plan["grad_accum"]:
+                micro_done[0] = 0
+                average_over_ranks([p.grad for p in setup.trainable.values() if p.grad is not None], world)
         extra = {}
         if cache is not None and retain_weight:
             hits, misses = cache.take_counts()
@@ -722,7 +835,7 @@ def train(job: UnlearnJob) -> Path:
 
     spec = LoopSpec(params=list(setup.trainable.values()), optimizer=setup.optimizer, base_lr=cfg.lr,
                     total_steps=plan["steps"], micro_batches=micro_batches, loss_fn=loss_fn, clip=cfg.clip,
-                    lr_factor=lambda s: lr_factor(s, plan["steps"], cfg.warmup, cfg.schedule) * (
+                    lr_factor=lambda s: step_lr_factor(cfg, plan, s) * (
                         robust.lr_scale if robust is not None else 1.0),
                     no_sync=no_sync(setup.objective if not fsdp else unwrap(setup.model)), on_step=on_step,
                     checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, desc="unlearn",
@@ -741,6 +854,17 @@ def train(job: UnlearnJob) -> Path:
                 # goes straight back to them instead of training again
                 checkpoint(int(last.get("step", start)), trained=last)
         return _finish(job, setup.model, plan, last, time.perf_counter() - trained_at, tracker)
+
+
+def step_lr_factor(cfg: UnlearnConfig, plan: dict, step: int) -> float:
+    """The schedule's learning-rate factor at `step`; the sequential objective restarts it in each phase
+    (EleutherAI's runs trained each phase as a run of its own)."""
+    starts = plan.get("phase_starts")
+    if not starts:
+        return lr_factor(step, plan["steps"], cfg.warmup, cfg.schedule)
+    phase = phase_of(step, starts)
+    end = starts[phase + 1] if phase + 1 < len(starts) else plan["steps"]
+    return lr_factor(step - starts[phase], end - starts[phase], cfg.warmup, cfg.schedule)
 
 
 def _finish(job: UnlearnJob, model: torch.nn.Module, plan: dict, last: dict[str, float], train_seconds: float,

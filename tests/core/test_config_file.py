@@ -98,7 +98,7 @@ def _error(argv: list[str], capsys) -> str:
     ({"examples": 1.5}, "examples must be an integer, got 1.5"),
     ({"examples": True}, "examples must be an integer, got True"),
     ({"full": "yes"}, "full must be true or false, got 'yes'"),
-    ({"retain_loss": "l1"}, "retain_loss must be one of l2, kl, relative, got 'l1'"),
+    ({"retain_loss": "l1"}, "retain_loss must be one of l2, kl, relative, nll, mse, got 'l1'"),
     ({"layers": [1, "x"]}, "layers must be an integer, got 'x'"),
     ({"layers": 3}, "layers must be a list, got 3"),
     ({"forget": None}, "forget must be a string, got null"),

@@ -92,3 +92,25 @@ def test_layer_L_is_the_final_stream_and_the_lens_reads_it_as_the_model_output(a
         assert torch.allclose(lens(streams[top], top), logits, atol=1e-5)
     with pytest.raises(ValueError, match=r"0\.\.4 \(4 is the model's output\)"):
         check_layers([5], top, allow_output=True)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "lora"])
+def test_blocks_rerun_from_a_recorded_call_give_the_plain_forward(arch, wrap):
+    """`run_blocks_from` (the sequential objective's probe) on block l's own input is the model's final
+    stream, from every block, for every architecture; on another input it differs."""
+    from lensunlearn.modeling.layers import call_of_block, run_blocks_from
+
+    model, tokenizer = make_tiny_model(arch)
+    if wrap:
+        model = _lora(model)
+    ids, mask = _inputs(tokenizer)
+    parts = model_parts(model)
+    with torch.no_grad():
+        final = forward_streams(model, (), ids, mask, final=True)[parts.num_layers]
+        for layer in range(parts.num_layers):
+            call = call_of_block(model, layer, ids, mask)
+            assert torch.equal(call.hidden, forward_streams(model, (layer,), ids, mask)[layer])
+            rerun = run_blocks_from(model, layer, call.hidden, call)
+            torch.testing.assert_close(rerun[mask.bool()], final[mask.bool()], rtol=1e-5, atol=1e-5)
+        other = run_blocks_from(model, 1, call.hidden + 1.0, call_of_block(model, 1, ids, mask))
+        assert not torch.allclose(other[mask.bool()], final[mask.bool()])

@@ -249,3 +249,15 @@ def test_recovery_share_selection_paper_attacks_guessable_facts_and_kept_parts_g
     row = next(csv.DictReader((tmp_path / "csv" / "report_robustness.csv").open()))
     assert float(row["paper_cir_unseen_64"]) == 0.26 and float(row["selection_bias"]) == 0.07
     assert row["paper_cir_setting"] == "mlp_sgd lr 1e-05 constant" and row["guessable_facts"] == "2"
+
+
+def test_each_runs_objective_is_named_beside_its_grid(tmp_path):
+    """Outputs of runs by different objectives (`unlearn --objective`): the lines under the table and the csv
+    say which objective each run used; an output that predates the field says nothing."""
+    rmu = _output(tmp_path, "rmu_run", {**_result(unseen=(0.2, 0.4, 0.5), kept=0.95, ppl=21.0), "objective": "rmu"})
+    old = _output(tmp_path, "older", _result(unseen=(0.2, 0.4, 0.5), kept=0.95, ppl=21.0))
+    out = main(["--robustness", f"{rmu},{old}", "--out", str(tmp_path / "rep"), "--table_format", "csv"])
+    assert "- `rmu_run`: objective `rmu`, grid `default`" in out["markdown"]
+    assert "- `older`: grid `default`" in out["markdown"]
+    rows = list(csv.DictReader((tmp_path / "rep" / "report_robustness.csv").open()))
+    assert [r["objective"] for r in rows] == ["rmu", ""]
