@@ -497,12 +497,14 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("objective,extra", [
-    ("graddiff", ["--disruption_mask", "--normalise_grad", "--adversary_steps", "1"]),
+    ("graddiff", ["--full", "--full_targets", "gate_proj", "--optimizer", "sgd", "--momentum", "0", "--weight_decay",
+                  "0", "--clip", "0", "--disruption_mask", "--normalise_grad", "--adversary_steps", "1"]),
     ("npo", ["--full", "--cir", "--optimizer", "sgd", "--weight_decay", "0", "--cir_act_components", "3",
              "--cir_grad_components", "4", "--cir_max_loss_rise", "0"]),
     ("rmu", ["--layers", "3", "--cir", "--optimizer", "muon", "--cir_act_components", "3",
              "--cir_grad_components", "4", "--cir_blocks", "1,2", "--cir_max_loss_rise", "0"]),
-    ("rr", ["--layers", "1,3", "--normalise_grad"]),
+    ("rr", ["--layers", "1,3", "--full", "--optimizer", "sgd", "--momentum", "0", "--weight_decay", "0", "--clip", "0",
+            "--normalise_grad"]),
 ])
 def test_baselines_take_the_robust_step(setup, objective, extra):
     """CIR's projection and MUDMAN's masking, normalisation and adversary form the gradients of a baseline's
@@ -518,6 +520,8 @@ def test_baselines_take_the_robust_step(setup, objective, extra):
     merged = load_file(run_dir / "merged" / "model.safetensors")
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed
+    if "--full_targets" in extra:  # MUDMAN's own target: only gate_proj weights train
+        assert all(".mlp.gate_proj." in k for k in changed)
     if "--cir" in extra:  # only the projected MLP weights train
         assert all(".mlp." in k and k.endswith(".weight") for k in changed)
         if objective == "rmu":
