@@ -164,7 +164,7 @@ CC = "facts:country_capital"
 @pytest.mark.parametrize("case", ["retain_states_forget", "overlapping_parts", "empty_part", "kept_trained",
                                   "blocks_outside", "blocks_auto_without_locate", "locate_without_result",
                                   "blocks_above_layers", "blocks_and_cir_blocks", "weights_count", "locate_alone",
-                                  "bad_blocks"])
+                                  "bad_blocks", "blocks_other_objective"])
 def test_bad_input_is_one_line_before_any_model_loads(setup, case, monkeypatch, tmp_path):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -187,6 +187,7 @@ def test_bad_input_is_one_line_before_any_model_loads(setup, case, monkeypatch, 
         "weights_count": ["--retain_weights", "1,2"],
         "locate_alone": ["--locate", str(tmp_path)],
         "bad_blocks": ["--blocks", "3-1"],
+        "blocks_other_objective": ["--blocks", "1", "--objective", "graddiff", "--layers", "none"],
     }[case]
     match = {
         "retain_states_forget": r"--retain facts:country_capital states 80 fact\(s\) of --forget",
@@ -201,9 +202,10 @@ def test_bad_input_is_one_line_before_any_model_loads(setup, case, monkeypatch, 
         "weights_count": "--retain_weights gives 2 weights for 1 --retain sources",
         "locate_alone": "--locate is read by --blocks auto",
         "bad_blocks": "--blocks 3-1: name a band of blocks a-b",
+        "blocks_other_objective": "--blocks trains a band with --objective lens only; --objective graddiff",
     }[case]
     if case in ("blocks_auto_without_locate", "blocks_and_cir_blocks", "weights_count", "locate_alone",
-                "bad_blocks", "blocks_above_layers"):
+                "bad_blocks", "blocks_above_layers", "blocks_other_objective"):
         error = ConfigError
     with pytest.raises(error, match=match) as info:
         run_command(unlearn_argv(setup, "--run_name", "bad", *extra))
