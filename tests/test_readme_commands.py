@@ -26,8 +26,8 @@ README = ROOT / "README.md"
 DOCS = [README] + [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "CLI.md"]
 # A synopsis line shows placeholders (RUN_DIR, CORPUS, ...) rather than values: it is not a command.
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(,[A-Z0-9_]+)*$")
-EVERY_COMMAND = {"lens train", "lens eval", "eval", "unlearn", "distill", "tamper", "robustness", "search", "report",
-                 "demo"}
+EVERY_COMMAND = {"lens train", "lens eval", "eval", "locate", "unlearn", "distill", "tamper", "robustness", "search",
+                 "report", "demo"}
 
 
 @dataclass

@@ -175,6 +175,10 @@ def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
 
 def corpus_rows(source: str) -> list[dict]:
     """{"fact_id", "text"} rows of a facts:<domain> corpus or a local jsonl that carries fact_id."""
+    from ..data.splits import fact_rows, has_options
+
+    if has_options(source):  # a part of a split by fact (facts:<domain>@forget), or other phrasings
+        return [{"fact_id": row["fact_id"], "text": row["text"]} for row in fact_rows(source)]
     if source.startswith(FACTS_PREFIX):
         from ..data.facts import corpus_rows as fact_corpus
 
@@ -315,6 +319,10 @@ def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
     kept = [t.strip() for t in cfg.kept_tasks.split(",") if t.strip()]
     if kept:
         check_tasks(kept, "--kept_tasks")
+    from ..data.splits import check_consistent_splits
+
+    check_consistent_splits([("--forget", cfg.forget), ("--forget_task", cfg.forget_task)] +
+                            [("--kept_tasks", t) for t in kept])
     from ..report.tamper_results import task_display
 
     if task_display(cfg.forget_task) in {task_display(t) for t in kept}:

@@ -105,6 +105,10 @@ def fact_records(source: str) -> list[dict]:
     For `facts:<domain>` they are derived from `facts.corpus_texts`, which states each fact (in
     fact-id order) in the same number of phrasings; a jsonl corpus must carry `fact_id` itself.
     """
+    from ..data.splits import fact_rows, has_options
+
+    if has_options(source):  # a part of a split by fact (facts:<domain>@forget), or other phrasings
+        return [{"fact_id": row["fact_id"], "text": row["text"]} for row in fact_rows(source)]
     if source.startswith(FACTS_PREFIX):
         from ..data import facts
 
@@ -128,7 +132,9 @@ def fact_records(source: str) -> list[dict]:
 
 def split_fact_ids(source: str, ids: list[str], holdout: float, seed: int) -> tuple[set[str], set[str]]:
     """(attacked, held-out) fact ids: `facts.split_facts` for a fact domain, the same rule otherwise."""
-    if source.startswith(FACTS_PREFIX):
+    from ..data.splits import has_options
+
+    if source.startswith(FACTS_PREFIX) and not has_options(source):
         from ..data.facts import split_facts
 
         attacked, held = split_facts(source[len(FACTS_PREFIX):], holdout, seed)

@@ -221,7 +221,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, Command
 
 def _config(command: Command, args: argparse.Namespace) -> Any:
     base = command.presets.get(getattr(args, "preset", None)) if command.presets else None
-    return config_from_args(command.config, args, base, command.derived, command.adjust_preset)
+    return config_from_args(command.config, args, base, command.derived, command.adjust_preset,
+                            command.derived_optional)
 
 
 def _prog(command: Command | None) -> str:

@@ -291,16 +291,18 @@ def given_values(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None = None,
                      derived: Iterable[str] = (),
-                     adjust: Callable[[T, dict[str, Any]], T] | None = None) -> T:
+                     adjust: Callable[[T, dict[str, Any]], T] | None = None,
+                     derived_optional: Iterable[str] = ()) -> T:
     """Build `cls` from parsed flags over the values of each `--config FILE` (when given; a later file
     overrides an earlier one) over `base` (a preset) over the field defaults. `derived`: keys the
     command's own saved config holds beside its fields (a run's plan), skipped when such a file is read
-    back. `adjust(base, values)`: the preset as the given values make it (unlearn's objectives bring
-    their own settings over the preset's)."""
+    back; `derived_optional`: plan keys it holds only for some runs, skipped likewise. `adjust(base,
+    values)`: the preset as the given values make it (unlearn's objectives bring their own settings over
+    the preset's)."""
     paths = getattr(namespace, CONFIG_FILE_DEST, None) or []
     from_file: dict[str, Any] = {}
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        from_file.update(read_config_file(cls, path, derived))
+        from_file.update(read_config_file(cls, path, derived, derived_optional))
     values = {**from_file, **given_values(cls, namespace)}
     if base is None:
         return cls(**values)
@@ -354,16 +356,19 @@ def _load_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_config_file(cls: type, path: str | Path, derived: Iterable[str] = ()) -> dict[str, Any]:
+def read_config_file(cls: type, path: str | Path, derived: Iterable[str] = (),
+                     derived_optional: Iterable[str] = ()) -> dict[str, Any]:
     """The field values of `cls` that the config file `path` sets, checked and converted to the field
     types (lists become tuples). A field's former name is read as the field, with a warning; keys in
     `derived` (a run's plan, which follows from the options) are skipped, with a warning unless the
-    file is the command's own saved config (it holds them all); `FLAG_ONLY` keys are dropped."""
+    file is the command's own saved config (it holds them all; `derived_optional` keys, which some runs
+    save, are skipped alike but not required); `FLAG_ONLY` keys are dropped."""
     path = Path(path)
     data = _load_mapping(path)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     renamed = {old: f.name for f in fields.values() for old in f.metadata.get("old_names", ())}
-    skipped = set(derived)
+    required = set(derived)
+    skipped = required | set(derived_optional)
     unknown = [str(key) for key in data if key not in fields and key not in skipped and key not in renamed]
     if unknown:
         hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, fields, 1)) else key
@@ -371,7 +376,7 @@ def read_config_file(cls: type, path: str | Path, derived: Iterable[str] = ()) -
         raise ConfigError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: "
                           f"see --help for the options of this command")
     ignored = [key for key in data if key in skipped]
-    if ignored and not skipped <= set(data):
+    if ignored and not required <= set(data):
         log.warning("--config %s: %s %s not an option but what a run computed from its options (its plan): ignored",
                     path, ", ".join(ignored), "is" if len(ignored) == 1 else "are")
     types_ = typing.get_type_hints(cls)
@@ -492,6 +497,7 @@ class Command:
     default_preset: str | None = None
     # keys the command's saved config holds beside its fields (a run's plan): `--config` skips them
     derived: tuple[str, ...] = ()
+    derived_optional: tuple[str, ...] = ()  # plan keys saved by some runs only (e.g. the blocks a run trained)
     old_presets: dict[str, str] = dataclasses.field(default_factory=dict)  # a preset's former name -> its name
     preset_help: str = "named defaults that explicit flags override"
     # the preset as the given values make it (see `config_from_args`)

@@ -68,7 +68,8 @@ LEGACY_LAYOUTS: dict[str, Callable[[Path], bool]] = {
                                                                 or (p / layout.REPORT_FILE).is_file()),
 }
 NOUNS = {"unlearn": "unlearning run", "lens": "tuned lens", "tamper": "tamper output", "demo": "demo folder",
-         "search": "grid search", "distill": "distillation run"}
+         "search": "grid search", "distill": "distillation run",
+         "locate": "locate result"}
 
 
 def _a(kind: str) -> str:

@@ -23,6 +23,7 @@ Folders:
     <robustness out>/  robustness.json  robustness.md  robustness.png  robustness_config.json
                     reference.json  seeds/seed<N>/{split.json, tasks/, start.json, fluency.json,
                     attacks/<role>_<setting>.json}
+    <locate out>/   locate.json  locate.png
     <search out>/   search.json  search.md  runs/<point>/ (unlearn runs)  robustness/<point>/
                     points/<point>.json  base/ (the base model's evaluation and perplexity)
     with `--tracker`, a lens, unlearn run, tamper attack's or robustness output folder also holds
@@ -38,7 +39,7 @@ from typing import Literal
 from .atomic import write_json_atomic
 
 MARKER_FILE = ".lensunlearn"
-OutputKind = Literal["unlearn", "lens", "tamper", "report", "demo", "robustness", "search", "distill"]
+OutputKind = Literal["unlearn", "lens", "tamper", "report", "demo", "robustness", "search", "distill", "locate"]
 
 # unlearning run
 RUN_CONFIG_FILE = "run_config.json"
@@ -92,6 +93,10 @@ DEMO_UNLEARNED_EVAL_FILE = "unlearned_eval.json"
 DEMO_TAMPER_DIR = "tamper"
 DEMO_TIME_FILE = "demo_time.json"
 DEMO_STATE_FILE = "demo_state.json"
+
+# locate: where a model stores a set of facts (causal tracing), and its heat map
+LOCATE_FILE = "locate.json"
+LOCATE_PLOT_FILE = "locate.png"
 
 # distillation: the documents the teacher wrote for `distill --generate` (kept, so a resumed run reuses them)
 DISTILL_GENERATED_FILE = "generated.jsonl"

@@ -127,9 +127,16 @@ def load_texts(source: str, *, config: str | None = None, split: str = "train", 
                column_flag: str = "--column") -> list[str]:
     """Documents from a hub dataset, a local file/folder, `facts:<domain>` or `generic:retain|heldout`; never empty.
 
+    A fact source may name a part of its split by fact and options (`splits`): `facts:<domain>@forget`,
+    `notes.jsonl@retain`, `facts:<domain>?phrasings=diverse`.
+
     `column_flag` is the command-line flag that sets `column`, named in the hint when a column is missing.
     """
-    if source.startswith(FACTS_PREFIX):
+    from .splits import fact_texts, has_options
+
+    if has_options(source):  # a part of a fact source split by fact, or a fact corpus's phrasings
+        texts = fact_texts(source)
+    elif source.startswith(FACTS_PREFIX):
         from .facts import DOMAINS, corpus_texts
 
         domain = source[len(FACTS_PREFIX):]
@@ -157,6 +164,19 @@ def load_texts(source: str, *, config: str | None = None, split: str = "train", 
     if not texts:
         raise ValueError(f"{what} {source} is empty: it holds no non-blank documents")
     return texts
+
+
+def weighted_order(weights: Sequence[float], n: int) -> list[int]:
+    """n source indices, each source as often as its weight's share, spread evenly (smooth weighted
+    round-robin): every prefix holds each source within one of its share. Deterministic."""
+    total, credit, order = float(sum(weights)), [0.0] * len(weights), []
+    for _ in range(n):
+        for index, weight in enumerate(weights):
+            credit[index] += weight
+        chosen = max(range(len(weights)), key=lambda i: (credit[i], -i))
+        credit[chosen] -= total
+        order.append(chosen)
+    return order
 
 
 def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> list[list[int]]:

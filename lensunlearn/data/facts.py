@@ -25,7 +25,9 @@ unlearning or distillation stage saw, and not the text perplexity is measured on
 
 Everything is derived from sorted data with string-seeded RNGs or hashes, so the output never
 depends on dict/set order or PYTHONHASHSEED. `facts:<domain>` names a domain in `eval --eval_tasks` and
-as a corpus, `generic:retain` / `generic:heldout` name the generic corpus.
+as a corpus, `generic:retain` / `generic:heldout` name the generic corpus. `facts:<domain>@forget` (and
+`@retain`, `@kept`) names one part of the domain split by fact, and `?phrasings=diverse` other
+phrasings of its corpus (`splits`).
 """
 
 from __future__ import annotations
@@ -95,12 +97,18 @@ class _Templates:
     prompt: str  # cloze context, completed by " " + answer
     question: str  # the same fact as a question (letter format)
     sentences: tuple[str, ...]  # corpus phrasings
+    diverse: tuple[str, ...]  # more phrasings: questions, list and table rows, other word orders, longer sentences
 
 
-# The phrasings of each domain are data (one prompt, one question, five corpus sentences each),
-# kept beside the generic corpus so that adding a domain's wording is an edit to a table.
-_TEMPLATES = {domain: _Templates(row["prompt"], row["question"], tuple(row["sentences"]))
+# The phrasings of each domain are data (one prompt, one question, five corpus sentences and twelve
+# diverse ones each), kept beside the generic corpus so that adding a domain's wording is an edit to a table.
+_TEMPLATES = {domain: _Templates(row["prompt"], row["question"], tuple(row["sentences"]), tuple(row["diverse"]))
               for domain, row in json.loads(_DATA.joinpath("fact_templates.json").read_text()).items()}
+# A fact corpus's phrasings (the source option `phrasings=`): the five standard sentences (the default,
+# and what attacks train on), the diverse ones alone, or both. Relearning is driven more by shared
+# sentence structure than by shared topic ("benign relearning", arXiv 2602.03379), so forget text
+# in other structures than the attack's shares less with it.
+PHRASINGS = ("standard", "diverse", "all")
 
 
 def _check_domain(domain: str) -> None:
@@ -225,21 +233,34 @@ def questions(domain: str) -> list[dict]:
         gold = rng.randrange(NUM_CHOICES)
         choices.insert(gold, fact.answer)
         out.append({"question": templates.question.format(s=fact.subject), "choices": choices, "answer": gold,
-                    "prompt": templates.prompt.format(s=fact.subject), "fact_id": fact.fact_id})
+                    "prompt": templates.prompt.format(s=fact.subject), "fact_id": fact.fact_id,
+                    "subject": fact.subject})
     return out
 
 
-def corpus_rows(domain: str) -> list[dict]:
-    """{"fact_id", "text"} per document: every fact of the domain in several phrasings, fact by fact."""
+def phrasings(domain: str, which: str | None = None) -> tuple[str, ...]:
+    """The corpus templates of a domain for a `PHRASINGS` choice (None: standard)."""
     _check_domain(domain)
-    sentences = _TEMPLATES[domain].sentences
+    templates = _TEMPLATES[domain]
+    which = which or "standard"
+    if which not in PHRASINGS:
+        raise ValueError(f"unknown phrasings {which!r}: use one of {', '.join(PHRASINGS)} (e.g. "
+                         f"facts:{domain}?phrasings=diverse)")
+    return {"standard": templates.sentences, "diverse": templates.diverse,
+            "all": templates.sentences + templates.diverse}[which]
+
+
+def corpus_rows(domain: str, which: str | None = None) -> list[dict]:
+    """{"fact_id", "text"} per document: every fact of the domain in several phrasings (`phrasings`), fact by
+    fact."""
+    sentences = phrasings(domain, which)
     return [{"fact_id": fact.fact_id, "text": sentence.format(s=fact.subject, a=fact.answer)}
             for fact in _facts(domain) for sentence in sentences]
 
 
-def corpus_texts(domain: str) -> list[str]:
+def corpus_texts(domain: str, which: str | None = None) -> list[str]:
     """Plain sentences stating every fact of the domain in several phrasings, one per document."""
-    return [row["text"] for row in corpus_rows(domain)]
+    return [row["text"] for row in corpus_rows(domain, which)]
 
 
 def split_facts(domain: str, holdout: float, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -71,6 +71,7 @@ class TaskSpec:
     topic: str | None = None  # "biology" -> "The following are ... about biology.\n\n"
     data_files: str | None = None
     group: str | None = None
+    source: str | None = None  # the name as given, when it names a part of a split by fact (`splits`)
 
     def description(self, fmt: Format) -> str:
         if self.topic is None:
@@ -101,7 +102,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 
 def known_task_names() -> list[str]:
-    return sorted(GROUPS) + ["wmdp_bio", "mmlu_<subject>", "facts:<domain>", "<path>.jsonl", "lm_eval:<task>"]
+    return sorted(GROUPS) + ["wmdp_bio", "mmlu_<subject>", "facts:<domain>", "facts:<domain>@forget|retain|kept",
+                             "<path>.jsonl", "<path>.jsonl@<part>", "lm_eval:<task>"]
 
 
 def resolve_tasks(names: str | Sequence[str]) -> list[TaskSpec]:
@@ -114,7 +116,10 @@ def resolve_tasks(names: str | Sequence[str]) -> list[TaskSpec]:
                          "--eval_tasks facts:country_capital")
     specs: list[TaskSpec] = []
     for name in names:
-        if name in GROUPS:
+        split = _split_spec(name)
+        if split is not None:
+            specs.append(split)
+        elif name in GROUPS:
             specs.extend(TaskSpec(**{**HUB_TASKS[t].__dict__, "group": name}) for t in GROUPS[name])
         elif name in HUB_TASKS:
             specs.append(TaskSpec(**{**HUB_TASKS[name].__dict__, "group": None}))
@@ -145,11 +150,34 @@ def resolve_tasks(names: str | Sequence[str]) -> list[TaskSpec]:
     return specs
 
 
+def _split_spec(name: str) -> TaskSpec | None:
+    """The spec of a task that names a part of a fact source (`facts:<domain>@kept`, `notes.jsonl@forget`), or
+    None for any other name."""
+    from .splits import has_options, parse_source
+
+    if not has_options(name):
+        return None
+    spec = parse_source(name)
+    if spec.domain is not None:
+        from .facts import DOMAINS
+
+        if spec.domain not in DOMAINS:
+            raise ValueError(f"unknown fact domain {spec.domain!r} in task {name!r}: use one of "
+                             f"{', '.join(FACTS_PREFIX + d for d in DOMAINS)}")
+        return TaskSpec(spec.task_name(), "facts", spec.domain, source=name)
+    path = Path(spec.base).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {spec.base} (in {name}) does not exist: pass an existing .jsonl of "
+                                f'{{"question", "choices", "answer", "fact_id"}} rows')
+    return TaskSpec(spec.task_name(), "json", None, "train", data_files=str(path), source=name)
+
+
 DatasetLoader = Callable[..., Any]
 
 
 def load_items(spec: TaskSpec, loader: DatasetLoader | None = None) -> list[dict]:
-    """The task's rows as {"question", "choices", "answer"[, "prompt", "fact_id"]}, validated.
+    """The task's rows as {"question", "choices", "answer"[, "prompt", "fact_id", "subject"]}, validated (only
+    those of its part, when it names a part of a split by fact).
 
     `loader` defaults to `datasets.load_dataset` and is called as lm-eval calls it
     (`loader(path, name, split=..., data_files=...)`), so tests can serve local copies.
@@ -160,14 +188,23 @@ def load_items(spec: TaskSpec, loader: DatasetLoader | None = None) -> list[dict
         rows = questions(spec.dataset_name)
     elif spec.dataset_path == "json":
         located = _read_jsonl(Path(spec.data_files))
-        return validate_items([row for _, row in located], spec.name, [where for where, _ in located])
+        return _part(validate_items([row for _, row in located], spec.name, [where for where, _ in located]), spec)
     else:
         if loader is None:
             import datasets
 
             loader = datasets.load_dataset
         rows = list(loader(spec.dataset_path, spec.dataset_name, split=spec.split))
-    return validate_items(rows, spec.name)
+    return _part(validate_items(rows, spec.name), spec)
+
+
+def _part(items: list[dict], spec: TaskSpec) -> list[dict]:
+    """The questions of the part the task names (all of them when it names none)."""
+    if spec.source is None:
+        return items
+    from .splits import filter_items, parse_source
+
+    return filter_items(items, parse_source(spec.source), spec.name)
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:

@@ -275,3 +275,19 @@ def run_blocks_from(model: nn.Module, layer: int, hidden: torch.Tensor, call: Bl
             out = block(hidden, *call.args[1:], **call.kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
+
+
+# A block's MLP and attention, by the child names of every supported architecture (GPT-NeoX, Llama,
+# GPT-2, Qwen2, OLMo2) and the common alternatives.
+COMPONENT_NAMES = {"mlp": ("mlp", "feed_forward", "ffn"), "attn": ("self_attn", "attn", "attention", "self_attention")}
+
+
+def block_component(block: nn.Module, component: str) -> nn.Module:
+    """The block's MLP (`component` "mlp") or attention ("attn") module: the child of one of the names in
+    `COMPONENT_NAMES`."""
+    names = COMPONENT_NAMES[component]
+    found = next((child for name, child in block.named_children() if name in names), None)
+    if found is None:
+        raise ValueError(f"a {type(block).__name__} block has no {component} child named one of {names}: its "
+                         f"children are {[n for n, _ in block.named_children()]}")
+    return found

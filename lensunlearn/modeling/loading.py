@@ -202,6 +202,17 @@ def load_model_config(name: str, trust_remote_code: bool = False) -> Any:
     return _from_hub(name, AutoConfig.from_pretrained, path, trust_remote_code=trust_remote_code)
 
 
+def model_depth(name: str, trust_remote_code: bool = False) -> int:
+    """The number of decoder blocks of a model, read from its config.json alone (no weights load)."""
+    from .layers import config_depth
+
+    depth = config_depth(load_model_config(name, trust_remote_code))
+    if depth is None:
+        raise ValueError(f"the config.json of {name} names no number of layers (num_hidden_layers, n_layer or "
+                         f"num_layers): pass a decoder-only causal LM")
+    return depth
+
+
 def load_model(name: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a hub id, a local folder or `smollm2-135m`."""

@@ -331,3 +331,37 @@ def plot_robustness(result: Mapping, path: str | Path) -> Path:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+LOCATE_WIDTH, LOCATE_ROW = 0.28, 0.9  # inches per block, per component row (30 blocks: 1000 x 330 pixels)
+
+
+def plot_locate(result: Mapping, path: str | Path, title: str = "") -> Path:
+    """`locate`'s heat map: the recovered share of each block's MLP and attention (blocks across), the band
+    marked on the MLP row."""
+    plt = _pyplot()
+    shares = result["recovered_share"]
+    components = list(shares)
+    blocks = len(shares[components[0]])
+    labels = {"mlp": "MLP", "attn": "attention"}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + LOCATE_WIDTH * blocks), 1.4 + LOCATE_ROW * len(components)),
+                           dpi=DPI)
+    grid = [[math.nan if v is None else v for v in shares[c]] for c in components]  # not traced: blank
+    top = max(0.05, max(v for row in grid for v in row if not math.isnan(v)))
+    image = ax.imshow(grid, aspect="auto", cmap="Purples", vmin=0.0, vmax=top, interpolation="nearest")
+    ax.set_yticks(range(len(components)), [labels.get(c, c) for c in components])
+    step = 1 if blocks <= 16 else 2
+    ax.set_xticks(range(0, blocks, step))
+    ax.set_xlabel("block")
+    first, last = result["band"]
+    row = components.index(result.get("band_component", "mlp"))
+    ax.add_patch(plt.Rectangle((first - 0.5, row - 0.5), last - first + 1, 1, fill=False, edgecolor="darkorange",
+                               linewidth=2.0))
+    facts = result.get("facts", {}).get("traced")
+    stream = result.get("corrupt_stream", 0)
+    noised = "embeddings" if stream == 0 else f"stream {stream}"
+    ax.set_title(f"{title}\nshare of the answer's probability restored per block (subject's {noised} noised; band "
+                 f"{first}-{last}{f', {facts} facts' if facts else ''})", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
+    fig.subplots_adjust(left=0.09, right=0.97, bottom=0.22 if len(components) > 1 else 0.3, top=0.78)
+    return save_figure(fig, path)

@@ -21,7 +21,15 @@ ATTACKED, HELDOUT = "attacked", "heldout"
 
 
 def task_display(name: str) -> str:
-    """A task's name in results: the file stem for a local jsonl (as `evaluate` names it), else the name."""
+    """A task's name in results: the file stem for a local jsonl (as `evaluate` names it), the source and its
+    part for a part of a split by fact (`notes.jsonl@kept` is notes@kept), else the name."""
+    if ("@" in name or "?" in name) and not Path(name).is_file():
+        from ..data.splits import parse_source
+
+        try:
+            return parse_source(name).task_name()
+        except ValueError:  # not a source name (a tamper half, `<task>:attacked`)
+            pass
     return Path(name).stem if name.endswith(".jsonl") else name
 
 

@@ -24,7 +24,14 @@ from ..core.config import CONFIG_FILE_DEST, Command, ConfigError, Options, add_c
 from ..core.paths import SEARCH_RUNS_DIR
 from ..report.tamper_results import task_display
 from ..unlearning.baseline_options import objective_preset
-from ..unlearning.options import OLD_PRESET_NAMES, PRESETS, SAVED_PLAN_KEYS, DistillConfig, UnlearnConfig
+from ..unlearning.options import (
+    OLD_PRESET_NAMES,
+    PRESETS,
+    SAVED_OPTIONAL_KEYS,
+    SAVED_PLAN_KEYS,
+    DistillConfig,
+    UnlearnConfig,
+)
 from ..unlearning.options import SAVED_KEYS as DISTILL_SAVED_KEYS
 
 # What the search sets for every point itself: where its run goes and what becomes of an earlier one.
@@ -259,7 +266,8 @@ def check_measurable(cfg: SearchConfig, config: UnlearnConfig | DistillConfig, w
 
 def point_config(cfg: SearchConfig, values: argparse.Namespace) -> UnlearnConfig | DistillConfig:
     if cfg.stage == "unlearn":
-        return config_from_args(UnlearnConfig, values, PRESETS[cfg.preset], SAVED_PLAN_KEYS, objective_preset)
+        return config_from_args(UnlearnConfig, values, PRESETS[cfg.preset], SAVED_PLAN_KEYS, objective_preset,
+                                SAVED_OPTIONAL_KEYS)
     return config_from_args(DistillConfig, values, derived=DISTILL_SAVED_KEYS)
 
 

@@ -21,6 +21,10 @@ the more compute the recovery takes.
   from its own generator seeded with `--seed`, parameter by parameter in the model's order, so
   the same seed gives the same student on any device. Tied weights are one parameter and are
   perturbed once.
+* **Inside a band (`--blocks`).** With `--blocks a-b` (or `auto`, the band `lensunlearn locate`
+  found; or `run`, the band the source run trained) only those blocks' MLP weights (all their
+  weights with `--block_weights all`) are shrunk, perturbed and trained; the noise is drawn for
+  them alone, and every other weight stays the teacher's, bitwise.
 * **Distillation loss.** Forward KL(teacher || student) of the next-token distributions at every
   position of the corpus documents that has a next token, averaged over those positions. The
   unembedding runs over slices of at most `--chunk` tokens (recomputed in backward), so
@@ -58,7 +62,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -89,13 +93,15 @@ from ..data.corpora import batch_indices, collate, load_texts, tokenize
 from ..data.tasks import check_tasks
 from ..eval.fluency import decode_batch, pad_id_of, stop_ids
 from ..modeling.layers import forward_streams, model_parts
-from ..modeling.loading import check_device, load_model, load_tokenizer, set_checkpointing
+from ..modeling.loading import check_device, load_model, load_tokenizer, model_depth, set_checkpointing
 from ..modeling.losses import DEFAULT_CHUNK, chunked_token_sum, kl_from_logits, select_tokens
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.loop import LoopSpec, MetricsLog, run_loop
 from ..train.optim import build_optimizer, embedding_parameters, lr_factor
 from ..train.tracking import TRACKING_FIELDS, check_tracker, flatten, open_tracker
+from .blocks import TRAINED_BLOCKS_KEY, resolve_blocks
 from .options import SAVED_KEYS, SOURCE_TASKS, DistillConfig  # noqa: F401 (re-exported)
+from .run import band_parameters, freeze_all_but_band
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +121,24 @@ def _noise(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     return nn.init.xavier_uniform_(torch.empty(shape), generator=generator)
 
 
-def perturbation_noise(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """The noise `shrink_perturb(model, ..., seed)` adds, per parameter name (float32, on the CPU)."""
+def perturbation_noise(model: nn.Module, seed: int, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """The noise `shrink_perturb(model, ..., seed, names)` adds, per parameter name (float32, on the CPU)."""
     generator = torch.Generator().manual_seed(seed)
-    return {name: _noise(param.shape, generator) for name, param in model.named_parameters()}
+    return {name: _noise(param.shape, generator) for name, param in model.named_parameters()
+            if names is None or name in names}
 
 
 @torch.no_grad()
-def shrink_perturb(model: nn.Module, alpha: float, beta: float, seed: int) -> nn.Module:
-    """In place: every parameter p <- (1 - alpha) p + alpha beta noise (see `perturbation_noise`)."""
+def shrink_perturb(model: nn.Module, alpha: float, beta: float, seed: int,
+                   names: Collection[str] | None = None) -> nn.Module:
+    """In place: every parameter p <- (1 - alpha) p + alpha beta noise (see `perturbation_noise`); with `names`
+    (`--blocks`), those parameters only, every other one left exactly as it is."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     generator = torch.Generator().manual_seed(seed)
-    for _, param in model.named_parameters():  # one generator, in parameter order: `perturbation_noise` agrees
+    for name, param in model.named_parameters():  # one generator, in parameter order: `perturbation_noise` agrees
+        if names is not None and name not in names:
+            continue
         noise = _noise(param.shape, generator)
         param.mul_(1.0 - alpha).add_(noise.to(param.device, param.dtype), alpha=alpha * beta)
     return model
@@ -354,6 +365,8 @@ def distill(cfg: DistillConfig) -> Path:
     check_not_input(Path(cfg.out) / cfg.name, read_paths(cfg), "--run_name")  # before the teacher is read
     check_device(cfg.device)
     check_tracker(cfg)
+    blocks = None if cfg.blocks is None else \
+        resolve_blocks(cfg, model_depth(str(cfg.teacher), cfg.trust_remote_code), run=cfg.run)
     tokenizer = load_tokenizer(str(cfg.teacher), cfg.trust_remote_code)
     docs, heldout = load_documents(cfg, tokenizer)
     prompts = generation_prompts(cfg, docs, tokenizer)
@@ -361,7 +374,7 @@ def distill(cfg: DistillConfig) -> Path:
         check_tasks(cfg.eval_tasks, lm_eval_include=cfg.lm_eval_include)
     output = check_output(cfg)
     try:
-        return _train(DistillJob(cfg, source, output, tokenizer, docs, heldout, prompts, began))
+        return _train(DistillJob(cfg, source, output, tokenizer, docs, heldout, prompts, began, blocks))
     except BaseException:
         output.discard_if_empty()  # a folder this attempt created and never wrote to
         raise
@@ -380,6 +393,7 @@ class DistillJob:
     heldout: list[list[int]]
     prompts: list[list[int]]
     began: float
+    blocks: tuple[int, ...] | None = None  # --blocks: the only blocks perturbed and trained (None: all)
 
 
 class _TargetReached(Exception):
@@ -395,8 +409,12 @@ def _load_models(job: DistillJob) -> tuple[nn.Module, nn.Module]:
     cfg = job.cfg
     teacher, _ = load_model(str(cfg.teacher), cfg.dtype, cfg.device, cfg.trust_remote_code)
     teacher.requires_grad_(False).eval()
-    student = shrink_perturb(copy.deepcopy(teacher), cfg.alpha, cfg.beta, cfg.seed)
+    student = copy.deepcopy(teacher)
+    band = None if job.blocks is None else set(band_parameters(student, job.blocks, cfg.block_weights))
+    shrink_perturb(student, cfg.alpha, cfg.beta, cfg.seed, band)
     student.requires_grad_(True).train()
+    if job.blocks is not None:  # outside the band the student is the teacher, exactly, and stays so
+        freeze_all_but_band(student, job.blocks, cfg.block_weights)
     if cfg.gradient_checkpointing:
         set_checkpointing(student, True)
     return teacher, student
@@ -407,7 +425,7 @@ def _train(job: DistillJob) -> Path:
     torch.manual_seed(cfg.seed)
     teacher, student = _load_models(job)
     device = next(student.parameters()).device
-    trainable = dict(student.named_parameters())
+    trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(trainable.items()), cfg.optimizer, cfg.lr, cfg.weight_decay,
                                 exclude_from_muon=embedding_parameters(student), momentum=cfg.momentum)
     state = load_checkpoint(run_dir) if cfg.resume else None
@@ -418,7 +436,8 @@ def _train(job: DistillJob) -> Path:
                  ": training is done, saving and evaluating the student" if trained is not None else "")
     write_json_atomic(run_dir / RUN_CONFIG_FILE, {
         **to_jsonable(cfg), "model": job.source.get("model"), "forget": job.source.get("forget"),
-        "teacher": str(cfg.teacher), "full": True, "run_dir": str(job.output.final)})
+        "teacher": str(cfg.teacher), "full": True, "run_dir": str(job.output.final),
+        **({TRAINED_BLOCKS_KEY: list(job.blocks)} if job.blocks is not None else {})})
     tracker = open_tracker(cfg, run_dir, job.output.final.name, "distill", resume_step=start,
                            final=job.output.final)
     tracker.log_config(read_json(run_dir / RUN_CONFIG_FILE))

@@ -17,6 +17,7 @@ from ..data.tasks import REFERENCE_EVAL_TASKS
 from ..modeling.options import DEFAULT_CHUNK, ModelOptions, model_short_name
 from ..train.options import DEFAULT_MOMENTUM, TrackingOptions, TrainingOptions
 from .baseline_options import check_objective, objective_preset
+from .blocks import AUTO, RUN, TRAINED_BLOCKS_KEY, check_block_options
 
 # The --cir_corpus value that names the forget tokens explicitly (the default, None, means the same), and
 # the one that means the retain corpus (the general-text variant the robust preset uses).
@@ -188,6 +189,33 @@ def _check_update_rule(cfg: Any) -> None:
                           f"again; pass --clip 0 (the normalisation already fixes the forget step's size)")
 
 
+@dataclass
+class BlockOptions(Options):
+    """Localised updates (`blocks`): which blocks train, and which of their weights."""
+
+    help_group = "objective"
+
+    blocks: str | None = option(None, "train only a band of blocks: a-b (e.g. 3-8), one block, or auto: the band "
+                                      "`lensunlearn locate` found (--locate DIR). Every other weight stays exactly "
+                                      "as it was", default_text="every block the method trains by default")
+    locate: str | None = option(None, "a `lensunlearn locate` output folder, whose band --blocks auto takes",
+                                metavar="DIR", default_text="none")
+    block_weights: Literal["mlp", "all"] = option("mlp", "which weights of the --blocks train: mlp (their MLPs, "
+                                                         "where a subject's attributes are looked up) or all")
+
+    # the --blocks words this command takes besides a band: auto, and for distill also run
+    block_keywords = (AUTO,)
+
+    def __post_init__(self) -> None:
+        check_block_options(self, self.block_keywords)
+        super().__post_init__()
+
+
+def retain_sources(retain: str) -> list[str]:
+    """The comma-separated sources of --retain (each may interleave several with '+')."""
+    return [part.strip() for part in retain.split(",") if part.strip()]
+
+
 # --- unlearn ---------------------------------------------------------------------------------------
 
 REFERENCE_LAYERS = (5, 10, 15, 20, 25, 30)  # the reference experiment's target layers (a 32-block model)
@@ -201,7 +229,7 @@ def check_lora_layers(layers: tuple[int, ...], full: bool) -> None:
 
 
 @dataclass
-class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOptions):
+class UnlearnConfig(BlockOptions, RobustOptions, TrackingOptions, TrainingOptions, ModelOptions):
     objective: Literal["lens", "rmu", "graddiff", "npo", "simnpo", "rr", "sequential"] = option(
         "lens", "what the run minimises: lens (the tuned-lens objective); rmu (RMU, 'The WMDP Benchmark', Li et al. "
                 "2024); graddiff (gradient difference, as in TOFU / open-unlearning); npo ('Negative Preference "
@@ -221,15 +249,21 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
                                             group="objective", default_text="lens: 5,10,15,20,25,30, keeping "
                                                                             "those a shallower model has; "
                                                                             "graddiff, npo, simnpo: none")
-    forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain>",
+    forget: str = option(WMDP_BIO_FORGET_CORPUS, "forget corpus: hub id, local file/folder or facts:<domain> "
+                                                 "(facts:<domain>@forget for the forget part of a split relation)",
                          group="data")
     forget_config: str | None = option(None, "hub config of the forget corpus", group="data", default_text="none")
     forget_split: str = option("train", "split of the forget corpus", group="data")
     forget_column: str | None = option(None, "text column of the forget corpus", group="data",
                                        default_text="text, or title/abstract/text joined")
-    retain: str = option("EleutherAI/wikitext_document_level", "retain corpus; join several with '+' to "
-                                                               "interleave them, e.g. facts:element_symbol+notes.txt",
+    retain: str = option("EleutherAI/wikitext_document_level", "retain corpora, comma-separated, mixed by "
+                                                               "--retain_weights, e.g. generic:retain,"
+                                                               "facts:country_capital@retain (one source may join "
+                                                               "several with '+' to interleave them)",
                          group="data")
+    retain_weights: tuple[float, ...] = option((), "weights of the --retain sources, one each: the share of retain "
+                                                   "documents each contributes", group="data",
+                                               default_text="equal")
     retain_config: str | None = option("wikitext-103-raw-v1", "hub config of the retain corpus (none: no config)",
                                        group="data")
     retain_split: str = option("train", "split of the retain corpus", group="data")
@@ -306,7 +340,7 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
     run_name: str | None = option(None, "run directory name",
                                   default_text="<model>_<objective>_ex<examples>_rm<forget_coef>_ret<retain_coef>, "
                                                "then _full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, "
-                                               "_adv for the settings used")
+                                               "_adv, _blocks<a-b> for the settings used")
     eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training ('' skips "
                                                    "evaluation)", group="evaluation", metavar="TASKS")
     eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
@@ -362,6 +396,21 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
             raise ConfigError("--eval_every needs tasks to evaluate: pass --eval_tasks, or drop --eval_every")
         if self.run_name is not None:
             check_name(self.run_name)
+        sources = retain_sources(self.retain)
+        if not sources:
+            raise ConfigError("--retain is empty: pass a retain corpus, e.g. generic:retain")
+        if self.retain_weights and len(self.retain_weights) != len(sources):
+            raise ConfigError(f"--retain_weights gives {len(self.retain_weights)} weights for {len(sources)} --retain "
+                              f"sources: give one weight per source, in their order")
+        if any(not (math.isfinite(w) and w > 0) for w in self.retain_weights):
+            raise ConfigError(f"--retain_weights must be positive numbers, got "
+                              f"{','.join(map(str, self.retain_weights))}")
+        if self.blocks is not None and self.cir:
+            if self.cir_blocks is not None:
+                raise ConfigError("--blocks and --cir_blocks both choose the blocks --cir trains: pass one")
+            if self.block_weights != "mlp":
+                raise ConfigError("--cir trains the MLP weights of its blocks only: --block_weights all does not "
+                                  "apply; drop it or drop --cir")
 
     @property
     def name(self) -> str:
@@ -380,7 +429,10 @@ class UnlearnConfig(RobustOptions, TrackingOptions, TrainingOptions, ModelOption
                    self.momentum is not None),
                   (f"_{self.retain_loss}", self.retain_loss in ("kl", "relative")),
                   ("_random", self.forget_target == "random"), ("_confuse", self.forget_loss == "mlp_confuse")]
-        return name + own + "".join(suffix for suffix, used in extras if used) + self.robust_suffix()
+        name += own + "".join(suffix for suffix, used in extras if used) + self.robust_suffix()
+        if self.blocks is not None:  # a localised run is another run: its folder says so
+            name += f"_blocks{self.blocks.strip()}" + ("_all" if self.block_weights == "all" else "")
+        return name
 
 
 def check_method_options(cfg: UnlearnConfig) -> None:
@@ -405,6 +457,9 @@ def check_method_options(cfg: UnlearnConfig) -> None:
                               f"picks its layers with --lora_targets)")
         if not [t for t in cfg.full_targets.split(",") if t.strip()]:
             raise ConfigError("--full_targets is empty: pass layer names such as gate_proj, or all")
+        if cfg.blocks is not None:
+            raise ConfigError(f"--full_targets {cfg.full_targets} with --blocks {cfg.blocks}: both pick the weights "
+                              f"--full trains; pass one (--blocks with --block_weights mlp trains the band's MLPs)")
 
 
 def resolve_confuse_blocks(cfg: UnlearnConfig, num_layers: int) -> tuple[int, ...]:
@@ -492,6 +547,8 @@ PRESET_HELP = ("named defaults that explicit flags override: reference (the refe
 # What run_config.json holds beside the config (the plan of `_plan` and the run's folder): `--config` skips it.
 SAVED_PLAN_KEYS = ("steps", "steps_per_epoch", "world_size", "grad_accum", "unique_forget_examples",
                    "unique_retain_examples", "effective_epochs", "run_dir")
+# what only some runs save beside their plan: the realised mix of several retain sources, a band's blocks
+SAVED_OPTIONAL_KEYS = ("retain_mix", TRAINED_BLOCKS_KEY)
 
 
 # --- distill ---------------------------------------------------------------------------------------
@@ -500,10 +557,15 @@ SOURCE_TASKS = "run"  # --eval_tasks: those of the source run (an empty value al
 
 
 @dataclass
-class DistillConfig(TrackingOptions, TrainingOptions):
+class DistillConfig(BlockOptions, TrackingOptions, TrainingOptions):
     run: str = option("", "the unlearning run to distil (a finished `lensunlearn unlearn` folder): its merged/ model "
                           "is the teacher, and a shrunk and perturbed copy of it the student (required)",
                       metavar="DIR", group="model")
+    blocks: str | None = option(None, "shrink, perturb and distil only a band of blocks: a-b (e.g. 3-8), one block, "
+                                      "auto (the band `lensunlearn locate` found, --locate DIR) or run (the band the "
+                                      "source run trained); every other weight stays the teacher's exactly",
+                                group="objective", default_text="the whole network")
+    block_keywords = (AUTO, RUN)
     alpha: float = option(0.25, "shrink-and-perturb share in [0, 1]: theta <- (1 - alpha) theta + alpha beta noise "
                                 "(0 keeps the teacher's weights; the paper's WMDP runs use 0.25, its synthetic "
                                 "tasks 0.1-0.7: more is more robust and takes more steps to recover)",
@@ -643,8 +705,10 @@ SAVED_KEYS = ("model", "forget", "teacher", "full", "run_dir")
 COMMANDS = [
     Command(("unlearn",), "unlearn a corpus through the tuned lens (LoRA or full parameters)", UnlearnConfig,
             "lensunlearn.unlearning.run:unlearn", presets=PRESETS, default_preset="reference", derived=SAVED_PLAN_KEYS,
-            old_presets=OLD_PRESET_NAMES, preset_help=PRESET_HELP, adjust_preset=objective_preset),
+            old_presets=OLD_PRESET_NAMES, preset_help=PRESET_HELP, adjust_preset=objective_preset,
+            derived_optional=SAVED_OPTIONAL_KEYS),
     Command(("distill",), "distil an unlearned run into a shrunk and perturbed copy of itself (UNDO), so that "
                           "fine-tuning does not bring the forgotten knowledge back", DistillConfig,
-            "lensunlearn.unlearning.distill:distill", derived=SAVED_KEYS),
+            "lensunlearn.unlearning.distill:distill", derived=SAVED_KEYS,
+            derived_optional=(TRAINED_BLOCKS_KEY,)),
 ]

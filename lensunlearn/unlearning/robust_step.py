@@ -63,9 +63,15 @@ MIN_LR_SCALE = 0.01
 
 
 def resolve_cir_blocks(cfg: Any, layers: Sequence[int], num_blocks: int) -> tuple[int, ...]:
-    """The blocks whose MLP --cir trains: --cir_blocks, or every block below the deepest target layer."""
+    """The blocks whose MLP --cir trains: --cir_blocks, the band of --blocks, or every block below the deepest
+    target layer."""
     deepest = max(layers)
-    blocks = tuple(range(deepest)) if cfg.cir_blocks is None else tuple(sorted(set(cfg.cir_blocks)))
+    chosen = cfg.cir_blocks
+    if chosen is None and getattr(cfg, "blocks", None) is not None:
+        from .blocks import resolve_blocks
+
+        chosen = resolve_blocks(cfg, num_blocks)
+    blocks = tuple(range(deepest)) if chosen is None else tuple(sorted(set(chosen)))
     bad = [b for b in blocks if not 0 <= b < min(deepest, num_blocks)]
     if bad or not blocks:
         raise ConfigError(f"--cir_blocks {bad or list(blocks)}: the forget loss reads stream {deepest}, so only "

@@ -3,6 +3,17 @@
 Data flow: config -> model, lens and layers (validated) -> paired forget/retain corpora -> LoRA
 adapters or full parameters (DDP / FSDP2 under torchrun) -> `UnlearnObjective` in the one training
 loop -> run directory (config, metrics, adapter, merged model, evaluation).
+
+Several retain sources (`--retain A,B` with `--retain_weights`) are mixed by sampling: each pair's
+retain document comes from the source a smooth weighted round-robin names for it, so every
+source gives its weight's share of the retain documents and every (shuffled) batch holds the mix
+in expectation. Sampling rather than weighting the loss keeps one retain pass per step and the
+retain loss a mean over one batch's tokens; weighting would need a pass per source. The shares are
+of documents: a source of longer documents weighs more per document in the token mean.
+
+`--blocks` localises the update (`blocks`): LoRA adapters only on the band's MLP linear layers (or
+all its linear layers), or in full mode only the band's parameters trainable (CIR: the band's MLPs
+are its blocks); every other weight is frozen and saved exactly as it was.
 """
 
 from __future__ import annotations
@@ -10,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +44,31 @@ from ..core.paths import (
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
 )
-from ..data.corpora import batch_indices, collate, load_texts, tokenize
+from ..data.corpora import batch_indices, collate, load_texts, tokenize, weighted_order
+from ..data.splits import (
+    check_consistent_splits,
+    check_kept_untrained,
+    check_parts_nonempty,
+    check_retain_sources,
+)
 from ..data.tasks import check_tasks
 from ..lens.tuned_lens import TunedLens, default_lens_path, find_lens
-from ..modeling.layers import check_layers, clip_layers, config_depth, config_mlp_widths, model_parts, unwrap
+from ..modeling.layers import (
+    block_component,
+    check_layers,
+    clip_layers,
+    config_depth,
+    config_mlp_widths,
+    model_parts,
+    unwrap,
+)
 from ..modeling.loading import (
     DTYPES,
     check_device,
     load_model,
     load_model_config,
     load_tokenizer,
+    model_depth,
     set_checkpointing,
 )
 from ..train.checkpoint import load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
@@ -76,6 +104,7 @@ from .baselines import (
     uses_lens,
     weights,
 )
+from .blocks import TRAINED_BLOCKS_KEY, resolve_blocks
 from .objective import AdapterDisabled, FrozenCopy, OriginalCache, UnlearnObjective
 from .options import (  # noqa: F401 (re-exported)
     PRESETS,
@@ -89,6 +118,7 @@ from .options import (  # noqa: F401 (re-exported)
     UnlearnConfig,
     check_lora_layers,
     resolve_confuse_blocks,
+    retain_sources,
 )
 from .robust_step import (
     ROBUST_LOGGED,
@@ -125,30 +155,68 @@ def load_corpus(source: str, cfg_config: str | None, split: str, column: str | N
 
 @dataclass
 class PairedData:
-    """Tokenised forget and retain documents; pair k is (forget[k % F], retain[k % R])."""
+    """Tokenised forget and retain documents; pair k is (forget[k % F], retain[k % R]), or with several retain
+    sources (forget[k % F], retain[retain_order[k % len(retain_order)]])."""
 
     forget: list[list[int]]
     retain: list[list[int]]
     pairs: int
     pad_id: int
+    retain_order: list[int] | None = None  # the retain document of each pair, mixing the sources by weight
+    retain_mix: list[dict] | None = None  # per source: its weight, documents and share of the pairs
+
+    def retain_doc(self, pair: int) -> int:
+        if self.retain_order is None:
+            return pair % len(self.retain)
+        return self.retain_order[pair % len(self.retain_order)]
 
     def micro_batch(self, pair_ids: list[int]) -> dict[str, dict[str, torch.Tensor]]:
         """Collated forget and retain documents; the retain side carries its document ids (for the cache)."""
-        retain_ids = [k % len(self.retain) for k in pair_ids]
+        retain_ids = [self.retain_doc(k) for k in pair_ids]
         retain = collate([self.retain[k] for k in retain_ids], self.pad_id)
         retain["doc_ids"] = torch.tensor(retain_ids)
         return {"forget": collate([self.forget[k % len(self.forget)] for k in pair_ids], self.pad_id),
                 "retain": retain}
 
 
+def load_retain(cfg: UnlearnConfig, tokenizer) -> tuple[list[list[int]], list[int] | None, list[dict] | None]:
+    """(retain documents, the document of each pair, the mix per source). One source: its documents, cycled
+    (no order). Several: pair k takes the next document of the source `weighted_order` names for k, so each
+    source gives its weight's share of the pairs, and every batch (a shuffled draw of pairs) holds the
+    mix in expectation; the documents are listed in the order they are first used."""
+    sources = retain_sources(cfg.retain)
+    per_source = [tokenize(load_corpus(source, cfg.retain_config, cfg.retain_split, cfg.retain_column, cfg.examples,
+                                       cfg.retain_shuffle_seed, "retain"), tokenizer, cfg.max_length)
+                  for source in sources]
+    for source, docs in zip(sources, per_source):
+        if not docs:
+            raise ValueError(f"retain corpus {source} has no documents left after tokenisation")
+    if len(sources) == 1:
+        return per_source[0], None, None
+    weights = cfg.retain_weights or (1.0,) * len(sources)
+    order = weighted_order(weights, cfg.examples)
+    docs, position, taken, seen = [], [], [0] * len(sources), {}
+    for source in order:
+        key = (source, taken[source] % len(per_source[source]))
+        taken[source] += 1
+        if key not in seen:
+            seen[key] = len(docs)
+            docs.append(per_source[key[0]][key[1]])
+        position.append(seen[key])
+    mix = [{"source": src, "weight": weight, "documents": len(per_source[i]), "pairs": order.count(i),
+            "share": order.count(i) / len(order)} for i, (src, weight) in enumerate(zip(sources, weights))]
+    log.info("retain mix: %s", ", ".join(f"{m['source']} {100 * m['share']:.1f}% ({m['documents']} documents)"
+                                          for m in mix))
+    return docs, position, mix
+
+
 def load_pairs(cfg: UnlearnConfig, tokenizer) -> PairedData:
     """Load, truncate and pair the corpora; refuse empty ones before any training."""
     forget = load_corpus(cfg.forget, cfg.forget_config, cfg.forget_split, cfg.forget_column, cfg.examples, None,
                          "forget")
-    retain = load_corpus(cfg.retain, cfg.retain_config, cfg.retain_split, cfg.retain_column, cfg.examples,
-                         cfg.retain_shuffle_seed, "retain")
-    data = PairedData(tokenize(forget, tokenizer, cfg.max_length), tokenize(retain, tokenizer, cfg.max_length),
-                      cfg.examples, tokenizer.pad_token_id)
+    retain, order, mix = load_retain(cfg, tokenizer)
+    data = PairedData(tokenize(forget, tokenizer, cfg.max_length), retain, cfg.examples, tokenizer.pad_token_id,
+                      order, mix)
     for what, docs in (("forget", data.forget), ("retain", data.retain)):
         if not docs:
             raise ValueError(f"{what} corpus {getattr(cfg, what)} has no documents left after tokenisation")
@@ -312,10 +380,26 @@ def _mlp_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in mlp_linears(model, range(model_parts(model).num_layers))})
 
 
+def band_linears(model: torch.nn.Module, blocks: Sequence[int], weights: str) -> list[str]:
+    """Full names of the linear layers of the band's MLPs (`weights` mlp) or of the whole blocks (all)."""
+    from transformers.pytorch_utils import Conv1D
+
+    parts = model_parts(model)
+    names = {module: name for name, module in unwrap(model).named_modules()}
+    found = []
+    for index in blocks:
+        scope = block_component(parts.blocks[index], "mlp") if weights == "mlp" else parts.blocks[index]
+        found += [names[m] for m in scope.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    if not found:
+        raise ValueError(f"blocks {list(blocks)} of {type(unwrap(model)).__name__} hold no linear layer to adapt")
+    return found
+
+
 def add_lora(model: torch.nn.Module, cfg: UnlearnConfig, layers: tuple[int, ...],
-             blocks: list[int] | None = None) -> torch.nn.Module:
+             blocks: list[int] | None = None, band: tuple[int, ...] | None = None) -> torch.nn.Module:
     """LoRA on `blocks`; by default blocks 0 .. max(layers) - 1, the only blocks that the target streams
-    depend on (an objective that trains fewer passes its own: `baselines.trained_blocks`)."""
+    depend on (an objective that trains fewer passes its own: `baselines.trained_blocks`). With `band`
+    (`--blocks`), on the linear layers of those blocks' MLPs (or of the whole blocks) only."""
     from peft import LoraConfig, get_peft_model
 
     if cfg.lora_targets == "all":
@@ -325,9 +409,12 @@ def add_lora(model: torch.nn.Module, cfg: UnlearnConfig, layers: tuple[int, ...]
     else:
         targets = None if cfg.lora_targets == "auto" else [t for t in cfg.lora_targets.split(",") if t]
     blocks = list(range(max(layers))) if blocks is None else blocks
+    placement = dict(target_modules=targets, layers_to_transform=blocks, layers_pattern=_blocks_name(model))
+    if band is not None:  # exact module names: peft matches a regular expression against each full name
+        names = band_linears(model, band, cfg.block_weights)
+        placement = dict(target_modules="|".join(re.escape(name) for name in names))
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, layers_to_transform=blocks,
-                      layers_pattern=_blocks_name(model), task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", **placement)
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:
@@ -532,6 +619,35 @@ def unlearn(cfg: UnlearnConfig) -> Path:
         cleanup(world)
 
 
+def check_inputs(cfg: UnlearnConfig) -> tuple[int, ...] | None:
+    """What can be wrong with the corpora, the tasks and the band, found before any model loads: parts of one
+    relation split differently, a retain source that states forget facts, a kept part that is trained on, a
+    band outside the model or above the deepest target layer. Returns the blocks that train (None: the
+    method's default)."""
+    forget = [p.strip() for p in cfg.forget.split("+") if p.strip()]
+    retain = [p.strip() for source in retain_sources(cfg.retain) for p in source.split("+") if p.strip()]
+    tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip() and not t.strip().startswith("lm_eval:")]
+    check_parts_nonempty(forget + retain + tasks)
+    check_consistent_splits([("--forget", s) for s in forget] + [("--retain", s) for s in retain] +
+                            [("--eval_tasks", t) for t in tasks])
+    for source in forget:
+        check_retain_sources(source, retain)
+    check_kept_untrained([t for t in tasks], forget + retain)
+    if cfg.blocks is None:
+        return None
+    if cfg.objective != "lens":
+        raise ConfigError(f"--blocks trains a band with --objective lens only; --objective {cfg.objective} trains "
+                          f"its own blocks: drop --blocks")
+    depth = model_depth(cfg.model, cfg.trust_remote_code)
+    blocks = resolve_blocks(cfg, depth)
+    deepest = max(resolve_layers(cfg, depth))
+    if max(blocks) >= deepest:
+        raise ConfigError(f"--blocks {cfg.blocks} reaches block {max(blocks)}, not below the deepest target layer "
+                          f"{deepest}: block b changes only the streams after it, so the forget loss cannot train "
+                          f"it; choose blocks below {deepest} or deeper --layers")
+    return blocks
+
+
 def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
     if cfg.batch % (cfg.per_device_batch * world.world_size):
         raise ConfigError(f"--batch {cfg.batch} is not divisible by --per_device_batch {cfg.per_device_batch} x "
@@ -542,16 +658,18 @@ def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:
     check_device(cfg.device)
     device = device_for(world, cfg.device)
     check_before_loading(cfg)
+    blocks = check_inputs(cfg)
     output = prepare_run_dir(cfg, world)
     try:
-        return _load_and_train(cfg, world, device, output, began)
+        return _load_and_train(cfg, world, device, output, began, blocks)
     except BaseException:
         if world.is_main:
             output.discard_if_empty()  # a folder this attempt created and never wrote to
         raise
 
 
-def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, output: Output, began: float) -> Path:
+def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, output: Output, began: float,
+                    blocks: tuple[int, ...] | None = None) -> Path:
     run_dir = output.work
     # the corpora need only the tokenizer: a missing or empty one is reported before the model loads
     data = load_pairs(cfg, load_tokenizer(cfg.model, cfg.trust_remote_code))
@@ -568,7 +686,7 @@ def _load_and_train(cfg: UnlearnConfig, world: World, device: torch.device, outp
     if world.is_main and cfg.eval_base and not reusable_eval(run_dir / BASE_EVAL_FILE, cfg):
         _evaluate(cfg, model, tokenizer, lens, run_dir / BASE_EVAL_FILE)
     barrier(world)
-    return train(UnlearnJob(cfg, world, device, model, tokenizer, lens, layers, data, output, began))
+    return train(UnlearnJob(cfg, world, device, model, tokenizer, lens, layers, data, output, began, blocks))
 
 
 def global_micro_batches(cfg: UnlearnConfig, data: PairedData, step: int) -> list[tuple[int, list[int]]]:
@@ -593,6 +711,8 @@ def _plan(cfg: UnlearnConfig, data: PairedData, world: World, layers: tuple[int,
             raise ConfigError(f"--objective sequential gives each of its {len(layers)} layers "
                               f"({','.join(map(str, layers))}) a phase of the run's {steps} steps: pass more "
                               f"--examples or fewer --layers")
+    if data.retain_mix is not None:
+        plan["retain_mix"] = data.retain_mix
     log.info("%d unique forget examples (%d retain), %d optimiser steps of %d pairs (%d per device x %d accumulation "
              "x %d processes), %.2f effective epochs over the forget set", unique, plan["unique_retain_examples"],
              steps, cfg.batch, cfg.per_device_batch, plan["grad_accum"], world.world_size, plan["effective_epochs"])
@@ -617,6 +737,7 @@ class UnlearnJob:
     data: PairedData
     output: Output
     began: float
+    blocks: tuple[int, ...] | None = None  # --blocks: the only blocks that train (None: the method's default)
 
 
 @dataclass
@@ -704,7 +825,10 @@ def setup_training(job: UnlearnJob) -> TrainingSetup:
     if cfg.full:
         if needs_original(cfg):
             original = FrozenCopy(model)
-        full_trainable(job, model)
+        if job.blocks is not None and not cfg.cir:  # --cir takes the band through its own modules
+            freeze_all_but_band(model, job.blocks, cfg.block_weights)
+        else:
+            full_trainable(job, model)
         if sharded(cfg, job.world):
             shard_fsdp(model)
         elif job.world.distributed:
@@ -712,7 +836,7 @@ def setup_training(job: UnlearnJob) -> TrainingSetup:
     else:
         torch.manual_seed(cfg.seed)
         blocks = None if cfg.objective == "lens" else trained_blocks(cfg.objective, job.layers)
-        model = add_lora(model, cfg, job.layers, blocks)
+        model = add_lora(model, cfg, job.layers, blocks, job.blocks)
         original = AdapterDisabled(model)
     model.train()
     cache = OriginalCache(cfg.original_cache_mb * 2**20) if cfg.original_cache_mb else None
@@ -724,6 +848,21 @@ def setup_training(job: UnlearnJob) -> TrainingSetup:
     if job.world.distributed and not cfg.full and not cfg.robust_step and not averages_by_hand(cfg, job.world):
         objective = wrap_ddp(objective, job.device)  # the robust step and the sequential one average by themselves
     return TrainingSetup(objective, model, trainable, optimizer, cache)
+
+
+def band_parameters(model: torch.nn.Module, blocks: Sequence[int], weights: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the band's MLPs (`weights` mlp) or of the whole blocks (all), by name."""
+    parts = model_parts(model)
+    chosen = {id(p) for index in blocks for p in (block_component(parts.blocks[index], "mlp") if weights == "mlp"
+                                                  else parts.blocks[index]).parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in chosen}
+
+
+def freeze_all_but_band(model: torch.nn.Module, blocks: Sequence[int], weights: str) -> None:
+    """Only the band's weights train (`band_parameters`); every other parameter is frozen."""
+    model.requires_grad_(False)
+    for param in band_parameters(model, blocks, weights).values():
+        param.requires_grad_(True)
 
 
 def curve_at(job: UnlearnJob, model: torch.nn.Module, step: int) -> dict:
@@ -767,6 +906,8 @@ def train(job: UnlearnJob) -> Path:
     # config holds the same plan keys (a file that holds them all reads back as the run's own config)
     saved_plan = {key: value for key, value in plan.items() if key != "phase_starts"}
     run_config = {**to_jsonable(cfg), **saved_plan, "layers": list(job.layers), "run_dir": str(job.output.final)}
+    if job.blocks is not None:
+        run_config[TRAINED_BLOCKS_KEY] = list(job.blocks)
     if world.is_main:
         write_json_atomic(run_dir / RUN_CONFIG_FILE, run_config)
     tracker = open_tracker(cfg, run_dir, job.output.final.name, "unlearn", resume_step=start,

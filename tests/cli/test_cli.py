@@ -12,13 +12,14 @@ from lensunlearn.core.config import GROUPS
 
 # Options without a default, which the command refuses to run without (the help says "required").
 REQUIRED = {("lens", "eval"): {"lens"}, ("distill",): {"run"}, ("robustness",): {"run"}, ("report",): {"runs"},
-            ("search",): {"grid"}}
+            ("search",): {"grid"}, ("locate",): {"eval_tasks", "out"}}
 
 
 def test_help_documents_every_field_with_default():
     commands = all_commands()
     assert {c.words for c in commands} == {("lens", "train"), ("lens", "eval"), ("eval",), ("unlearn",), ("distill",),
-                                           ("tamper",), ("robustness",), ("search",), ("report",), ("demo",)}
+                                           ("tamper",), ("robustness",), ("search",), ("report",), ("demo",),
+                                           ("locate",)}
     parser = build_parser(commands)
     for command in commands:
         text = _subparser(parser, command.words).format_help()

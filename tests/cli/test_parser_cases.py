@@ -101,6 +101,26 @@ def test_plan_keys_in_a_hand_written_config_are_named(tmp_path, caplog):
     assert caplog.records == []
 
 
+def test_a_localised_runs_saved_config_reads_back_silently(tmp_path, caplog):
+    """The blocks a localised run trained and the mix of its retain sources are saved by some runs only:
+    read back with the run's plan they are skipped without a warning; alone, in a hand-written file, they
+    are named."""
+    saved = {"examples": 10, "steps": 7, "steps_per_epoch": 7, "world_size": 1, "grad_accum": 1,
+             "unique_forget_examples": 3, "unique_retain_examples": 8, "effective_epochs": 1.0, "run_dir": "runs/x",
+             "blocks": "2-3", "trained_blocks": [2, 3], "retain_mix": [{"source": "generic:retain", "weight": 1.0}]}
+    (tmp_path / "run_config.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING):
+        _, cfg = configure(["unlearn", "--config", str(tmp_path / "run_config.json")])
+    assert caplog.records == [] and cfg.blocks == "2-3"
+    path = tmp_path / "c.yaml"
+    path.write_text("trained_blocks: [2, 3]\n")
+    with caplog.at_level(logging.WARNING):
+        configure(["unlearn", "--config", str(path)])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--config {path}: trained_blocks is not an option but what a run computed from its options (its plan): "
+        f"ignored"]
+
+
 def test_old_key_names_in_a_config_file_are_read_with_a_warning(tmp_path, caplog, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"remove_coef": 12.0}))
@@ -173,7 +193,7 @@ def test_a_grid_value_written_twice_is_refused(capsys):
     (["unlearn", "--preset", "smal"], "lensunlearn unlearn: error: --preset: choose from reference, small, robust, "
                                       "cir, cir_mlp, mudman, got 'smal' (did you mean small?)"),
     (["unlern"], "lensunlearn: error: unlern is not a command of lensunlearn (did you mean unlearn?): choose from "
-                 "lens, eval, unlearn, distill, tamper, robustness, search, report, demo"),
+                 "lens, eval, locate, unlearn, distill, tamper, robustness, search, report, demo"),
     (["lens"], "lensunlearn lens: error: lensunlearn lens needs a command: train, eval"),
     (["report", "r", "extra", "--tamper"], "lensunlearn report: error: --tamper needs a value: see lensunlearn "
                                            "report --help"),
