@@ -14,8 +14,9 @@ Unlearning for AI Safety" (https://arxiv.org/abs/2409.18025) are plain fine-tuni
 
 Two choices reproduce the weaker attacks that unlearning papers test themselves against: `targets="mlp"`
 trains only the MLP weights of the blocks (a full attack) or adapts only the MLP projections (LoRA),
-and `optimizer="sgd"` with `momentum=0` is plain SGD, each step -lr x gradient. "Collapsing the
-Irreversible" (CIR, https://arxiv.org/abs/2509.11816) relearns with plain SGD at lr 1e-5 on the MLP
+and `optimizer="sgd"` with `momentum=0` is plain SGD, each step -lr x gradient. "Collapse of Irrelevant
+Representations (CIR) Ensures Robust and Non-Disruptive LLM Unlearning" (https://arxiv.org/abs/2509.11816)
+relearns with plain SGD at lr 1e-5 on the MLP
 weights; MUDMAN ("Robust LLM Unlearning with MUDMAN", https://arxiv.org/abs/2506.12484) with plain
 SGD on every weight (lr 3e-3 for SmolLM-135M). Neither clips the gradient (`clip=0`).
 

@@ -90,8 +90,9 @@ PAPER_ATTACKS: dict[str, PaperAttack] = {
     # filyp/unlearning, src/main_runner.py: SGD(lr=retraining_rate 1e-5) on the gate, up and down
     # projections of the (trimmed) model, no clipping. The project's model is not trimmed: every block's
     # MLP trains, a slightly stronger attack.
-    "cir": PaperAttack(Setting("mlp_sgd", 1e-5, "constant"), "Collapsing the Irreversible (CIR)",
-                       "https://arxiv.org/abs/2509.11816", "plain SGD lr 1e-5 on the MLP weights"),
+    "cir": PaperAttack(Setting("mlp_sgd", 1e-5, "constant"),
+                       "Collapse of Irrelevant Representations (CIR) Ensures Robust and Non-Disruptive LLM "
+                       "Unlearning", "https://arxiv.org/abs/2509.11816", "plain SGD lr 1e-5 on the MLP weights"),
     # filyp/MUDMAN, src/utils/model_operations.py `relearn`: SGD(model.parameters(), lr=relearn_lr), every
     # weight, no clipping; relearn_lr 3e-3 for SmolLM-135M (configs/ablations_and_loss2,smol,*.yaml).
     "mudman": PaperAttack(Setting("full_sgd", 3e-3, "constant"), "Robust LLM Unlearning with MUDMAN",

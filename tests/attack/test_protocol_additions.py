@@ -264,7 +264,7 @@ def test_the_new_numbers_on_a_tiny_run(run_files):
                                                                     "paper_mlp_sgd_lr1e-05_constant.json"]
     assert set(result["attacks"]) == {FULL.label, LORA.label}
     table = (out / "robustness.md").read_text()
-    for text in ("attack chosen on the other fold, 3 steps", "Collapsing the Irreversible (CIR)'s own attack",
+    for text in ("attack chosen on the other fold, 3 steps", "Non-Disruptive LLM Unlearning's own attack",
                  "forget facts during the fictional attack, 3 steps", "Recovery share", "| mudman paper's attack |",
                  "Facts whose subject gives the answer away (2", "after the cir paper's attack"):
         assert text in table, text

@@ -215,7 +215,7 @@ def test_recovery_share_selection_paper_attacks_guessable_facts_and_kept_parts_g
     result.update(
         recovery_share={"8": 0.3, "8_sd": 0.02, "64": 0.5},
         selected={"64": {"unseen": 0.48, "bias": 0.07, "recovery_share": 0.43, "chosen": [FULL, LORA]}},
-        paper_attacks={"cir": {"setting": cir, "title": "Collapsing the Irreversible (CIR)", "what": "plain SGD",
+        paper_attacks={"cir": {"setting": cir, "title": "Collapse of Irrelevant Representations", "what": "plain SGD",
                                "steps": {"8": {"attacked": 0.2, "unseen": 0.21},
                                          "64": {"attacked": 0.3, "unseen": 0.26}},
                                "recovery_share": {"8": 0.02, "64": 0.09}}},
