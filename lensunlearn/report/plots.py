@@ -135,11 +135,18 @@ def plot_tamper(results: dict, path: str | Path, metric: str = "acc", title: str
     right.set_title("retain accuracy")
     for ax in (left, right):
         _style_axes(ax, metric, 8)
-    cfg = results.get("config", {})
-    fig.suptitle(title or f"tamper attack on {Path(str(cfg.get('model', '?'))).name}: lr {cfg.get('lr')}, "
-                          f"{cfg.get('schedule', '?')}, {cfg.get('chunks', '?')} chunks")
+    fig.suptitle(title or tamper_title(results))
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def tamper_title(results: dict) -> str:
+    """The attack's one-line title: what was attacked (the run; `model` in results of older versions), lr,
+    schedule and corpus size."""
+    cfg = results.get("config", {})
+    attacked = cfg.get("run") or cfg.get("model") or "?"
+    return (f"tamper attack on {Path(str(attacked)).name}: lr {cfg.get('lr')}, {cfg.get('schedule', '?')}, "
+            f"{cfg.get('chunks', '?')} chunks")
 
 
 def plot_tamper_comparison(runs: Sequence[tuple[str, dict]], path: str | Path, metric: str = "acc",

@@ -213,3 +213,13 @@ def test_csv_tables_leave_missing_fields_empty():
 ])
 def test_number_formats(call, text):
     assert call() == text
+
+
+def test_the_tamper_plot_names_the_attacked_run():
+    """tamper's results name the attacked run under `run`; older results named it `model`."""
+    from lensunlearn.report.plots import tamper_title
+
+    config = {"lr": 1e-5, "schedule": "constant", "chunks": 400}
+    assert tamper_title({"config": {**config, "run": "/x/demo/unlearn", "model": None}}).startswith(
+        "tamper attack on unlearn: lr 1e-05, constant, 400 chunks")
+    assert tamper_title({"config": {**config, "model": "runs/old"}}).startswith("tamper attack on old:")
