@@ -5,7 +5,7 @@ Stages: fact benchmark -> lens -> base evaluation (with knowledge profile) -> un
 text) -> evaluation after unlearning ->
 held-out relearning attack with the strongest setting the robustness protocol found -> report. Each stage
 writes its output atomically. The folder keeps the demo's flags and the stages finished with them
-(`layout.DEMO_STATE_FILE`): a rerun with the same flags skips those stages and continues an interrupted
+(`core.paths.DEMO_STATE_FILE`): a rerun with the same flags skips those stages and continues an interrupted
 one from its checkpoint; a rerun with other flags is refused (they would mix results of two
 settings) unless `--overwrite` asks to run every stage again, each stage's old output being
 replaced only once its new one is complete.

@@ -34,14 +34,7 @@ ahead of one that kept its general ability.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..core.lazy import attributes_from
 
-
-def __getattr__(name: str) -> Any:
-    """`lensunlearn.search.X` as before the package was split: the options first (no torch), else the runner."""
-    for module in ("options", "run"):
-        loaded = importlib.import_module(f"{__name__}.{module}")
-        if hasattr(loaded, name):
-            return getattr(loaded, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# `lensunlearn.<package>.X` as before the package was split: the options first (no torch), else the runner.
+__getattr__ = attributes_from(__name__, ("options", "run"))
