@@ -22,7 +22,7 @@ KL(model's output || lens) at every layer, float32 throughout, and its mean over
 Wall times are the training loops alone (model loading and evaluation excluded), on
 `--threads` threads. Results go to stdout and, with --out, to a JSON file.
 
-    flock /tmp/heavy.lock python benchmarks/lens_quality.py --threads 2 --out runs/lens_quality.json
+    python benchmarks/lens_quality.py --threads 2 --out runs/lens_quality.json
 """
 
 from __future__ import annotations

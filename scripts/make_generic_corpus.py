@@ -8,7 +8,7 @@ fixed seed, keeps whole sentences, and drops every text that names a subject or 
 fact domain (`lensunlearn.data.facts.fact_mentions`). `lensunlearn.data.facts.generic_texts` splits the
 file into a retain and a held-out part.
 
-    flock /tmp/heavy.lock .venv/bin/python scripts/make_generic_corpus.py [--overwrite]
+    .venv/bin/python scripts/make_generic_corpus.py [--overwrite]
 
 It takes about 5 minutes on 2 CPU cores. Sampling runs in batches, so another torch version or
 thread count may write other texts; the shipped file is the reference, not this script's output.

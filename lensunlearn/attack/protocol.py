@@ -49,7 +49,7 @@ import torch
 from ..core.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ..core.checks import check_resumed_config
 from ..core.config import ConfigError, to_jsonable
-from ..core.errors import InputError, read_text
+from ..core.errors import read_text
 from ..core.outputs import Output, prepare_output
 from ..core.paths import (
     MERGED_DIR,
@@ -175,7 +175,7 @@ def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
 
 def corpus_rows(source: str) -> list[dict]:
     """{"fact_id", "text"} rows of a facts:<domain> corpus or a local jsonl that carries fact_id."""
-    from ..data.splits import fact_rows, has_options
+    from ..data.splits import fact_rows, has_options, jsonl_fact_rows
 
     if has_options(source):  # a part of a split by fact (facts:<domain>@forget), or other phrasings
         return [{"fact_id": row["fact_id"], "text": row["text"]} for row in fact_rows(source)]
@@ -187,21 +187,7 @@ def corpus_rows(source: str) -> list[dict]:
     if path.suffix != ".jsonl" or not path.is_file():
         raise ValueError(f"--forget {source}: the split needs a facts:<domain> corpus or an existing .jsonl with "
                          f"text and fact_id in every row")
-    rows = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path} line {number}: invalid JSON ({err.msg})") from err
-        if not isinstance(row, dict) or not row.get("fact_id") or not isinstance(row.get("text"), str):
-            raise InputError(f"{path} line {number} lacks fact_id or text: the held-out split assigns every corpus "
-                             f"row to a fact; add a fact_id to each row")
-        rows.append({"fact_id": str(row["fact_id"]), "text": row["text"]})
-    if not rows:
-        raise InputError(f"--forget {path} is empty")
-    return rows
+    return [{"fact_id": row["fact_id"], "text": row["text"]} for row in jsonl_fact_rows(path, source, need_text=True)]
 
 
 def forget_items(task: str) -> list[dict]:

@@ -188,7 +188,9 @@ def part_sizes(ids: Iterable[str], shares: Sequence[float] = DEFAULT_SHARES,
 # --- rows of a fact source --------------------------------------------------------------------------
 
 
-def _jsonl_rows(path: Path, source: str) -> list[dict]:
+def jsonl_fact_rows(path: Path, source: str, need_text: bool = False) -> list[dict]:
+    """The rows of a local .jsonl fact source, each with its fact_id as a string (and, with `need_text`, a
+    text); one line naming the file and line for anything else."""
     if not path.is_file():
         raise FileNotFoundError(f"{source}: {path} does not exist: pass an existing .jsonl whose rows carry fact_id")
     rows = []
@@ -202,6 +204,8 @@ def _jsonl_rows(path: Path, source: str) -> list[dict]:
         if not isinstance(row, dict) or not row.get("fact_id"):
             raise InputError(f"{path} line {number} has no fact_id: splitting {source} by fact needs a fact_id on "
                              f"every row")
+        if need_text and not isinstance(row.get("text"), str):
+            raise InputError(f"{path} line {number} has no text: every row of {source} needs its sentence in text")
         rows.append({**row, "fact_id": str(row["fact_id"])})
     if not rows:
         raise InputError(f"{source}: {path} holds no rows")
@@ -223,7 +227,7 @@ def fact_rows(source: str) -> list[dict]:
         if spec.phrasings is not None:
             raise InputError(f"{source}: phrasings= is an option of the fact benchmark's corpora (facts:<domain>); "
                              f"a file's rows are its own text")
-        rows = _jsonl_rows(Path(spec.base).expanduser(), source)
+        rows = jsonl_fact_rows(Path(spec.base).expanduser(), source)
         bad = next((r for r in rows if not isinstance(r.get("text"), str)), None)
         if bad is not None:
             raise InputError(f"{source}: the row of fact {bad['fact_id']} has no text: every corpus row needs fact_id "
@@ -283,7 +287,7 @@ def fact_refs(source: str) -> dict[str, FactRef] | None:
             if not rows or not all(isinstance(r, dict) and r.get("fact_id") for r in rows):
                 return None
         else:
-            rows = _jsonl_rows(path, source)
+            rows = jsonl_fact_rows(path, source)
         found = {}
         for row in rows:
             fact_id = str(row["fact_id"])
@@ -303,7 +307,7 @@ def _all_ids(spec: SourceSpec) -> set[str]:
         from .facts import facts
 
         return {f.fact_id for f in facts(spec.domain)}
-    return {row["fact_id"] for row in _jsonl_rows(Path(spec.base).expanduser(), spec.base)}
+    return {row["fact_id"] for row in jsonl_fact_rows(Path(spec.base).expanduser(), spec.base)}
 
 
 def check_consistent_splits(sources: Iterable[tuple[str, str]]) -> None:

@@ -130,7 +130,7 @@ def test_one_flag_name_per_concept():
                             "retain_domains", "data", "data_config", "split", "column", "max_docs", "max_documents",
                             "examples", "remove_coef", "robustness_args", "tamper_examples", "run_dir"}
     assert {name for name in retired if name in visible_anywhere} == {"batch", "examples"}
-    # the pairs, resolved: one name each, wherever the concept appears
+    # concepts that once had several flag names: one name each, wherever the concept appears
     for name, commands_using in (("holdout", {"lens train", "lens eval", "tamper", "robustness", "demo"}),
                                  ("eval_batch", {"lens eval", "eval", "unlearn", "distill", "tamper", "robustness",
                                                  "demo"}),

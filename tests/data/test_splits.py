@@ -186,3 +186,19 @@ def test_a_text_states_an_answer_only_outside_the_subjects_own_name():
     sao = splits.FactRef("x", "Sao Tome and Principe", "Sao Tome")
     assert not splits._states("The language of Sao Tome and Principe is Portuguese.", sao)
     assert splits._states("Sao Tome is the capital of Sao Tome and Principe.", sao)
+
+
+def test_a_jsonl_fact_source_names_the_line_that_lacks_a_fact_id_or_a_text(tmp_path):
+    """The protocol's split and the @part splits read a local fact corpus through one reader."""
+    from lensunlearn.attack.protocol import corpus_rows
+    from lensunlearn.core.errors import InputError
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"fact_id": 3, "text": "Paris is the capital of France."}) + "\n\n"
+                    + json.dumps({"fact_id": "b"}) + "\n")
+    with pytest.raises(InputError, match="line 3 has no text"):
+        corpus_rows(str(path))
+    assert splits.jsonl_fact_rows(path, str(path))[0] == {"fact_id": "3", "text": "Paris is the capital of France."}
+    path.write_text(json.dumps({"text": "no id"}) + "\n")
+    with pytest.raises(InputError, match="line 1 has no fact_id"):
+        corpus_rows(str(path))
