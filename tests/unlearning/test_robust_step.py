@@ -210,7 +210,8 @@ def test_all_options_off_never_build_the_step_and_leave_training_unchanged(setup
                                   "shrink_factor", "mask_lora", "mask_adamw", "normalise_muon", "mask_momentum",
                                   "normalise_clip", "grad_norm_alone", "adversary_decay", "targets_lora",
                                   "targets_unknown", "cir_targets_unknown", "confuse_without_loss",
-                                  "confuse_layers", "confuse_default_layers", "confuse_range", "sgd_momentum_adamw"])
+                                  "confuse_layers", "confuse_default_layers", "confuse_range", "sgd_momentum_adamw",
+                                  "confuse_other_objective", "relative_other_objective", "targets_with_blocks"])
 def test_bad_input_fails_before_training(setup, case):
     cir = {**CIR}
     kw, match = {
@@ -253,6 +254,12 @@ def test_bad_input_fails_before_training(setup, case):
         "confuse_range": ({"forget_loss": "mlp_confuse", "confuse_blocks": (4,), "layers": None},
                           r"--confuse_blocks \[4\] out of range"),
         "sgd_momentum_adamw": ({"momentum": 0.0}, "adamw has its own betas"),
+        "confuse_other_objective": ({"forget_loss": "mlp_confuse", "objective": "graddiff", "layers": None,
+                                     "retain_loss": "nll"}, "--objective graddiff has its own: drop --forget_loss"),
+        "relative_other_objective": ({"objective": "graddiff", "layers": None, "retain_loss": "relative"},
+                                     "--retain_loss relative does not apply to --objective graddiff"),
+        "targets_with_blocks": ({**SGD, "full_targets": "gate_proj", "blocks": "1-2"},
+                                "--full_targets gate_proj with --blocks 1-2: both pick the weights"),
     }[case]
     (setup / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
     error = InputError if case in ("empty_corpus", "empty_budget") else ConfigError
