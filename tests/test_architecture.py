@@ -106,3 +106,23 @@ def test_the_graph_sees_imports_inside_functions():
     """The checks above are only as good as the graph: a function-level import must be in it."""
     graph = import_graph()
     assert "lensunlearn.eval.evaluate" in graph["lensunlearn.unlearning.run"]  # imported inside `unlearn`
+
+
+def test_every_import_names_a_module_that_exists():
+    """The graph keeps only the imports it can resolve, so a mistyped module (relative or absolute, at any depth)
+    would vanish from the checks above without a word; this names each one."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    missing = []
+    for name, path in paths.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lensunlearn")):
+                base = name.split(".")
+                base = base if path.name == "__init__.py" else base[:-1]
+                base = base[:len(base) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                if target not in paths:
+                    missing.append(f"{name}: from {'.' * node.level}{node.module or ''} ({target})")
+            elif isinstance(node, ast.Import):
+                missing += [f"{name}: import {a.name}" for a in node.names
+                            if a.name.startswith("lensunlearn") and a.name not in paths]
+    assert missing == []

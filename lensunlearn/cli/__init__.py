@@ -111,6 +111,15 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
     return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
 
 
+def _close_option(word: str, options: list[str]) -> str:
+    """' (did you mean --x?)' for the closest option, or ''. The names are compared without their dashes,
+    which every option shares and which would otherwise make a short unrelated name look close (--full and
+    --lr)."""
+    bare = {option.lstrip("-"): option for option in options}
+    close = difflib.get_close_matches(word.lstrip("-"), list(bare), 1)
+    return f" (did you mean {bare[close[0]]}?)" if close else ""
+
+
 def _plain_usage_error(parser: argparse.ArgumentParser, message: str) -> str:
     """argparse's message, said plainly and with a close match where a name was mistyped."""
     help_hint = f"see {parser.prog} --help"
@@ -119,8 +128,7 @@ def _plain_usage_error(parser: argparse.ArgumentParser, message: str) -> str:
         word = unknown.group(1)
         if not word.startswith("-"):
             return f"{word} is not an argument of {parser.prog}: {help_hint}"
-        close = difflib.get_close_matches(word.split("=")[0], _options_of(parser), 1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = _close_option(word.split("=")[0], _options_of(parser))
         return f"{word.split('=')[0]} is not an option of {parser.prog}{hint}: {help_hint}"
     choice = re.match(r"argument (COMMAND|SUBCOMMAND): invalid choice: '([^']*)'", message)
     if choice:

@@ -112,7 +112,7 @@ def _style_axes(ax, metric: str, legend_size: int) -> None:
 
 
 def plot_tamper(results: dict, path: str | Path, metric: str = "acc", title: str | None = None) -> Path:
-    """Forget accuracy against step (left; attacked and held-out halves) and retain accuracy (right)."""
+    """Forget accuracy against step (left; attacked and held-out halves) and the kept tasks' accuracy (right)."""
     plt = _pyplot()
     forget, retain = split_tasks(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=TAMPER_SIZE, dpi=DPI)
@@ -132,7 +132,7 @@ def plot_tamper(results: dict, path: str | Path, metric: str = "acc", title: str
         (line,) = right.plot(steps, values, marker="o", label=task)
         colors[task] = line.get_color()
     _reference_lines(right, results, retain, metric, colors)
-    right.set_title("retain accuracy")
+    right.set_title("kept tasks")
     for ax in (left, right):
         _style_axes(ax, metric, 8)
     fig.suptitle(title or tamper_title(results))
@@ -151,7 +151,7 @@ def tamper_title(results: dict) -> str:
 
 def plot_tamper_comparison(runs: Sequence[tuple[str, dict]], path: str | Path, metric: str = "acc",
                            title: str | None = None) -> Path:
-    """Several attacks in one figure: forget accuracy (left) and retain accuracy (right) against step."""
+    """Several attacks in one figure: forget accuracy (left) and the kept tasks' accuracy (right) against step."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=TAMPER_SIZE, dpi=DPI)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -173,7 +173,7 @@ def plot_tamper_comparison(runs: Sequence[tuple[str, dict]], path: str | Path, m
         _reference_lines(left, first, forget, metric, {})
         _reference_lines(right, first, retain, metric, {})
     left.set_title("forget accuracy (solid: attacked, dashed: held out)")
-    right.set_title("retain accuracy")
+    right.set_title("kept tasks")
     for ax in (left, right):
         _style_axes(ax, metric, 7)
     fig.suptitle(title or "tamper attacks compared (recovery = last - first)")

@@ -199,8 +199,11 @@ def test_a_grid_value_written_twice_is_refused(capsys):
                                            "report --help"),
     (["eval", "stray"], "lensunlearn eval: error: stray is not an argument of lensunlearn eval: see lensunlearn "
                         "eval --help"),
-    (["distill", "--full", "--run", "x"], "lensunlearn distill: error: --full is not an option of lensunlearn distill "
-                                          "(did you mean --lr?): see lensunlearn distill --help"),
+    # compared without dashes, --full is not close to --lr, so no suggestion misleads
+    (["distill", "--full", "--run", "x"], "lensunlearn distill: error: --full is not an option of lensunlearn distill: "
+                                          "see lensunlearn distill --help"),
+    (["distill", "--alpah", "0.1"], "lensunlearn distill: error: --alpah is not an option of lensunlearn distill "
+                                    "(did you mean --alpha?): see lensunlearn distill --help"),
 ])
 def test_argument_errors_are_one_line(argv, line, capsys):
     assert one_line(argv, capsys, status=2) == line
