@@ -224,3 +224,27 @@ def test_distill_refuses_a_band_outside_the_model_before_it_loads(source, blocks
         run_command(["distill", "--run", source / "runs" / "src", "--corpus", source / "text.jsonl", "--generic",
                      source / "text.jsonl", "--device", "cpu", "--blocks", blocks, "--out", source / "bad"])
     assert len(str(info.value).splitlines()) == 1 and not (source / "bad").exists()
+
+
+@pytest.mark.parametrize("budget_text, watched", [(None, " and the loss budget"), ("retain", "")])
+def test_the_general_text_variant_says_when_its_sample_mixes_retain_sources(setup, caplog, budget_text, watched):
+    """Several --retain sources are interleaved by weight, so --cir_corpus retain reads a sample of every source,
+    facts included; the run says so once, naming the sources and the flag that moves the budget off them."""
+    write_jsonl(setup / "other.jsonl", [{"text": f"an iron symbol {i} and gold"} for i in range(5)])
+    sources = f"{setup / 'retain.jsonl'},{setup / 'other.jsonl'}"
+    budget = [] if budget_text is None else ["--cir_budget_text", str(setup / "retain.jsonl")]
+    with caplog.at_level(logging.WARNING, logger="lensunlearn"):
+        run_command(unlearn_argv(setup, "--retain", sources, "--full", "--cir", "--optimizer", "muon",
+                                 "--weight_decay", "0", "--cir_corpus", "retain", "--cir_budget_text", "none",
+                                 "--cir_act_components", "3", "--cir_grad_components", "4", "--cir_pca_docs", "6",
+                                 *budget))
+    said = [r.getMessage() for r in caplog.records if "--retain sources" in r.getMessage()]
+    assert said == [f"--cir_corpus retain with 2 --retain sources: the shared directions{watched} come from the "
+                    f"first 6 retain documents, which mix every source ({sources.replace(',', ', ')}), not general "
+                    f"text alone; pass --cir_budget_text generic:heldout to watch text nothing trains on"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lensunlearn"):  # one source: general text as before, no word
+        run_command(unlearn_argv(setup, "--full", "--cir", "--optimizer", "muon", "--weight_decay", "0",
+                                 "--cir_corpus", "retain", "--cir_budget_text", "none", "--cir_act_components", "3",
+                                 "--cir_grad_components", "4", "--cir_pca_docs", "6", "--overwrite", *budget))
+    assert not [r for r in caplog.records if "--retain sources" in r.getMessage()]
