@@ -553,12 +553,13 @@ def build_robust_step(job: Any, setup: Any, plan: Mapping[str, Any],
                 # The documents are listed in the order the mixed pairs first use them, so the sample holds
                 # every source in its share: with facts of the forget relation among them, a loss budget on it
                 # watches the very sentences the forget step disturbs most, and stops early.
+                mixed_budget = bool(cfg.cir_max_loss_rise) and cfg.cir_budget_text is None
                 log.warning("--cir_corpus retain with %d --retain sources: the shared directions%s come from the "
-                            "first %d retain documents, which mix every source (%s), not general text alone; pass "
-                            "--cir_budget_text generic:heldout to watch text nothing trains on",
-                            len(job.data.retain_mix),
-                            " and the loss budget" if cfg.cir_max_loss_rise and cfg.cir_budget_text is None else "",
-                            len(docs), ", ".join(m["source"] for m in job.data.retain_mix))
+                            "first %d retain documents, which mix every source (%s), not general text alone%s",
+                            len(job.data.retain_mix), " and the loss budget" if mixed_budget else "", len(docs),
+                            ", ".join(m["source"] for m in job.data.retain_mix),
+                            "; pass --cir_budget_text generic:heldout to watch text nothing trains on"
+                            if mixed_budget else "")
         budget = budget_documents(cfg, docs, job.tokenizer)
         log.info("--cir: %d linear layers of %d MLPs trained at full rank; shared directions (%d input, %d "
                  "output-gradient) from %s; loss budget %s on %d documents of %s, checked every %d steps",

@@ -226,8 +226,11 @@ def test_distill_refuses_a_band_outside_the_model_before_it_loads(source, blocks
     assert len(str(info.value).splitlines()) == 1 and not (source / "bad").exists()
 
 
-@pytest.mark.parametrize("budget_text, watched", [(None, " and the loss budget"), ("retain", "")])
-def test_the_general_text_variant_says_when_its_sample_mixes_retain_sources(setup, caplog, budget_text, watched):
+@pytest.mark.parametrize("budget_text, watched, advice", [
+    (None, " and the loss budget", "; pass --cir_budget_text generic:heldout to watch text nothing trains on"),
+    ("retain", "", "")])
+def test_the_general_text_variant_says_when_its_sample_mixes_retain_sources(setup, caplog, budget_text, watched,
+                                                                            advice):
     """Several --retain sources are interleaved by weight, so --cir_corpus retain reads a sample of every source,
     facts included; the run says so once, naming the sources and the flag that moves the budget off them."""
     write_jsonl(setup / "other.jsonl", [{"text": f"an iron symbol {i} and gold"} for i in range(5)])
@@ -241,7 +244,7 @@ def test_the_general_text_variant_says_when_its_sample_mixes_retain_sources(setu
     said = [r.getMessage() for r in caplog.records if "--retain sources" in r.getMessage()]
     assert said == [f"--cir_corpus retain with 2 --retain sources: the shared directions{watched} come from the "
                     f"first 6 retain documents, which mix every source ({sources.replace(',', ', ')}), not general "
-                    f"text alone; pass --cir_budget_text generic:heldout to watch text nothing trains on"]
+                    f"text alone{advice}"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lensunlearn"):  # one source: general text as before, no word
         run_command(unlearn_argv(setup, "--full", "--cir", "--optimizer", "muon", "--weight_decay", "0",
