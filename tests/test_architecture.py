@@ -25,6 +25,16 @@ def _is_type_checking(node: ast.If) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def _from_target(node: ast.ImportFrom, name: str, is_package: bool) -> str:
+    """The absolute module a `from ... import` in module `name` reads, relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    base = name.split(".")
+    base = base if is_package else base[:-1]
+    base = base[:len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imports(tree: ast.AST, name: str, is_package: bool) -> set[str]:
     """Every lensunlearn module `tree` imports, at any depth but under `if TYPE_CHECKING:`."""
     found: set[str] = set()
@@ -35,13 +45,7 @@ def _imports(tree: ast.AST, name: str, is_package: bool) -> set[str]:
             stack.extend(node.orelse)
             continue
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = name.split(".")
-                base = base if is_package else base[:-1]
-                base = base[:len(base) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = _from_target(node, name, is_package)
             if target.startswith("lensunlearn"):
                 found.add(target)
                 found.update(f"{target}.{alias.name}" for alias in node.names)  # `from .x import module`
@@ -116,10 +120,7 @@ def test_every_import_names_a_module_that_exists():
     for name, path in paths.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lensunlearn")):
-                base = name.split(".")
-                base = base if path.name == "__init__.py" else base[:-1]
-                base = base[:len(base) - node.level + 1] if node.level else []
-                target = ".".join(base + ([node.module] if node.module else []))
+                target = _from_target(node, name, path.name == "__init__.py")
                 if target not in paths:
                     missing.append(f"{name}: from {'.' * node.level}{node.module or ''} ({target})")
             elif isinstance(node, ast.Import):
