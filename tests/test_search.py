@@ -249,6 +249,25 @@ def test_robustness_ranks_by_the_envelope_and_judges_it_against_unlearned_and_fl
     assert summary["points"][1]["targets"]["envelope"] is False and summary["points"][1]["targets"]["floor"] is False
 
 
+def test_the_worst_case_is_shown_beside_the_envelope_but_ranks_and_judges_nothing():
+    cfg = _config("robustness")
+    relearns = _record("forget_coef80", 80, forget=0.20, kept=0.80, ppl=1.0, envelope=0.70)
+    holds = _record("forget_coef20", 20, forget=0.30, kept=0.80, ppl=1.0, envelope=0.35)
+    holds["metrics"]["robustness"].update(worst_case=0.9, worst_case_source="fictional_attack")
+    summary = search.summarise(cfg, [relearns, holds, _record("x", 1, 0, 0, 0, status="diverged")], 1.0)
+    assert [p["name"] for p in summary["points"]] == ["forget_coef20", "forget_coef80", "x"]  # still the envelope
+    assert summary["points"][0]["targets"]["envelope"] is True
+    lines = [line for line in search.markdown_table(summary).splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    at = header.index("worst case unseen %")
+    assert header[at - 1] == "unseen envelope %" and all(len(r) == len(header) for r in rows.values())
+    assert rows["20"][at] == "90.0 (fictional attack)" and rows["80"][at] == "-"  # recorded before it existed
+    plain = search.markdown_table(search.summarise(_config(), [_record("x", 1, 0, 0, 0, status="diverged")], 1.0))
+    lines = [line for line in plain.splitlines() if line.startswith("| ")]
+    assert lines[0].count("|") == lines[1].count("|")  # an unfinished point's row is as wide as the header
+
+
 def test_an_order_from_fewer_than_three_protocol_seeds_is_called_provisional():
     cfg = _config("robustness")
     records = [_record("forget_coef80", 80, forget=0.20, kept=0.80, ppl=1.0, envelope=0.70),
@@ -277,11 +296,14 @@ def test_robustness_measure_runs_the_protocol_on_each_run(tmp, trained):
     assert robust["unlearned_unseen"] == result["unlearned"]["unseen"] and robust["floor"] == result["floor"]["2"]
     assert robust["recovery_share"] == result["recovery_share"]["2"] and robust["paper_attacks"] == {}
     assert robust["selected"] == result["selected"]["2"]["unseen"]
+    assert robust["worst_case"] == result["worst_case"]["2"]["unseen"]
+    assert robust["worst_case_source"] == result["worst_case"]["2"]["source"]
     ppl = summary["points"][0]["metrics"]["perplexity"]
     assert ppl["ratio"] == pytest.approx(result["perplexity"]["unlearned"] / result["perplexity"]["base"])
     assert summary["points"][0]["targets"]["envelope"] is not None
     assert "unseen envelope" in (tmp / "search" / "search.md").read_text()
     assert "| recovery share |" in (tmp / "search" / "search.md").read_text()
+    assert "| worst case unseen % |" in (tmp / "search" / "search.md").read_text()
     trained.clear()
     main(argv)  # read back: neither the run nor the protocol again
     assert trained == [] and json.loads((out / "robustness.json").read_text()) == result

@@ -311,6 +311,24 @@ def recovery_share(value: Any, unlearned: Any, base: Any) -> float | None:
     return (value - unlearned) / (base - unlearned)
 
 
+def worst_case(env: Mapping[str, Mapping], fictional: Sequence[Mapping], unlearned: Any, base: Any
+               ) -> dict[str, dict]:
+    """Per step count of the envelope, the higher unseen-half accuracy of the envelope and of the real
+    forget facts during a fictional attack (the most over those attacks, each teaching no real fact):
+    {"<n>": {"unseen", "source": "envelope" | "fictional_attack", "setting", "recovery_share"}}. A tie
+    stays the envelope's; a fictional record without the ride-along (`forget_unseen`) is passed over."""
+    out = {}
+    for n, point in env.items():
+        value, source, setting = point[UNSEEN], "envelope", point["setting"]
+        for record in fictional:
+            along = (record["steps"].get(n) or {}).get("forget_unseen")
+            if is_number(along) and along > value:
+                value, source, setting = along, "fictional_attack", record["setting"]
+        out[n] = {UNSEEN: value, "source": source, "setting": setting,
+                  "recovery_share": recovery_share(value, unlearned, base)}
+    return out
+
+
 def selection_folds(unseen: Sequence[str], seed: int) -> tuple[list[str], list[str]]:
     """The unseen half's facts in two folds, each sorted: a seeded shuffle, the first half (rounded down)
     in the first fold. Depends only on the ids and the seed."""
@@ -410,6 +428,8 @@ def summarise_seed(start: Mapping, attacks: Mapping[str, Sequence[Mapping]], ste
         "envelope": {n: {k: v for k, v in p.items() if k != "guessable"} for n, p in env.items()},
         "headline": {"steps": int(top), **{k: v for k, v in env[top].items() if k != "guessable"}},
         "recovery_share": _shares(env, unlearned["forget_unseen"], base["forget_unseen"]),
+        # an attack that teaches no real fact can bring back more than the envelope: the headline alone understates
+        "worst_case": worst_case(env, attacks["fictional"], unlearned["forget_unseen"], base["forget_unseen"]),
         "selected": selected,
         "floor": {"0": unlearned["fictional_unseen"], **{n: p[UNSEEN] for n, p in fiction.items()}},
         "fictional": {"0": {ATTACKED: unlearned["fictional_attacked"], UNSEEN: unlearned["fictional_unseen"],
@@ -437,19 +457,19 @@ def summarise_seed(start: Mapping, attacks: Mapping[str, Sequence[Mapping]], ste
 
 def combine(values: Sequence[Any]) -> Any:
     """One seed's summaries averaged: numbers become their mean with a `<key>_sd` (sample standard
-    deviation) beside them when there are several seeds; a `setting` becomes the most frequent one,
-    with every seed's in `settings` when they differ; other values are the first seed's."""
+    deviation) beside them when there are several seeds; a `setting` or `source` becomes the most frequent
+    one, with every seed's in `settings` or `sources` when they differ; other values are the first seed's."""
     first = values[0]
     if not isinstance(first, Mapping):
         return first
     out: dict[str, Any] = {}
     for key, value in first.items():
         column = [v.get(key) for v in values if isinstance(v, Mapping)]
-        if key == "setting":
+        if key in ("setting", "source"):
             counts = Counter(repr(c) for c in column)
             out[key] = next(c for c in column if repr(c) == counts.most_common(1)[0][0])
             if len(counts) > 1:
-                out["settings"] = column
+                out[f"{key}s"] = column
         elif key == "steps" and is_number(value):
             out[key] = value
         elif (is_number(value) or value is None) and any(is_number(c) for c in column) and all(
@@ -501,6 +521,39 @@ def _chosen(point: Mapping) -> str:
 
 def _paper_label(paper: Mapping) -> str:
     return f"{paper.get('title', '?')}'s own attack ({paper.get('what', describe_setting(paper.get('setting')))})"
+
+
+FICTION_RIDE = "the forget facts during the fictional attack"
+
+
+def _worst_case_line(result: Mapping) -> list[str]:
+    """The worst case at the headline's step count and which attack gave it; nothing for an output
+    written before the protocol recorded it."""
+    head = result["headline"]
+    top = str(head["steps"])
+    worst = (result.get("worst_case") or {}).get(top)
+    if not isinstance(worst, Mapping) or not is_number(worst.get(UNSEEN)):
+        return []
+    sources = worst.get("sources") or [worst.get("source")]
+    setting = describe_setting(worst.get("setting"))
+    envelope = _pct(head[UNSEEN], head.get("unseen_sd"))
+    higher = f", higher than the envelope ({envelope}%), though it teaches no real fact"
+    if all(s == "envelope" for s in sources):
+        ride = ((result.get("fictional") or {}).get(top) or {}).get("forget_unseen")
+        whence = f"the envelope ({setting})" + (f"; {FICTION_RIDE} reached {_pct(ride)}%" if is_number(ride) else "")
+    elif all(s == "fictional_attack" for s in sources):
+        whence = f"{FICTION_RIDE} ({setting}){higher}"
+    else:  # seeds disagree: name the seeds of each source
+        def seeds(source: str) -> str:
+            named = [str(seed) for seed, s in zip(result["seeds"], sources) if s == source]
+            return f"seed{'s' if len(named) > 1 else ''} {', '.join(named)}"
+
+        whence = f"{FICTION_RIDE} in {seeds('fictional_attack')} and the envelope in {seeds('envelope')}{higher}"
+    share = worst.get("recovery_share")
+    return [f"**Worst case:** unseen-half accuracy after {head['steps']} steps: "
+            f"{_pct(worst[UNSEEN], worst.get('unseen_sd'))}% from {whence}"
+            + (f"; recovery share {_share(share, worst.get('recovery_share_sd'))}" if is_number(share) else "")
+            + ".", ""]
 
 
 def _recovery_table(result: Mapping, steps: Sequence[str]) -> list[str]:
@@ -570,6 +623,7 @@ def markdown_table(result: Mapping) -> str:
                   + (f"; recovery share {_share(share)}" if is_number(share) else "")
                   + (f"; with the attack chosen on the other fold {_pct(chosen.get(UNSEEN))}% (selection bias "
                      f"{_pct(chosen.get('bias'))} points)" if is_number(chosen.get(UNSEEN)) else "") + ".", ""]
+    lines += _worst_case_line(result)
     lines += _recovery_table(result, steps) + [""]
     guess = result.get("guessable")
     if guess:

@@ -17,10 +17,11 @@ format and prior, which makes it the floor. Capability is the kept tasks' accura
 of held-out generic text before unlearning, after it and after every attack; fluency is the base
 model's perplexity of the base, unlearned and best-attacked models' greedy continuations.
 
-Beside the envelope: the recovery share per step count; the unseen half under an attack chosen on
-the other of two folds of it (the envelope chooses on the facts it reports, which biases it up); each
-named paper's own attack (`--paper_attacks`); and facts whose subject gives the answer away, left out
-of the split and reported on their own (`--guessable`).
+Beside the envelope: the recovery share per step count; the worst case (the envelope or the real
+forget facts during the fictional attack, whichever recovered more); the unseen half under an attack
+chosen on the other of two folds of it (the envelope chooses on the facts it reports, which biases it
+up); each named paper's own attack (`--paper_attacks`); and facts whose subject gives the answer away,
+left out of the split and reported on their own (`--guessable`).
 
 Other phrasings of the forget facts (`--phrasings`: the questions asked as "Q: ... A:", or the
 user's own question files) are measured on both halves for the base and unlearned models and at
@@ -101,8 +102,8 @@ GUESSABLE_TASK = "guessable"  # the forget facts left out of the split (`--guess
 RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_batch", "out", "seeds", "paper_attacks",
                      *TRACKING_FIELDS)
 # What the tracker's summary holds: robustness.json's numbers, without the per-seed and per-attack detail.
-TRACKED_SUMMARY = ("headline", "unlearned", "envelope", "recovery_share", "selected", "floor", "benign",
-                   "base_model_envelope", "paper_attacks", "guessable", "kept", "perplexity", "wall_seconds")
+TRACKED_SUMMARY = ("headline", "unlearned", "envelope", "recovery_share", "worst_case", "selected", "floor",
+                   "benign", "base_model_envelope", "paper_attacks", "guessable", "kept", "perplexity", "wall_seconds")
 
 
 # --- inputs, checked before any model is loaded ------------------------------------------------

@@ -18,11 +18,14 @@ and, where the protocol measured other phrasings of the forget facts (optional: 
 Also optional, for the same reason:
 
     "recovery_share": {"<n>": share}, "selected": {"<n>": {"unseen", "bias", "recovery_share"}},
+    "worst_case": {"<n>": {"unseen", "source", "sources" (with several seeds that disagree), "recovery_share"}},
     "fictional": {"<n>": {"forget_unseen"}}, "guessable": {"base", "unlearned", "steps": {"<n>": acc}},
     "paper_attacks": {name: {"setting", "title", "steps": {"<n>": {"unseen"}}, "recovery_share": {"<n>"}}}
 
 (the recovery share is (after the attack - unlearned) / (base - unlearned) on the unseen half, None where
-unlearning removed nothing; `selected` is the unseen half under the attack chosen on the other fold of it).
+unlearning removed nothing; `selected` is the unseen half under the attack chosen on the other fold of it;
+`worst_case` the higher of the envelope and the real unseen half during the fictional attack, its `source`
+"envelope" or "fictional_attack").
 """
 
 from __future__ import annotations
@@ -189,6 +192,13 @@ def robustness_row(label: str, result: Mapping | None) -> dict[str, Any]:
         _put(row, f"base_unseen_{n}", _at(result["base_model_envelope"].get(str(n)), UNSEEN))
         _put(row, f"recovery_share_{n}", _at(result.get("recovery_share"), str(n)) if result.get("recovery_share")
              else (_share_of_means(result, n), None))
+    worst = result.get("worst_case") or {}  # older outputs lack it: their cells stay "-"
+    for n in result["steps"]:
+        point = worst.get(str(n))
+        _put(row, f"worst_case_{n}", _at(point, UNSEEN))
+        _put(row, f"worst_case_recovery_share_{n}", _at(point, "recovery_share"))
+        if isinstance(point, Mapping):
+            row[f"worst_case_source_{n}"] = ",".join(map(str, point.get("sources") or [point.get("source")]))
     selected = (result.get("selected") or {}).get(top)
     _put(row, "selected_unseen", _at(selected, UNSEEN))
     _put(row, "selection_bias", _at(selected, "bias"))
@@ -259,6 +269,18 @@ def fmt_share(row: Mapping, key: str, pending: str = PENDING) -> str:
     return MISSING if value is None else number(value) + (f" ± {number(sd)}" if sd is not None else "")
 
 
+def fmt_worst(row: Mapping, n: int) -> str:
+    """The worst case at `n` steps as "51.4 (fictional attack)", the source named only where the fictional
+    attack gave it ("in 1 of 3 seeds" where seeds disagree); "-" when not recorded."""
+    cell = fmt_acc(row, f"worst_case_{n}")
+    sources = str(row.get(f"worst_case_source_{n}") or "").split(",")
+    fiction = sources.count("fictional_attack")
+    if cell in (MISSING, PENDING) or not fiction:
+        return cell
+    return cell + (" (fictional attack)" if fiction == len(sources) else
+                   f" (fictional attack in {fiction} of {len(sources)} seeds)")
+
+
 def _capability_cell(row: Mapping) -> str:
     if row["capability"] == "fails":
         return f"**fails**: {row['capability_failures']}"
@@ -274,6 +296,7 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
     papers = list(dict.fromkeys(name for result in finished for name in result.get("paper_attacks") or {}))
     guessable = any(result.get("guessable") for result in finished)
     selected = any(result.get("selected") for result in finished)  # older outputs lack these
+    worst = any(result.get("worst_case") for result in finished)
     fiction = any(is_number((result.get("fictional") or {}).get(str(result["headline"]["steps"]), {})
                             .get("forget_unseen")) for result in finished)
     rows = [robustness_row(label, result) for label, result in runs]
@@ -281,6 +304,7 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
     last = f"{tops.pop()} steps" if len(tops) == 1 else "last step"
     header = ["run", "grid", "forget ↓", *(f"{t} ↑" for t in tasks), "perplexity ratio",
               *(f"unseen, {n} steps" for n in steps), *(f"recovery share, {n} steps" for n in steps),
+              *(f"worst case, {n} steps" for n in (steps if worst else [])),
               *([f"unseen, attack chosen on the other fold, {last}"] if selected else []),
               *(f"unseen under the {p} paper's attack, {n} steps" for p in papers for n in steps),
               *(f"recovery share under the {p} paper's attack, {last}" for p in papers),
@@ -298,6 +322,7 @@ def robustness_table(runs: Sequence[tuple[str, Mapping | None]]) -> str:
                  number(r.get("perplexity_ratio")) if done else PENDING,
                  *(fmt_acc(r, f"unseen_{n}", f"base_unseen_{n}") for n in steps),
                  *(fmt_share(r, f"recovery_share_{n}") for n in steps),
+                 *(fmt_worst(r, n) for n in (steps if worst else [])),
                  *([fmt_acc(r, "selected_unseen") + (f" (bias {number(100 * r['selection_bias'], 1)})"
                                                      if _number(r.get("selection_bias")) is not None else "")]
                    if selected else []),

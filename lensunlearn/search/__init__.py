@@ -23,7 +23,8 @@ unlearned one (its base model and forget corpus are its source run's):
   of the base model's;
 * `robustness`: the same accuracies, and the robustness protocol on the run
   (`OUT/robustness/<point>`, its options from `--robustness`): the unseen-half envelope after
-  the largest attack, the unlearned model's unseen-half accuracy, the recovery share, the unseen half
+  the largest attack (and the worst case beside it, never a target), the unlearned model's unseen-half
+  accuracy, the recovery share, the unseen half
   under the attack chosen on the other fold, each paper's own attack (`--robustness "--paper_attacks
   all"`) and the fictional-facts floor; the perplexities are the protocol's.
 

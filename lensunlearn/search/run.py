@@ -381,6 +381,7 @@ def robustness_metrics(cfg: SearchConfig, point: Point, work: Path) -> dict:
     steps = str(result["headline"]["steps"])
     ppl = result["perplexity"]
     selected = (result.get("selected") or {}).get(steps) or {}
+    worst = (result.get("worst_case") or {}).get(steps) or {}  # shown beside the envelope, never a target
     papers = {name: {"unseen": ((paper.get("steps") or {}).get(steps) or {}).get("unseen"),
                      "recovery_share": (paper.get("recovery_share") or {}).get(steps)}
               for name, paper in (result.get("paper_attacks") or {}).items()}
@@ -388,6 +389,7 @@ def robustness_metrics(cfg: SearchConfig, point: Point, work: Path) -> dict:
                            "envelope": result["headline"]["unseen"], "setting": result["headline"].get("setting"),
                            "unlearned_unseen": result["unlearned"]["unseen"], "base_unseen": result["base"]["unseen"],
                            "recovery_share": (result.get("recovery_share") or {}).get(steps),
+                           "worst_case": worst.get("unseen"), "worst_case_source": worst.get("source"),
                            "selected": selected.get("unseen"), "paper_attacks": papers,
                            "floor": result["floor"].get(steps), "seeds": result["seeds"],
                            "wall_seconds": result.get("wall_seconds")},
@@ -482,7 +484,8 @@ def _row(summary: dict, record: dict) -> list[str]:
     robust = summary["measure"] == "robustness"
     if record.get("status") != "finished":
         status = record.get("status", "pending")
-        return [str(record["rank"]), *settings, status, *["-"] * (8 if robust else 4)]
+        # a dash in every column after the status, so the row is as wide as the header
+        return [str(record["rank"]), *settings, status, *["-"] * (10 if robust else 5)]
     metrics, met = record["metrics"], record["targets"]
     forget = metrics["forget"]
     kept = metrics["kept"]
@@ -495,7 +498,9 @@ def _row(summary: dict, record: dict) -> list[str]:
              "-" if not ppl else f"{number(ppl['ratio'], 3)}{_mark(met['perplexity'])}"]
     if robust:
         r = metrics["robustness"]
-        cells += [f"{_pct(r['envelope'])}{_mark(met['envelope'])}", _pct(r["unlearned_unseen"]),
+        fiction = " (fictional attack)" if r.get("worst_case_source") == "fictional_attack" else ""
+        cells += [f"{_pct(r['envelope'])}{_mark(met['envelope'])}", _pct(r.get("worst_case")) + fiction,
+                  _pct(r["unlearned_unseen"]),
                   number(r.get("recovery_share")), f"{_pct(r['floor'])}{_mark(met['floor'])}"]
     all_met = "yes" if record["measured_targets_met"] else "no"
     ability = {"kept": "kept", "lost": "**LOST**", "unmeasured": "unmeasured"}[record["ability"]]
@@ -509,7 +514,7 @@ def markdown_table(summary: dict) -> str:
     robust = summary["measure"] == "robustness"
     head = [*summary["grid"], "forget acc % (base)", "worst kept domain, % of base", "perplexity / base"]
     if robust:
-        head += ["unseen envelope %", "unlearned unseen %", "recovery share", "floor %"]
+        head += ["unseen envelope %", "worst case unseen %", "unlearned unseen %", "recovery share", "floor %"]
     stage = cfg["stage"]
     head += ["general ability", "all measured targets met", f"{stage} s"]
     fixed = f", fixed settings `{cfg[stage]}`" if cfg[stage] else ""

@@ -5,6 +5,7 @@ the answer away left out of the split, and the benign attack on text no stage tr
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from lensunlearn.attack.grid import (
     REGISTRY,
     Setting,
     clashes,
+    combine,
     fact_phrasing,
     fictional_facts,
     held_out_selection,
@@ -22,6 +24,7 @@ from lensunlearn.attack.grid import (
     recovery_share,
     selection_folds,
     summarise_seed,
+    worst_case,
 )
 from lensunlearn.attack.options import RobustnessConfig
 from lensunlearn.core.config import ConfigError
@@ -92,6 +95,66 @@ def test_held_out_selection_scores_each_fold_under_the_attack_the_other_fold_cho
     # a record written before the facts answered were kept: no selection at that step count
     old = {"setting": FULL.as_dict(), "steps": {"4": {"attacked": 1.0, "unseen": 0.9}}}
     assert held_out_selection([a, old], [4], [fold0, fold1]) == {}
+
+
+def _fiction(setting: Setting, points: dict[int, float]) -> dict:
+    """A fictional attack's record: its own halves, and the real forget halves riding along."""
+    return {"setting": setting.as_dict(), "steps": {str(n): {"attacked": 0.9, "unseen": 0.25, "forget_attacked": 0.5,
+                                                             "forget_unseen": f} for n, f in points.items()}}
+
+
+def test_worst_case_is_the_higher_of_the_envelope_and_the_real_facts_during_the_fictional_attack():
+    """The fictional attack teaches no real fact, yet where the real unseen half comes back further during it
+    than under any grid attack, the worst case is that number and names the fictional attack; elsewhere (and
+    on a tie) it is the envelope's."""
+    grid = [_record(FULL, {2: (0.5, 0.35, []), 4: (0.9, 0.5, [])}), _record(LORA, {2: (0.6, 0.3, []),
+                                                                                4: (0.9, 0.45, [])})]
+    fiction = [_fiction(LORA, {2: 0.3, 4: 0.62})]
+    s = summarise_seed(START, {"grid": grid, "base": [], "benign": [], "fictional": fiction}, [2, 4])
+    assert s["worst_case"]["4"] == {"unseen": 0.62, "source": "fictional_attack", "setting": LORA.as_dict(),
+                                    "recovery_share": pytest.approx((0.62 - 0.2) / 0.6)}
+    assert s["worst_case"]["2"] == {"unseen": 0.35, "source": "envelope", "setting": FULL.as_dict(),
+                                    "recovery_share": pytest.approx((0.35 - 0.2) / 0.6)}
+    assert s["headline"]["unseen"] == 0.5  # the headline stays the envelope
+    # a tie stays the envelope's; a record without the ride-along (an older one) is passed over
+    old = {"setting": LORA.as_dict(), "steps": {"4": {"attacked": 0.9, "unseen": 0.25}}}
+    tie = worst_case(s["envelope"], [_fiction(LORA, {4: 0.5}), old], 0.2, 0.8)["4"]
+    assert tie["unseen"] == 0.5 and tie["source"] == "envelope"
+    # the most over several fictional attacks (every setting attacks them under --grid full)
+    both = worst_case(s["envelope"], [_fiction(FULL, {4: 0.55}), _fiction(LORA, {4: 0.7})], 0.2, 0.8)["4"]
+    assert both["unseen"] == 0.7 and both["setting"] == LORA.as_dict()
+
+    result = {**_result_shell(), **s}
+    table = markdown_table(result)
+    line = next(x for x in table.splitlines() if x.startswith("**Worst case:**"))
+    assert line == ("**Worst case:** unseen-half accuracy after 4 steps: 62.0% from the forget facts during the "
+                    "fictional attack (lora lr 0.01 constant), higher than the envelope (50.0%), though it "
+                    "teaches no real fact; recovery share 0.70.")
+    assert table.index("**Headline:**") < table.index("**Worst case:**") < table.index("Recovery share")
+    low = summarise_seed(START, {"grid": grid, "base": [], "benign": [], "fictional": [_fiction(LORA, {4: 0.4})]},
+                         [2, 4])
+    assert low["worst_case"]["4"]["source"] == "envelope" and low["worst_case"]["4"]["unseen"] == 0.5
+    line = next(x for x in markdown_table({**_result_shell(), **low}).splitlines() if x.startswith("**Worst"))
+    assert line == ("**Worst case:** unseen-half accuracy after 4 steps: 50.0% from the envelope (full lr 0.01 "
+                    "constant); the forget facts during the fictional attack reached 40.0%; recovery share 0.50.")
+    assert "higher than the envelope" not in line
+    # an output written before the worst case was recorded: no line, no error
+    older = {k: v for k, v in result.items() if k != "worst_case"}
+    assert "Worst case" not in markdown_table(older) and "**Headline:**" in markdown_table(older)
+
+
+def test_seeds_that_disagree_on_the_worst_case_are_averaged_and_named():
+    grid = [_record(FULL, {4: (0.9, 0.5, [])})]
+    seeds = [summarise_seed(START, {"grid": grid, "base": [], "benign": [], "fictional": [_fiction(LORA, {4: f})]},
+                            [4]) for f in (0.4, 0.7, 0.3)]
+    result = {**_result_shell(), "steps": [4], "seeds": [0, 1, 2], **combine(seeds)}
+    worst = result["worst_case"]["4"]
+    assert worst["unseen"] == pytest.approx((0.5 + 0.7 + 0.5) / 3) and worst["unseen_sd"] > 0
+    assert worst["source"] == "envelope" and worst["sources"] == ["envelope", "fictional_attack", "envelope"]
+    assert worst["recovery_share"] == pytest.approx(statistics.fmean([0.5, 5 / 6, 0.5]))
+    line = next(x for x in markdown_table(result).splitlines() if x.startswith("**Worst case:**"))
+    assert ("from the forget facts during the fictional attack in seed 1 and the envelope in seeds 0, 2, higher "
+            "than the envelope (50.0 ± 0.0%)") in line
 
 
 def test_fictional_facts_are_twins_of_real_facts_in_their_own_phrasing():
@@ -252,6 +315,14 @@ def test_the_new_numbers_on_a_tiny_run(run_files):
     for n in ("2", "3"):
         expected = recovery_share(result["envelope"][n]["unseen"], unlearned, base)
         assert result["recovery_share"][n] == (pytest.approx(expected) if expected is not None else None)
+    # the worst case: the envelope or the real unseen half during the fictional attack, whichever is higher
+    for n in ("2", "3"):
+        env, along = result["envelope"][n]["unseen"], result["fictional"][n]["forget_unseen"]
+        worst = result["worst_case"][n]
+        assert worst["unseen"] == max(env, along)
+        assert worst["source"] == ("fictional_attack" if along > env else "envelope")
+        assert worst["recovery_share"] == (pytest.approx(recovery_share(worst["unseen"], unlearned, base))
+                                           if worst["recovery_share"] is not None else None)
     selected = held_out_selection(list(grid.values()), [2, 3], split["selection_folds"])
     assert result["selected"]["3"]["unseen"] == pytest.approx(selected["3"]["unseen"])
     assert result["selected"]["3"]["bias"] == pytest.approx(result["envelope"]["3"]["unseen"] - selected["3"]["unseen"])
@@ -266,7 +337,8 @@ def test_the_new_numbers_on_a_tiny_run(run_files):
     table = (out / "robustness.md").read_text()
     for text in ("attack chosen on the other fold, 3 steps", "Non-Disruptive LLM Unlearning's own attack",
                  "forget facts during the fictional attack, 3 steps", "Recovery share", "| mudman paper's attack |",
-                 "Facts whose subject gives the answer away (2", "after the cir paper's attack"):
+                 "Facts whose subject gives the answer away (2", "after the cir paper's attack",
+                 "**Worst case:** unseen-half accuracy after 3 steps"):
         assert text in table, text
 
 

@@ -251,6 +251,39 @@ def test_recovery_share_selection_paper_attacks_guessable_facts_and_kept_parts_g
     assert row["paper_cir_setting"] == "mlp_sgd lr 1e-05 constant" and row["guessable_facts"] == "2"
 
 
+def test_the_worst_case_gets_a_column_per_step_count_naming_the_fictional_attack(outputs, tmp_path):
+    """The worst case at each step count, marked where the fictional attack gave it (on some seeds or all);
+    an output written before it was recorded shows dashes, and a table of such outputs only has no column."""
+    result = json.loads((outputs["seeded"] / "robustness.json").read_text())
+    result["worst_case"] = {
+        "8": {"unseen": 0.4, "unseen_sd": 0.05, "source": "envelope", "setting": FULL, "recovery_share": 0.31},
+        "64": {"unseen": 0.6, "unseen_sd": 0.04, "source": "envelope", "setting": FULL, "recovery_share": 0.62,
+               "sources": ["envelope", "fictional_attack", "envelope"]}}
+    (outputs["seeded"] / "robustness.json").write_text(json.dumps(result))
+    one = _result(unseen=(0.2, 0.4, 0.5), kept=0.95, ppl=21.0)
+    one["worst_case"] = {"8": {"unseen": 0.4, "source": "envelope", "setting": FULL, "recovery_share": 0.31},
+                         "64": {"unseen": 0.61, "source": "fictional_attack", "setting": LORA,
+                                "recovery_share": 0.63}}
+    fictional = _output(tmp_path, "fictional", one)
+    runs = f"{outputs['seeded']},{fictional},{outputs['wrecked']}"
+    out = main(["--robustness", runs, "--out", str(tmp_path / "rep")])
+    header, rows = _header(out["markdown"]), _rows(out["markdown"])
+    at = header.index("worst case, 8 steps")
+    assert header[at - 1] == "recovery share, 64 steps" and header[at + 1] == "worst case, 64 steps"
+    assert rows["seeded"][at:at + 2] == ["40.0 ± 5.0", "60.0 ± 4.0 (fictional attack in 1 of 3 seeds)"]
+    assert rows["fictional"][at:at + 2] == ["40.0", "61.0 (fictional attack)"]
+    assert rows["wrecked"][at:at + 2] == ["-", "-"]  # older output: no worst case recorded
+    main(["--robustness", runs, "--out", str(tmp_path / "csv"), "--table_format", "csv"])
+    by_run = {r["run"]: r for r in csv.DictReader((tmp_path / "csv" / "report_robustness.csv").open())}
+    assert float(by_run["fictional"]["worst_case_64"]) == 0.61
+    assert by_run["fictional"]["worst_case_source_64"] == "fictional_attack"
+    assert float(by_run["fictional"]["worst_case_recovery_share_64"]) == 0.63
+    assert by_run["seeded"]["worst_case_source_64"] == "envelope,fictional_attack,envelope"
+    assert by_run["wrecked"]["worst_case_64"] == ""
+    only_old = main(["--robustness", str(outputs["wrecked"]), "--out", str(tmp_path / "old")])
+    assert not any(name.startswith("worst case") for name in _header(only_old["markdown"]))
+
+
 def test_each_runs_objective_is_named_beside_its_grid(tmp_path):
     """Outputs of runs by different objectives (`unlearn --objective`): the lines under the table and the csv
     say which objective each run used; an output that predates the field says nothing."""

@@ -342,6 +342,7 @@ def test_robustness_tracked_with_wandb(tmp_path, offline_wandb, run_files):  # n
     assert image["sha256"] == hashlib.sha256((out / "robustness.png").read_bytes()).hexdigest()
     summary = wandb_summary(records)
     assert summary["headline/unseen"] == result["headline"]["unseen"]
+    assert summary["worst_case/2/unseen"] == result["worst_case"]["2"]["unseen"]
     assert summary["perplexity/base"] == result["perplexity"]["base"]
 
 
