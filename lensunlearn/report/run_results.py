@@ -160,6 +160,8 @@ def _notes(run: Run, taken: int | None, planned: int | None) -> str:
         what = f"{cfg.get('optimizer', '?')}, {trained_params(cfg)}"
         if is_number(summary.get("stopped_early_at_step")):
             what += ", stopped early: general-text loss past its budget"
+        elif summary.get("over_budget_at_end"):
+            what += ", ended with general-text loss past its budget"
     if not run.finished:
         what += f", unfinished (step {taken} of {planned})" if taken is not None and planned else ", unfinished"
     return f"{what}; {run.name}"

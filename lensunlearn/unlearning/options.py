@@ -63,7 +63,8 @@ class RobustOptions(Options):
                                                           "trains on (CIR's: held-out WikiText): a corpus (hub id, "
                                                           "local file, generic:<name>), cut to --max_length; "
                                                           "none: the general text of --cir_corpus (in-sample)")
-    cir_budget_every: int = option(5, "check the loss budget every N optimiser steps (and after the last)")
+    cir_budget_every: int = option(5, "check the loss budget every N optimiser steps (and after the last); 0: once "
+                                      "per pass over the forget documents, as CIR's code checks it")
     cir_on_loss_rise: Literal["stop", "shrink"] = option("stop", "what a general-text loss past --cir_max_loss_rise "
                                                                  "does: stop training, or shrink the learning rate "
                                                                  "by --cir_shrink and go on (stopping once it is "
@@ -92,12 +93,11 @@ class RobustOptions(Options):
                                          "multiplied by this, pulling the fork back (MUDMAN's adv_decay; 1: none)")
 
     def __post_init__(self) -> None:
-        require_nonnegative(cir_act_components=self.cir_act_components,
+        require_nonnegative(cir_budget_every=self.cir_budget_every, cir_act_components=self.cir_act_components,
                             cir_grad_components=self.cir_grad_components, cir_refresh=self.cir_refresh,
                             cir_max_loss_rise=self.cir_max_loss_rise, adversary_steps=self.adversary_steps)
         require_positive(cir_pca_docs=self.cir_pca_docs, adversary_lr=self.adversary_lr,
-                         adversary_every=self.adversary_every, cir_budget_every=self.cir_budget_every,
-                         grad_norm=self.grad_norm)
+                         adversary_every=self.adversary_every, grad_norm=self.grad_norm)
         if not 0 < self.cir_shrink < 1:
             raise ConfigError(f"--cir_shrink must be in (0, 1), got {self.cir_shrink}")
         if not 0 <= self.mask_momentum < 1:

@@ -56,7 +56,8 @@ Batch = Mapping[str, torch.Tensor]
 # What the step adds to each line of the metrics log, and to the run's summary.
 ROBUST_LOGGED = ("forget_grad_norm", "retain_grad_norm", "masked_fraction", "adversary_loss", "general_loss",
                  "cir_refreshed", "lr_scale")
-ROBUST_SUMMARY_KEYS = ("general_loss_start", "general_loss_end", "stopped_early_at_step", "lr_shrunk_at_steps")
+ROBUST_SUMMARY_KEYS = ("general_loss_start", "general_loss_end", "stopped_early_at_step", "lr_shrunk_at_steps",
+                       "over_budget_at_end")
 # --cir_on_loss_rise shrink stops once the learning rate is shrunk below this share of the schedule's:
 # by then the updates are too small to move the loss, and the run would only spend time.
 MIN_LR_SCALE = 0.01
@@ -236,6 +237,7 @@ class StepInputs:
     pad_id: int
     cir_modules: dict[str, nn.Module]
     budget_docs: list[list[int]] = dataclasses.field(default_factory=list)  # the loss budget's text
+    budget_every: int = 0  # optimiser steps between budget checks; 0: --cir_budget_every's value
 
 
 class RobustStep:
@@ -245,6 +247,7 @@ class RobustStep:
 
     def __init__(self, inputs: StepInputs) -> None:
         self.inputs, self.cfg = inputs, inputs.cfg
+        self.over_budget_at_end = False
         self.params = inputs.trainable
         self.device = next(iter(self.params.values())).device
         self.directions = self.capture = None
@@ -463,11 +466,17 @@ class RobustStep:
             # no half-filled window
             self._estimate_from_window(done)
             out["cir_refreshed"] = 1.0
-        if self.general_start is not None and (done % self.cfg.cir_budget_every == 0
-                                               or done == self.inputs.total_steps):
+        every = self.inputs.budget_every or self.cfg.cir_budget_every
+        if self.general_start is not None and (done % every == 0 or done == self.inputs.total_steps):
             loss = self.general_loss()
             out["general_loss"] = loss
             limit = self.general_start * (1 + self.cfg.cir_max_loss_rise)
+            if loss > limit and self.cfg.cir_max_loss_rise and done == self.inputs.total_steps:
+                # nothing is left to stop or shrink, but a model past its budget must not pass for one within it
+                self.over_budget_at_end = True
+                log.warning("step %d, the last: general-text loss %.4f is past %.4f (%.2f%% over its start %.4f): the "
+                            "run ends over its budget; lower --lr, or check more often with --cir_budget_every",
+                            done, loss, limit, 100 * self.cfg.cir_max_loss_rise, self.general_start)
             if loss > limit and done < self.inputs.total_steps:
                 past = (f"step {done}: general-text loss {loss:.4f} is past {limit:.4f} "
                         f"({100 * self.cfg.cir_max_loss_rise:.2f}% over its start {self.general_start:.4f})")
@@ -491,7 +500,8 @@ class RobustStep:
         if self.general_start is None:
             return {}
         return {"general_loss_start": self.general_start, "general_loss_end": last.get("general_loss"),
-                "stopped_early_at_step": self.stopped_at, "lr_shrunk_at_steps": list(self.shrunk_at)}
+                "stopped_early_at_step": self.stopped_at, "lr_shrunk_at_steps": list(self.shrunk_at),
+                "over_budget_at_end": self.over_budget_at_end}
 
     # -- checkpoints --
 
@@ -535,6 +545,7 @@ def build_robust_step(job: Any, setup: Any, plan: Mapping[str, Any],
     docs: list[list[int]] = []
     budget: list[list[int]] = []
     refresh = refresh_period(cfg, plan["unique_forget_examples"])
+    budget_every = cfg.cir_budget_every or max(1, math.ceil(plan["unique_forget_examples"] / cfg.batch))
     if cfg.cir:
         modules = cir_modules(model, cfg, job.layers, model_parts(model).num_layers)
         docs = general_documents(cfg, job.data.retain, job.tokenizer)
@@ -565,7 +576,8 @@ def build_robust_step(job: Any, setup: Any, plan: Mapping[str, Any],
                  "output-gradient) from %s; loss budget %s on %d documents of %s, checked every %d steps",
                  len(modules), len(resolve_cir_blocks(cfg, job.layers, model_parts(model).num_layers)),
                  cfg.cir_act_components, cfg.cir_grad_components, source, cfg.cir_max_loss_rise, len(budget),
-                 cfg.cir_budget_text or cfg.cir_corpus, cfg.cir_budget_every)
+                 cfg.cir_budget_text or cfg.cir_corpus, budget_every)
     objective = setup.objective.module if hasattr(setup.objective, "module") else setup.objective
     return RobustStep(StepInputs(cfg, job.world, model, objective, setup.trainable, plan["grad_accum"],
-                                 plan["steps"], refresh, forget_batches, docs, job.data.pad_id, modules, budget))
+                                 plan["steps"], refresh, forget_batches, docs, job.data.pad_id, modules, budget,
+                                 budget_every))

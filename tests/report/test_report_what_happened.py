@@ -52,6 +52,14 @@ def _rows(markdown: str, section: str = "## Unlearning runs") -> list[list[str]]
     return [[c.strip() for c in line.strip("|").split(" | ")] for line in table.splitlines() if line.startswith("| ")]
 
 
+def test_a_run_that_ended_past_its_budget_says_so(tmp_path):
+    run = _demo_like_run(tmp_path, taken=100, stopped_early=False)
+    summary = json.loads((run / "summary.json").read_text())
+    _write(run / "summary.json", {**summary, "over_budget_at_end": True})
+    header, _, row = _rows(main([str(run), "--out", str(tmp_path / "r")])["markdown"])
+    assert row[header.index("steps")] == "100" and "ended with general-text loss past its budget" in row[-1]
+
+
 def test_a_run_that_stopped_early_shows_the_steps_it_took(tmp_path):
     report = main([str(_demo_like_run(tmp_path)), "--out", str(tmp_path / "r"), "--table_format", "csv"])
     header, _, row = _rows(report["markdown"])

@@ -292,6 +292,41 @@ def test_general_loss_budget_stops_training_and_the_summary_says_where(setup, mo
 
 
 
+def test_a_budget_crossed_at_the_last_check_is_warned_and_recorded(setup, monkeypatch, caplog):
+    """Checks after steps 4 and 8 against 2.0 with a 10 % budget: 2.3 at the last step has nothing left to stop,
+    so the run ends, but over its budget, and says so."""
+    measured = iter([2.0, 2.1, 2.3])
+    monkeypatch.setattr(RobustStep, "general_loss", lambda self: next(measured))
+    with caplog.at_level("WARNING", logger="lensunlearn"):
+        run_dir = unlearn(_config(setup, **CIR, examples=32, cir_budget_every=4, cir_max_loss_rise=0.1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["stopped_early_at_step"] is None
+    assert summary["over_budget_at_end"] is True and summary["general_loss_end"] == 2.3
+    assert any("the run ends over its budget" in r.getMessage() for r in caplog.records)
+
+
+def test_a_budget_within_reach_at_the_end_is_not_flagged(setup, monkeypatch):
+    measured = iter([2.0, 2.1, 2.15])
+    monkeypatch.setattr(RobustStep, "general_loss", lambda self: next(measured))
+    run_dir = unlearn(_config(setup, **CIR, examples=32, cir_budget_every=4, cir_max_loss_rise=0.1))
+    assert json.loads((run_dir / "summary.json").read_text())["over_budget_at_end"] is False
+
+
+def test_budget_every_zero_checks_once_per_pass_over_the_forget_documents(setup, monkeypatch):
+    """Three forget documents at 2 per step: a pass is 2 steps, so 16 examples (8 steps) are checked after
+    steps 2, 4, 6 and 8, as CIR's code checks once per epoch."""
+    measured = iter([2.0, 2.01, 2.02, 2.03, 2.04])
+    monkeypatch.setattr(RobustStep, "general_loss", lambda self: next(measured))
+    run_dir = unlearn(_config(setup, **CIR, examples=16, batch=2, cir_budget_every=0, cir_max_loss_rise=0.1))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "general_loss" in line] == [2, 4, 6, 8]
+
+
+def test_a_negative_budget_period_is_refused(setup):
+    with pytest.raises(ConfigError, match="cir_budget_every"):
+        _config(setup, **CIR, cir_budget_every=-1)
+
+
 def test_shrink_rule_halves_the_learning_rate_past_the_budget_and_goes_on(setup, monkeypatch):
     """Checks after steps 2, 4, 6 and 8 against 2.0 with a 10 % budget: 2.1 passes, 2.3 and 2.25 each halve the
     learning rate from the next step on; the last step's 2.3 changes nothing (the run ends there anyway)."""
