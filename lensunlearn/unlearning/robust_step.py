@@ -471,13 +471,13 @@ class RobustStep:
             loss = self.general_loss()
             out["general_loss"] = loss
             limit = self.general_start * (1 + self.cfg.cir_max_loss_rise)
-            if loss > limit and self.cfg.cir_max_loss_rise and done == self.inputs.total_steps:
+            if loss > limit and done == self.inputs.total_steps:
                 # nothing is left to stop or shrink, but a model past its budget must not pass for one within it
                 self.over_budget_at_end = True
                 log.warning("step %d, the last: general-text loss %.4f is past %.4f (%.2f%% over its start %.4f): the "
                             "run ends over its budget; lower --lr, or check more often with --cir_budget_every",
                             done, loss, limit, 100 * self.cfg.cir_max_loss_rise, self.general_start)
-            if loss > limit and done < self.inputs.total_steps:
+            elif loss > limit:
                 past = (f"step {done}: general-text loss {loss:.4f} is past {limit:.4f} "
                         f"({100 * self.cfg.cir_max_loss_rise:.2f}% over its start {self.general_start:.4f})")
                 shrunk = self.lr_scale * self.cfg.cir_shrink
