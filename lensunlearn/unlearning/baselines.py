@@ -46,6 +46,7 @@ The papers, and where this code follows or leaves them:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -72,6 +73,8 @@ from ..modeling.losses import (
 )
 from .baseline_options import OUTPUT_OBJECTIVES
 from .objective import RETAIN_LOSSES, OriginalCache, OriginalModel, UnlearnObjective, _float32
+
+log = logging.getLogger(__name__)
 
 PAPERS = {
     "lens": "tuned-lens unlearning (EleutherAI/unlearn)",
@@ -228,21 +231,53 @@ class NPOObjective(BaselineObjective):
         return losses[counted].mean()
 
 
+# Below this mean weight (the sigmoid at about beta NLL - gamma = 4.6) SimNPO's forget gradient is under 2 %
+# of gradient ascent's, and it shrinks further as the model forgets: the run would train on retain text only.
+SATURATED_WEIGHT = 0.01
+
+
+def warn_if_saturated(mean_nll: torch.Tensor, beta: float, gamma: float) -> float:
+    """Warn when SimNPO's loss starts saturated on these sequences (their mean token losses): the mean of
+    sigmoid(-(beta NLL - gamma)) below SATURATED_WEIGHT. Returns that mean weight."""
+    weight = torch.sigmoid(-(beta * mean_nll - gamma)).mean().item()
+    if weight < SATURATED_WEIGHT:
+        typical = mean_nll.mean().item()
+        log.warning("simnpo's loss is saturated at the first step: beta %g x the forget text's mean token loss "
+                    "%.2f is %.1f, so its forget gradient is %.1e of gradient ascent's and only the retain term "
+                    "trains; lower --beta to about %.2g (beta x token loss near 1 + gamma)",
+                    beta, typical, beta * typical, 2 * weight, (1 + gamma) / max(typical, 1e-6))
+    return weight
+
+
 class SimNPOObjective(BaselineObjective):
-    """SimNPO: the length-normalised, reference-free preference loss with margin gamma."""
+    """SimNPO: the length-normalised, reference-free preference loss with margin gamma.
+
+    The loss's gradient is gradient ascent's on the mean token loss times 2 sigmoid(-(beta NLL/|y| - gamma)).
+    Where beta times the forget text's mean token loss is large from the start, that weight is near 0 and
+    only the retain term trains: the first batch is checked (`check_saturation`) and a warning names a beta
+    that keeps the loss in its live range."""
 
     def __init__(self, *args, beta: float, gamma: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.beta, self.gamma = beta, gamma
+        self.check_saturation = True  # the run turns it off when it resumes (the model has forgotten by then)
 
     def forget_loss(self, batch: dict[str, torch.Tensor], target_seed: int = 0) -> torch.Tensor:
         ids, mask, loss_mask = self._inputs(batch)
         nll, rows = next_token_nll(self.model, ids, mask, loss_mask, self.chunk)
         n = ids.shape[0]
         lengths = sequence_sums(torch.ones_like(nll), rows, n)
+        sums = sequence_sums(nll, rows, n)
+        if self.check_saturation:
+            self.check_saturation = False
+            mean_nll = (sums.detach()[lengths > 0] / lengths[lengths > 0]).float()
+            if mean_nll.numel():
+                warn_if_saturated(mean_nll, self.beta, self.gamma)
         with _float32(ids.device):
-            losses = simnpo_loss(sequence_sums(nll, rows, n), lengths, self.beta, self.gamma)
+            losses = simnpo_loss(sums, lengths, self.beta, self.gamma)
         return losses[lengths > 0].mean()
+
+
 
 
 class RMUObjective(BaselineObjective):

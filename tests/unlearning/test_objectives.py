@@ -41,6 +41,7 @@ from lensunlearn.unlearning.baselines import (
     SequentialObjective,
     SimNPOObjective,
     phase_starts,
+    warn_if_saturated,
     weights,
 )
 from lensunlearn.unlearning.objective import FrozenCopy
@@ -142,6 +143,31 @@ def test_next_token_objectives_are_their_formulas(full):
         expected = [-(2 / beta) * math.log(1 / (1 + math.exp(-(beta * sum(s).item() / n - gamma))))
                     for s, n in zip(per_seq, lengths)]
         assert simnpo.forget_loss(batch).item() == pytest.approx(sum(expected) / 3, rel=1e-5)
+
+
+def test_simnpo_warns_once_when_its_loss_starts_saturated(caplog):
+    """beta x the mean token loss far above 1 leaves SimNPO's forget gradient near 0: the first batch says so
+    and names a beta near 1 / token loss; a beta in the live range says nothing."""
+    model, original, batch = _objective_inputs()
+    args = (model, (model_parts(model).num_layers,), original, "nll")
+    per_seq, lengths = _token_nll(model, batch, 1)
+    mean_nll = torch.tensor([sum(s).item() / n for s, n in zip(per_seq, lengths)])
+    typical = mean_nll.mean().item()
+    saturated_beta, live_beta = 20 / typical, 0.5 / typical
+    weight = warn_if_saturated(mean_nll, saturated_beta, 0.0)
+    assert weight == pytest.approx(torch.sigmoid(-saturated_beta * mean_nll).mean().item(), rel=1e-6)
+    assert weight < 1e-6
+    caplog.clear()
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        saturated = SimNPOObjective(*args, skip_first=1, beta=saturated_beta, gamma=0.0)
+        saturated.forget_loss(batch)
+        saturated.forget_loss(batch)  # checked once: the forget loss is meant to saturate as the model forgets
+        SimNPOObjective(*args, skip_first=1, beta=live_beta, gamma=0.0).forget_loss(batch)
+    warnings = [r.getMessage() for r in caplog.records if "saturated" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"lower --beta to about {1 / typical:.2g}" in warnings[0] and f"{typical:.2f}" in warnings[0]
+    assert warn_if_saturated(mean_nll, live_beta, 0.0) == pytest.approx(
+        torch.sigmoid(-live_beta * mean_nll).mean().item(), rel=1e-6) and live_beta * typical == pytest.approx(0.5)
 
 
 def test_representation_objectives_are_their_formulas():
@@ -322,11 +348,11 @@ def test_sequential_trains_its_blocks_back_to_front(setup, monkeypatch, caplog, 
 # tiny-model settings for each objective (the table's layers are for a 30-block model)
 TINY = {"lens": ["--layers", "1,3"], "rmu": ["--layers", "3"], "rr": ["--layers", "1,3", "--orth_coef", "0.5"],
         "sequential": ["--layers", "3,2,1", "--lora_dropout", "0.3"], "graddiff": [], "npo": ["--full"],
-        "simnpo": ["--gamma", "0.5"]}
+        "simnpo": ["--gamma", "0.5", "--beta", "50"]}  # saturated from the start: the straight run warns
 
 
 @pytest.mark.parametrize("objective", [o for o in OBJECTIVES if o != "lens"])
-def test_resume_after_a_kill_ends_with_the_same_weights(setup, objective):
+def test_resume_after_a_kill_ends_with_the_same_weights(setup, caplog, objective):
     """Each objective killed right after its step-2 checkpoint and resumed ends as the run never killed."""
     extra = ["--objective", objective, *TINY[objective], "--examples", "16", "--checkpoint_every", "2"]
     straight = main(_argv(setup, *extra, "--run_name", "straight"))
@@ -335,7 +361,12 @@ def test_resume_after_a_kill_ends_with_the_same_weights(setup, objective):
                              *_argv(setup, *extra, "--run_name", "killed")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = main(_argv(setup, *extra, "--run_name", "killed", "--resume"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resumed = main(_argv(setup, *extra, "--run_name", "killed", "--resume"))
+    if objective == "simnpo":  # the killed run warned at its first step; the resumed model has forgotten
+        assert "loss is saturated at the first step" in killed.stderr
+        assert not [r for r in caplog.records if "saturated" in r.getMessage()]
     saved = json.loads((resumed / "run_config.json").read_text())
     assert saved["objective"] == objective
     name = "adapter/adapter_model.safetensors" if (straight / "adapter").is_dir() else "merged/model.safetensors"
