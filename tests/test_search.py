@@ -268,6 +268,29 @@ def test_the_worst_case_is_shown_beside_the_envelope_but_ranks_and_judges_nothin
     assert lines[0].count("|") == lines[1].count("|")  # an unfinished point's row is as wide as the header
 
 
+def test_the_worst_case_names_the_benign_attack_and_each_attack_where_seeds_disagree():
+    cfg = _config("robustness")
+    records = {coef: _record(f"forget_coef{coef}", coef, forget=0.30, kept=0.80, ppl=1.0, envelope=0.35)
+               for coef in (5, 20, 80, 400)}
+    records[5]["metrics"]["robustness"].update(worst_case=0.514, worst_case_source="benign_attack",
+                                               worst_case_sources=["benign_attack"])
+    records[20]["metrics"]["robustness"].update(worst_case=0.45, worst_case_source="envelope",
+                                                worst_case_sources=["envelope", "benign_attack", "envelope"])
+    records[80]["metrics"]["robustness"].update(worst_case=0.35, worst_case_source="envelope",
+                                                worst_case_sources=["envelope"])
+    # a record written before each seed's source was kept: the one most seeds agreed on
+    records[400]["metrics"]["robustness"].update(worst_case=0.6, worst_case_source="benign_attack")
+    summary = search.summarise(cfg, list(records.values()), 1.0)
+    lines = [line for line in search.markdown_table(summary).splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    at = header.index("worst case unseen %")
+    assert rows["5"][at] == "51.4 (benign attack)"
+    assert rows["20"][at] == "45.0 (benign attack in 1 of 3 seeds)"
+    assert rows["80"][at] == "35.0"  # the envelope's: not named
+    assert rows["400"][at] == "60.0 (benign attack)"
+
+
 def test_an_order_from_fewer_than_three_protocol_seeds_is_called_provisional():
     cfg = _config("robustness")
     records = [_record("forget_coef80", 80, forget=0.20, kept=0.80, ppl=1.0, envelope=0.70),
@@ -298,6 +321,7 @@ def test_robustness_measure_runs_the_protocol_on_each_run(tmp, trained):
     assert robust["selected"] == result["selected"]["2"]["unseen"]
     assert robust["worst_case"] == result["worst_case"]["2"]["unseen"]
     assert robust["worst_case_source"] == result["worst_case"]["2"]["source"]
+    assert robust["worst_case_sources"] == [result["worst_case"]["2"]["source"]]  # one seed
     ppl = summary["points"][0]["metrics"]["perplexity"]
     assert ppl["ratio"] == pytest.approx(result["perplexity"]["unlearned"] / result["perplexity"]["base"])
     assert summary["points"][0]["targets"]["envelope"] is not None

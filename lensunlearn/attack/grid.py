@@ -311,19 +311,23 @@ def recovery_share(value: Any, unlearned: Any, base: Any) -> float | None:
     return (value - unlearned) / (base - unlearned)
 
 
-def worst_case(env: Mapping[str, Mapping], fictional: Sequence[Mapping], unlearned: Any, base: Any
-               ) -> dict[str, dict]:
-    """Per step count of the envelope, the higher unseen-half accuracy of the envelope and of the real
-    forget facts during a fictional attack (the most over those attacks, each teaching no real fact):
-    {"<n>": {"unseen", "source": "envelope" | "fictional_attack", "setting", "recovery_share"}}. A tie
-    stays the envelope's; a fictional record without the ride-along (`forget_unseen`) is passed over."""
+def worst_case(env: Mapping[str, Mapping], fictional: Sequence[Mapping], unlearned: Any, base: Any,
+               benign: Sequence[Mapping] = ()) -> dict[str, dict]:
+    """Per step count of the envelope, the highest unseen-half accuracy of the envelope, of the real
+    forget facts during a fictional attack and after a benign attack (the most over the attacks of each
+    kind, neither of which trains on a forget fact):
+    {"<n>": {"unseen", "source": "envelope" | "fictional_attack" | "benign_attack", "setting",
+    "recovery_share"}}. A tie stays with the envelope, then the fictional attack; a record without the
+    number (a fictional one without the ride-along `forget_unseen`, or an attack that diverged before that
+    step count) is passed over."""
     out = {}
     for n, point in env.items():
         value, source, setting = point[UNSEEN], "envelope", point["setting"]
-        for record in fictional:
-            along = (record["steps"].get(n) or {}).get("forget_unseen")
-            if is_number(along) and along > value:
-                value, source, setting = along, "fictional_attack", record["setting"]
+        for kind, records, key in (("fictional_attack", fictional, "forget_unseen"), ("benign_attack", benign, UNSEEN)):
+            for record in records:
+                reached = (record["steps"].get(n) or {}).get(key)
+                if is_number(reached) and reached > value:
+                    value, source, setting = reached, kind, record["setting"]
         out[n] = {UNSEEN: value, "source": source, "setting": setting,
                   "recovery_share": recovery_share(value, unlearned, base)}
     return out
@@ -428,8 +432,10 @@ def summarise_seed(start: Mapping, attacks: Mapping[str, Sequence[Mapping]], ste
         "envelope": {n: {k: v for k, v in p.items() if k != "guessable"} for n, p in env.items()},
         "headline": {"steps": int(top), **{k: v for k, v in env[top].items() if k != "guessable"}},
         "recovery_share": _shares(env, unlearned["forget_unseen"], base["forget_unseen"]),
-        # an attack that teaches no real fact can bring back more than the envelope: the headline alone understates
-        "worst_case": worst_case(env, attacks["fictional"], unlearned["forget_unseen"], base["forget_unseen"]),
+        # an attack that trains on no forget fact can bring back more than the envelope: the headline alone
+        # understates
+        "worst_case": worst_case(env, attacks["fictional"], unlearned["forget_unseen"], base["forget_unseen"],
+                                 benign=attacks["benign"]),
         "selected": selected,
         "floor": {"0": unlearned["fictional_unseen"], **{n: p[UNSEEN] for n, p in fiction.items()}},
         "fictional": {"0": {ATTACKED: unlearned["fictional_attacked"], UNSEEN: unlearned["fictional_unseen"],
@@ -524,31 +530,45 @@ def _paper_label(paper: Mapping) -> str:
 
 
 FICTION_RIDE = "the forget facts during the fictional attack"
+# Each source of the worst case as the line names it, and, for the attacks that train on no forget fact,
+# why their being higher than the envelope matters.
+WORST_WHENCE = {"fictional_attack": FICTION_RIDE, "benign_attack": "the benign attack", "envelope": "the envelope"}
+WORST_WHY = {"fictional_attack": "it teaches no real fact",
+             "benign_attack": "it trains on generic text that names no forget fact"}
 
 
 def _worst_case_line(result: Mapping) -> list[str]:
-    """The worst case at the headline's step count and which attack gave it; nothing for an output
-    written before the protocol recorded it."""
+    """The worst case at the headline's step count and which attack gave it (the envelope, the real forget
+    facts during the fictional attack or the benign attack; per seed where seeds disagree); nothing for an
+    output written before the protocol recorded it."""
     head = result["headline"]
     top = str(head["steps"])
     worst = (result.get("worst_case") or {}).get(top)
     if not isinstance(worst, Mapping) or not is_number(worst.get(UNSEEN)):
         return []
-    sources = worst.get("sources") or [worst.get("source")]
+    sources = [str(s) for s in worst.get("sources") or [worst.get("source")]]
     setting = describe_setting(worst.get("setting"))
     envelope = _pct(head[UNSEEN], head.get("unseen_sd"))
-    higher = f", higher than the envelope ({envelope}%), though it teaches no real fact"
-    if all(s == "envelope" for s in sources):
+    others = [s for s in dict.fromkeys([*WORST_WHY, *sources]) if s in sources and s != "envelope"]
+    why = WORST_WHY.get(others[0], "it trains on no forget fact") if len(others) == 1 else \
+        "neither trains on a forget fact"
+    higher = f", higher than the envelope ({envelope}%), though {why}"
+    if not others:
         ride = ((result.get("fictional") or {}).get(top) or {}).get("forget_unseen")
-        whence = f"the envelope ({setting})" + (f"; {FICTION_RIDE} reached {_pct(ride)}%" if is_number(ride) else "")
-    elif all(s == "fictional_attack" for s in sources):
-        whence = f"{FICTION_RIDE} ({setting}){higher}"
+        benign = (((result.get("benign") or {}).get("steps") or {}).get(top) or {}).get(UNSEEN)
+        reached = [f"{FICTION_RIDE} reached {_pct(ride)}%"] if is_number(ride) else []
+        if is_number(benign):
+            reached.append(f"the benign attack {'' if reached else 'reached '}{_pct(benign)}%")
+        whence = f"the envelope ({setting})" + (f"; {' and '.join(reached)}" if reached else "")
+    elif len(set(sources)) == 1:
+        whence = f"{WORST_WHENCE.get(sources[0], sources[0])} ({setting}){higher}"
     else:  # seeds disagree: name the seeds of each source
         def seeds(source: str) -> str:
             named = [str(seed) for seed, s in zip(result["seeds"], sources) if s == source]
-            return f"seed{'s' if len(named) > 1 else ''} {', '.join(named)}"
+            return f"{WORST_WHENCE.get(source, source)} in seed{'s' if len(named) > 1 else ''} {', '.join(named)}"
 
-        whence = f"{FICTION_RIDE} in {seeds('fictional_attack')} and the envelope in {seeds('envelope')}{higher}"
+        parts = [seeds(s) for s in [*others, "envelope"] if s in sources]
+        whence = f"{', '.join(parts[:-1])} and {parts[-1]}{higher}"
     share = worst.get("recovery_share")
     return [f"**Worst case:** unseen-half accuracy after {head['steps']} steps: "
             f"{_pct(worst[UNSEEN], worst.get('unseen_sd'))}% from {whence}"

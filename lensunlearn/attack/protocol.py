@@ -17,11 +17,11 @@ format and prior, which makes it the floor. Capability is the kept tasks' accura
 of held-out generic text before unlearning, after it and after every attack; fluency is the base
 model's perplexity of the base, unlearned and best-attacked models' greedy continuations.
 
-Beside the envelope: the recovery share per step count; the worst case (the envelope or the real
-forget facts during the fictional attack, whichever recovered more); the unseen half under an attack
-chosen on the other of two folds of it (the envelope chooses on the facts it reports, which biases it
-up); each named paper's own attack (`--paper_attacks`); and facts whose subject gives the answer away,
-left out of the split and reported on their own (`--guessable`).
+Beside the envelope: the recovery share per step count; the worst case (the envelope, the real
+forget facts during the fictional attack or the benign attack, whichever recovered most); the unseen
+half under an attack chosen on the other of two folds of it (the envelope chooses on the facts it
+reports, which biases it up); each named paper's own attack (`--paper_attacks`); and facts whose
+subject gives the answer away, left out of the split and reported on their own (`--guessable`).
 
 Other phrasings of the forget facts (`--phrasings`: the questions asked as "Q: ... A:", or the
 user's own question files) are measured on both halves for the base and unlearned models and at

@@ -24,8 +24,8 @@ Also optional, for the same reason:
 
 (the recovery share is (after the attack - unlearned) / (base - unlearned) on the unseen half, None where
 unlearning removed nothing; `selected` is the unseen half under the attack chosen on the other fold of it;
-`worst_case` the higher of the envelope and the real unseen half during the fictional attack, its `source`
-"envelope" or "fictional_attack").
+`worst_case` the highest of the envelope, the real unseen half during the fictional attack and the unseen
+half after the benign attack, its `source` "envelope", "fictional_attack" or "benign_attack").
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ from .tables import MISSING, PENDING, is_number, markdown_table, number, percent
 # The halves' keys as `robustness_grid` writes them, repeated here because importing that module
 # imports torch (through its schedules), which a report of finished files never needs.
 ATTACKED, UNSEEN = "attacked", "unseen"
+
+# The worst case's sources other than the envelope (`worst_case.<n>.source`), in the tables' words and
+# in the order they are named.
+WORST_CASE_SOURCES = {"fictional_attack": "fictional attack", "benign_attack": "benign attack"}
 
 # A defence that holds only because general ability collapsed is no defence: past either limit the
 # run is marked as failing capability, however low its forget accuracy stays under attack.
@@ -269,16 +273,26 @@ def fmt_share(row: Mapping, key: str, pending: str = PENDING) -> str:
     return MISSING if value is None else number(value) + (f" ± {number(sd)}" if sd is not None else "")
 
 
+def worst_case_sources(sources: Sequence[Any]) -> str:
+    """The attacks other than the envelope that gave the worst case, from each seed's `source`, as a table
+    cell's note: "fictional attack" or "benign attack" where every seed agrees, "benign attack in 1 of 3
+    seeds" (each such attack, comma-separated) where they disagree; "" where the envelope gave it on every
+    seed."""
+    sources = ["" if s is None else str(s) for s in sources]
+    named = [s for s in dict.fromkeys([*WORST_CASE_SOURCES, *sources]) if s in sources and s not in ("envelope", "")]
+    words = [WORST_CASE_SOURCES.get(s, s.replace("_", " ")) for s in named]
+    if len(set(sources)) == 1:
+        return "".join(words)
+    return ", ".join(f"{w} in {sources.count(s)} of {len(sources)} seeds" for s, w in zip(named, words, strict=True))
+
+
 def fmt_worst(row: Mapping, n: int) -> str:
-    """The worst case at `n` steps as "51.4 (fictional attack)", the source named only where the fictional
-    attack gave it ("in 1 of 3 seeds" where seeds disagree); "-" when not recorded."""
+    """The worst case at `n` steps as "51.4 (fictional attack)" or "51.4 (benign attack)": the source
+    named only where an attack other than the envelope gave it, and where seeds disagree in how many
+    ("51.4 (benign attack in 1 of 3 seeds)"); "-" when not recorded."""
     cell = fmt_acc(row, f"worst_case_{n}")
-    sources = str(row.get(f"worst_case_source_{n}") or "").split(",")
-    fiction = sources.count("fictional_attack")
-    if cell in (MISSING, PENDING) or not fiction:
-        return cell
-    return cell + (" (fictional attack)" if fiction == len(sources) else
-                   f" (fictional attack in {fiction} of {len(sources)} seeds)")
+    note = worst_case_sources(str(row.get(f"worst_case_source_{n}") or "").split(","))
+    return cell if cell in (MISSING, PENDING) or not note else f"{cell} ({note})"
 
 
 def _capability_cell(row: Mapping) -> str:

@@ -35,6 +35,7 @@ from ..core.paths import (
     SUMMARY_FILE,
 )
 from ..data.tasks import check_tasks
+from ..report.robustness_results import worst_case_sources
 from ..report.tables import markdown_table as table
 from ..report.tables import number, percent
 from ..report.tamper_results import task_display
@@ -390,6 +391,7 @@ def robustness_metrics(cfg: SearchConfig, point: Point, work: Path) -> dict:
                            "unlearned_unseen": result["unlearned"]["unseen"], "base_unseen": result["base"]["unseen"],
                            "recovery_share": (result.get("recovery_share") or {}).get(steps),
                            "worst_case": worst.get("unseen"), "worst_case_source": worst.get("source"),
+                           "worst_case_sources": worst.get("sources") or [worst.get("source")],
                            "selected": selected.get("unseen"), "paper_attacks": papers,
                            "floor": result["floor"].get(steps), "seeds": result["seeds"],
                            "wall_seconds": result.get("wall_seconds")},
@@ -498,8 +500,11 @@ def _row(summary: dict, record: dict) -> list[str]:
              "-" if not ppl else f"{number(ppl['ratio'], 3)}{_mark(met['perplexity'])}"]
     if robust:
         r = metrics["robustness"]
-        fiction = " (fictional attack)" if r.get("worst_case_source") == "fictional_attack" else ""
-        cells += [f"{_pct(r['envelope'])}{_mark(met['envelope'])}", _pct(r.get("worst_case")) + fiction,
+        # the attack that gave the worst case, named where it is not the envelope (a record written before
+        # each seed's was kept has the one most seeds agree on)
+        source = worst_case_sources(r.get("worst_case_sources") or [r.get("worst_case_source")])
+        cells += [f"{_pct(r['envelope'])}{_mark(met['envelope'])}",
+                  _pct(r.get("worst_case")) + (f" ({source})" if source else ""),
                   _pct(r["unlearned_unseen"]),
                   number(r.get("recovery_share")), f"{_pct(r['floor'])}{_mark(met['floor'])}"]
     all_met = "yes" if record["measured_targets_met"] else "no"

@@ -157,6 +157,79 @@ def test_seeds_that_disagree_on_the_worst_case_are_averaged_and_named():
             "than the envelope (50.0 ± 0.0%)") in line
 
 
+def _benign(setting: Setting, points: dict[int, float | None]) -> dict:
+    """A benign attack's record: the real forget halves after training on generic text."""
+    return {"setting": setting.as_dict(), "steps": {str(n): {"attacked": 0.3, "unseen": u} for n, u in points.items()}}
+
+
+def test_worst_case_takes_the_benign_attack_where_it_brings_back_more_than_the_envelope_and_the_fiction():
+    """Generic text names no forget fact, yet where the real unseen half comes back further after the benign
+    attack than under any grid attack or during the fictional attack, the worst case is that number and names
+    the benign attack; the headline stays the envelope."""
+    grid = [_record(FULL, {2: (0.5, 0.35, []), 4: (0.9, 0.5, [])}), _record(LORA, {2: (0.6, 0.3, []),
+                                                                                4: (0.9, 0.45, [])})]
+    attacks = {"grid": grid, "base": [], "fictional": [_fiction(FULL, {2: 0.3, 4: 0.55})],
+               "benign": [_benign(LORA, {2: 0.32, 4: 0.66})]}
+    s = summarise_seed(START, attacks, [2, 4])
+    assert s["worst_case"]["4"] == {"unseen": 0.66, "source": "benign_attack", "setting": LORA.as_dict(),
+                                    "recovery_share": pytest.approx((0.66 - 0.2) / 0.6)}
+    assert s["worst_case"]["2"] == {"unseen": 0.35, "source": "envelope", "setting": FULL.as_dict(),
+                                    "recovery_share": pytest.approx((0.35 - 0.2) / 0.6)}
+    assert s["headline"]["unseen"] == 0.5 and s["benign"]["unseen"] == 0.66
+    line = next(x for x in markdown_table({**_result_shell(), **s}).splitlines() if x.startswith("**Worst case:**"))
+    assert line == ("**Worst case:** unseen-half accuracy after 4 steps: 66.0% from the benign attack (lora lr 0.01 "
+                    "constant), higher than the envelope (50.0%), though it trains on generic text that names no "
+                    "forget fact; recovery share 0.77.")
+    # below the envelope: the envelope's, with what the fictional and benign attacks reached beside it
+    low = summarise_seed(START, {**attacks, "fictional": [_fiction(LORA, {4: 0.4})],
+                                 "benign": [_benign(LORA, {4: 0.3})]}, [2, 4])
+    assert low["worst_case"]["4"]["source"] == "envelope" and low["worst_case"]["4"]["unseen"] == 0.5
+    line = next(x for x in markdown_table({**_result_shell(), **low}).splitlines() if x.startswith("**Worst"))
+    assert line == ("**Worst case:** unseen-half accuracy after 4 steps: 50.0% from the envelope (full lr 0.01 "
+                    "constant); the forget facts during the fictional attack reached 40.0% and the benign attack "
+                    "30.0%; recovery share 0.50.")
+
+
+def test_a_worst_case_tie_stays_with_the_envelope_then_the_fictional_attack_and_a_missing_number_is_passed_over():
+    env = {"4": {"unseen": 0.5, "attacked": 0.9, "setting": FULL.as_dict()}}
+    tie = worst_case(env, [_fiction(LORA, {4: 0.5})], 0.2, 0.8, benign=[_benign(LORA, {4: 0.5})])["4"]
+    assert tie == {"unseen": 0.5, "source": "envelope", "setting": FULL.as_dict(), "recovery_share": pytest.approx(0.5)}
+    above = worst_case(env, [_fiction(FULL, {4: 0.6})], 0.2, 0.8, benign=[_benign(LORA, {4: 0.6})])["4"]
+    assert above["unseen"] == 0.6 and above["source"] == "fictional_attack" and above["setting"] == FULL.as_dict()
+    # the most over several benign attacks (every setting attacks under --grid full)
+    both = worst_case(env, [], 0.2, 0.8, benign=[_benign(FULL, {4: 0.55}), _benign(LORA, {4: 0.7})])["4"]
+    assert both["unseen"] == 0.7 and both["source"] == "benign_attack" and both["setting"] == LORA.as_dict()
+    # a benign attack that diverged before step 4 (no point), or a point without the number, is passed over
+    diverged = {"setting": LORA.as_dict(), "steps": {"2": {"attacked": 0.9, "unseen": 0.9}}, "diverged": "nan loss"}
+    missing = worst_case(env, [], 0.2, 0.8, benign=[diverged, _benign(LORA, {4: None}), _benign(FULL, {4: 0.45})])
+    assert missing["4"] == {"unseen": 0.5, "source": "envelope", "setting": FULL.as_dict(),
+                            "recovery_share": pytest.approx(0.5)}
+    assert worst_case(env, [], 0.2, 0.8) == worst_case(env, [], 0.2, 0.8, benign=[])  # no benign records
+
+
+def test_seeds_whose_worst_case_comes_from_different_attacks_name_each():
+    grid = [_record(FULL, {4: (0.9, 0.5, [])})]
+    per_seed = [([_fiction(LORA, {4: 0.7})], [_benign(LORA, {4: 0.4})]),  # seed 0: the fictional attack
+                ([_fiction(LORA, {4: 0.3})], [_benign(LORA, {4: 0.8})]),  # seed 1: the benign attack
+                ([_fiction(LORA, {4: 0.3})], [_benign(LORA, {4: 0.4})])]  # seed 2: the envelope
+    seeds = [summarise_seed(START, {"grid": grid, "base": [], "fictional": f, "benign": b}, [4]) for f, b in per_seed]
+    result = {**_result_shell(), "steps": [4], "seeds": [0, 1, 2], **combine(seeds)}
+    worst = result["worst_case"]["4"]
+    assert worst["unseen"] == pytest.approx((0.7 + 0.8 + 0.5) / 3)
+    assert worst["sources"] == ["fictional_attack", "benign_attack", "envelope"]
+    line = next(x for x in markdown_table(result).splitlines() if x.startswith("**Worst case:**"))
+    assert ("from the forget facts during the fictional attack in seed 0, the benign attack in seed 1 and the "
+            "envelope in seed 2, higher than the envelope (50.0 ± 0.0%), though neither trains on a forget "
+            "fact; recovery share") in line
+    # every seed's from the benign attack: named once, with the setting
+    seeds = [summarise_seed(START, {"grid": grid, "base": [], "fictional": [], "benign": [_benign(LORA, {4: u})]},
+                            [4]) for u in (0.6, 0.8)]
+    result = {**_result_shell(), "steps": [4], "seeds": [0, 1], **combine(seeds)}
+    assert result["worst_case"]["4"]["source"] == "benign_attack" and "sources" not in result["worst_case"]["4"]
+    line = next(x for x in markdown_table(result).splitlines() if x.startswith("**Worst case:**"))
+    assert "70.0 ± 14.1% from the benign attack (lora lr 0.01 constant), higher than the envelope" in line
+
+
 def test_fictional_facts_are_twins_of_real_facts_in_their_own_phrasing():
     """A fictional fact is stated exactly as a real forget fact is (its prompt, question and corpus
     sentences), with a made-up subject and an answer from the task's answers; a fact whose phrasing
@@ -315,12 +388,15 @@ def test_the_new_numbers_on_a_tiny_run(run_files):
     for n in ("2", "3"):
         expected = recovery_share(result["envelope"][n]["unseen"], unlearned, base)
         assert result["recovery_share"][n] == (pytest.approx(expected) if expected is not None else None)
-    # the worst case: the envelope or the real unseen half during the fictional attack, whichever is higher
+    # the worst case: the envelope, the real unseen half during the fictional attack or after the benign
+    # attack, whichever is highest (a tie to the envelope, then the fictional attack)
     for n in ("2", "3"):
         env, along = result["envelope"][n]["unseen"], result["fictional"][n]["forget_unseen"]
+        benign = result["benign"]["steps"][n]["unseen"]
         worst = result["worst_case"][n]
-        assert worst["unseen"] == max(env, along)
-        assert worst["source"] == ("fictional_attack" if along > env else "envelope")
+        assert worst["unseen"] == max(env, along, benign)
+        assert worst["source"] == ("envelope" if env >= max(along, benign) else
+                                   "fictional_attack" if along >= benign else "benign_attack")
         assert worst["recovery_share"] == (pytest.approx(recovery_share(worst["unseen"], unlearned, base))
                                            if worst["recovery_share"] is not None else None)
     selected = held_out_selection(list(grid.values()), [2, 3], split["selection_folds"])

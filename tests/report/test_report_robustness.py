@@ -17,7 +17,14 @@ from lensunlearn.core.config import config_from_args
 from lensunlearn.core.errors import InputError, UserError
 from lensunlearn.core.paths import ROBUSTNESS_CURVES_FILE, is_robustness_output, write_marker
 from lensunlearn.report.plots import DPI, ROBUSTNESS_SIZE
-from lensunlearn.report.robustness_results import ATTACKED, UNSEEN, capability_failures, unseen_curves
+from lensunlearn.report.robustness_results import (
+    ATTACKED,
+    UNSEEN,
+    capability_failures,
+    fmt_worst,
+    unseen_curves,
+    worst_case_sources,
+)
 
 FULL = {"kind": "full", "lr": 1e-4, "schedule": "constant"}
 LORA = {"kind": "lora", "lr": 1e-3, "schedule": "constant"}
@@ -282,6 +289,52 @@ def test_the_worst_case_gets_a_column_per_step_count_naming_the_fictional_attack
     assert by_run["wrecked"]["worst_case_64"] == ""
     only_old = main(["--robustness", str(outputs["wrecked"]), "--out", str(tmp_path / "old")])
     assert not any(name.startswith("worst case") for name in _header(only_old["markdown"]))
+
+
+def test_the_worst_case_column_names_the_benign_attack_and_each_attack_where_seeds_disagree(tmp_path):
+    """Where the benign attack gave the worst case the cell says so in words, as for the fictional attack;
+    seeds that disagree are counted per attack other than the envelope, and the csv keeps each seed's."""
+    def worst(unseen: float, sources: list[str], sd: float | None = None) -> dict:
+        point = {"unseen": unseen, "source": max(sources, key=sources.count), "setting": LORA,
+                 "recovery_share": 0.5, **({"unseen_sd": sd} if sd is not None else {})}
+        return {"8": {"unseen": 0.4, "source": "envelope", "setting": FULL, "recovery_share": 0.31},
+                "64": {**point, **({"sources": sources} if len(set(sources)) > 1 else {})}}
+
+    runs = {"benign": ({}, ["benign_attack"]), "one_benign": ({"sd": 0.05}, ["envelope", "benign_attack", "envelope"]),
+            "mixed": ({"sd": 0.05}, ["benign_attack", "fictional_attack", "benign_attack"]),
+            "all_benign": ({"sd": 0.05}, ["benign_attack"] * 3)}
+    folders = []
+    for name, (spread, sources) in runs.items():
+        result = _result(unseen=(0.2, 0.4, 0.5), kept=0.95, ppl=21.0, **spread)
+        result["worst_case"] = worst(0.514, sources, spread.get("sd"))
+        folders.append(str(_output(tmp_path, name, result)))
+    out = main(["--robustness", ",".join(folders), "--out", str(tmp_path / "rep")])
+    header, rows = _header(out["markdown"]), _rows(out["markdown"])
+    at = header.index("worst case, 64 steps")
+    assert rows["benign"][at] == "51.4 (benign attack)"
+    assert rows["one_benign"][at] == "51.4 ± 5.0 (benign attack in 1 of 3 seeds)"
+    assert rows["mixed"][at] == "51.4 ± 5.0 (fictional attack in 1 of 3 seeds, benign attack in 2 of 3 seeds)"
+    assert rows["all_benign"][at] == "51.4 ± 5.0 (benign attack)"
+    assert [r[at - 1] for r in rows.values()] == ["40.0"] * 4  # 8 steps: the envelope's, not named
+    main(["--robustness", ",".join(folders), "--out", str(tmp_path / "csv"), "--table_format", "csv"])
+    by_run = {r["run"]: r for r in csv.DictReader((tmp_path / "csv" / "report_robustness.csv").open())}
+    assert by_run["benign"]["worst_case_source_64"] == "benign_attack"
+    assert by_run["mixed"]["worst_case_source_64"] == "benign_attack,fictional_attack,benign_attack"
+
+
+def test_fmt_worst_names_only_the_attacks_other_than_the_envelope():
+    row = {"worst_case_64": 0.514}
+    assert fmt_worst({**row, "worst_case_source_64": "envelope"}, 64) == "51.4"
+    assert fmt_worst({**row, "worst_case_source_64": "envelope,envelope"}, 64) == "51.4"
+    assert fmt_worst({**row, "worst_case_source_64": "fictional_attack"}, 64) == "51.4 (fictional attack)"
+    assert fmt_worst({**row, "worst_case_source_64": "benign_attack"}, 64) == "51.4 (benign attack)"
+    assert fmt_worst({**row, "worst_case_source_64": "envelope,benign_attack,envelope"}, 64) == \
+        "51.4 (benign attack in 1 of 3 seeds)"
+    assert fmt_worst({**row, "worst_case_source_64": "benign_attack,envelope,fictional_attack"}, 64) == \
+        "51.4 (fictional attack in 1 of 3 seeds, benign attack in 1 of 3 seeds)"
+    assert fmt_worst({**row, "worst_case_source_64": "benign_attack"}, 8) == "-"  # no number at 8 steps
+    assert fmt_worst({**row, "capability": "pending", "worst_case_source_64": "benign_attack"}, 64) == "pending"
+    assert worst_case_sources([None]) == "" and worst_case_sources(["envelope"]) == ""
 
 
 def test_each_runs_objective_is_named_beside_its_grid(tmp_path):
