@@ -2,7 +2,8 @@
 
 Each objective is set up as `unlearn --preset small --objective NAME` sets it up (its own settings from
 `OBJECTIVE_SETTINGS`: LoRA or full parameters, its layers, its retain loss; the small preset's batch of
-16 forget and 16 retain fact sentences, the original-model cache on), through the run's own
+16 forget fact sentences and 16 documents of its retain corpus, everyday text cut at its 64 tokens, as in
+a run; the original-model cache on), through the run's own
 `setup_training`. A step is what the training loop does per optimiser step: the objective's forward and
 backward with both losses weighted in, gradient clipping, the optimiser's step. The lens step and the
 objective's step are timed interleaved in this one process, so machine load hits both alike; the ratio
@@ -19,7 +20,7 @@ from dataclasses import replace
 import torch
 from _timing import parse_args, time_interleaved
 
-from lensunlearn.data.corpora import collate
+from lensunlearn.data.corpora import collate, load_texts
 from lensunlearn.data.facts import corpus_texts
 from lensunlearn.lens.tuned_lens import TunedLens
 from lensunlearn.modeling.layers import model_parts
@@ -31,7 +32,7 @@ from lensunlearn.unlearning.run import SMALL, UnlearnJob, resolve_layers, setup_
 
 
 def batches(tokenizer, size: int, max_length: int) -> dict:
-    texts = {"forget": corpus_texts("country_capital"), "retain": corpus_texts("element_symbol")}
+    texts = {"forget": corpus_texts("country_capital"), "retain": load_texts(SMALL.retain, what="retain")}
     out = {name: collate([tokenizer(t)["input_ids"][:max_length] for t in docs[:size]], tokenizer.pad_token_id)
            for name, docs in texts.items()}
     out["retain"]["doc_ids"] = torch.arange(size)
@@ -76,7 +77,8 @@ def main() -> None:
     data = batches(tokenizer, SMALL.batch, SMALL.max_length)
     tokens = sum(int(b["attention_mask"].sum()) for b in data.values())
     lens_step, lens_setup = make_step("lens", base_model, tokenizer, data, args.model)
-    print(f"one optimiser step, {args.model}, small preset batch: {SMALL.batch}+{SMALL.batch} fact sentences "
+    print(f"one optimiser step, {args.model}, small preset batch: {SMALL.batch} fact sentences + {SMALL.batch} "
+          f"{SMALL.retain} documents "
           f"({tokens} tokens), {args.threads} threads, best of {args.repeats} after one warm-up, each objective "
           f"interleaved with the lens objective ({lens_setup})")
     print(f"{'objective':<11} {'s/step':>7} {'lens s/step':>11} {'ratio':>6}  setup")
