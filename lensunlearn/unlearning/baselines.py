@@ -278,8 +278,6 @@ class SimNPOObjective(BaselineObjective):
         return losses[lengths > 0].mean()
 
 
-
-
 class RMUObjective(BaselineObjective):
     """RMU: forget tokens' stream l steered to c u, retain tokens' stream l held at the original's (MSE)."""
 

@@ -902,9 +902,9 @@ def train(job: UnlearnJob) -> Path:
         trained = state["extra"].get("trained")
         log.info("resuming %s at step %d of %d%s", run_dir, start, plan["steps"],
                  ": training is done, saving and evaluating the model" if trained is not None else "")
-    objective = getattr(setup.objective, "module", setup.objective)  # under DDP, the wrapped module
-    if start > 0 and hasattr(objective, "check_saturation"):
-        objective.check_saturation = False  # a resumed model has forgotten: its loss is meant to saturate by now
+    unwrapped = getattr(setup.objective, "module", setup.objective)  # under DDP, the wrapped module
+    if start > 0 and hasattr(unwrapped, "check_saturation"):
+        unwrapped.check_saturation = False  # a resumed model has forgotten: its loss is meant to saturate by now
     # a sequential run's phase starts follow from its steps and layers: left out, so that every run's saved
     # config holds the same plan keys (a file that holds them all reads back as the run's own config)
     saved_plan = {key: value for key, value in plan.items() if key != "phase_starts"}
