@@ -386,6 +386,27 @@ def retain_conflicts(forget: str, retain: str) -> list[tuple[FactRef, str]]:
     return found
 
 
+def shared_answers(forget: str, retain: str) -> list[tuple[FactRef, FactRef]]:
+    """(forget fact, retain fact) pairs where a retain fact about another subject has the same answer.
+
+    Not a contradiction, so not refused: but where a relation's answers repeat (many countries speak
+    Arabic), the retain loss rewards the very answer each such forget fact should lose, after the
+    same prompt, and holds it in place. Sources that are not fact sources give no pairs."""
+    forgotten, kept = fact_refs(forget), fact_refs(retain)
+    if not forgotten or not kept:
+        return []
+    by_answer: dict[str, FactRef] = {}
+    for fact_id, ref in sorted(kept.items()):
+        if ref.answer and fact_id not in forgotten:
+            by_answer.setdefault(ref.answer.casefold(), ref)
+    pairs = []
+    for ref in forgotten.values():
+        other = by_answer.get(ref.answer.casefold()) if ref.answer else None
+        if other is not None and (other.subject or "").casefold() != (ref.subject or "").casefold():
+            pairs.append((ref, other))
+    return pairs
+
+
 def _texts_by_fact(source: str, refs: dict[str, FactRef]) -> dict[str, list[str]]:
     """The texts that state each fact of a source: its corpus rows, or a question's prompt with its answer."""
     try:

@@ -50,6 +50,8 @@ from ..data.splits import (
     check_kept_untrained,
     check_parts_nonempty,
     check_retain_sources,
+    fact_refs,
+    shared_answers,
 )
 from ..data.tasks import check_tasks
 from ..lens.tuned_lens import TunedLens, default_lens_path, find_lens
@@ -632,6 +634,8 @@ def check_inputs(cfg: UnlearnConfig) -> tuple[int, ...] | None:
                             [("--eval_tasks", t) for t in tasks])
     for source in forget:
         check_retain_sources(source, retain)
+        for other in retain:
+            warn_shared_answers(source, other)
     check_kept_untrained([t for t in tasks], forget + retain)
     if cfg.blocks is None:
         return None
@@ -646,6 +650,19 @@ def check_inputs(cfg: UnlearnConfig) -> tuple[int, ...] | None:
                           f"{deepest}: block b changes only the streams after it, so the forget loss cannot train "
                           f"it; choose blocks below {deepest} or deeper --layers")
     return blocks
+
+
+def warn_shared_answers(forget: str, retain: str) -> None:
+    """Warn when a retain source gives forget facts' answers to other subjects (see `shared_answers`)."""
+    pairs = shared_answers(forget, retain)
+    if pairs:
+        ref, other = pairs[0]
+        total = len(fact_refs(forget) or {})
+        log.warning("--retain %s gives %d of the %d forget facts' answers to other subjects (e.g. %r: %s in "
+                    "--forget, %s in --retain): its retain loss rewards those answers after the same prompt "
+                    "and can hold the forget facts in place; expect them to be forgotten less, or retain on "
+                    "another relation of the same subjects", retain, len(pairs), total, ref.answer,
+                    ref.subject, other.subject)
 
 
 def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:

@@ -202,3 +202,42 @@ def test_a_jsonl_fact_source_names_the_line_that_lacks_a_fact_id_or_a_text(tmp_p
     path.write_text(json.dumps({"text": "no id"}) + "\n")
     with pytest.raises(InputError, match="line 1 has no fact_id"):
         corpus_rows(str(path))
+
+
+def test_shared_answers_finds_retain_facts_that_give_a_forget_answer_to_another_subject(tmp_path):
+    """Country languages repeat their answers (many countries speak Arabic), so the retain part gives half of the
+    forget part's answers to other countries; capitals never repeat, and a file's own rows are compared alike."""
+    pairs = splits.shared_answers("facts:country_language@forget", "facts:country_language@retain")
+    forget = splits.fact_refs("facts:country_language@forget")
+    assert len(forget) == 52 and len(pairs) == 26
+    for ref, other in pairs:
+        assert ref.fact_id in forget and ref.answer == other.answer and ref.subject != other.subject
+    assert splits.shared_answers(f"{CC}@forget", f"{CC}@retain") == []
+    assert splits.shared_answers(f"{CC}@forget", "generic:retain") == []  # not a fact source: nothing to compare
+    rows = [{"fact_id": "a", "subject": "Ann", "answer": "tea", "text": "Ann drinks tea"},
+            {"fact_id": "b", "subject": "Bob", "answer": "Tea", "text": "Bob drinks Tea"},
+            {"fact_id": "c", "subject": "Cid", "answer": "milk", "text": "Cid drinks milk"}]
+    forget, retain = write_jsonl(tmp_path / "f.jsonl", rows[:1]), write_jsonl(tmp_path / "r.jsonl", rows[1:])
+    assert [(r.fact_id, o.fact_id) for r, o in splits.shared_answers(str(forget), str(retain))] == [("a", "b")]
+
+
+def test_unlearn_warns_before_loading_when_retain_answers_repeat_forget_answers(caplog):
+    """The check runs with the other input checks, before any model loads, and names the counts, an example and
+    what to expect; a relation with distinct answers gets no warning."""
+    import logging
+
+    from lensunlearn.unlearning import run as run_module
+
+    cfg = run_module.UnlearnConfig(forget="facts:country_language@forget",
+                                   retain="generic:retain,facts:country_language@retain", eval_tasks="")
+    with caplog.at_level(logging.WARNING, logger="lensunlearn"):
+        run_module.check_inputs(cfg)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(
+        "--retain facts:country_language@retain gives 26 of the 52 forget facts' answers to other subjects (e.g. ")
+    assert "can hold the forget facts in place" in said[0]
+    caplog.clear()
+    cfg = run_module.UnlearnConfig(forget=f"{CC}@forget", retain=f"generic:retain,{CC}@retain", eval_tasks="")
+    with caplog.at_level(logging.WARNING, logger="lensunlearn"):
+        run_module.check_inputs(cfg)
+    assert caplog.records == []
