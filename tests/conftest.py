@@ -16,6 +16,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # A process a test starts (a run killed and resumed, a benchmark) inherits this process's thread count:
 # float sums depend on it on some CPUs, so results compared across processes must share it.
 os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+# bfloat16 products as a CPU with AVX-512 BF16 computes them, on every CPU: tests that compare the
+# bfloat16 paths with float32 then test the same arithmetic everywhere (the fallback to float32 on a CPU
+# without native bfloat16 has its own tests, which set the answer themselves).
+os.environ["LENSUNLEARN_NATIVE_BF16"] = "1"
 
 ARCHITECTURES = ("gpt_neox", "llama", "gpt2", "qwen2", "olmo2")
 VOCAB_WORDS = ("the capital of is and a an in on at to it was for with as by this that from paris berlin "

@@ -19,7 +19,7 @@ from ..core.errors import InputError, load_torch_file, read_json
 from ..core.paths import LENS_CONFIG_FILE as CONFIG_FILE
 from ..core.paths import LENS_PARAMS_FILE as PARAMS_FILE
 from ..modeling.layers import model_parts
-from ..modeling.loading import hub_cache_miss, looks_local
+from ..modeling.loading import fast_matmul_dtype, hub_cache_miss, looks_local
 from ..modeling.losses import vocab_cross_entropy
 from .options import default_lens_path
 
@@ -44,8 +44,10 @@ class TunedLens(nn.Module):
         """Run the unembedding product in `dtype` (bfloat16: ~3-7x faster on CPUs with AVX-512 BF16).
 
         The weight is cast once; norms, translators and everything computed from the logits stay
-        float32. None or float32 restores the exact float32 product.
+        float32. None or float32 restores the exact float32 product, and so does bfloat16 on a CPU
+        that would emulate it (`fast_matmul_dtype`).
         """
+        dtype = fast_matmul_dtype(dtype, self.unembed.weight.device, "the lens's unembedding product")
         if dtype in (None, torch.float32):
             self._matmul_weight = None
         else:

@@ -43,6 +43,42 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# The CPU probes of torch (private, present since torch 2.3); a CPU with neither computes bfloat16 products
+# by converting to float32 and back, 10 to 30 times slower than float32 itself.
+_BF16_CPU_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+_warned_emulated: set[str] = set()
+# 1 or 0 overrides the probes: 1 keeps bfloat16 where asked (the same arithmetic on every CPU, as the
+# tests want it), 0 takes float32 (as a CPU without native bfloat16 does).
+NATIVE_BF16_ENV = "LENSUNLEARN_NATIVE_BF16"
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively: a GPU does; a CPU only with AVX-512 BF16 or
+    AMX. On an AVX2 CPU a 576x576 bfloat16 product took 15x as long as the float32 one. Where torch
+    cannot tell, the answer is yes (the caller keeps what was asked for); `LENSUNLEARN_NATIVE_BF16=1` or
+    `0` decides instead."""
+    if torch.device(device).type != "cpu":
+        return True
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip().lower()
+    if forced in ("1", "0", "yes", "no", "true", "false"):
+        return forced in ("1", "yes", "true")
+    probes = [getattr(torch.cpu, name, None) for name in _BF16_CPU_PROBES]
+    probes = [probe for probe in probes if callable(probe)]
+    return not probes or any(probe() for probe in probes)
+
+
+def fast_matmul_dtype(dtype: torch.dtype | None, device: torch.device | str, what: str) -> torch.dtype | None:
+    """`dtype` for a product that bfloat16 only speeds up, or float32 where `device` would emulate
+    bfloat16 (logged once per `what`): float32 is exact and, there, the faster of the two."""
+    if dtype != torch.bfloat16 or native_bfloat16(device):
+        return dtype
+    if what not in _warned_emulated:
+        _warned_emulated.add(what)
+        log.info("%s: this CPU has no native bfloat16 (AVX-512 BF16 or AMX), so it runs in float32, which is "
+                 "exact and here faster", what)
+    return torch.float32
+
+
 def resolve_dtype(name: str | None, device: torch.device | None = None) -> torch.dtype:
     """float32 on CPU and bfloat16 on GPU unless asked otherwise."""
     if name is None or name == "auto":

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..modeling.loading import fast_matmul_dtype
 from .options import DEFAULT_MOMENTUM, SCHEDULES, OptimizerName, ScheduleName, TrainingOptions  # noqa: F401
 
 # Param-group settings that pick how a step is computed, not what it computes.
@@ -51,19 +52,47 @@ class MultiOptimizer:
                 group.update(flags)
 
 
-class ShardedMuon(torch.optim.Muon):
-    """`torch.optim.Muon` for matrices sharded by FSDP2 (DTensors).
+def orthogonalise(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Muon's Newton-Schulz orthogonalisation of a 2-D update. In bfloat16 it is torch's own function (the
+    numbers `torch.optim.Muon` computes); in float32 the same iteration: scale to norm 1, then `steps`
+    times X <- aX + (bG + cG^2)X with G = XX^T, on the wide orientation."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
 
-    Muon orthogonalises each update as a whole matrix, which a rank holding some rows cannot do.
-    Here the momentum stays sharded (it is elementwise), the update is gathered, orthogonalised
-    identically on every rank, and each rank applies its own rows. The arithmetic is Muon's, step
-    for step, so a sharded run follows a single-process run.
+    if dtype == torch.bfloat16:
+        return _zeropower_via_newtonschulz(update, coefficients, steps, eps)
+    a, b, c = coefficients
+    x = update.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class ShardedMuon(torch.optim.Muon):
+    """`torch.optim.Muon`, step for step, where torch's own cannot run or runs slowly.
+
+    - Matrices sharded by FSDP2 (DTensors): Muon orthogonalises each update as a whole matrix, which a
+      rank holding some rows cannot do. Here the momentum stays sharded (it is elementwise), the update
+      is gathered, orthogonalised identically on every rank, and each rank applies its own rows, so a
+      sharded run follows a single-process run.
+    - CPUs without native bfloat16 (`ns_dtype=torch.float32`): torch orthogonalises in bfloat16, which
+      such a CPU emulates; a step of the robust preset's 87 MLP matrices took minutes on an AVX2 CPU.
+      In float32 the iteration is exact to float32 and several times faster there.
     """
+
+    def __init__(self, params, *args, ns_dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
         from torch.distributed.tensor import DTensor, distribute_tensor
-        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+        from torch.optim._muon import _adjust_lr
 
         if closure is not None:
             raise ValueError("ShardedMuon.step takes no closure")
@@ -76,7 +105,7 @@ class ShardedMuon(torch.optim.Muon):
                 buffer.lerp_(grad, 1 - group["momentum"])
                 update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
                 whole = update.full_tensor() if isinstance(update, DTensor) else update
-                ortho = _zeropower_via_newtonschulz(whole, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                ortho = orthogonalise(whole, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
                 if isinstance(param, DTensor):
                     ortho = distribute_tensor(ortho, param.device_mesh, param.placements, src_data_rank=None)
                 param.mul_(1 - group["lr"] * group["weight_decay"])
@@ -146,9 +175,12 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], name: Opti
         matrices, rest = split_for_muon(named_params, exclude_from_muon)
         optimizers: list[torch.optim.Optimizer] = []
         if matrices:
-            muon = ShardedMuon if any(is_sharded(p) for p in matrices) else torch.optim.Muon
-            optimizers.append(muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                   adjust_lr_fn="match_rms_adamw"))
+            settings = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+            ns_dtype = fast_matmul_dtype(torch.bfloat16, matrices[0].device, "Muon's orthogonalisation")
+            if any(is_sharded(p) for p in matrices) or ns_dtype != torch.bfloat16:
+                optimizers.append(ShardedMuon(matrices, ns_dtype=ns_dtype, **settings))
+            else:
+                optimizers.append(torch.optim.Muon(matrices, **settings))
         if rest:
             optimizers.append(adamw(rest, lr, weight_decay))
         return MultiOptimizer(optimizers)

@@ -29,7 +29,8 @@ def test_cpu_adamw_is_fused_and_takes_the_default_step():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_build_optimizer_uses_fused_adamw_for_adamw_and_muons_remainder():
+def test_build_optimizer_uses_fused_adamw_for_adamw_and_muons_remainder(monkeypatch):
+    monkeypatch.setattr("lensunlearn.modeling.loading.native_bfloat16", lambda device: True)
     matrix, bias = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
     plain = build_optimizer([("w", matrix), ("b", bias)], "adamw", 1e-3, 0.0)
     assert [type(o).__name__ for o in plain.optimizers] == ["AdamW"] and plain.optimizers[0].defaults["fused"]

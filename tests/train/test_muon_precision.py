@@ -1,0 +1,120 @@
+"""Muon and the lens's unembedding product on a CPU without native bfloat16: float32 instead of an
+emulated bfloat16, with torch's own bfloat16 arithmetic kept wherever the hardware has it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lensunlearn.modeling import loading
+from lensunlearn.train.optim import ShardedMuon, build_optimizer, orthogonalise
+
+COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """A CPU that would emulate bfloat16 (as an AVX2 one does), whatever this machine has."""
+    monkeypatch.setattr(loading, "native_bfloat16", lambda device: False)
+    monkeypatch.setattr(loading, "_warned_emulated", set())
+
+
+@pytest.fixture
+def native(monkeypatch):
+    monkeypatch.setattr(loading, "native_bfloat16", lambda device: True)
+
+
+def _muon_params(seed: int) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in ((12, 7), (5, 9))]
+
+
+def _steps(optimizer, params, count: int = 3) -> None:
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(count):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12), (8, 8)])
+def test_float32_orthogonalisation_is_the_bfloat16_iteration_without_its_rounding(shape):
+    update = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    exact = orthogonalise(update, COEFFICIENTS, 5, 1e-7, torch.float32)
+    rounded = orthogonalise(update, COEFFICIENTS, 5, 1e-7, torch.bfloat16)
+    assert exact.dtype == torch.float32 and exact.shape == update.shape
+    torch.testing.assert_close(exact, rounded.float(), rtol=0.05, atol=0.03)
+    # the quintic pushes every singular value into roughly [0.7, 1.2] (Muon's design), from any scale
+    singular = torch.linalg.svdvals(exact)
+    assert singular.min() > 0.6 and singular.max() < 1.25
+    torch.testing.assert_close(orthogonalise(100 * update, COEFFICIENTS, 5, 1e-7, torch.float32), exact)
+
+
+def test_the_step_in_bfloat16_is_torchs_muon_exactly():
+    ours, theirs = _muon_params(0), _muon_params(0)
+    settings = dict(lr=0.02, weight_decay=0.01, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    _steps(ShardedMuon(ours, ns_dtype=torch.bfloat16, **settings), ours)
+    _steps(torch.optim.Muon(theirs, **settings), theirs)
+    for a, b, start in zip(ours, theirs, _muon_params(0)):
+        assert not torch.equal(a, start) and torch.equal(a, b)
+
+
+def test_the_step_in_float32_follows_it_closely():
+    exact, rounded = _muon_params(0), _muon_params(0)
+    settings = dict(lr=0.02, weight_decay=0.0, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    _steps(ShardedMuon(exact, ns_dtype=torch.float32, **settings), exact)
+    _steps(torch.optim.Muon(rounded, **settings), rounded)
+    for a, b, start in zip(exact, rounded, _muon_params(0)):
+        moved = (b - start).abs().max()
+        assert (a - b).abs().max() < 0.1 * moved  # the same step up to bfloat16's rounding
+
+
+def test_build_optimizer_picks_float32_only_where_bfloat16_is_emulated(emulated, caplog):
+    matrix, bias = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    with caplog.at_level(logging.INFO):
+        muon = build_optimizer([("w", matrix), ("b", bias)], "muon", 1e-3, 0.0).optimizers[0]
+        build_optimizer([("w", matrix), ("b", bias)], "muon", 1e-3, 0.0)
+    assert isinstance(muon, ShardedMuon) and muon.ns_dtype == torch.float32
+    assert caplog.text.count("no native bfloat16") == 1  # said once, not at every optimiser
+
+
+def test_build_optimizer_keeps_torchs_muon_where_bfloat16_is_native(native):
+    matrix = torch.nn.Parameter(torch.randn(4, 4))
+    muon = build_optimizer([("w", matrix)], "muon", 1e-3, 0.0).optimizers[0]
+    assert type(muon) is torch.optim.Muon
+
+
+def test_the_lens_product_stays_float32_where_bfloat16_is_emulated(emulated, native_lens):
+    assert native_lens.set_matmul_dtype(torch.bfloat16)._matmul_weight is None  # the exact float32 product
+
+
+def test_the_lens_product_is_bfloat16_where_it_is_native(native, native_lens):
+    assert native_lens.set_matmul_dtype(torch.bfloat16)._matmul_weight.dtype == torch.bfloat16
+
+
+@pytest.fixture
+def native_lens():
+    from lensunlearn.lens.tuned_lens import TunedLens
+
+    unembed = torch.nn.Linear(6, 11, bias=False)
+    return TunedLens(torch.nn.LayerNorm(6), unembed, 6, 2)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True),
+                                                         (False, True, True), (None, None, True)])
+def test_the_cpu_answer_follows_torchs_probes(monkeypatch, avx512_bf16, amx, expected):
+    """Either instruction set makes bfloat16 native; where torch has no probe the answer is yes, and a GPU
+    always is."""
+    monkeypatch.delenv(loading.NATIVE_BF16_ENV, raising=False)
+    for name, value in zip(loading._BF16_CPU_PROBES, (avx512_bf16, amx)):
+        if value is None:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
+    assert loading.native_bfloat16(torch.device("cpu")) is expected
+    assert loading.native_bfloat16("cuda")
+    for value, native in (("0", False), ("1", True)):  # the variable decides over the probes
+        monkeypatch.setenv(loading.NATIVE_BF16_ENV, value)
+        assert loading.native_bfloat16("cpu") is native
