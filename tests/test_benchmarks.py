@@ -14,14 +14,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_step_gpu_runs_tiny_on_cpu(tmp_path):
+def test_step_gpu_runs_tiny_on_cpu(tmp_path, monkeypatch):
     out = tmp_path / "gpu.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_gpu.py"), "--tiny", "--out", str(out)],
                    check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = json.loads(out.read_text())["rows"]
     assert [(r["step"], r["checkpointing"]) for r in rows] == [
         ("unlearn LoRA", False), ("unlearn LoRA", True), ("lens train", False)]
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < math.inf for r in rows)
+    # MFU is against the bfloat16 product rate measured in the same process: a CPU that emulates bfloat16
+    # measures a rate below what its steps reach, so the bound holds only where bfloat16 is native
+    from lensunlearn.modeling.loading import NATIVE_BF16_ENV, native_bfloat16
+
+    monkeypatch.delenv(NATIVE_BF16_ENV)
+    if native_bfloat16("cpu"):
+        assert all(r["mfu"] < 1 for r in rows)
 
 
 def test_lens_quality_runs_tiny_and_reports_both_recipes(tmp_path, text_corpus):

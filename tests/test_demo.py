@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from lensunlearn.cli import main
+from lensunlearn.cli import configure, main
+from lensunlearn.demo.options import SELECTIVE_LR
 
 from .conftest import save_tiny_model
 
@@ -27,15 +28,18 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
                  "tamper/results.json", "tamper/tamper.png", "report.md"):
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
     base = json.loads((out / "base_eval.json").read_text())
-    assert set(base["results"]) == {"facts:country_capital", "facts:element_symbol", "facts:us_state_capital"}
+    # the forget part and the never-trained parts: the neighbour's retain part is trained on, so its kept part
+    assert set(base["results"]) == {"facts:country_capital@forget", "facts:country_capital@kept",
+                                    "facts:element_symbol", "facts:us_state_capital@kept"}
     assert len(base["profile"]["layers"]) == 4
     assert json.loads((out / "lens_eval.json").read_text())["documents"] == 128  # the demo's share of the held-out text
     report = (out / "report.md").read_text()
     assert "| baseline" in report.lower() or "baseline" in report.lower()
     # every kept domain in the demo's table, the runs table and the attack's table; every figure linked
-    for domain in ("element symbol", "us state capital"):
-        assert f"| {domain} (kept) |" in report.replace("_", " ") or f"{domain} (kept)" in report.replace("_", " ")
-    for task in ("facts:element_symbol", "facts:us_state_capital"):
+    for domain in ("country capital, kept part", "element symbol", "us state capital, kept part"):
+        assert f"| {domain} (kept) |" in report
+    assert "| country capital, forget part (forgotten) |" in report
+    for task in ("facts:element_symbol", "facts:us_state_capital@kept"):
         assert f"{task} (↑)" in report and f"| {task} |" in report.split("## Tampering resistance")[1]
     drawn = {str(p.relative_to(out)) for p in out.rglob("*.png")}
     assert drawn == set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)) and "tamper/tamper.png" in drawn
@@ -45,14 +49,43 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     assert f"| {steps} |" in report.split("## Unlearning runs")[1]  # the steps the run took
     records = json.loads((out / "tamper" / "results.json").read_text())["records"]
     assert [r["step"] for r in records] == [0, 32, 33]  # the attack cycles its 16 chunks for --tamper_steps
-    assert "facts:country_capital:heldout" in records[-1]["tasks"]  # the unseen half is measured apart
+    assert "facts:country_capital@forget:heldout" in records[-1]["tasks"]  # the unseen half is measured apart
+    attack = json.loads((out / "tamper" / "results.json").read_text())["config"]
+    assert attack["num_attacked_facts"] == 40  # half of the forget part (80 of 160 capitals)
     run_config = json.loads((out / "unlearn" / "run_config.json").read_text())
-    # the robust preset as a user runs it: its own retain corpus, never the kept domains it is judged on
-    assert run_config["retain"] == "generic:retain" and run_config["examples"] == 32
-    assert run_config["layers"] == [1, 3] and run_config["forget"] == "facts:country_capital"
+    # the robust preset on a split relation: everyday text and the retain parts, never a part it is judged on
+    assert run_config["retain"] == "generic:retain,facts:country_capital@retain,facts:us_state_capital@retain"
+    assert run_config["examples"] == 32 and run_config["lr"] == SELECTIVE_LR  # the line's, and the demo's
+    assert run_config["cir_budget_text"] == "generic:heldout"
+    assert run_config["layers"] == [1, 3] and run_config["forget"] == "facts:country_capital@forget"
     assert run_config["cir"] and run_config["cir_grad_components"] == 4 and run_config["optimizer"] == "muon"
-    assert run_config["cir_on_loss_rise"] == "stop"  # the preset's shrink rule would not fit the demo's time
+    assert run_config["cir_on_loss_rise"] == "shrink"  # the preset's own rule: the short run meets its budget early
     caplog.clear()
     with caplog.at_level("INFO"):
         main(argv)
     assert caplog.text.count("already done") == 7
+
+
+def test_demo_tasks_and_retain_data_with_and_without_selective():
+    """--selective forgets the forget part and measures the kept parts; --no-selective the earlier story:
+    the whole domain forgotten, everyday text retained, whole domains measured."""
+    cfg = configure(["demo"])[1]
+    assert cfg.forget_source == "facts:country_capital@forget"
+    assert cfg.tasks == ["facts:country_capital@forget", "facts:country_capital@kept", "facts:element_symbol",
+                         "facts:us_state_capital@kept"]
+    cfg = configure(["demo", "--neighbour_domains", ""])[1]
+    assert cfg.retain == "generic:retain,facts:country_capital@retain"
+    assert cfg.tasks[2:] == ["facts:element_symbol", "facts:us_state_capital"]
+    cfg = configure(["demo", "--kept_domains", "element_symbol"])[1]  # a neighbour trained on, not measured
+    assert cfg.retain.endswith("facts:us_state_capital@retain") and cfg.tasks[2:] == ["facts:element_symbol"]
+    cfg = configure(["demo", "--no-selective"])[1]
+    assert (cfg.forget_source, cfg.retain) == ("facts:country_capital", "generic:retain")
+    assert cfg.tasks == ["facts:country_capital", "facts:element_symbol", "facts:us_state_capital"]
+
+
+def test_demo_refuses_the_forget_domain_as_a_neighbour(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--neighbour_domains", "country_capital"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--forget_domain must not also be a neighbour domain" in err and len(err.splitlines()) == 1

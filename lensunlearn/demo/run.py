@@ -45,7 +45,7 @@ from ..core.paths import (
     TAMPER_PLOT_FILE,
     beside,
 )
-from .options import DemoConfig
+from .options import SELECTIVE_EXAMPLES, SELECTIVE_LR, DemoConfig
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,9 @@ def _evaluate_with_profile(cfg: DemoConfig, model_name: str, lens_dir: Path, out
 
 
 def _domain(task: str) -> str:
-    return task.removeprefix("facts:").replace("_", " ")
+    """A task's name in the demo's tables: "country capital", or "country capital, kept part"."""
+    domain, _, part = task.removeprefix("facts:").partition("@")
+    return domain.replace("_", " ") + (f", {part} part" if part else "")
 
 
 def demo_summary(cfg: DemoConfig, out: Path) -> list[str]:
@@ -193,9 +195,17 @@ def demo_summary(cfg: DemoConfig, out: Path) -> list[str]:
               for r in records]
     profiles = [beside(name, PROFILE_PLOT_SUFFIX).name for name in (BASE_EVAL_FILE, DEMO_UNLEARNED_EVAL_FILE)]
     lens_plot = beside(DEMO_LENS_EVAL_FILE, LENS_PLOT_SUFFIX).name
+    if cfg.selective:
+        neighbours = "".join(f" and {_domain(d)}" for d in cfg.neighbour_domains)
+        what = (f"The forget part of {_domain(cfg.forget_domain)} (half its facts) unlearned with `unlearn --preset "
+                f"robust` through a tuned lens, retaining on everyday text and the retain parts of "
+                f"{_domain(cfg.forget_domain)}{neighbours}; the kept parts and the other kept domains evaluated but "
+                f"never trained on; then a held-out relearning attack within the forget part: ")
+    else:
+        what = (f"{_domain(forget).capitalize()} unlearned with `unlearn --preset robust` through a tuned lens, the "
+                f"kept domains evaluated but never trained on; then a held-out relearning attack: ")
     return ["## The demo", "",
-            f"{_domain(forget).capitalize()} unlearned with `unlearn --preset robust` through a tuned lens, the "
-            f"kept domains evaluated but never trained on; then a held-out relearning attack: "
+            what +
             f"{'full-parameter' if attack['config'].get('full', True) else 'LoRA'} fine-tuning at lr "
             f"{learning_rate(attack['config']['lr'])} on {attack['config']['chunks']} sentences about "
             f"{attack['config']['num_attacked_facts']} of the facts (the attacked half), measured as well on the "
@@ -226,6 +236,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
     from ..lens.evaluate import LensEvalConfig, eval_lens
     from ..lens.train import LensTrainConfig, train_lens
     from ..report.command import ReportConfig, run_report
+    from ..unlearning.options import robust_on_split
     from ..unlearning.run import ROBUST, unlearn
 
     out = Path(cfg.out)
@@ -259,14 +270,18 @@ def _run_demo(cfg: DemoConfig) -> Path:
                lambda: _evaluate_with_profile(cfg, cfg.model, lens_dir, base_eval, "before unlearning"))
 
     def run_unlearn() -> None:
-        # The preset as a user runs it (its retain corpus included), so that the kept domains measure
-        # collateral damage on facts the objective never saw.
-        changes = dict(examples=cfg.unlearn_examples, layers=cfg.unlearn_layers, optimizer=cfg.optimizer,
-                       cir_act_components=cfg.cir_act_components, cir_grad_components=cfg.cir_grad_components,
-                       cir_on_loss_rise=cfg.cir_on_loss_rise)
-        robust = replace(ROBUST, **cfg.model_options(), lens=str(lens_dir), out=str(out), run_name=DEMO_UNLEARN_RUN,
-                         eval_tasks=",".join(cfg.tasks), eval_base=False, forget=f"facts:{cfg.forget_domain}",
-                         **continue_or_replace(run_dir), **{k: v for k, v in changes.items() if v is not None})
+        # The preset as a user runs it on the same data (on a split relation: its budget on held-out
+        # text), so that the kept domains and parts measure collateral damage on facts no loss saw.
+        defaults = dict(examples=SELECTIVE_EXAMPLES, lr=SELECTIVE_LR, cir_on_loss_rise="shrink") \
+            if cfg.selective else dict(cir_on_loss_rise="stop")
+        given = dict(examples=cfg.unlearn_examples, lr=cfg.unlearn_lr, layers=cfg.unlearn_layers,
+                     optimizer=cfg.optimizer, cir_act_components=cfg.cir_act_components,
+                     cir_grad_components=cfg.cir_grad_components, cir_on_loss_rise=cfg.cir_on_loss_rise)
+        changes = defaults | {k: v for k, v in given.items() if v is not None}
+        preset = robust_on_split(ROBUST, {"forget": cfg.forget_source, "retain": cfg.retain})
+        robust = replace(preset, **cfg.model_options(), lens=str(lens_dir), out=str(out), run_name=DEMO_UNLEARN_RUN,
+                         eval_tasks=",".join(cfg.tasks), eval_base=False, forget=cfg.forget_source,
+                         retain=cfg.retain, **continue_or_replace(run_dir), **changes)
         unlearn(robust)
     stages.run("unlearn", run_dir / EVAL_FILE, run_unlearn)
 
@@ -276,7 +291,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
 
     def tamper() -> None:
         run_tamper(TamperConfig(**cfg.model_options() | {"model": None}, run=str(run_dir),
-                                forget=f"facts:{cfg.forget_domain}",
+                                forget=cfg.forget_source,
                                 holdout=cfg.holdout, eval_tasks=",".join(cfg.tasks), eval_format="cloze",
                                 lr=cfg.tamper_lr, full=cfg.tamper_full, forget_limit=cfg.tamper_limit,
                                 steps=cfg.tamper_steps, schedule="constant", max_length=64, batch=8,

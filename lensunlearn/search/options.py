@@ -23,7 +23,6 @@ from ..core.checks import require_nonnegative, require_positive
 from ..core.config import CONFIG_FILE_DEST, Command, ConfigError, Options, add_config_args, config_from_args, option
 from ..core.paths import SEARCH_RUNS_DIR
 from ..report.tamper_results import task_display
-from ..unlearning.baseline_options import objective_preset
 from ..unlearning.options import (
     OLD_PRESET_NAMES,
     PRESETS,
@@ -31,6 +30,7 @@ from ..unlearning.options import (
     SAVED_PLAN_KEYS,
     DistillConfig,
     UnlearnConfig,
+    adjust_unlearn_preset,
 )
 from ..unlearning.options import SAVED_KEYS as DISTILL_SAVED_KEYS
 
@@ -266,7 +266,7 @@ def check_measurable(cfg: SearchConfig, config: UnlearnConfig | DistillConfig, w
 
 def point_config(cfg: SearchConfig, values: argparse.Namespace) -> UnlearnConfig | DistillConfig:
     if cfg.stage == "unlearn":
-        return config_from_args(UnlearnConfig, values, PRESETS[cfg.preset], SAVED_PLAN_KEYS, objective_preset,
+        return config_from_args(UnlearnConfig, values, PRESETS[cfg.preset], SAVED_PLAN_KEYS, adjust_unlearn_preset,
                                 SAVED_OPTIONAL_KEYS)
     return config_from_args(DistillConfig, values, derived=DISTILL_SAVED_KEYS)
 
