@@ -8,7 +8,7 @@ import re
 import pytest
 
 from lensunlearn.cli import configure, main
-from lensunlearn.demo.options import SELECTIVE_LR
+from lensunlearn.demo.options import SELECTIVE_EXAMPLES, SELECTIVE_LR
 
 from .conftest import save_tiny_model
 
@@ -78,9 +78,14 @@ def test_demo_tasks_and_retain_data_with_and_without_selective():
     assert cfg.tasks[2:] == ["facts:element_symbol", "facts:us_state_capital"]
     cfg = configure(["demo", "--kept_domains", "element_symbol"])[1]  # a neighbour trained on, not measured
     assert cfg.retain.endswith("facts:us_state_capital@retain") and cfg.tasks[2:] == ["facts:element_symbol"]
+    assert configure(["demo"])[1].unlearn_settings() == dict(examples=SELECTIVE_EXAMPLES, lr=SELECTIVE_LR,
+                                                             cir_on_loss_rise="shrink")
     cfg = configure(["demo", "--no-selective"])[1]
     assert (cfg.forget_source, cfg.retain) == ("facts:country_capital", "generic:retain")
     assert cfg.tasks == ["facts:country_capital", "facts:element_symbol", "facts:us_state_capital"]
+    assert cfg.unlearn_settings() == dict(cir_on_loss_rise="stop")  # the robust preset's steps and rate
+    cfg = configure(["demo", "--unlearn_lr", "5e-4", "--cir_on_loss_rise", "stop", "--unlearn_examples", "64"])[1]
+    assert cfg.unlearn_settings() == dict(examples=64, lr=5e-4, cir_on_loss_rise="stop")  # flags win
 
 
 def test_demo_refuses_the_forget_domain_as_a_neighbour(capsys):

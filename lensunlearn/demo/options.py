@@ -93,6 +93,15 @@ class DemoConfig(ModelOptions):
                          unlearn_lr=self.unlearn_lr)
         super().__post_init__()
 
+    def unlearn_settings(self) -> dict:
+        """What the demo sets over the robust preset: the story's defaults, then the flags given."""
+        defaults = dict(examples=SELECTIVE_EXAMPLES, lr=SELECTIVE_LR, cir_on_loss_rise="shrink") \
+            if self.selective else dict(cir_on_loss_rise="stop")
+        given = dict(examples=self.unlearn_examples, lr=self.unlearn_lr, layers=self.unlearn_layers,
+                     optimizer=self.optimizer, cir_act_components=self.cir_act_components,
+                     cir_grad_components=self.cir_grad_components, cir_on_loss_rise=self.cir_on_loss_rise)
+        return defaults | {key: value for key, value in given.items() if value is not None}
+
     @property
     def forget_source(self) -> str:
         """What unlearning and the attack train on: the forget part of the domain, or all of it."""

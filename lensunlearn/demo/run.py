@@ -45,7 +45,7 @@ from ..core.paths import (
     TAMPER_PLOT_FILE,
     beside,
 )
-from .options import SELECTIVE_EXAMPLES, SELECTIVE_LR, DemoConfig
+from .options import DemoConfig
 
 log = logging.getLogger(__name__)
 
@@ -272,12 +272,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
     def run_unlearn() -> None:
         # The preset as a user runs it on the same data (on a split relation: its budget on held-out
         # text), so that the kept domains and parts measure collateral damage on facts no loss saw.
-        defaults = dict(examples=SELECTIVE_EXAMPLES, lr=SELECTIVE_LR, cir_on_loss_rise="shrink") \
-            if cfg.selective else dict(cir_on_loss_rise="stop")
-        given = dict(examples=cfg.unlearn_examples, lr=cfg.unlearn_lr, layers=cfg.unlearn_layers,
-                     optimizer=cfg.optimizer, cir_act_components=cfg.cir_act_components,
-                     cir_grad_components=cfg.cir_grad_components, cir_on_loss_rise=cfg.cir_on_loss_rise)
-        changes = defaults | {k: v for k, v in given.items() if v is not None}
+        changes = cfg.unlearn_settings()
         preset = robust_on_split(ROBUST, {"forget": cfg.forget_source, "retain": cfg.retain})
         robust = replace(preset, **cfg.model_options(), lens=str(lens_dir), out=str(out), run_name=DEMO_UNLEARN_RUN,
                          eval_tasks=",".join(cfg.tasks), eval_base=False, forget=cfg.forget_source,
