@@ -81,8 +81,9 @@ class ShardedMuon(torch.optim.Muon):
       is gathered, orthogonalised identically on every rank, and each rank applies its own rows, so a
       sharded run follows a single-process run.
     - CPUs without native bfloat16 (`ns_dtype=torch.float32`): torch orthogonalises in bfloat16, which
-      such a CPU emulates; a step of the robust preset's 87 MLP matrices took minutes on an AVX2 CPU.
-      In float32 the iteration is exact to float32 and several times faster there.
+      such a CPU emulates: on an AVX2 CPU one 576x576 orthogonalisation took 2.3 s, about 15 times its
+      float32 time, and the robust preset orthogonalises 87 larger MLP matrices a step. In float32 the
+      iteration is exact to float32 and the faster of the two there.
     """
 
     def __init__(self, params, *args, ns_dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:
