@@ -31,12 +31,19 @@ def _muon_params(seed: int) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in ((12, 7), (5, 9))]
 
 
-def _steps(optimizer, params, count: int = 3) -> None:
-    generator = torch.Generator().manual_seed(5)
-    for _ in range(count):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=generator)
-        optimizer.step()
+def _ours_and_torchs(ns_dtype: torch.dtype, weight_decay: float) -> tuple[list, list]:
+    """The same matrices after three equal steps of our Muon step (orthogonalising in `ns_dtype`) and of
+    torch's."""
+    settings = dict(lr=0.02, weight_decay=weight_decay, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    ours, theirs = _muon_params(0), _muon_params(0)
+    for params, optimizer in ((ours, ShardedMuon(ours, ns_dtype=ns_dtype, **settings)),
+                              (theirs, torch.optim.Muon(theirs, **settings))):
+        generator = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+    return ours, theirs
 
 
 @pytest.mark.parametrize("shape", [(12, 7), (7, 12), (8, 8)])
@@ -53,19 +60,13 @@ def test_float32_orthogonalisation_is_the_bfloat16_iteration_without_its_roundin
 
 
 def test_the_step_in_bfloat16_is_torchs_muon_exactly():
-    ours, theirs = _muon_params(0), _muon_params(0)
-    settings = dict(lr=0.02, weight_decay=0.01, momentum=0.9, adjust_lr_fn="match_rms_adamw")
-    _steps(ShardedMuon(ours, ns_dtype=torch.bfloat16, **settings), ours)
-    _steps(torch.optim.Muon(theirs, **settings), theirs)
+    ours, theirs = _ours_and_torchs(torch.bfloat16, weight_decay=0.01)
     for a, b, start in zip(ours, theirs, _muon_params(0)):
         assert not torch.equal(a, start) and torch.equal(a, b)
 
 
 def test_the_step_in_float32_follows_it_closely():
-    exact, rounded = _muon_params(0), _muon_params(0)
-    settings = dict(lr=0.02, weight_decay=0.0, momentum=0.9, adjust_lr_fn="match_rms_adamw")
-    _steps(ShardedMuon(exact, ns_dtype=torch.float32, **settings), exact)
-    _steps(torch.optim.Muon(rounded, **settings), rounded)
+    exact, rounded = _ours_and_torchs(torch.float32, weight_decay=0.0)
     for a, b, start in zip(exact, rounded, _muon_params(0)):
         moved = (b - start).abs().max()
         assert (a - b).abs().max() < 0.1 * moved  # the same step up to bfloat16's rounding
