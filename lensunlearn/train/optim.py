@@ -55,22 +55,53 @@ class MultiOptimizer:
 def orthogonalise(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Muon's Newton-Schulz orthogonalisation of a 2-D update. In bfloat16 it is torch's own function (the
-    numbers `torch.optim.Muon` computes); in float32 the same iteration: scale to norm 1, then `steps`
-    times X <- aX + (bG + cG^2)X with G = XX^T, on the wide orientation."""
+    numbers `torch.optim.Muon` computes). In a wider dtype it is the same map computed through the Gram
+    matrix's eigendecomposition (`newton_schulz_spectral`), which falls back to the iteration itself
+    (`newton_schulz`) where the eigensolver fails."""
     from torch.optim._muon import _zeropower_via_newtonschulz
 
     if dtype == torch.bfloat16:
         return _zeropower_via_newtonschulz(update, coefficients, steps, eps)
-    a, b, c = coefficients
     x = update.to(dtype)
     tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+    x = (x.T if tall else x) / x.norm().clamp(min=eps)
+    try:
+        out = newton_schulz_spectral(x, coefficients, steps)
+    except torch.linalg.LinAlgError:  # eigh does not converge on non-finite or pathological input
+        out = newton_schulz(x, coefficients, steps)
+    return out.T if tall else out
+
+
+def newton_schulz(x: torch.Tensor, coefficients: tuple[float, float, float], steps: int) -> torch.Tensor:
+    """The iteration as Muon runs it, on a wide matrix scaled to norm at most 1: `steps` times
+    X <- aX + (bG + cG^2)X with G = XX^T."""
+    a, b, c = coefficients
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+    return x
+
+
+def newton_schulz_spectral(x: torch.Tensor, coefficients: tuple[float, float, float], steps: int) -> torch.Tensor:
+    """`newton_schulz` through one eigendecomposition of G = XX^T, for about a third of its work.
+
+    Each step multiplies X by p(G) = aI + bG + cG^2, a polynomial in G, so after k steps X_k = R_k X with R_k
+    a function of the first G alone. On an eigenvalue l of G the recursion is scalar: r <- r p(l) and
+    l <- l p(l)^2 (the new Gram is p(G) G p(G)). One m x m eigensolve and three matrix products replace
+    the iteration's fifteen products, two thirds of them m x m x n. The result agrees with the iteration
+    in exact arithmetic, and in float32 within a few 1e-6 of the float64 iteration, far finer than the
+    bfloat16 rounding of torch's own Muon."""
+    a, b, c = coefficients
+    # float64 for the m x m part: a float32 eigensolver's vectors are orthogonal only to about 1e-6, which
+    # the large r of small eigenvalues amplifies to bfloat16-sized errors; in float64 the result is within
+    # a few 1e-6 of the float64 iteration, and the eigensolve is still small beside two m x m x n products
+    eigenvalues, vectors = torch.linalg.eigh((x @ x.T).double())
+    lam = eigenvalues.clamp(min=0)  # G is positive semi-definite up to rounding
+    r = torch.ones_like(lam)
+    for _ in range(steps):
+        p = a + b * lam + c * lam * lam
+        r, lam = r * p, lam * p * p
+    return ((vectors * r) @ vectors.T).to(x.dtype) @ x
 
 
 class ShardedMuon(torch.optim.Muon):
@@ -83,7 +114,8 @@ class ShardedMuon(torch.optim.Muon):
     - CPUs without native bfloat16 (`ns_dtype=torch.float32`): torch orthogonalises in bfloat16, which
       such a CPU emulates: on an AVX2 CPU one 576x576 orthogonalisation took 2.3 s, about 15 times its
       float32 time, and the robust preset orthogonalises 87 larger MLP matrices a step. In float32 the
-      iteration is exact to float32 and the faster of the two there.
+      same map runs through one eigendecomposition (`newton_schulz_spectral`), the fastest of the three
+      there.
     """
 
     def __init__(self, params, *args, ns_dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:

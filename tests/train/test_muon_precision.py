@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lensunlearn.modeling import loading
-from lensunlearn.train.optim import ShardedMuon, build_optimizer, orthogonalise
+from lensunlearn.train.optim import ShardedMuon, build_optimizer, newton_schulz, newton_schulz_spectral, orthogonalise
 
 COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults
 
@@ -57,6 +57,49 @@ def test_float32_orthogonalisation_is_the_bfloat16_iteration_without_its_roundin
     singular = torch.linalg.svdvals(exact)
     assert singular.min() > 0.6 and singular.max() < 1.25
     torch.testing.assert_close(orthogonalise(100 * update, COEFFICIENTS, 5, 1e-7, torch.float32), exact)
+
+
+def _gradient_like(shape, rank: int, seed: int) -> torch.Tensor:
+    """A few strong directions over weak noise, as a momentum of gradients is: the small singular values
+    are where the quintic's gain (up to a^5, about 486) amplifies any rounding."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g) \
+        + 1e-3 * torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("shape, rank", [((96, 40), 3), ((40, 96), 1), ((64, 64), 8), ((200, 80), 4)])
+def test_the_eigen_form_is_the_iteration(shape, rank):
+    """Through one eigendecomposition the map is the float64 iteration's to float32 precision on nearly
+    rank-deficient updates, as the float32 iteration is (both within 1e-3 of the largest entry; torch's
+    bfloat16 iteration differs by half the largest entry or more on such updates, where it amplifies its own
+    rounding)."""
+    update = _gradient_like(shape, rank, seed=rank)
+    reference = orthogonalise(update.double(), COEFFICIENTS, 5, 1e-7, torch.float64)
+    fast = orthogonalise(update, COEFFICIENTS, 5, 1e-7, torch.float32)
+    x = update.T if shape[0] > shape[1] else update
+    iterated = newton_schulz(x / x.norm(), COEFFICIENTS, 5)
+    iterated = iterated.T if shape[0] > shape[1] else iterated
+    scale = reference.abs().max()
+    assert (fast.double() - reference).abs().max() < 1e-3 * scale
+    assert (iterated.double() - reference).abs().max() < 1e-3 * scale
+    # and not the identity map or a plain normalisation: the singular values moved into Muon's band
+    top = torch.linalg.svdvals(fast)[:rank]
+    assert top.min() > 0.6 and top.max() < 1.25
+
+
+def test_the_eigen_form_keeps_a_zero_update_zero_and_falls_back_where_eigh_fails(monkeypatch):
+    assert torch.equal(orthogonalise(torch.zeros(3, 5), COEFFICIENTS, 5, 1e-7, torch.float32), torch.zeros(3, 5))
+    update = _gradient_like((20, 12), 2, seed=0)
+    x = update.T / update.norm()
+
+    def fails(matrix):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    assert torch.equal(orthogonalise(update, COEFFICIENTS, 5, 1e-7, torch.float32),
+                       newton_schulz(x, COEFFICIENTS, 5).T)
+    with pytest.raises(torch.linalg.LinAlgError):
+        newton_schulz_spectral(x, COEFFICIENTS, 5)
 
 
 def test_the_step_in_bfloat16_is_torchs_muon_exactly():
