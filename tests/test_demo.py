@@ -66,6 +66,41 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, caplog):
     assert caplog.text.count("already done") == 7
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_demo_with_a_trained_lens_scores_it_and_trains_none(tmp_path, monkeypatch):
+    """--lens DIR: every stage reads that lens, and the lens stage only writes its table."""
+    from lensunlearn.lens import train as lens_train
+
+    model_dir = save_tiny_model(tmp_path / "tiny", "llama", layers=2)
+    lens_dir = tmp_path / "my_lens"
+    main(["lens", "train", "--model", str(model_dir), "--steps", "1", "--out", str(lens_dir)])
+    weights = (lens_dir / "params.pt").read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the demo trained a lens although --lens named one")
+
+    monkeypatch.setattr(lens_train, "train_lens", no_training)
+    out = tmp_path / "demo"
+    main(["demo", "--model", str(model_dir), "--out", str(out), "--lens", str(lens_dir), "--unlearn_examples", "16",
+          "--unlearn_layers", "0,1", "--tamper_limit", "8", "--tamper_steps", "2", "--cir_act_components", "2",
+          "--cir_grad_components", "2", "--no-selective"])
+    assert not (out / "lens").exists() and (lens_dir / "params.pt").read_bytes() == weights
+    assert json.loads((out / "lens_eval.json").read_text())["lens"] == str(lens_dir)
+    assert json.loads((out / "unlearn" / "run_config.json").read_text())["lens"] == str(lens_dir)
+    assert (out / "report.md").exists()
+
+
+def test_demo_refuses_a_lens_folder_without_a_lens(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--lens", str(folder), "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--lens {folder} is not a tuned lens folder" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_tasks_and_retain_data_with_and_without_selective():
     """--selective forgets the forget part and measures the kept parts; --no-selective the earlier story:
     the whole domain forgotten, everyday text retained, whole domains measured."""

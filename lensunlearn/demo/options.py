@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from ..core.checks import require_positive
 from ..core.config import Command, ConfigError, option
-from ..core.paths import REPORT_FILE
+from ..core.paths import LENS_CONFIG_FILE, LENS_PARAMS_FILE, REPORT_FILE
 from ..modeling.options import ModelOptions
 from ..train.options import OptimizerName
 
@@ -40,6 +41,9 @@ class DemoConfig(ModelOptions):
     # 10 steps with country capitals at 48 %; with 120 it ran 20 steps to 33.75 %, and the whole demo
     # took 9 to 12 minutes on 2 cores.
     lens_steps: int = option(120, "lens training steps (8 documents each)", group="lens")
+    lens: str | None = option(None, "a tuned lens of --model to use instead of training one: a `lens train` output "
+                                    "or an earlier demo's lens/ folder (the lens stage then only scores it)",
+                              group="lens", metavar="DIR", default_text="train one in --out")
     unlearn_examples: int | None = option(None, "forget/retain pairs", group="unlearning",
                                           default_text=f"{SELECTIVE_EXAMPLES} with --selective, else the robust "
                                                        f"preset's")
@@ -88,6 +92,11 @@ class DemoConfig(ModelOptions):
         if self.forget_domain in self.neighbour_domains:
             raise ConfigError("--forget_domain must not also be a neighbour domain: its own retain part is always "
                               "retained on with --selective")
+        lens = Path(self.lens) if self.lens is not None else None
+        if lens is not None and not ((lens / LENS_PARAMS_FILE).is_file() and (lens / LENS_CONFIG_FILE).is_file()):
+            raise ConfigError(f"--lens {self.lens} is not a tuned lens folder ({LENS_PARAMS_FILE} and "
+                              f"{LENS_CONFIG_FILE}): pass a `lensunlearn lens train` output, or leave --lens out to "
+                              f"train one")
         require_positive(tamper_lr=self.tamper_lr, tamper_steps=self.tamper_steps,
                          tamper_limit=self.tamper_limit, unlearn_examples=self.unlearn_examples,
                          unlearn_lr=self.unlearn_lr)

@@ -241,7 +241,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
 
     out = Path(cfg.out)
     state = claim_out(cfg)
-    lens_dir, run_dir = out / DEMO_LENS_DIR, out / DEMO_UNLEARN_RUN
+    lens_dir, run_dir = Path(cfg.lens) if cfg.lens else out / DEMO_LENS_DIR, out / DEMO_UNLEARN_RUN
     base_eval, tamper_dir = out / BASE_EVAL_FILE, out / DEMO_TAMPER_DIR
     stages = Stages(list(EXPECTED_SECONDS), out, state)
 
@@ -261,7 +261,11 @@ def _run_demo(cfg: DemoConfig) -> Path:
 
     def lens() -> None:
         common = dict(cfg.model_options(), corpus="facts:all")
-        train_lens(LensTrainConfig(**common, out=str(lens_dir), steps=cfg.lens_steps, **continue_or_replace(lens_dir)))
+        if cfg.lens:
+            log.info("using the tuned lens in %s (--lens); not training one", lens_dir)
+        else:
+            train_lens(LensTrainConfig(**common, out=str(lens_dir), steps=cfg.lens_steps,
+                                       **continue_or_replace(lens_dir)))
         eval_lens(LensEvalConfig(**common, lens=str(lens_dir), out=str(out / DEMO_LENS_EVAL_FILE), overwrite=True,
                                  lens_matmul="bfloat16", eval_limit=LENS_EVAL_DOCS))
     stages.run("lens", out / DEMO_LENS_EVAL_FILE, lens)
