@@ -83,7 +83,7 @@ def newton_schulz(x: torch.Tensor, coefficients: tuple[float, float, float], ste
 
 
 def newton_schulz_spectral(x: torch.Tensor, coefficients: tuple[float, float, float], steps: int) -> torch.Tensor:
-    """`newton_schulz` through one eigendecomposition of G = XX^T, for about a third of its work.
+    """`newton_schulz` through one eigendecomposition of G = XX^T: the same map with fewer products.
 
     Each step multiplies X by p(G) = aI + bG + cG^2, a polynomial in G, so after k steps X_k = R_k X with R_k
     a function of the first G alone. On an eigenvalue l of G the recursion is scalar: r <- r p(l) and
