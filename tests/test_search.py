@@ -328,6 +328,8 @@ def test_robustness_measure_runs_the_protocol_on_each_run(tmp, trained):
     assert "unseen envelope" in (tmp / "search" / "search.md").read_text()
     assert "| recovery share |" in (tmp / "search" / "search.md").read_text()
     assert "| worst case unseen % |" in (tmp / "search" / "search.md").read_text()
+    assert (tmp / "search" / "search.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(search.png)" in (tmp / "search" / "search.md").read_text()
     trained.clear()
     main(argv)  # read back: neither the run nor the protocol again
     assert trained == [] and json.loads((out / "robustness.json").read_text()) == result
@@ -415,3 +417,37 @@ def test_an_interrupted_overwrite_is_continued_only_by_overwrite(tmp, trained, m
     assert trained == [] and summary["points"][0]["status"] == "finished"
     assert json.loads((final / "runs" / "lr1e-3" / "run_config.json").read_text())["epochs"] == 2.0
     assert not staging.exists() and not (tmp / ".search.old").exists()
+
+
+def test_the_search_plot_draws_each_finished_point_hollow_where_it_lost_general_ability(tmp_path, monkeypatch):
+    from lensunlearn.report import plots
+
+    figures = []
+    save = plots.save_figure
+
+    def keep(fig, path):
+        figures.append([(ax.collections, [t.get_text() for t in ax.get_xticklabels()]) for ax in fig.axes])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    holds = _record("forget_coef20", 20, forget=0.30, kept=0.78, ppl=1.0, envelope=0.35)
+    broken = _record("forget_coef400", 400, forget=0.05, kept=0.40, ppl=1.5, envelope=0.30)
+    summary = search.summarise(_config("robustness"), [holds, broken, _record("x", 1, 0, 0, 0, status="diverged")],
+                               1.0)
+    path = plots.plot_search(summary, tmp_path / "search.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (left, _), (right, names) = figures[0]
+    # left: one marker per finished point at (forget %, worst kept share %); the broken one hollow
+    offsets = [tuple(c.get_offsets()[0]) for c in left]
+    assert offsets == [pytest.approx((30.0, 97.5)), pytest.approx((5.0, 50.0))]
+    assert left[0].get_facecolors()[0][3] == 1.0 and len(left[1].get_facecolors()) == 0
+    # right: per point the unlearned unseen half, the envelope and the floor, at the point's x
+    drawn = sorted((round(float(c.get_offsets()[0][0])), round(float(c.get_offsets()[0][1]), 1)) for c in right)
+    assert drawn == [(0, 25.0), (0, 30.0), (0, 35.0), (1, 25.0), (1, 30.0), (1, 30.0)]
+    assert names == ["1. forget_coef20", "2. forget_coef400"]  # unfinished points are left out
+    # a plain evaluation search draws the left panel alone, and a search with nothing finished still draws
+    plots.plot_search(search.summarise(_config(), [holds], 1.0), tmp_path / "eval.png")
+    assert len(figures[1]) == 1
+    plots.plot_search(search.summarise(_config(), [_record("x", 1, 0, 0, 0, status="pending")], 1.0),
+                      tmp_path / "none.png")
+    assert (tmp_path / "none.png").is_file()

@@ -122,6 +122,7 @@ TENSORBOARD_DIR = "tensorboard"
 # output and one measured record per point; the base model's numbers, measured once and shared
 SEARCH_FILE = "search.json"
 SEARCH_TABLE_FILE = "search.md"
+SEARCH_PLOT_FILE = "search.png"
 SEARCH_RUNS_DIR = "runs"
 SEARCH_ROBUSTNESS_DIR = "robustness"
 SEARCH_POINTS_DIR = "points"

@@ -372,3 +372,72 @@ def plot_locate(result: Mapping, path: str | Path, title: str = "") -> Path:
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
     fig.subplots_adjust(left=0.09, right=0.97, bottom=0.22 if len(components) > 1 else 0.3, top=0.78)
     return save_figure(fig, path)
+
+
+SEARCH_SIZE = (11.0, 4.8)  # 1100 x 480 pixels: the trade-off left, what came back right
+
+
+def plot_search(summary: Mapping, path: str | Path) -> Path:
+    """A `search` at a glance, one colour per finished point (its rank in the label). Left: forget accuracy
+    against the worst kept domain's share of its base accuracy, the targets dashed, so the points that forget
+    enough without breaking a domain sit in the top-left corner. Right (`--measure robustness`): each point's
+    unseen half before the attack, after the largest attack (the envelope) and under the fictional-facts
+    floor, joined by a line whose length is what the attack brought back. A point that lost general ability
+    (a kept domain or the perplexity past its target) is drawn hollow."""
+    plt = _pyplot()
+    robust = summary["measure"] == "robustness"
+    fig, axes = plt.subplots(1, 2 if robust else 1, figsize=SEARCH_SIZE if robust else TRADEOFF_SIZE, dpi=DPI,
+                             squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    finished = [r for r in summary["points"] if r.get("status") == "finished"]
+    targets = summary["targets"]
+    left = axes[0][0]
+    for index, record in enumerate(finished):
+        color = cycle[index % len(cycle)]
+        face = "none" if record.get("ability") == "lost" else color
+        metrics = record["metrics"]
+        shares = [k["ratio"] for k in metrics["kept"].values() if k.get("ratio") is not None]
+        worst = min(shares) if shares else float("nan")
+        left.scatter([100 * metrics["forget"]["acc"]], [100 * worst], s=60, zorder=3, edgecolors=color,
+                     facecolors=face, label=f"{record['rank']}. {record['name']}")
+    left.axvline(100 * targets["forget"], color="grey", linestyle="--", linewidth=1)
+    left.axhline(100 * targets["kept"], color="grey", linestyle="--", linewidth=1)
+    left.set_xlabel("forget accuracy [%] (lower is better)")
+    left.set_ylabel("worst kept domain [% of base] (higher is better)")
+    left.set_title("forgetting against what was kept\ndashed: targets; hollow: general ability lost", fontsize=10)
+    left.grid(alpha=0.3)
+    if finished:
+        left.legend(fontsize=7, loc="best")
+    if robust:
+        right = axes[0][1]
+        robust_points = [(i, r) for i, r in enumerate(finished) if r["metrics"].get("robustness")]
+        for x, (index, record) in enumerate(robust_points):
+            color = cycle[index % len(cycle)]
+            face = "none" if record.get("ability") == "lost" else color
+            r = record["metrics"]["robustness"]
+            before, after, floor = r.get("unlearned_unseen"), r.get("envelope"), r.get("floor")
+            if before is not None and after is not None:
+                right.plot([x, x], [100 * before, 100 * after], color=color, linewidth=2, zorder=2)
+            if before is not None:
+                right.scatter([x], [100 * before], marker="o", s=50, zorder=3, edgecolors=color, facecolors=face,
+                              label="unlearned" if x == 0 else None)
+            if after is not None:
+                right.scatter([x], [100 * after], marker="^", s=70, zorder=3, edgecolors=color, facecolors=face,
+                              label=f"after {r.get('steps')} attack steps (envelope)" if x == 0 else None)
+            if floor is not None:
+                right.scatter([x], [100 * floor], marker="_", s=200, zorder=3, color="grey",
+                              label="fictional-facts floor" if x == 0 else None)
+            if r.get("base_unseen") is not None:
+                right.scatter([x], [100 * r["base_unseen"]], marker="*", s=70, zorder=3, color="black",
+                              label="base model" if x == 0 else None)
+        right.set_xticks(range(len(robust_points)), [f"{r['rank']}. {r['name']}" for _, r in robust_points],
+                         rotation=20, ha="right", fontsize=7)
+        right.set_xlim(-0.5, max(len(robust_points), 1) - 0.5)
+        right.set_ylim(0, 105)
+        right.set_ylabel("unseen-half accuracy [%]")
+        right.set_title("what the attack brought back\n(the line: unlearned to envelope)", fontsize=10)
+        right.grid(alpha=0.3, axis="y")
+        if robust_points:
+            right.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)

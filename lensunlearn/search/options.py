@@ -87,7 +87,8 @@ class SearchConfig(Options):
                                     group="targets")
     target_floor: float = option(0.10, "target (robustness): the same envelope at most this above the "
                                        "fictional-facts floor", group="targets")
-    out: str = option("runs/search", "the search's folder: runs/<point>/, search.json, search.md", metavar="DIR")
+    out: str = option("runs/search", "the search's folder: runs/<point>/, search.json, search.md, search.png",
+                      metavar="DIR")
     overwrite: bool = option(False, "start over: replace --out once every point is done (without it, rerunning "
                                     "the same command continues the search)")
 

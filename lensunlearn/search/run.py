@@ -28,6 +28,7 @@ from ..core.paths import (
     RUN_CONFIG_FILE,
     SEARCH_BASE_DIR,
     SEARCH_FILE,
+    SEARCH_PLOT_FILE,
     SEARCH_POINTS_DIR,
     SEARCH_ROBUSTNESS_DIR,
     SEARCH_RUNS_DIR,
@@ -35,6 +36,7 @@ from ..core.paths import (
     SUMMARY_FILE,
 )
 from ..data.tasks import check_tasks
+from ..report.plots import plot_search
 from ..report.robustness_results import worst_case_sources
 from ..report.tables import markdown_table as table
 from ..report.tables import number, percent
@@ -513,6 +515,9 @@ def _row(summary: dict, record: dict) -> list[str]:
     return [str(record["rank"]), *settings, *cells, ability, all_met, number(seconds, 0)]
 
 
+PLOT_ALT_ROBUST = ", and what the attack brought back"
+
+
 def markdown_table(summary: dict) -> str:
     """search.md: the targets, the ranking rule and one row per point in rank order."""
     cfg, t = summary["config"], summary["targets"]
@@ -534,7 +539,9 @@ def markdown_table(summary: dict) -> str:
                 f"{100 * t['envelope']:.0f} points and <= the fictional-facts floor + {100 * t['floor']:.0f} points"
                 if robust else "") + ". ✓ met, ✗ missed; general ability is **LOST** when a kept domain or the "
              "perplexity misses its target.", "", f"Order: {summary['ranking']}.", "",
-             table(["rank", *head], [_row(summary, r) for r in summary["points"]], "r" * (len(head) + 1))]
+             table(["rank", *head], [_row(summary, r) for r in summary["points"]], "r" * (len(head) + 1)),
+             "", f"![the search: forgetting against what was kept{PLOT_ALT_ROBUST if robust else ''}]"
+                 f"({SEARCH_PLOT_FILE})"]
     seeds = [len(r["metrics"]["robustness"].get("seeds") or ()) for r in summary["points"]
              if robust and "robustness" in (r.get("metrics") or {})]
     if seeds and min(seeds) < RANKING_SEEDS:
@@ -553,6 +560,7 @@ def markdown_table(summary: dict) -> str:
 
 def write_summary(cfg: SearchConfig, records: list[dict], work: Path, seconds: float) -> dict:
     summary = summarise(cfg, records, seconds)
+    plot_search(summary, work / SEARCH_PLOT_FILE)
     write_text_atomic(work / SEARCH_TABLE_FILE, markdown_table(summary))
     write_json_atomic(work / SEARCH_FILE, summary)
     return summary
