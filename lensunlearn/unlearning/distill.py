@@ -46,8 +46,10 @@ the more compute the recovery takes.
   CE_teacher), the share of the gap opened by the perturbation that distillation has closed (1
   when the perturbation opened none); `--target_share` stops once it is reached, and
   `--stop_within S` once CE_student is within the share S of CE_teacher (the paper's rule, S =
-  0.05). The metrics log holds these numbers and the evaluation tasks' accuracies at every such
-  step, a budget curve: what each further step buys, and the summary the tokens distilled on.
+  0.05); `--max_tokens N` stops after the first step that brings the tokens distilled on to N, the
+  budget in the unit papers report. The metrics log holds these numbers and the evaluation tasks'
+  accuracies at every such step, a budget curve: what each further step buys, and the summary the
+  tokens distilled on.
 
 The output folder is laid out as an unlearning run (`merged/`, `run_config.json` naming the base
 model and forget corpus of the source run, `metrics.jsonl`, `summary.json`, `eval.json`, the
@@ -397,7 +399,8 @@ class DistillJob:
 
 
 class _TargetReached(Exception):
-    """Raised from the step hook once a stopping rule holds, --target_share or --stop_within (caught by `_train`)."""
+    """Raised from the step hook once a stopping rule holds, --target_share, --stop_within or --max_tokens (caught
+    by `_train`)."""
 
     def __init__(self, step: int, point: dict[str, float], reason: str) -> None:
         super().__init__(step)
@@ -483,18 +486,25 @@ def _train(job: DistillJob) -> Path:
         return loss, {"kl": loss.item(), "tokens": float(count)}
 
     last: dict[str, float] = {}
+    # tokens distilled on so far, for --max_tokens: a resumed run counts the steps its metrics kept
+    seen = [distilled_tokens(run_dir / METRICS_FILE) if start > 0 else 0]
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         done, line = step + 1, {k: metrics[k] for k in LOGGED if k in metrics}
         last.update(metrics)
-        stop = False
+        seen[0] += int(metrics.get("tokens", 0))
+        out_of_tokens = cfg.max_tokens is not None and seen[0] >= cfg.max_tokens and done < cfg.steps
+        stop: str | None = None
+        point: dict[str, float] | None = None
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             point = measure()
             stop = reached(point)
             # the step where training stops gets its held-out numbers and tasks from the final
             # evaluation's line, once
-            if not stop:
+            if not stop and not out_of_tokens:
                 line.update({**point, **_tasks_point(cfg, student, job.tokenizer)})
+        if not stop and out_of_tokens:
+            point, stop = point or measure(), "max_tokens"
         metrics_log.write(line)
         if stop:
             raise _TargetReached(done, point, stop)

@@ -672,6 +672,10 @@ class DistillConfig(BlockOptions, TrackingOptions, TrainingOptions):
                                              "of the teacher's, (CE - CE_teacher) / CE_teacher < share (the "
                                              "paper's stopping rule, at 0.05; checked every --eval_every steps)",
                                        group="optimisation", default_text="none: run all steps")
+    max_tokens: int | None = option(None, "stop once the student has been distilled on this many predicted tokens "
+                                          "(summed over steps; the budget in the unit papers report, e.g. about "
+                                          "3.4e8 for UNDO's WMDP run); the learning-rate schedule still spans --steps",
+                                    group="optimisation", default_text="none: run all steps")
     eval_every: int = option(20, "every N steps score the held-out text (student and teacher cross-entropy, KL) "
                                  "and the eval tasks (on --eval_limit questions) into metrics.jsonl: the budget "
                                  "curve; 0: only before and after training", group="evaluation")
@@ -732,6 +736,8 @@ class DistillConfig(BlockOptions, TrackingOptions, TrainingOptions):
             if not self.eval_every:
                 raise ConfigError("--stop_within is checked on the held-out text every --eval_every steps: pass "
                                   "--eval_every N > 0, or drop --stop_within")
+        if self.max_tokens is not None:
+            require_positive(max_tokens=self.max_tokens)
         if self.target_share is not None:
             if not (math.isfinite(self.target_share) and 0.0 <= self.target_share <= 1.0):
                 raise ConfigError(f"--target_share must be in [0, 1], got {self.target_share}")

@@ -4,6 +4,7 @@ grid search over distillation settings (`search --stage distill`)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import shlex
 import shutil
@@ -536,3 +537,34 @@ def test_a_search_continues_an_interrupted_distillation(source, tmp_path, distil
     summary = run_command(argv)
     assert [cfg.resume for cfg in distilled] == [False, True] and summary["points"][0]["status"] == "finished"
     assert [line["step"] for line in _metrics(run) if "kl" in line] == [1, 2, 3, 4]  # steps 1-2 not taken again
+
+
+def test_max_tokens_stops_at_the_first_step_that_reaches_the_budget_also_after_a_resume(source, monkeypatch):
+    """The budget in tokens, as papers report it: training stops after the first step whose running total of
+    predicted tokens reaches --max_tokens, and a run killed before that counts the steps it already took."""
+    extra = ("--steps", "6", "--eval_every", "0", "--eval_tasks", "")
+    full = run_command(_argv(source, *extra, "--run_name", "all_steps"))
+    totals = list(itertools.accumulate(line["tokens"] for line in _metrics(full) if "kl" in line))
+    budget = int(totals[2]) - 1  # more than two steps give, at most what three give
+    assert totals[1] < budget <= totals[2]
+    stopped = run_command(_argv(source, *extra, "--max_tokens", str(budget), "--run_name", "budget"))
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_tokens" and summary["steps"] == 3 and summary["tokens"] == totals[2]
+    assert summary["budget_curve"][-1]["step"] == 3 and "heldout_ce" in summary["budget_curve"][-1]
+
+    original = distill_module.save_checkpoint
+
+    def save_then_die(run_dir, step, *args, **kwargs):
+        original(run_dir, step, *args, **kwargs)
+        raise _Killed(step)
+
+    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run_command(_argv(source, *extra, "--max_tokens", str(budget), "--checkpoint_every", "2", "--run_name", "k"))
+    monkeypatch.undo()
+    resumed = run_command(_argv(source, *extra, "--max_tokens", str(budget), "--checkpoint_every", "2",
+                                "--run_name", "k", "--resume"))
+    again = json.loads((resumed / "summary.json").read_text())
+    assert again["stop_reason"] == "max_tokens" and again["steps"] == 3 and again["tokens"] == totals[2]
+    with pytest.raises(ConfigError, match="--max_tokens"):
+        run_command(_argv(source, *extra, "--max_tokens", "0", "--run_name", "none"))
