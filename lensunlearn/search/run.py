@@ -560,9 +560,9 @@ def markdown_table(summary: dict) -> str:
 
 def write_summary(cfg: SearchConfig, records: list[dict], work: Path, seconds: float) -> dict:
     summary = summarise(cfg, records, seconds)
-    plot_search(summary, work / SEARCH_PLOT_FILE)
     write_text_atomic(work / SEARCH_TABLE_FILE, markdown_table(summary))
     write_json_atomic(work / SEARCH_FILE, summary)
+    plot_search(summary, work / SEARCH_PLOT_FILE)  # last: the numbers are on disk whatever the plotting does
     return summary
 
 
