@@ -267,6 +267,19 @@ class _Killed(Exception):
     pass
 
 
+def _die_after_the_first_checkpoint(monkeypatch):
+    """Stands for a kill right after the first checkpoint is written (every file is written atomically);
+    returns the real `save_checkpoint`, to put back."""
+    original = distill_module.save_checkpoint
+
+    def save_then_die(run_dir, step, *args, **kwargs):
+        original(run_dir, step, *args, **kwargs)
+        raise _Killed(step)
+
+    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
+    return original
+
+
 # --- documents the teacher writes ---------------------------------------------------------------
 
 
@@ -351,13 +364,7 @@ def test_distillation_on_generated_documents_resumes_after_a_kill(source, monkey
 def test_resume_after_a_kill_ends_with_the_same_weights(source, monkeypatch):
     extra = ("--steps", "6", "--checkpoint_every", "2", "--eval_every", "3", "--eval_tasks", "")
     straight = run_command(_argv(source, *extra, "--run_name", "straight"))
-    original = distill_module.save_checkpoint
-
-    def save_then_die(run_dir, step, *args, **kwargs):
-        original(run_dir, step, *args, **kwargs)
-        raise _Killed(step)
-
-    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
+    _die_after_the_first_checkpoint(monkeypatch)
     with pytest.raises(_Killed):
         run_command(_argv(source, *extra, "--run_name", "killed"))
     monkeypatch.undo()
@@ -518,13 +525,7 @@ def test_bad_distill_searches_are_one_line_errors_before_training(source, tmp_pa
 
 
 def test_a_search_continues_an_interrupted_distillation(source, tmp_path, distilled, monkeypatch):
-    original = distill_module.save_checkpoint
-
-    def save_then_die(run_dir, step, *args, **kwargs):
-        original(run_dir, step, *args, **kwargs)
-        raise _Killed(step)
-
-    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
+    original = _die_after_the_first_checkpoint(monkeypatch)
     out = tmp_path / "search"
     argv = _search_argv(source, out, "alpha=0.2")
     argv[argv.index("--distill") + 1] += " --checkpoint_every 2"
@@ -552,13 +553,7 @@ def test_max_tokens_stops_at_the_first_step_that_reaches_the_budget_also_after_a
     assert summary["stop_reason"] == "max_tokens" and summary["steps"] == 3 and summary["tokens"] == totals[2]
     assert summary["budget_curve"][-1]["step"] == 3 and "heldout_ce" in summary["budget_curve"][-1]
 
-    original = distill_module.save_checkpoint
-
-    def save_then_die(run_dir, step, *args, **kwargs):
-        original(run_dir, step, *args, **kwargs)
-        raise _Killed(step)
-
-    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
+    _die_after_the_first_checkpoint(monkeypatch)
     with pytest.raises(_Killed):
         run_command(_argv(source, *extra, "--max_tokens", str(budget), "--checkpoint_every", "2", "--run_name", "k"))
     monkeypatch.undo()
