@@ -515,13 +515,11 @@ def _row(summary: dict, record: dict) -> list[str]:
     return [str(record["rank"]), *settings, *cells, ability, all_met, number(seconds, 0)]
 
 
-PLOT_ALT_ROBUST = ", and what the attack brought back"
-
-
 def markdown_table(summary: dict) -> str:
     """search.md: the targets, the ranking rule and one row per point in rank order."""
     cfg, t = summary["config"], summary["targets"]
     robust = summary["measure"] == "robustness"
+    alt = "the search: forgetting against what was kept" + (", and what the attack brought back" if robust else "")
     head = [*summary["grid"], "forget acc % (base)", "worst kept domain, % of base", "perplexity / base"]
     if robust:
         head += ["unseen envelope %", "worst case unseen %", "unlearned unseen %", "recovery share", "floor %"]
@@ -540,8 +538,7 @@ def markdown_table(summary: dict) -> str:
                 if robust else "") + ". ✓ met, ✗ missed; general ability is **LOST** when a kept domain or the "
              "perplexity misses its target.", "", f"Order: {summary['ranking']}.", "",
              table(["rank", *head], [_row(summary, r) for r in summary["points"]], "r" * (len(head) + 1)),
-             "", f"![the search: forgetting against what was kept{PLOT_ALT_ROBUST if robust else ''}]"
-                 f"({SEARCH_PLOT_FILE})"]
+             "", f"![{alt}]({SEARCH_PLOT_FILE})"]
     seeds = [len(r["metrics"]["robustness"].get("seeds") or ()) for r in summary["points"]
              if robust and "robustness" in (r.get("metrics") or {})]
     if seeds and min(seeds) < RANKING_SEEDS:

@@ -487,13 +487,14 @@ def _train(job: DistillJob) -> Path:
 
     last: dict[str, float] = {}
     # tokens distilled on so far, for --max_tokens: a resumed run counts the steps its metrics kept
-    seen = [distilled_tokens(run_dir / METRICS_FILE) if start > 0 else 0]
+    seen = distilled_tokens(run_dir / METRICS_FILE) if start > 0 else 0
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
+        nonlocal seen
         done, line = step + 1, {k: metrics[k] for k in LOGGED if k in metrics}
         last.update(metrics)
-        seen[0] += int(metrics.get("tokens", 0))
-        out_of_tokens = cfg.max_tokens is not None and seen[0] >= cfg.max_tokens and done < cfg.steps
+        seen += int(metrics.get("tokens", 0))
+        out_of_tokens = cfg.max_tokens is not None and seen >= cfg.max_tokens and done < cfg.steps
         stop: str | None = None
         point: dict[str, float] | None = None
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
