@@ -69,6 +69,7 @@ from ..core.paths import (
 )
 from ..core.run_config import fill, read_run_config, run_tasks
 from ..data.corpora import FACTS_PREFIX, chunk_documents, load_texts
+from ..data.splits import question_source
 from ..data.tasks import NUM_CHOICES, check_tasks
 from ..report.plots import plot_robustness
 from ..train.tracking import TRACKING_FIELDS, Tracker, check_tracker, flatten, open_tracker
@@ -158,7 +159,9 @@ def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
         raise ConfigError(f"{run} has no {RUN_CONFIG_FILE} naming its base model and forget corpus: pass --model "
                           f"and --forget")
     tasks = run_tasks(saved)
-    forget_task = cfg.forget_task or (forget if forget.startswith(FACTS_PREFIX) else tasks[0] if tasks else None)
+    # other phrasings change the forget text, not its questions
+    forget_task = cfg.forget_task or (question_source(forget) if forget.startswith(FACTS_PREFIX)
+                                      else tasks[0] if tasks else None)
     if not forget_task:
         raise ConfigError(f"pass --forget_task: {run} names no evaluation task")
     kept = cfg.kept_tasks if cfg.kept_tasks is not None else ",".join(t for t in tasks if t != forget_task)

@@ -132,6 +132,14 @@ def parse_source(text: str) -> SourceSpec:
     return spec
 
 
+def question_source(text: str) -> str:
+    """The task that asks a fact source's questions: the source with a corpus-only option such as
+    phrasings dropped (`facts:country_capital@forget?phrasings=all` -> `facts:country_capital@forget`);
+    any other name as it is."""
+    spec = parse_source(text)
+    return text if spec.phrasings is None else spec.base + spec.split_text()
+
+
 def is_fact_base(base: str) -> bool:
     return base.startswith(FACTS_PREFIX) or base.endswith(".jsonl")
 

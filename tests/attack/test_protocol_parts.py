@@ -97,3 +97,21 @@ def test_a_kept_part_is_reported_beside_the_other_kept_tasks(tmp_path):
     assert set(saved["kept"]) == {"capitals@kept", "symbols"}
     assert set(saved["kept"]["capitals@kept"]) == {"base", "unlearned", "after_best_attack"}
     assert "| capitals@kept |" in (out / "robustness.md").read_text()
+
+
+def test_a_run_that_forgot_other_phrasings_is_measured_on_its_forget_part_questions(split_run):
+    """Phrasings change the forget text, not the questions: a run whose forget source asks for other
+    phrasings is measured on its forget part's questions, which are no kept task; the attack text is that
+    run's forget text unless --forget names another."""
+    config = split_run / "run" / "run_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "forget": f"{CC}@forget?phrasings=all"}))
+    cfg = resolve(RobustnessConfig(run=str(split_run / "run"), seeds=(0,)))
+    assert cfg.forget_task == f"{CC}@forget" and cfg.kept_tasks == f"{CC}@kept,facts:element_symbol"
+    inputs = check_inputs(cfg, load_tokenizer(str(split_run / "base")))
+    parts = split_ids([f.fact_id for f in facts.facts("country_capital")])
+    assert {r["fact_id"] for r in inputs.corpus} == set(parts["forget"])
+    assert len(inputs.corpus) == len(parts["forget"]) * len(facts.phrasings("country_capital", "all"))
+    standard = resolve(RobustnessConfig(run=str(split_run / "run"), forget=f"{CC}@forget", seeds=(0,)))
+    assert standard.forget_task == f"{CC}@forget"
+    assert len(check_inputs(standard, load_tokenizer(str(split_run / "base"))).corpus) == \
+        len(parts["forget"]) * len(facts.phrasings("country_capital"))
