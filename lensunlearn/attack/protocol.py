@@ -774,6 +774,8 @@ def assemble(cfg: RobustnessConfig, inputs: Inputs, reference: dict, seeds: list
                                           selection_folds(inputs.splits[seed][1], seed), papers)
                 for seed, s in zip(cfg.seeds, seeds)}
     result = combine(list(per_seed.values()))
+    result["diverged"] = [{"seed": int(seed), **attack} for seed, summary in per_seed.items()
+                          for attack in summary["diverged"]]
     for task in inputs.kept:
         from ..report.tamper_results import task_display
 

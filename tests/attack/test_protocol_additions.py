@@ -467,3 +467,52 @@ def test_benign_text_that_perplexity_reads_is_refused(run_files, monkeypatch):
         run_command(_argv(run_files, run_files["tmp"] / "robust", "--benign", str(run_files["generic"])))
     with pytest.raises(ValueError, match="pass --guessable keep"):
         run_command(_argv(run_files, run_files["tmp"] / "robust", "--holdout", "0.1"))
+
+
+def _losses(record: dict, losses: dict[int, float]) -> dict:
+    for n, loss in losses.items():
+        record["steps"][str(n)]["train_loss"] = loss
+    return record
+
+
+def test_an_attack_whose_training_loss_rises_is_cut_where_it_diverged_and_named():
+    """A fine-tuning attack lowers the loss on its own text; one whose loss climbs past 1.25 times its first
+    step count's has broken the model. Its points from there on are left out (the envelope and the paper
+    attack's mean over seeds are the other seeds'), and the table names the attack, seed and step."""
+    from lensunlearn.attack.grid import cut_at_divergence
+
+    mudman = PAPER_ATTACKS["mudman"]
+    paper = Setting(**mudman.setting.as_dict())
+    seeds = []
+    for p2, p4, rise in ((0.5, 0.7, 2.0), (0.4, 0.6, 2.4), (0.5, 0.25, 6.0)):
+        grid = [_losses(_record(FULL, {2: (0.5, 0.3, []), 4: (0.9, 0.5, [])}), {2: 4.0, 4: 2.0}),
+                _losses(_record(LORA, {2: (0.6, 0.35, []), 4: (0.9, 0.4, [])}), {2: 4.0, 4: 4.9})]  # rose < 1.25x
+        attacks = {"grid": grid, "base": [], "benign": [], "fictional": [],
+                   "paper": [_losses(_record(paper, {2: (0.6, p2, []), 4: (0.8, p4, [])}), {2: 4.0, 4: rise})]}
+        seeds.append(summarise_seed(START, attacks, [2, 4], (), {"mudman": mudman.as_dict()}))
+    assert [s["diverged"] for s in seeds[:2]] == [[], []]
+    assert seeds[2]["diverged"] == [{"role": "paper", "setting": paper.as_dict(), "at": 4,
+                                     "why": "training loss rose from 4.00 over its first 2 steps to 6.00 by step 4"}]
+    assert set(seeds[2]["paper_attacks"]["mudman"]["steps"]) == {"2"}  # the point before it diverged stays
+    result = {**_result_shell(), **combine(seeds), "seeds": [0, 1, 2],
+              "diverged": [{"seed": 2, **d} for d in seeds[2]["diverged"]]}
+    steps = result["paper_attacks"]["mudman"]["steps"]
+    assert steps["2"]["unseen"] == pytest.approx((0.5 + 0.4 + 0.5) / 3)
+    assert steps["4"]["unseen"] == pytest.approx(0.65) and steps["4"]["unseen_sd"] == pytest.approx(0.0707, abs=1e-4)
+    line = next(x for x in markdown_table(result).splitlines() if x.startswith("**Diverged:**"))
+    assert "paper's attack full_sgd lr 0.003 constant on seed 2 by step 4" in line and "to 6.00" in line
+    assert "**Diverged:**" not in markdown_table({**_result_shell(), **seeds[0]})
+    # a record without losses (written before they were kept), or with one point, is left as it is
+    bare = _record(FULL, {2: (0.5, 0.3, []), 4: (0.9, 0.5, [])})
+    assert cut_at_divergence(bare, [2, 4]) is bare
+    one = _losses(_record(FULL, {2: (0.5, 0.3, [])}), {2: 9.0})
+    assert cut_at_divergence(one, [2, 4]) is one
+
+
+def test_a_seed_that_lacks_a_point_is_passed_over_in_the_mean_whichever_seed_it_is():
+    with_point = {"steps": {"2": {"unseen": 0.2}, "4": {"unseen": 0.6}}}
+    without = {"steps": {"2": {"unseen": 0.4}}}
+    for seeds in ([without, with_point, with_point], [with_point, without, with_point]):
+        out = combine(seeds)
+        assert out["steps"]["4"]["unseen"] == pytest.approx(0.6) and out["steps"]["4"]["unseen_sd"] == 0.0
+        assert out["steps"]["2"]["unseen"] == pytest.approx(0.8 / 3)
