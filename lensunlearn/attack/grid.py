@@ -499,7 +499,8 @@ def summarise_seed(start: Mapping, attacks: Mapping[str, Sequence[Mapping]], ste
 def combine(values: Sequence[Any]) -> Any:
     """One seed's summaries averaged: numbers become their mean with a `<key>_sd` (sample standard
     deviation) beside them when there are several seeds; a `setting` or `source` becomes the most frequent
-    one, with every seed's in `settings` or `sources` when they differ; other values are the first seed's."""
+    one, with every seed's in `settings` or `sources` when they differ; other values are the first seed's
+    that has one."""
     first = values[0]
     if not isinstance(first, Mapping):
         return first
