@@ -137,7 +137,7 @@ def question_source(text: str) -> str:
     phrasings dropped (`facts:country_capital@forget?phrasings=all` -> `facts:country_capital@forget`);
     any other name as it is."""
     spec = parse_source(text)
-    return text if spec.phrasings is None else spec.base + spec.split_text()
+    return text if spec.phrasings is None else spec.task_name()
 
 
 def is_fact_base(base: str) -> bool:
