@@ -189,6 +189,9 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
     overwrite: bool = option(False, "start over: replace an earlier robustness output in --out once the new one is "
                                     "complete")
     resume: bool = option(False, "continue a killed run in --out, skipping its finished attacks")
+    summarise_only: bool = option(False, "rewrite the finished output in --out (robustness.json, .md, .png) from "
+                                         "its stored attacks under this version's summarising rules, with the "
+                                         "settings it was run with; no model is loaded and no attack runs")
 
     def __post_init__(self) -> None:
         self.kinds, self.schedules = parse_str_list(self.kinds), parse_str_list(self.schedules)
@@ -202,6 +205,9 @@ class RobustnessConfig(TrackingOptions, ModelOptions):
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite cannot be combined: --resume continues the killed run in "
                               "--out, --overwrite starts over and replaces it once the new one is complete; pass one")
+        if self.summarise_only and (self.resume or self.overwrite):
+            raise ConfigError("--summarise_only rewrites a finished output's summary and runs nothing, so it takes "
+                              "neither --resume nor --overwrite: drop one of them")
         try:
             grid_settings(self.grid, self.kinds, self.lrs, self.schedules)
         except ValueError as err:

@@ -49,7 +49,7 @@ import torch
 
 from ..core.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ..core.checks import check_resumed_config
-from ..core.config import ConfigError, to_jsonable
+from ..core.config import ConfigError, read_config_file, to_jsonable
 from ..core.errors import read_text
 from ..core.outputs import Output, prepare_output
 from ..core.paths import (
@@ -147,6 +147,11 @@ class Inputs:
                 "fictional_subjects": [q["subject"] for q in questions]}
 
 
+def default_out(run: str) -> str:
+    """Where a run's protocol writes when --out is not given."""
+    return str(Path("runs") / f"robustness_{Path(run).expanduser().resolve().name}")
+
+
 def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
     """Fill what was not given from the run directory; refuse a directory that holds no model."""
     run = Path(cfg.run).expanduser()
@@ -166,7 +171,7 @@ def resolve(cfg: RobustnessConfig) -> RobustnessConfig:
         raise ConfigError(f"pass --forget_task: {run} names no evaluation task")
     kept = cfg.kept_tasks if cfg.kept_tasks is not None else ",".join(t for t in tasks if t != forget_task)
     fmt = fill(cfg.eval_format, saved, "eval_format", "cloze")
-    out = cfg.out or str(Path("runs") / f"robustness_{run.resolve().name}")
+    out = cfg.out or default_out(cfg.run)
     phrasings = cfg.phrasings
     if phrasings == (AUTO_PHRASING,):
         phrasings = (QA_PHRASING,) if fmt == "cloze" else ()
@@ -558,7 +563,7 @@ class Protocol:
     # attacks
 
     def attack(self, seed: int, role: str, setting: Setting, prompts: dict[str, list[str]]) -> dict:
-        path = self.seed_dir(seed) / ROBUSTNESS_ATTACKS_DIR / f"{role}_{setting.label}.json"
+        path = attack_path(self.out, seed, role, setting)
         if path.is_file():
             self.bar.update(1)
             return json.loads(read_text(path))
@@ -590,10 +595,8 @@ class Protocol:
         attacks: dict[str, list[dict]] = {"grid": [self.attack(seed, "grid", s, prompts) for s in self.cfg.settings]}
         from .grid import strongest
 
-        controls = self.cfg.settings if self.cfg.grid == "full" else \
-            [Setting(**strongest(attacks["grid"], steps)["setting"])]
-        for role in ("base", "benign", "fictional"):
-            attacks[role] = [self.attack(seed, role, s, {}) for s in controls]
+        for role in CONTROL_ROLES:
+            attacks[role] = [self.attack(seed, role, s, {}) for s in control_settings(self.cfg, attacks["grid"])]
         attacks["paper"] = [self.attack(seed, "paper", paper.setting, {}) for paper in self.cfg.papers.values()]
         fluency = self.fluency(seed, prompts, strongest(attacks["grid"], steps)) if prompts else None
         return {"start": start, "attacks": attacks, "fluency": fluency}
@@ -620,6 +623,21 @@ class Protocol:
             return {"max_new_tokens": self.cfg.max_new_tokens, "best_attack": best["setting"], "groups": groups}
 
         return self.stage(self.seed_dir(seed) / ROBUSTNESS_FLUENCY_FILE, compute)
+
+
+CONTROL_ROLES = ("base", "benign", "fictional")
+
+
+def attack_path(out: Path, seed: int, role: str, setting: Setting) -> Path:
+    """Where one attack's record is stored."""
+    return robustness_seed_dir(out, seed) / ROBUSTNESS_ATTACKS_DIR / f"{role}_{setting.label}.json"
+
+
+def control_settings(cfg: RobustnessConfig, grid: list[dict]) -> list[Setting]:
+    """The settings the controls run with: every grid setting under the full grid, else the strongest one."""
+    from .grid import strongest
+
+    return cfg.settings if cfg.grid == "full" else [Setting(**strongest(grid, cfg.step_counts)["setting"])]
 
 
 def attack_for(cfg: RobustnessConfig, setting: Setting, seed: int) -> Attack:
@@ -736,6 +754,8 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     """Check everything, then run the protocol for every seed and write robustness.json, .md and .png."""
     from ..modeling.loading import load_tokenizer
 
+    if cfg.summarise_only:
+        return summarise_stored(cfg)
     cfg = resolve(cfg)
     check_tracker(cfg)
     tokenizer = load_tokenizer(str(Path(cfg.run).expanduser() / MERGED_DIR), cfg.trust_remote_code)
@@ -765,6 +785,73 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
              100 * result["headline"][UNSEEN], result["headline"]["steps"], result["headline"]["setting"],
              output.final / ROBUSTNESS_FILE)
     return result
+
+
+def summarise_stored(cfg: RobustnessConfig) -> dict:
+    """`--summarise_only`: rebuild a finished output's summary from its stored records with the settings it
+    was run with, so that an output written before a change to the summarising rules (the divergence rule,
+    say) reports what this version would. The attacks' own numbers are read, never recomputed."""
+    from .. import __version__
+    from ..modeling.loading import load_tokenizer
+
+    out = Path(cfg.out or default_out(cfg.run)).expanduser()
+    if not (out / ROBUSTNESS_FILE).is_file() or not (out / ROBUSTNESS_CONFIG_FILE).is_file():
+        raise ConfigError(f"--summarise_only: {out} holds no finished robustness output ({ROBUSTNESS_FILE} and "
+                          f"{ROBUSTNESS_CONFIG_FILE}): finish it with --resume, or name the output with --out")
+    saved = read_config_file(RobustnessConfig, out / ROBUSTNESS_CONFIG_FILE, saved=True)
+    log.info("--summarise_only: the settings %s was run with are used (%s); other flags on the line are not",
+             out, out / ROBUSTNESS_CONFIG_FILE)
+    cfg = resolve(dataclasses.replace(cfg, **{**saved, "run": cfg.run, "out": str(out)}))
+    tokenizer = load_tokenizer(str(Path(cfg.run).expanduser() / MERGED_DIR), cfg.trust_remote_code)
+    inputs = check_inputs(cfg, tokenizer)
+    check_existing_splits(out, inputs)
+    reference, seeds = stored_records(cfg, out)
+    previous = json.loads(read_text(out / ROBUSTNESS_FILE))
+    result = assemble(cfg, inputs, reference, seeds, previous.get("wall_seconds", 0.0))
+    result["threads"] = previous.get("threads")  # the attacks' thread count, not this process's
+    result["config"] = previous.get("config", result["config"])  # the settings the attacks ran with
+    result["summarised_by"] = f"lensunlearn {__version__} --summarise_only"
+    write_outputs(result, out)
+    log.info("robustness: headline unseen-half accuracy %.1f%% after %d steps (%s); rewrote %s",
+             100 * result["headline"][UNSEEN], result["headline"]["steps"], result["headline"]["setting"],
+             out / ROBUSTNESS_FILE)
+    return result
+
+
+def stored_records(cfg: RobustnessConfig, out: Path) -> tuple[dict, list[dict]]:
+    """The reference and each seed's records, as the protocol gathers them, read from the files it wrote."""
+    def read(path: Path) -> dict:
+        if not path.is_file():
+            raise ConfigError(f"--summarise_only: {path} is missing, though {out / ROBUSTNESS_FILE} says the output "
+                              f"finished: run the protocol again with --overwrite")
+        return json.loads(read_text(path))
+
+    reference = read(out / ROBUSTNESS_REFERENCE_FILE)
+    seeds = []
+    for k, seed in enumerate(cfg.seeds):
+        grid = [read(attack_path(out, seed, "grid", s)) for s in cfg.settings]
+        attacks = {"grid": grid, **{role: stored_controls(cfg, out, seed, role, grid, read) for role in CONTROL_ROLES},
+                   "paper": [read(attack_path(out, seed, "paper", p.setting)) for p in cfg.papers.values()]}
+        folder = robustness_seed_dir(out, seed)
+        fluency = read(folder / ROBUSTNESS_FLUENCY_FILE) if k == 0 and cfg.fluency_prompts else None
+        seeds.append({"start": read(folder / ROBUSTNESS_START_FILE), "attacks": attacks, "fluency": fluency})
+    return reference, seeds
+
+
+def stored_controls(cfg: RobustnessConfig, out: Path, seed: int, role: str, grid: list[dict],
+                    read: Callable[[Path], dict]) -> list[dict]:
+    """A control's stored records. The controls ran with the grid setting that was strongest when they ran;
+    where the current rules find another one strongest, the stored control is kept, and said to be."""
+    wanted = [attack_path(out, seed, role, s) for s in control_settings(cfg, grid)]
+    if cfg.grid == "full" or all(p.is_file() for p in wanted):
+        return [read(p) for p in wanted]
+    ran = sorted(wanted[0].parent.glob(f"{role}_*.json"))
+    if not ran:
+        return [read(wanted[0])]  # missing altogether: read says so
+    log.warning("seed %d: the %s control ran with %s, which was the strongest grid attack then; under the current "
+                "rules %s is (rerun with --overwrite to run the controls with it)", seed, role,
+                ", ".join(p.stem.removeprefix(f"{role}_") for p in ran), wanted[0].stem.removeprefix(f"{role}_"))
+    return [read(p) for p in ran]
 
 
 def assemble(cfg: RobustnessConfig, inputs: Inputs, reference: dict, seeds: list[dict], wall: float) -> dict:

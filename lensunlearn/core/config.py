@@ -316,7 +316,7 @@ def config_from_args(cls: type[T], namespace: argparse.Namespace, base: T | None
 CONFIG_FILE_DEST = "config_file"  # not "config": a command may one day have a field of that name
 # Flags that say what to do with an existing run rather than what the run is: a rerun from a finished
 # run's saved config must neither replace nor continue anything unless the command line says so.
-FLAG_ONLY = ("resume", "overwrite")
+FLAG_ONLY = ("resume", "overwrite", "summarise_only")
 CONFIG_FILE_HELP = ("read options from FILE: the run_config.json a run wrote, or a YAML or JSON mapping of "
                     "option names to values; repeat --config to merge several files, a later one winning. "
                     "Precedence: built-in defaults < --preset (where the command has one) < FILE < flags given "
@@ -357,12 +357,13 @@ def _load_mapping(path: Path) -> dict[str, Any]:
 
 
 def read_config_file(cls: type, path: str | Path, derived: Iterable[str] = (),
-                     derived_optional: Iterable[str] = ()) -> dict[str, Any]:
+                     derived_optional: Iterable[str] = (), saved: bool = False) -> dict[str, Any]:
     """The field values of `cls` that the config file `path` sets, checked and converted to the field
     types (lists become tuples). A field's former name is read as the field, with a warning; keys in
     `derived` (a run's plan, which follows from the options) are skipped, with a warning unless the
     file is the command's own saved config (it holds them all; `derived_optional` keys, which some runs
-    save, are skipped alike but not required); `FLAG_ONLY` keys are dropped."""
+    save, are skipped alike but not required); `FLAG_ONLY` keys are dropped, without a warning when the
+    file is an output's own saved config read back (`saved`)."""
     path = Path(path)
     data = _load_mapping(path)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -391,7 +392,7 @@ def read_config_file(cls: type, path: str | Path, derived: Iterable[str] = (),
             log.warning("--config %s: %s is now %s; the old name goes in the next release", path, key, renamed[key])
             key = renamed[key]
         if key in FLAG_ONLY:
-            if value:
+            if value and not saved:
                 log.warning("--config %s sets %s: ignored, pass --%s on the command line to %s", path, key, key, key)
             continue
         values[key] = _file_value(value, types_[key], f"--config {path}: {key}", fields[key].metadata)

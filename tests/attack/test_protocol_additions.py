@@ -487,8 +487,9 @@ def test_an_attack_whose_training_loss_rises_is_cut_where_it_diverged_and_named(
     for p2, p4, rise in ((0.5, 0.7, 2.0), (0.4, 0.6, 2.4), (0.5, 0.25, 6.0)):
         grid = [_losses(_record(FULL, {2: (0.5, 0.3, []), 4: (0.9, 0.5, [])}), {2: 4.0, 4: 2.0}),
                 _losses(_record(LORA, {2: (0.6, 0.35, []), 4: (0.9, 0.4, [])}), {2: 4.0, 4: 4.9})]  # rose < 1.25x
-        attacks = {"grid": grid, "base": [], "benign": [], "fictional": [],
-                   "paper": [_losses(_record(paper, {2: (0.6, p2, []), 4: (0.8, p4, [])}), {2: 4.0, 4: rise})]}
+        attack = _losses(_record(paper, {2: (0.6, p2, []), 4: (0.8, p4, [])}), {2: 4.0, 4: rise})
+        attack.update(perplexity=30.0 * rise, kept={"symbols": 0.9 / rise})  # measured at the attack's end
+        attacks = {"grid": grid, "base": [], "benign": [], "fictional": [], "paper": [attack]}
         seeds.append(summarise_seed(START, attacks, [2, 4], (), {"mudman": mudman.as_dict()}))
     assert [s["diverged"] for s in seeds[:2]] == [[], []]
     assert seeds[2]["diverged"] == [{"role": "paper", "setting": paper.as_dict(), "at": 4,
@@ -499,6 +500,10 @@ def test_an_attack_whose_training_loss_rises_is_cut_where_it_diverged_and_named(
     steps = result["paper_attacks"]["mudman"]["steps"]
     assert steps["2"]["unseen"] == pytest.approx((0.5 + 0.4 + 0.5) / 3)
     assert steps["4"]["unseen"] == pytest.approx(0.65) and steps["4"]["unseen_sd"] == pytest.approx(0.0707, abs=1e-4)
+    # the diverged seed's end-of-attack perplexity and kept tasks leave the mean as well
+    paper_row = result["paper_attacks"]["mudman"]
+    assert paper_row["perplexity"] == pytest.approx(30.0 * 2.2) and paper_row["kept"]["symbols"] == pytest.approx(
+        (0.9 / 2.0 + 0.9 / 2.4) / 2)
     line = next(x for x in markdown_table(result).splitlines() if x.startswith("**Diverged:**"))
     assert "paper's attack full_sgd lr 0.003 constant on seed 2 by step 4" in line and "to 6.00" in line
     assert "**Diverged:**" not in markdown_table({**_result_shell(), **seeds[0]})
