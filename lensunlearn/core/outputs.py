@@ -56,13 +56,17 @@ def _legacy_tamper(p: Path) -> bool:
     return bool(attacks) and all(c in attacks or c.name in _TAMPER_EXTRAS for c in children)
 
 
+def has_lens_files(p: Path) -> bool:
+    """Whether a folder holds a finished tuned lens: its parameters and its config."""
+    return (p / layout.LENS_PARAMS_FILE).is_file() and (p / layout.LENS_CONFIG_FILE).is_file()
+
+
 # How folders written before markers existed are recognised: the files each kind always wrote.
 LEGACY_LAYOUTS: dict[str, Callable[[Path], bool]] = {
     "unlearn": lambda p: (p / layout.RUN_CONFIG_FILE).is_file() and any(
         (p / n).exists() for n in (layout.SUMMARY_FILE, layout.MERGED_DIR, layout.CHECKPOINT_FILE,
                                    layout.METRICS_FILE)),
-    "lens": lambda p: ((p / layout.LENS_PARAMS_FILE).is_file() and (p / layout.LENS_CONFIG_FILE).is_file())
-    or (p / layout.LENS_TRAIN_CONFIG_FILE).is_file(),
+    "lens": lambda p: has_lens_files(p) or (p / layout.LENS_TRAIN_CONFIG_FILE).is_file(),
     "tamper": _legacy_tamper,
     "demo": lambda p: (p / layout.DEMO_FACTS_DIR).is_dir() and ((p / layout.DEMO_LENS_DIR).is_dir()
                                                                 or (p / layout.REPORT_FILE).is_file()),

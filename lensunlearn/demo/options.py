@@ -8,6 +8,7 @@ from typing import Literal
 
 from ..core.checks import require_positive
 from ..core.config import Command, ConfigError, option
+from ..core.outputs import has_lens_files
 from ..core.paths import LENS_CONFIG_FILE, LENS_PARAMS_FILE, REPORT_FILE
 from ..modeling.options import ModelOptions
 from ..train.options import OptimizerName
@@ -93,7 +94,7 @@ class DemoConfig(ModelOptions):
             raise ConfigError("--forget_domain must not also be a neighbour domain: its own retain part is always "
                               "retained on with --selective")
         lens = Path(self.lens) if self.lens is not None else None
-        if lens is not None and not ((lens / LENS_PARAMS_FILE).is_file() and (lens / LENS_CONFIG_FILE).is_file()):
+        if lens is not None and not has_lens_files(lens):
             raise ConfigError(f"--lens {self.lens} is not a tuned lens folder ({LENS_PARAMS_FILE} and "
                               f"{LENS_CONFIG_FILE}): pass a `lensunlearn lens train` output, or leave --lens out to "
                               f"train one")
