@@ -170,6 +170,8 @@ def test_a_finished_run_of_other_settings_is_refused_before_training_and_overwri
     (("lr=1e-3",), ("--forget_task", "other"), "--forget_task other is not one of --eval_tasks"),
     (("lr=1e-3",), ("--robustness", "--seeds 0"), "--measure robustness only"),
     (("lr=1e-3",), ("--measure", "robustness", "--robustness", "--holdout 2"), "--holdout must be in"),
+    (("lr=1e-3",), ("--measure", "robustness", "--robustness", "--seeds 0 --summarise_only"),
+     "--robustness: the search sets --summarise_only"),
     (("lr=1e-3",), ("--preset", "huge"), "not an unlearn preset"),
 ])
 def test_bad_grids_and_settings_are_one_line_errors_before_training(tmp, trained, capsys, grid, extra, message):

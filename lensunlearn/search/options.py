@@ -36,7 +36,7 @@ from ..unlearning.options import SAVED_KEYS as DISTILL_SAVED_KEYS
 
 # What the search sets for every point itself: where its run goes and what becomes of an earlier one.
 SET_BY_SEARCH = ("out", "run_name", "resume", "overwrite")
-ROBUSTNESS_SET_BY_SEARCH = ("out", "resume", "overwrite")  # and the run directory, its positional argument
+ROBUSTNESS_SET_BY_SEARCH = ("out", "resume", "overwrite", "summarise_only")  # and the run directory, its positional argument
 ROBUSTNESS_RUN_PLACEHOLDER = "RUN_DIR"
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
