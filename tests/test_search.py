@@ -171,7 +171,7 @@ def test_a_finished_run_of_other_settings_is_refused_before_training_and_overwri
     (("lr=1e-3",), ("--robustness", "--seeds 0"), "--measure robustness only"),
     (("lr=1e-3",), ("--measure", "robustness", "--robustness", "--holdout 2"), "--holdout must be in"),
     (("lr=1e-3",), ("--measure", "robustness", "--robustness", "--seeds 0 --summarise_only"),
-     "--robustness: the search sets --summarise_only"),
+     "--robustness: --summarise_only rewrites a finished output"),
     (("lr=1e-3",), ("--preset", "huge"), "not an unlearn preset"),
 ])
 def test_bad_grids_and_settings_are_one_line_errors_before_training(tmp, trained, capsys, grid, extra, message):

@@ -402,7 +402,8 @@ def cut_at_divergence(record: Mapping, steps: Sequence[int]) -> Mapping:
     more than `DIVERGED_LOSS_RISE` times above its first step count's (`train_loss` of each point), with
     `diverged` saying so and `diverged_at` the step count; a record that did not diverge (or that lacks
     the losses) is returned as it is. The points before stay: they were measured before it diverged. The
-    kept tasks and perplexity measured at the attack's end go: they describe the broken model."""
+    kept tasks, perplexity and other phrasings measured at the attack's end go: they describe the broken
+    model."""
     counts = [str(n) for n in sorted(steps) if str(n) in record["steps"]]
     losses = [record["steps"][n].get("train_loss") for n in counts]
     if len(counts) < 2 or not all(is_number(loss) and math.isfinite(loss) for loss in losses):
@@ -412,7 +413,8 @@ def cut_at_divergence(record: Mapping, steps: Sequence[int]) -> Mapping:
             kept = {k: p for k, p in record["steps"].items() if int(k) < int(n)}
             why = (f"training loss rose from {losses[0]:.2f} over its first {counts[0]} steps to {loss:.2f} by "
                    f"step {n}")
-            return {**record, "steps": kept, "diverged": why, "diverged_at": int(n), "kept": None, "perplexity": None}
+            return {**record, "steps": kept, "diverged": why, "diverged_at": int(n), "kept": None, "perplexity": None,
+                    "phrasings": None}
     return record
 
 

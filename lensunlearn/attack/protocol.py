@@ -349,13 +349,13 @@ def check_inputs(cfg: RobustnessConfig, tokenizer) -> Inputs:
                                phrasings=phrasing_items(cfg, items))
 
 
-def check_existing_splits(out: Path, inputs: Inputs) -> None:
+def check_existing_splits(out: Path, inputs: Inputs, flag: str = "--resume") -> None:
     """A resumed output's seeds must have been split as this protocol splits them: attacks finished on
     another split (or other fictional facts) would be mixed with new ones."""
     for seed in inputs.splits:
         path = robustness_seed_dir(out, seed) / SPLIT_FILE
         if path.is_file() and json.loads(read_text(path)) != inputs.split_record(seed):
-            raise ConfigError(f"--resume: seed {seed} of {out} was split otherwise (its facts, halves or fictional "
+            raise ConfigError(f"{flag}: seed {seed} of {out} was split otherwise (its facts, halves or fictional "
                               f"facts differ from what this version of the protocol draws): start over with "
                               f"--overwrite, or use another --out")
 
@@ -593,12 +593,10 @@ class Protocol:
         prompts = self.fluency_prompts(seed) if first else {}
         steps = self.cfg.step_counts
         attacks: dict[str, list[dict]] = {"grid": [self.attack(seed, "grid", s, prompts) for s in self.cfg.settings]}
-        from .grid import strongest
-
         for role in CONTROL_ROLES:
             attacks[role] = [self.attack(seed, role, s, {}) for s in control_settings(self.cfg, attacks["grid"])]
         attacks["paper"] = [self.attack(seed, "paper", paper.setting, {}) for paper in self.cfg.papers.values()]
-        fluency = self.fluency(seed, prompts, strongest(attacks["grid"], steps)) if prompts else None
+        fluency = self.fluency(seed, prompts, best_grid_attack(attacks["grid"], steps)) if prompts else None
         return {"start": start, "attacks": attacks, "fluency": fluency}
 
     def fluency(self, seed: int, prompts: dict[str, list[str]], best: dict) -> dict:
@@ -633,11 +631,20 @@ def attack_path(out: Path, seed: int, role: str, setting: Setting) -> Path:
     return robustness_seed_dir(out, seed) / ROBUSTNESS_ATTACKS_DIR / f"{role}_{setting.label}.json"
 
 
-def control_settings(cfg: RobustnessConfig, grid: list[dict]) -> list[Setting]:
-    """The settings the controls run with: every grid setting under the full grid, else the strongest one."""
-    from .grid import strongest
+def best_grid_attack(grid: list[dict], steps: tuple[int, ...]) -> dict:
+    """The grid attack the headline reports: the strongest at the last step count, as the summary sees the
+    records (a diverged attack's later points left out). The attack as stored is returned."""
+    from .grid import cut_at_divergence, strongest
 
-    return cfg.settings if cfg.grid == "full" else [Setting(**strongest(grid, cfg.step_counts)["setting"])]
+    cut = [cut_at_divergence(r, steps) for r in grid]
+    pool = cut if any(str(max(steps)) in r["steps"] for r in cut) else grid
+    setting = strongest(pool, steps)["setting"]
+    return next(r for r in grid if r["setting"] == setting)
+
+
+def control_settings(cfg: RobustnessConfig, grid: list[dict]) -> list[Setting]:
+    """The settings the controls run with: every grid setting under the full grid, else the headline's."""
+    return cfg.settings if cfg.grid == "full" else [Setting(**best_grid_attack(grid, cfg.step_counts)["setting"])]
 
 
 def attack_for(cfg: RobustnessConfig, setting: Setting, seed: int) -> Attack:
@@ -799,14 +806,18 @@ def summarise_stored(cfg: RobustnessConfig) -> dict:
         raise ConfigError(f"--summarise_only: {out} holds no finished robustness output ({ROBUSTNESS_FILE} and "
                           f"{ROBUSTNESS_CONFIG_FILE}): finish it with --resume, or name the output with --out")
     saved = read_config_file(RobustnessConfig, out / ROBUSTNESS_CONFIG_FILE, saved=True)
+    previous = json.loads(read_text(out / ROBUSTNESS_FILE))
+    # the seeds and paper attacks of the finished summary: a `--resume` that adds some and is killed has
+    # already saved them in the config
+    finished = {"seeds": tuple(previous.get("seeds") or saved.get("seeds", cfg.seeds)),
+                "paper_attacks": tuple(previous.get("paper_attacks") or ())}
     log.info("--summarise_only: the settings %s was run with are used (%s); other flags on the line are not",
              out, out / ROBUSTNESS_CONFIG_FILE)
-    cfg = resolve(dataclasses.replace(cfg, **{**saved, "run": cfg.run, "out": str(out)}))
+    cfg = resolve(dataclasses.replace(cfg, **{**saved, **finished, "run": cfg.run, "out": str(out), "tracker": None}))
     tokenizer = load_tokenizer(str(Path(cfg.run).expanduser() / MERGED_DIR), cfg.trust_remote_code)
     inputs = check_inputs(cfg, tokenizer)
-    check_existing_splits(out, inputs)
+    check_existing_splits(out, inputs, "--summarise_only")
     reference, seeds = stored_records(cfg, out)
-    previous = json.loads(read_text(out / ROBUSTNESS_FILE))
     result = assemble(cfg, inputs, reference, seeds, previous.get("wall_seconds", 0.0))
     result["threads"] = previous.get("threads")  # the attacks' thread count, not this process's
     result["config"] = previous.get("config", result["config"])  # the settings the attacks ran with
@@ -823,7 +834,7 @@ def stored_records(cfg: RobustnessConfig, out: Path) -> tuple[dict, list[dict]]:
     def read(path: Path) -> dict:
         if not path.is_file():
             raise ConfigError(f"--summarise_only: {path} is missing, though {out / ROBUSTNESS_FILE} says the output "
-                              f"finished: run the protocol again with --overwrite")
+                              f"finished: run the protocol on it with --resume, which reruns only the missing attacks")
         return json.loads(read_text(path))
 
     reference = read(out / ROBUSTNESS_REFERENCE_FILE)

@@ -321,7 +321,8 @@ CONFIG_FILE_HELP = ("read options from FILE: the run_config.json a run wrote, or
                     "option names to values; repeat --config to merge several files, a later one winning. "
                     "Precedence: built-in defaults < --preset (where the command has one) < FILE < flags given "
                     "on the line. Unknown keys and wrong types are errors, keys a run computed (its plan) are "
-                    "ignored with a warning; resume and overwrite are read only from the line, never from FILE")
+                    "ignored with a warning; resume, overwrite and summarise_only are read only from the line, never "
+                    "from FILE")
 
 
 def _load_mapping(path: Path) -> dict[str, Any]:

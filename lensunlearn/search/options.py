@@ -36,7 +36,7 @@ from ..unlearning.options import SAVED_KEYS as DISTILL_SAVED_KEYS
 
 # What the search sets for every point itself: where its run goes and what becomes of an earlier one.
 SET_BY_SEARCH = ("out", "run_name", "resume", "overwrite")
-ROBUSTNESS_SET_BY_SEARCH = ("out", "resume", "overwrite", "summarise_only")  # and the run directory, its positional argument
+ROBUSTNESS_SET_BY_SEARCH = ("out", "resume", "overwrite")  # and the run directory, its positional argument
 ROBUSTNESS_RUN_PLACEHOLDER = "RUN_DIR"
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -328,6 +328,9 @@ def make_plan(cfg: SearchConfig) -> Plan:
         return Plan(axes, points, None, frozenset())
     namespace = parse_options(RobustnessConfig, "--robustness", "robustness", cfg.robustness,
                               ROBUSTNESS_SET_BY_SEARCH, head=(ROBUSTNESS_RUN_PLACEHOLDER,))
+    if getattr(namespace, "summarise_only", False):
+        raise ConfigError("--robustness: --summarise_only rewrites a finished output and runs no attack, and the "
+                          "search runs the protocol on every point: drop it")
     try:
         robustness = config_from_args(RobustnessConfig, namespace)
     except ConfigError as err:

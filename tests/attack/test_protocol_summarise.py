@@ -81,3 +81,36 @@ def test_summarise_only_refuses_what_it_cannot_do(finished, no_model):
     fictional.unlink()
     with pytest.raises(ConfigError, match=f"{fictional.name} is missing"):
         _summarise(files, out)
+
+
+def test_a_killed_resume_that_added_seeds_is_summarised_with_the_finished_ones(finished, no_model):
+    """`--resume --seeds 0,1` saves the new seeds in the config before any attack; killed then, the output's
+    finished summary still holds seed 0 alone, and that is what is summarised."""
+    files, out = finished
+    saved = json.loads((out / "robustness_config.json").read_text())
+    (out / "robustness_config.json").write_text(json.dumps({**saved, "seeds": [0, 1]}))
+    assert _summarise(files, out)["seeds"] == [0]
+
+
+def test_the_controls_run_with_the_strongest_attack_that_did_not_diverge():
+    """An attack that tops the grid only after its loss climbed is not the headline's, so neither the
+    controls nor the fluency check take its setting; its end-of-attack numbers leave the summary."""
+    from lensunlearn.attack.grid import cut_at_divergence
+    from lensunlearn.attack.options import RobustnessConfig
+
+    full, lora = Setting("full", 1e-2, "constant"), Setting("lora", 1e-2, "constant")
+
+    def record(setting, unseen, losses):
+        return {"setting": setting.as_dict(), "kept": {"symbols": 0.5}, "perplexity": 9.0, "phrasings": {},
+                "steps": {str(n): {"attacked": 0.5, "unseen": u, "train_loss": loss}
+                          for n, u, loss in zip((2, 3), unseen, losses)}}
+
+    grid = [record(full, (0.4, 0.5), (2.0, 1.5)), record(lora, (0.4, 0.9), (2.0, 3.0))]
+    cfg = RobustnessConfig(run="r", kinds=("full", "lora"), lrs=(1e-2,), steps=(2, 3))
+    assert robustness.best_grid_attack(grid, cfg.step_counts)["setting"] == full.as_dict()
+    assert robustness.control_settings(cfg, grid) == [full]
+    cut = cut_at_divergence(grid[1], cfg.step_counts)
+    assert set(cut["steps"]) == {"2"} and cut["kept"] is cut["perplexity"] is cut["phrasings"] is None
+    # before either diverged, the stronger one is chosen as before
+    grid[1]["steps"]["3"]["train_loss"] = 1.9
+    assert robustness.control_settings(cfg, grid) == [lora]
