@@ -114,3 +114,21 @@ def test_the_controls_run_with_the_strongest_attack_that_did_not_diverge():
     # before either diverged, the stronger one is chosen as before
     grid[1]["steps"]["3"]["train_loss"] = 1.9
     assert robustness.control_settings(cfg, grid) == [lora]
+
+
+def test_controls_run_with_an_attack_no_longer_strongest_are_kept_and_named(finished, no_model, caplog):
+    """Under rules that find another grid attack strongest, the stored controls (run with the old one) are
+    what the summary uses, and a warning names both settings."""
+    files, out = finished
+    before = json.loads((out / "robustness.json").read_text())
+    best = Setting(**before["headline"]["setting"])
+    attacks = out / "seeds" / "seed0" / "attacks"
+    other = next(p for p in attacks.glob("grid_*.json") if p.name != f"grid_{best.label}.json")
+    record = json.loads(other.read_text())
+    record["steps"]["3"]["unseen"] = 1.0
+    other.write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="lensunlearn.attack.protocol"):
+        result = _summarise(files, out)
+    assert Setting(**result["headline"]["setting"]) != best
+    assert result["floor"] == before["floor"] and result["benign"] == before["benign"]
+    assert f"the fictional control ran with {best.label}" in caplog.text and other.stem[5:] in caplog.text
