@@ -81,11 +81,13 @@ from .grid import (
     Phrasing,
     Setting,
     combine,
+    cut_at_divergence,
     fact_phrasing,
     fictional_facts,
     markdown_table,
     selection_folds,
     split_ids,
+    strongest,
     summarise_seed,
 )
 from .options import AUTO_PHRASING, QA_PHRASING, RobustnessConfig
@@ -634,8 +636,6 @@ def attack_path(out: Path, seed: int, role: str, setting: Setting) -> Path:
 def best_grid_attack(grid: list[dict], steps: tuple[int, ...]) -> dict:
     """The grid attack the headline reports: the strongest at the last step count, as the summary sees the
     records (a diverged attack's later points left out). The attack as stored is returned."""
-    from .grid import cut_at_divergence, strongest
-
     cut = [cut_at_divergence(r, steps) for r in grid]
     pool = cut if any(str(max(steps)) in r["steps"] for r in cut) else grid
     setting = strongest(pool, steps)["setting"]
@@ -788,9 +788,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
         output.discard_if_empty()
         raise
     output.commit()
-    log.info("robustness: headline unseen-half accuracy %.1f%% after %d steps (%s); wrote %s",
-             100 * result["headline"][UNSEEN], result["headline"]["steps"], result["headline"]["setting"],
-             output.final / ROBUSTNESS_FILE)
+    log_headline(result, "wrote", output.final / ROBUSTNESS_FILE)
     return result
 
 
@@ -823,10 +821,13 @@ def summarise_stored(cfg: RobustnessConfig) -> dict:
     result["config"] = previous.get("config", result["config"])  # the settings the attacks ran with
     result["summarised_by"] = f"lensunlearn {__version__} --summarise_only"
     write_outputs(result, out)
-    log.info("robustness: headline unseen-half accuracy %.1f%% after %d steps (%s); rewrote %s",
-             100 * result["headline"][UNSEEN], result["headline"]["steps"], result["headline"]["setting"],
-             out / ROBUSTNESS_FILE)
+    log_headline(result, "rewrote", out / ROBUSTNESS_FILE)
     return result
+
+
+def log_headline(result: dict, verb: str, path: Path) -> None:
+    log.info("robustness: headline unseen-half accuracy %.1f%% after %d steps (%s); %s %s",
+             100 * result["headline"][UNSEEN], result["headline"]["steps"], result["headline"]["setting"], verb, path)
 
 
 def stored_records(cfg: RobustnessConfig, out: Path) -> tuple[dict, list[dict]]:
