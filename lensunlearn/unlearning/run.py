@@ -51,9 +51,12 @@ from ..data.splits import (
     check_parts_nonempty,
     check_retain_sources,
     fact_refs,
+    fact_rows,
+    is_fact_base,
+    parse_source,
     shared_answers,
 )
-from ..data.tasks import check_tasks
+from ..data.tasks import check_tasks, load_items, resolve_tasks
 from ..lens.tuned_lens import TunedLens, default_lens_path, find_lens
 from ..modeling.layers import (
     block_component,
@@ -636,6 +639,7 @@ def check_inputs(cfg: UnlearnConfig) -> tuple[int, ...] | None:
         check_retain_sources(source, retain)
         for other in retain:
             warn_shared_answers(source, other)
+    warn_unmeasured_forget(forget, tasks)
     check_kept_untrained([t for t in tasks], forget + retain)
     if cfg.blocks is None:
         return None
@@ -663,6 +667,25 @@ def warn_shared_answers(forget: str, retain: str) -> None:
                     "and can hold the forget facts in place; expect them to be forgotten less, or retain on "
                     "another relation of the same subjects", retain, len(pairs), total, ref.answer,
                     ref.subject, other.subject)
+
+
+def warn_unmeasured_forget(forget: Sequence[str], tasks: Sequence[str]) -> None:
+    """Warn when the forget corpus is a part of a split relation and evaluation tasks are given, but none of
+    them asks any of its facts: eval.json would then not show what was forgotten. A relation of your own keeps
+    its questions in a file apart from its sentences, which `--preset robust` cannot infer from the text
+    file. Only fact tasks (facts:<domain>, .jsonl files) are read: a hub benchmark asks no fact by id."""
+    parts = [source for source in forget if parse_source(source).part is not None]
+    local = [task for task in tasks if is_fact_base(parse_source(task).base)]
+    if not parts or not tasks:
+        return
+    ids = {row["fact_id"] for source in parts for row in fact_rows(source)}
+    for task in local:
+        if any(str(item.get("fact_id")) in ids for spec in resolve_tasks([task]) for item in load_items(spec)):
+            return
+    log.warning("--eval_tasks asks none of the %d facts of --forget %s: eval.json will not show what was "
+                "forgotten; add the questions that ask them (for a relation of your own, its question file's "
+                "@forget and @kept parts, e.g. questions.jsonl@forget,questions.jsonl@kept)", len(ids),
+                "+".join(parts))
 
 
 def _unlearn(cfg: UnlearnConfig, world: World, began: float) -> Path:

@@ -241,3 +241,29 @@ def test_unlearn_warns_before_loading_when_retain_answers_repeat_forget_answers(
     with caplog.at_level(logging.WARNING, logger="lensunlearn"):
         run_module.check_inputs(cfg)
     assert caplog.records == []
+
+
+def test_unlearn_warns_when_no_evaluation_task_asks_the_forget_part(tmp_path, caplog):
+    """A relation of your own split by fact, its questions in a file apart: evaluating only other relations is
+    warned about before any model loads, naming the fix; asking the forget part, or no tasks at all, is not."""
+    import logging
+
+    from lensunlearn.unlearning import run as run_module
+
+    rows = [{"fact_id": f"f{i}", "subject": f"S{i}", "text": f"S{i} likes A{i}."} for i in range(8)]
+    text = write_jsonl(tmp_path / "text.jsonl", rows)
+    questions = write_jsonl(tmp_path / "questions.jsonl", [
+        {"question": f"What does S{i} like?", "choices": [f"A{i}", "B", "C", "D"], "answer": 0,
+         "prompt": f"S{i} likes", "fact_id": f"f{i}", "subject": f"S{i}"} for i in range(8)])
+    said = {}
+    for name, tasks in [("other", "facts:element_symbol"), ("own", f"{questions}@forget,facts:element_symbol"),
+                        ("whole", f"{questions}"), ("none", "")]:
+        caplog.clear()
+        cfg = run_module.UnlearnConfig(forget=f"{text}@forget", retain="generic:retain", eval_tasks=tasks)
+        with caplog.at_level(logging.WARNING, logger="lensunlearn"):
+            run_module.check_inputs(cfg)
+        said[name] = [r.getMessage() for r in caplog.records]
+    assert len(said["other"]) == 1 and said["other"][0].startswith(
+        f"--eval_tasks asks none of the 4 facts of --forget {text}@forget: eval.json will not show what was ")
+    assert "questions.jsonl@forget,questions.jsonl@kept" in said["other"][0]
+    assert said["own"] == said["whole"] == said["none"] == []
