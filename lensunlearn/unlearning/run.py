@@ -675,11 +675,10 @@ def warn_unmeasured_forget(forget: Sequence[str], tasks: Sequence[str]) -> None:
     its questions in a file apart from its sentences, which `--preset robust` cannot infer from the text
     file. Only fact tasks (facts:<domain>, .jsonl files) are read: a hub benchmark asks no fact by id."""
     parts = [source for source in forget if parse_source(source).part is not None]
-    local = [task for task in tasks if is_fact_base(parse_source(task).base)]
     if not parts or not tasks:
         return
     ids = {row["fact_id"] for source in parts for row in fact_rows(source)}
-    for task in local:
+    for task in (task for task in tasks if is_fact_base(parse_source(task).base)):
         if any(str(item.get("fact_id")) in ids for spec in resolve_tasks([task]) for item in load_items(spec)):
             return
     log.warning("--eval_tasks asks none of the %d facts of --forget %s: eval.json will not show what was "
