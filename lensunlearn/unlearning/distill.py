@@ -64,7 +64,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,7 +91,7 @@ from ..core.paths import (
     SUMMARY_FILE,
 )
 from ..core.run_config import fill, read_run_config, run_tasks
-from ..data.corpora import batch_indices, collate, load_texts, tokenize
+from ..data.corpora import batch_indices, collate, length_groups, load_texts, tokenize
 from ..data.tasks import check_tasks
 from ..eval.fluency import decode_batch, pad_id_of, stop_ids
 from ..modeling.layers import forward_streams, model_parts
@@ -165,6 +165,13 @@ def final_stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return forward_streams(model, (), input_ids, attention_mask, stop=True, final=True)[model_parts(model).num_layers]
 
 
+def padded_groups(docs: Sequence[Sequence[int]], pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The documents of one micro-batch as padded batches of similar lengths (`length_groups`): a corpus
+    that mixes 15-token fact sentences with 128-token prose padded 4x as many positions as it holds in one
+    batch. The loss sums over all groups' positions, so it is the one batch's loss."""
+    return [collate([docs[k] for k in group], pad_id) for group in length_groups([len(d) for d in docs])]
+
+
 def predicting_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions whose next token is a real one (right padding): where a next-token distribution is scored."""
     predicts = torch.zeros_like(attention_mask)
@@ -172,27 +179,34 @@ def predicting_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return predicts
 
 
-def distill_kl(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor],
+def distill_kl(student: nn.Module, teacher: nn.Module,
+               batch: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]],
                chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over predicting positions of KL(teacher || student) in nats, number of positions).
 
-    Differentiable in the student. Logits exist for `chunk` positions at a time, recomputed in
+    `batch` is one padded batch or several (the groups of `length_groups`), whose positions are summed
+    together. Differentiable in the student. Logits exist for `chunk` positions at a time, recomputed in
     backward; the teacher runs without gradients.
     """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    predicts = predicting_positions(mask)
-    with torch.no_grad():
-        target_stream = select_tokens(final_stream(teacher, ids, mask), predicts)
-    stream = select_tokens(final_stream(student, ids, mask), predicts)
+    groups = [batch] if isinstance(batch, dict) else list(batch)
+    streams, targets, count = [], [], 0
+    for group in groups:
+        ids, mask = group["input_ids"], group["attention_mask"]
+        predicts = predicting_positions(mask)
+        with torch.no_grad():
+            targets.append(select_tokens(final_stream(teacher, ids, mask), predicts))
+        streams.append(select_tokens(final_stream(student, ids, mask), predicts))
+        count += int(predicts.sum())
+    stream, target_stream = torch.cat(streams), torch.cat(targets)
 
     def per_token(h: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = output_logits(teacher, h_teacher)
         return kl_from_logits(target, output_logits(student, h))
 
-    with torch.autocast(ids.device.type, enabled=False):
+    with torch.autocast(stream.device.type, enabled=False):
         total = chunked_token_sum(per_token, stream, target_stream, chunk=chunk)
-    return total, predicts.sum()
+    return total, torch.tensor(count)
 
 
 @torch.no_grad()
@@ -206,6 +220,8 @@ def heldout_scores(student: nn.Module, teacher: nn.Module, docs: list[list[int]]
     count = 0
     student.eval()
     try:
+        # by length, so that a batch pads little; the sums do not depend on the order
+        docs = sorted(docs, key=len)
         for start in range(0, len(docs), batch_size):
             batch = {k: v.to(device) for k, v in collate(docs[start:start + batch_size], pad_id).items()}
             ids, predicts = batch["input_ids"], predicting_positions(batch["attention_mask"])
@@ -475,13 +491,14 @@ def _train(job: DistillJob) -> Path:
             return "stop_within"
         return None
 
-    def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
+    def micro_batches(step: int) -> list[list[dict[str, torch.Tensor]]]:
         ids = batch_indices(len(docs), cfg.batch, step, cfg.seed)
-        return [collate([docs[k] for k in ids[i:i + cfg.per_device_batch]], pad_id)
+        return [padded_groups([docs[k] for k in ids[i:i + cfg.per_device_batch]], pad_id)
                 for i in range(0, cfg.batch, cfg.per_device_batch)]
 
-    def loss_fn(batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        total, count = distill_kl(student, teacher, {k: v.to(device) for k, v in batch.items()}, cfg.chunk)
+    def loss_fn(groups: list[dict[str, torch.Tensor]], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        total, count = distill_kl(student, teacher, [{k: v.to(device) for k, v in g.items()} for g in groups],
+                                  cfg.chunk)
         loss = total / count.clamp_min(1)
         return loss, {"kl": loss.item(), "tokens": float(count)}
 

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from lensunlearn.data.corpora import batch_indices, chunk_documents, collate, load_texts, tokenize
+from lensunlearn.data.corpora import (
+    batch_indices,
+    chunk_documents,
+    collate,
+    length_groups,
+    load_texts,
+    tokenize,
+)
 
 from ..conftest import tiny_tokenizer
 
@@ -75,3 +82,38 @@ def test_facts_corpus_by_name():
     texts = load_texts("facts:country_capital")
     assert len(texts) > 100 and any("Paris" in t for t in texts)
     assert len(load_texts("facts:all")) > len(texts)
+
+
+def _padded_cost(lengths, groups, overhead):
+    return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+
+@pytest.mark.parametrize("lengths", [[15, 128, 14, 16, 96, 15, 13, 17], [5, 5, 5, 5], [40], [3, 90, 4, 88, 5, 91]])
+def test_length_groups_cover_every_index_once_and_pad_least(lengths):
+    overhead = 16
+    groups = length_groups(lengths, overhead=overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert groups == length_groups(list(lengths), overhead=overhead)  # deterministic
+    # no split of the indices into groups does better: brute force over every set partition of small inputs
+    best = min(_padded_cost(lengths, p, overhead) for p in _partitions(list(range(len(lengths)))))
+    assert _padded_cost(lengths, groups, overhead) == best
+
+
+def test_length_groups_split_short_sentences_from_long_prose():
+    lengths = [15, 128, 14, 16, 120, 15, 13, 17]
+    groups = length_groups(lengths)
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[13, 14, 15, 15, 16, 17], [120, 128]]
+    assert _padded_cost(lengths, groups, 0) < len(lengths) * 128 / 2  # under half of one padded batch
+    assert length_groups([7, 7, 7]) == [[0, 1, 2]]  # equal lengths: one batch
+    assert length_groups([]) == []
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _partitions(rest):
+        for k in range(len(partition)):
+            yield partition[:k] + [[first, *partition[k]]] + partition[k + 1:]
+        yield [[first], *partition]

@@ -28,6 +28,7 @@ from lensunlearn.unlearning.distill import (
     distill_kl,
     generate_documents,
     heldout_scores,
+    padded_groups,
     perturbation_noise,
     predicting_positions,
     shrink_perturb,
@@ -150,6 +151,32 @@ def test_kl_is_zero_for_identical_models_and_the_full_vocabulary_kl_in_chunks():
     torch.testing.assert_close(total / count, direct)
     for name, param in student.named_parameters():
         torch.testing.assert_close(chunked[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_groups_give_the_one_padded_batch_kl_and_gradients():
+    """Distillation pads each micro-batch by length groups; the loss and gradients are those of one padded
+    batch, whose padding is most of it when short sentences meet long prose."""
+    teacher, tokenizer = make_tiny_model("llama")
+    docs = tokenize(TEXTS[:6], tokenizer, 32)
+    docs[2] = docs[2] * 3  # one long document among short ones
+    docs[5] = docs[5][:3]
+    groups = padded_groups(docs, tokenizer.pad_token_id)
+    assert len(groups) > 1
+    assert sum(int(g["attention_mask"].numel()) for g in groups) < collate(docs, tokenizer.pad_token_id)[
+        "attention_mask"].numel()
+    student = shrink_perturb(copy.deepcopy(teacher), 0.5, 0.5, seed=0)
+    results = []
+    for batch in (collate(docs, tokenizer.pad_token_id), groups):
+        total, count = distill_kl(student, teacher, batch, chunk=5)
+        (total / count).backward()
+        results.append((total.detach(), int(count), {n: p.grad.clone() for n, p in student.named_parameters()}))
+        student.zero_grad()
+    (padded, padded_count, padded_grads), (grouped, grouped_count, grouped_grads) = results
+    assert padded_count == grouped_count == sum(len(d) - 1 for d in docs)
+    assert padded.item() > 0.01
+    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-6)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_heldout_scores_are_cross_entropy_and_kl():
