@@ -245,6 +245,36 @@ def length_groups(lengths: Sequence[int], overhead: int = GROUP_OVERHEAD_TOKENS)
     return groups[::-1]
 
 
+def label_length_groups(batch: dict[str, torch.Tensor], lengths: Sequence[int]) -> dict[str, torch.Tensor]:
+    """`batch` (collated from documents of `lengths`) with a `length_group` label per row where
+    `length_groups` splits it, for losses that run one pass per group (`length_group_batches`); unchanged
+    where one padded batch is best."""
+    import torch
+
+    groups = length_groups(lengths)
+    if len(groups) > 1:
+        label = torch.empty(len(lengths), dtype=torch.long)
+        for index, rows in enumerate(groups):
+            label[rows] = index
+        batch["length_group"] = label
+    return batch
+
+
+def length_group_batches(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The groups a `length_group` label marks, each a batch cut to its own longest document (row-wise
+    tensors such as `doc_ids` follow their rows); `[batch]` without the label."""
+    label = batch.get("length_group")
+    if label is None:
+        return [batch]
+    out = []
+    for group in sorted(set(label.tolist())):
+        rows = (label == group).nonzero().squeeze(1)
+        width = int(batch["attention_mask"][rows].sum(dim=1).max())
+        out.append({key: value[rows, :width] if value.dim() == 2 else value[rows]
+                    for key, value in batch.items() if key != "length_group"})
+    return out
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """A deterministic permutation of 0..n-1 for one epoch, so a resumed run sees the same order."""
     import torch

@@ -27,12 +27,12 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from ..data.corpora import length_group_batches
 from ..modeling.layers import capture_mlp_outputs, forward_streams, model_parts, unwrap
 from ..modeling.losses import (
     DEFAULT_CHUNK,
     chunked_token_sum,
     lens_forget_loss,
-    masked_mean,
     mlp_confuse,
     random_targets,
     relative_distance,
@@ -155,13 +155,14 @@ class UnlearnObjective(nn.Module):
         self.skip_first, self.cache = skip_first, cache
         self.forget_kind, self.confuse_blocks = forget_loss, tuple(sorted(set(confuse_blocks)))
 
-    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(self, batch: dict[str, torch.Tensor], check: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, attention mask, loss mask): the loss mask also drops the first `skip_first` positions."""
         device = _device(self.model)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         loss_mask = mask.clone()
         loss_mask[:, :self.skip_first] = 0
-        if not loss_mask.any():
+        if check and not loss_mask.any():
             raise ValueError(f"no tokens left after skipping the first {self.skip_first} of each document: "
                              f"lower --skip_first or use longer documents")
         return ids, mask, loss_mask
@@ -227,33 +228,44 @@ class UnlearnObjective(nn.Module):
         return out
 
     def retain_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Distance of the updated model from the original on retain text (`l2` streams or `kl` outputs)."""
-        ids, mask, loss_mask = self._inputs(batch)
+        """Distance of the updated model from the original on retain text (`l2` streams or `kl` outputs).
+
+        A batch with a `length_group` row label (`PairedData.micro_batch`: everyday prose beside short fact
+        sentences) runs one pass per group, each padded to its own longest document; the tokens of all
+        groups are then reduced together, so the loss is the one padded batch's."""
+        self._inputs(batch)  # no loss tokens in the whole batch is an error; in one group it is not
         final = self.retain_kind == "kl"
         layers = () if final else self.layers
-        before = self._original_streams(ids, mask, layers, final, batch.get("doc_ids"))
-        after = forward_streams(self.model, layers, ids, mask, stop=True, final=final)
+        keys = [model_parts(self.model).num_layers] if final else list(self.layers)
+        after: dict[int, list[torch.Tensor]] = {key: [] for key in keys}
+        before: dict[int, list[torch.Tensor]] = {key: [] for key in keys}
+        for part in length_group_batches(batch):
+            ids, mask, loss_mask = self._inputs(part, check=False)
+            original = self._original_streams(ids, mask, layers, final, part.get("doc_ids"))
+            updated = forward_streams(self.model, layers, ids, mask, stop=True, final=final)
+            for key in keys:
+                after[key].append(select_tokens(updated[key], loss_mask))
+                before[key].append(select_tokens(original[key], loss_mask))
+        h = {key: torch.cat(after[key]) for key in keys}
+        h0 = {key: torch.cat(before[key]) for key in keys}
+        device = h[keys[0]].device
         if self.retain_kind == "relative":
-            with _float32(ids.device):
-                return torch.stack([relative_distance(select_tokens(after[l], loss_mask),
-                                                      select_tokens(before[l], loss_mask))
-                                    for l in self.layers]).mean()
+            with _float32(device):
+                return torch.stack([relative_distance(h[l], h0[l]) for l in self.layers]).mean()
         if not final:
-            with _float32(ids.device):
-                return torch.stack([masked_mean(retain_l2(after[l], before[l]), loss_mask)
-                                    for l in self.layers]).mean()
-        key = model_parts(self.model).num_layers
+            with _float32(device):
+                return torch.stack([retain_l2(h[l], h0[l]).mean() for l in self.layers]).mean()
+        key = keys[0]
         new_parts, old_parts = model_parts(self.model), model_parts(self.original.model)
 
-        def per_token(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        def per_token(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), self.original.context():
-                target = old_parts.unembed(old_parts.final_norm(h0))
-            return retain_kl(target, new_parts.unembed(new_parts.final_norm(h)))
+                target = old_parts.unembed(old_parts.final_norm(x0))
+            return retain_kl(target, new_parts.unembed(new_parts.final_norm(x)))
 
-        with _float32(ids.device):
-            total = chunked_token_sum(per_token, select_tokens(after[key], loss_mask),
-                                      select_tokens(before[key], loss_mask), chunk=self.chunk)
-        return total / loss_mask.sum().clamp_min(1)
+        with _float32(device):
+            total = chunked_token_sum(per_token, h[key], h0[key], chunk=self.chunk)
+        return total / max(h[key].shape[0], 1)
 
     def losses(self, forget_batch: dict[str, torch.Tensor], retain_batch: dict[str, torch.Tensor] | None,
                target_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ from ..core.paths import (
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
 )
-from ..data.corpora import batch_indices, collate, load_texts, tokenize, weighted_order
+from ..data.corpora import batch_indices, collate, label_length_groups, load_texts, tokenize, weighted_order
 from ..data.splits import (
     check_consistent_splits,
     check_kept_untrained,
@@ -176,9 +176,11 @@ class PairedData:
         return self.retain_order[pair % len(self.retain_order)]
 
     def micro_batch(self, pair_ids: list[int]) -> dict[str, dict[str, torch.Tensor]]:
-        """Collated forget and retain documents; the retain side carries its document ids (for the cache)."""
+        """Collated forget and retain documents; the retain side carries its document ids (for the cache) and,
+        where it mixes long and short documents, a `length_group` label per row (`label_length_groups`)."""
         retain_ids = [self.retain_doc(k) for k in pair_ids]
-        retain = collate([self.retain[k] for k in retain_ids], self.pad_id)
+        retain = label_length_groups(collate([self.retain[k] for k in retain_ids], self.pad_id),
+                                     [len(self.retain[k]) for k in retain_ids])
         retain["doc_ids"] = torch.tensor(retain_ids)
         return {"forget": collate([self.forget[k % len(self.forget)] for k in pair_ids], self.pad_id),
                 "retain": retain}

@@ -245,6 +245,46 @@ def test_original_cache_serves_revisited_documents_with_the_same_loss(retain_los
     assert len(cache.store) == 3
 
 
+@pytest.mark.parametrize("retain_loss", ["l2", "relative", "kl"])
+def test_retain_loss_by_length_groups_is_the_padded_batch_loss(retain_loss):
+    """Everyday prose beside short fact sentences is padded by length groups (`label_length_groups`); the
+    retain loss and its gradients are those of the one padded batch, with and without the original cache."""
+    from peft import LoraConfig, get_peft_model
+
+    from lensunlearn.data.corpora import collate, label_length_groups, length_group_batches
+    from lensunlearn.unlearning.objective import OriginalCache
+
+    model, tokenizer = make_tiny_model("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lens = TunedLens.from_model(model).requires_grad_(False)
+    long = " ".join(["gold iron oxygen element symbol the answer is 3"] * 4)
+    docs = [tokenizer(t)["input_ids"] for t in ("paris", long, "the capital of spain is madrid .", "rome", long[:40])]
+    padded = collate(docs, tokenizer.pad_token_id)
+    padded["doc_ids"] = torch.arange(len(docs))
+    grouped = label_length_groups({k: v.clone() for k, v in padded.items()}, [len(d) for d in docs])
+    parts = length_group_batches(grouped)
+    assert len(parts) > 1 and sum(p["input_ids"].numel() for p in parts) < padded["input_ids"].numel()
+    assert sorted(int(i) for p in parts for i in p["doc_ids"]) == list(range(len(docs)))
+    for part in parts:  # each group cut to its own longest document, its rows' ids following them
+        assert part["input_ids"].shape[1] == int(part["attention_mask"].sum(1).max())
+        for row, doc in enumerate(part["doc_ids"].tolist()):
+            assert part["input_ids"][row, :len(docs[doc])].tolist() == docs[doc]
+    lora = [p for n, p in peft_model.named_parameters() if "lora" in n]
+    for cache in (None, OriginalCache(max_bytes=2**20)):
+        objective = UnlearnObjective(peft_model, lens, [1, 3], AdapterDisabled(peft_model), retain_loss,
+                                     skip_first=1, cache=cache)
+        values = []
+        for batch in (padded, grouped, grouped):  # the second grouped pass reads the cache where there is one
+            value = objective.retain_loss(batch)
+            grads = torch.autograd.grad(value, lora, allow_unused=True)  # blocks past stream 3 get none
+            values.append((value.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(lora, grads)]))
+        assert values[0][0].item() > 0 and any(g.abs().sum() > 0 for g in values[0][1])
+        for value, grads in values[1:]:
+            torch.testing.assert_close(value, values[0][0], rtol=1e-5, atol=1e-7)
+            for a, b in zip(grads, values[0][1]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_original_cache_stops_adding_at_its_budget():
     from lensunlearn.unlearning.objective import OriginalCache
 
