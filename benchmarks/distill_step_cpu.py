@@ -18,7 +18,7 @@ import copy
 from _timing import parse_args, time_interleaved
 
 from lensunlearn.data.corpora import batch_indices, collate, load_texts, tokenize
-from lensunlearn.modeling.loading import load_model, load_tokenizer
+from lensunlearn.modeling.loading import load_model
 from lensunlearn.unlearning.distill import distill_kl, padded_groups
 
 CORPUS = ("generic:retain", "facts:country_capital", "facts:us_state_capital", "facts:country_language",
@@ -28,11 +28,10 @@ BATCH, MAX_LENGTH, SEED = 16, 128, 0  # distill's defaults
 
 def main() -> None:
     args = parse_args(__doc__, model="smollm2-135m")
-    tokenizer = load_tokenizer(args.model)
+    teacher, tokenizer = load_model(args.model, "float32", "cpu")
     corpora = [load_texts(name) for name in CORPUS]
     texts = [c[i] for i in range(max(map(len, corpora))) for c in corpora if i < len(c)]  # as --corpus A+B+...
     docs = [d for d in tokenize(texts, tokenizer, MAX_LENGTH) if len(d) >= 2]
-    teacher = load_model(args.model, "float32", "cpu").eval()
     student = copy.deepcopy(teacher).train()
     batches = [[docs[k] for k in batch_indices(len(docs), BATCH, step, SEED)] for step in range(args.repeats + 1)]
     pad = tokenizer.pad_token_id

@@ -19,7 +19,7 @@ from _timing import parse_args, time_interleaved
 
 from lensunlearn.data.corpora import collate, label_length_groups, load_texts, tokenize
 from lensunlearn.lens.tuned_lens import TunedLens
-from lensunlearn.modeling.loading import load_model, load_tokenizer
+from lensunlearn.modeling.loading import load_model
 from lensunlearn.unlearning.objective import FrozenCopy, OriginalCache, UnlearnObjective
 from lensunlearn.unlearning.options import ROBUST
 
@@ -28,8 +28,8 @@ SOURCES = ("generic:retain", "facts:country_capital@retain")
 
 def main() -> None:
     args = parse_args(__doc__, model="smollm2-135m")
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, "float32", "cpu").train()
+    model, tokenizer = load_model(args.model, "float32", "cpu")
+    model.train()
     per_source = [tokenize(load_texts(source), tokenizer, ROBUST.max_length) for source in SOURCES]
     docs = [d for pair in zip(*per_source) for d in pair]
     size, batches = ROBUST.per_device_batch, args.repeats + 1
