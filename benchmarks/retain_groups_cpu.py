@@ -55,7 +55,7 @@ def main() -> None:
         loss = objective.retain_loss(batch(ids, name == "groups"))
         loss.backward()
         model.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     _, times = time_interleaved({name: lambda n=name: step(n) for name in ("padded", "groups")}, args.repeats)
     real = sum(len(docs[k]) for ids in chosen for k in ids) / batches
