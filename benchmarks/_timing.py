@@ -39,3 +39,15 @@ def parse_args(doc: str, batch: tuple[int, str] | None = None, model: str | None
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
+
+
+def print_medians(times: dict[str, list[float]], base: str, extra: dict[str, dict[str, float]] | None = None) -> None:
+    """One row per variant: the `extra` columns (name -> value per variant), median and best wall time, and
+    the speedup of the median against variant `base`'s."""
+    extra = extra or {}
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    print(f"{'variant':<8} " + "".join(f"{column:>10} " for column in extra)
+          + f"{'median s':>9} {'best s':>8} {'speedup':>8}")
+    for name, t in times.items():
+        print(f"{name:<8} " + "".join(f"{values[name]:>10.0f} " for values in extra.values())
+              + f"{median[name]:>9.3f} {min(t):>8.3f} {median[base] / median[name]:>7.2f}x")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 
-from _timing import parse_args, time_interleaved
+from _timing import parse_args, print_medians, time_interleaved
 
 from lensunlearn.data.corpora import batch_indices, collate, load_texts, tokenize
 from lensunlearn.modeling.loading import load_model
@@ -53,11 +53,7 @@ def main() -> None:
     print(f"One distillation step (student forward and backward, teacher forward) of {BATCH} documents of "
           f"{' + '.join(CORPUS)}, up to {MAX_LENGTH} tokens; {args.threads} threads, {args.repeats} timed steps "
           f"after one warm-up, each variant on the same batches; {real:.0f} real tokens a step on average")
-    base = sorted(times["padded"])[len(times["padded"]) // 2]
-    print(f"{'variant':<8} {'positions':>10} {'median s':>9} {'best s':>8} {'speedup':>8}")
-    for name in ("padded", "groups"):
-        median = sorted(times[name])[len(times[name]) // 2]
-        print(f"{name:<8} {positions[name]:>10.0f} {median:>9.3f} {min(times[name]):>8.3f} {base / median:>7.2f}x")
+    print_medians(times, "padded", {"positions": positions})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ into every weight, as a full-parameter run does.
 from __future__ import annotations
 
 import torch
-from _timing import parse_args, time_interleaved
+from _timing import parse_args, print_medians, time_interleaved
 
 from lensunlearn.data.corpora import collate, label_length_groups, load_texts, tokenize
 from lensunlearn.lens.tuned_lens import TunedLens
@@ -64,11 +64,7 @@ def main() -> None:
           f"and backward) on {size} documents of {' and '.join(SOURCES)}, alternating, up to {ROBUST.max_length} "
           f"tokens; {args.threads} threads, {args.repeats} timed steps after one warm-up, each variant on the same "
           f"batches; {real:.0f} real tokens in {padded:.0f} padded positions a batch on average")
-    base = sorted(times["padded"])[len(times["padded"]) // 2]
-    print(f"{'variant':<8} {'median s':>9} {'best s':>8} {'speedup':>8}")
-    for name in ("padded", "groups"):
-        median = sorted(times[name])[len(times[name]) // 2]
-        print(f"{name:<8} {median:>9.3f} {min(times[name]):>8.3f} {base / median:>7.2f}x")
+    print_medians(times, "padded")
 
 
 if __name__ == "__main__":
