@@ -209,38 +209,60 @@ def distill_kl(student: nn.Module, teacher: nn.Module,
     return total, torch.tensor(count)
 
 
-@torch.no_grad()
-def heldout_scores(student: nn.Module, teacher: nn.Module, docs: list[list[int]], pad_id: int, batch_size: int,
-                   chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
-    """Token-weighted mean next-token cross-entropy of the student and the teacher and mean KL(teacher ||
-    student) on held-out documents, in nats (exp of a CE is the perplexity). Eval mode inside; the student's
-    mode is restored."""
-    was_training, device = student.training, next(student.parameters()).device
-    sums = {"heldout_ce": 0.0, "teacher_heldout_ce": 0.0, "heldout_kl": 0.0}
-    count = 0
-    student.eval()
-    try:
+class HeldoutScorer:
+    """Scores students against a frozen teacher on held-out documents: token-weighted mean next-token
+    cross-entropy of the student and the teacher and mean KL(teacher || student), in nats (exp of a CE is
+    the perplexity).
+
+    The teacher never changes during a distillation, so its final streams on these documents are computed
+    once, here, and every later score runs only the student's forward (and both unembeddings: the
+    teacher's log-probabilities over the vocabulary would take vocabulary-size memory per token). The
+    cache holds one hidden vector per scored position, in the model's dtype.
+    """
+
+    @torch.no_grad()
+    def __init__(self, teacher: nn.Module, docs: list[list[int]], pad_id: int, batch_size: int,
+                 chunk: int = DEFAULT_CHUNK) -> None:
+        self.teacher, self.chunk = teacher, chunk
+        device = next(teacher.parameters()).device
         # by length, so that a batch pads little; the sums do not depend on the order
-        docs = sorted(docs, key=len)
-        for start in range(0, len(docs), batch_size):
-            batch = {k: v.to(device) for k, v in collate(docs[start:start + batch_size], pad_id).items()}
+        ordered = sorted(docs, key=len)
+        self.batches: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, len(ordered), batch_size):
+            batch = {k: v.to(device) for k, v in collate(ordered[start:start + batch_size], pad_id).items()}
             ids, predicts = batch["input_ids"], predicting_positions(batch["attention_mask"])
             following = torch.zeros_like(ids)
             following[:, :-1] = ids[:, 1:]
-            targets = select_tokens(following, predicts)
-            hs = select_tokens(final_stream(student, ids, batch["attention_mask"]), predicts)
-            ht = select_tokens(final_stream(teacher, ids, batch["attention_mask"]), predicts)
-            for s in range(0, targets.shape[0], chunk):
-                logp = F.log_softmax(output_logits(student, hs[s:s + chunk]), dim=-1)
-                teacher_logp = F.log_softmax(output_logits(teacher, ht[s:s + chunk]), dim=-1)
-                picked = targets[s:s + chunk].unsqueeze(-1)
-                sums["heldout_ce"] -= logp.gather(-1, picked).sum().item()
-                sums["teacher_heldout_ce"] -= teacher_logp.gather(-1, picked).sum().item()
-                sums["heldout_kl"] += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
-            count += targets.shape[0]
-    finally:
-        student.train(was_training)
-    return {k: v / max(count, 1) for k, v in sums.items()}
+            teacher_streams = select_tokens(final_stream(teacher, ids, batch["attention_mask"]), predicts)
+            self.batches.append((batch, predicts, select_tokens(following, predicts), teacher_streams))
+
+    @torch.no_grad()
+    def __call__(self, student: nn.Module) -> dict[str, float]:
+        """The scores of `student`, in eval mode inside; its mode is restored."""
+        was_training = student.training
+        sums = {"heldout_ce": 0.0, "teacher_heldout_ce": 0.0, "heldout_kl": 0.0}
+        count, chunk = 0, self.chunk
+        student.eval()
+        try:
+            for batch, predicts, targets, ht in self.batches:
+                hs = select_tokens(final_stream(student, batch["input_ids"], batch["attention_mask"]), predicts)
+                for s in range(0, targets.shape[0], chunk):
+                    logp = F.log_softmax(output_logits(student, hs[s:s + chunk]), dim=-1)
+                    teacher_logp = F.log_softmax(output_logits(self.teacher, ht[s:s + chunk]), dim=-1)
+                    picked = targets[s:s + chunk].unsqueeze(-1)
+                    sums["heldout_ce"] -= logp.gather(-1, picked).sum().item()
+                    sums["teacher_heldout_ce"] -= teacher_logp.gather(-1, picked).sum().item()
+                    sums["heldout_kl"] += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
+                count += targets.shape[0]
+        finally:
+            student.train(was_training)
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def heldout_scores(student: nn.Module, teacher: nn.Module, docs: list[list[int]], pad_id: int, batch_size: int,
+                   chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
+    """`HeldoutScorer`'s scores of one student, for a single use."""
+    return HeldoutScorer(teacher, docs, pad_id, batch_size, chunk)(student)
 
 
 def within_teacher(point: dict[str, float], share: float) -> bool:
@@ -465,12 +487,11 @@ def _train(job: DistillJob) -> Path:
     generated, generate_seconds = _generated_documents(job, teacher)
     docs = job.docs + generated
 
-    def heldout() -> dict[str, float]:
-        return heldout_scores(student, teacher, job.heldout, pad_id, cfg.eval_batch, cfg.chunk)
+    heldout = HeldoutScorer(teacher, job.heldout, pad_id, cfg.eval_batch, cfg.chunk)
 
     reference = state["extra"]["heldout"] if state is not None else None
     if reference is None:
-        reference = heldout()
+        reference = heldout(student)
         reference["recovered"] = recovered_share(reference["heldout_ce"], reference["teacher_heldout_ce"],
                                                  reference["heldout_ce"])
         metrics_log.write({"step": 0, **reference, **(_tasks_point(cfg, student, job.tokenizer) if cfg.eval_every
@@ -479,7 +500,7 @@ def _train(job: DistillJob) -> Path:
              reference["teacher_heldout_ce"], reference["heldout_ce"], reference["heldout_kl"])
 
     def measure() -> dict[str, float]:
-        point = heldout()
+        point = heldout(student)
         point["recovered"] = recovered_share(reference["heldout_ce"], point["teacher_heldout_ce"], point["heldout_ce"])
         return point
 

@@ -19,12 +19,14 @@ from lensunlearn.cli import console
 from lensunlearn.core.config import ConfigError, read_config_file
 from lensunlearn.core.paths import read_marker
 from lensunlearn.data.corpora import collate, tokenize
+from lensunlearn.modeling.layers import model_parts
 from lensunlearn.modeling.loading import load_tokenizer
 from lensunlearn.search import run as search
 from lensunlearn.unlearning import distill as distill_module
 from lensunlearn.unlearning.distill import (
     SAVED_KEYS,
     DistillConfig,
+    HeldoutScorer,
     distill_kl,
     generate_documents,
     heldout_scores,
@@ -194,6 +196,26 @@ def test_heldout_scores_are_cross_entropy_and_kl():
     assert scores["teacher_heldout_ce"] == pytest.approx(teacher_ce, rel=1e-5)
     total, count = distill_kl(student, teacher, batch)
     assert scores["heldout_kl"] == pytest.approx((total / count).item(), rel=1e-5)
+
+
+def test_heldout_scorer_runs_the_teacher_once_and_scores_as_a_fresh_one():
+    teacher, tokenizer = make_tiny_model("llama")
+    student = shrink_perturb(copy.deepcopy(teacher), 0.5, 0.5, seed=0).train()
+    docs = tokenize(TEXTS[:5], tokenizer, 16)
+    calls = []
+    model_parts(teacher).blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    scorer = HeldoutScorer(teacher, docs, tokenizer.pad_token_id, batch_size=2, chunk=7)
+    assert len(calls) == 3  # one forward per batch of two documents, here and never again
+    first = scorer(student)
+    with torch.no_grad():  # the student moves between two scores, as in training
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    second = scorer(student)
+    assert len(calls) == 3
+    assert second["heldout_ce"] != pytest.approx(first["heldout_ce"], rel=1e-4)
+    fresh = heldout_scores(student, teacher, docs, tokenizer.pad_token_id, batch_size=2, chunk=7)
+    assert second == pytest.approx(fresh, rel=1e-6)
+    assert second["teacher_heldout_ce"] == pytest.approx(first["teacher_heldout_ce"], rel=1e-6)
 
 
 # --- the command --------------------------------------------------------------------------------
