@@ -8,7 +8,7 @@ the student's forward and both unembeddings. Both variants score the same studen
 held-out text (`generic:heldout`, documents of at most 128 tokens, 16 to a batch), with the embedded
 model as teacher and a shrunk and perturbed copy as student. The one-time teacher pass is timed apart.
 
-    python benchmarks/heldout_scores_cpu.py --repeats 4 --threads 2
+    python benchmarks/heldout_scores_cpu.py --repeats 3 --threads 2
 """
 
 from __future__ import annotations
