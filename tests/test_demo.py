@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from lensunlearn.cli import configure, main
+from lensunlearn.demo import run as demo_run
 from lensunlearn.demo.options import SELECTIVE_EXAMPLES, SELECTIVE_LR
+from lensunlearn.demo.run import (
+    BUDGET_STOP_STEPS,
+    LENS_SECONDS_PER_STEP,
+    STAGE_SECONDS,
+    UNLEARN_SECONDS_PER_STEP,
+    Stages,
+    expected_seconds,
+)
 
 from .conftest import save_tiny_model
 
@@ -121,6 +132,33 @@ def test_demo_tasks_and_retain_data_with_and_without_selective():
     assert cfg.unlearn_settings() == dict(cir_on_loss_rise="stop")  # the robust preset's steps and rate
     cfg = configure(["demo", "--unlearn_lr", "5e-4", "--cir_on_loss_rise", "stop", "--unlearn_examples", "64"])[1]
     assert cfg.unlearn_settings() == dict(examples=64, lr=5e-4, cir_on_loss_rise="stop")  # flags win
+
+
+def test_demo_eta_follows_the_flags_and_then_the_machine(tmp_path, monkeypatch, caplog):
+    """The first ETA counts the lens and unlearning steps these flags plan (a whole-relation run stops at
+    its budget); once a stage has run, the rest is scaled by how fast this machine has been."""
+    cfg = configure(["demo"])[1]
+    table = expected_seconds(cfg)
+    assert table["unlearn"] == STAGE_SECONDS["unlearn"] + UNLEARN_SECONDS_PER_STEP * SELECTIVE_EXAMPLES / 16
+    short = expected_seconds(configure(["demo", "--unlearn_examples", "160", "--lens_steps", "60"])[1])
+    fewer_steps = (SELECTIVE_EXAMPLES - 160) / 16
+    assert table["unlearn"] - short["unlearn"] == pytest.approx(UNLEARN_SECONDS_PER_STEP * fewer_steps)
+    assert table["lens"] - short["lens"] == pytest.approx(LENS_SECONDS_PER_STEP * 60)
+    whole = expected_seconds(configure(["demo", "--no-selective"])[1])
+    assert whole["unlearn"] == STAGE_SECONDS["unlearn"] + UNLEARN_SECONDS_PER_STEP * BUDGET_STOP_STEPS
+    for name in ("params.pt", "config.json"):
+        (tmp_path / name).write_text("")
+    assert expected_seconds(dataclasses.replace(cfg, lens=str(tmp_path)))["lens"] == STAGE_SECONDS["lens"]  # scored
+
+    clock = iter([0.0, 0.0, 200.0, 200.0, 200.0, 230.0, 230.0])  # stage a takes 200 s, twice its estimate
+    monkeypatch.setattr(demo_run.time, "perf_counter", lambda: next(clock))
+    stages = Stages({"a": 100.0, "b": 50.0, "c": 70.0})
+    with caplog.at_level("INFO"):
+        stages.run("a", Path("unused"), lambda: None)
+        stages.run("b", Path("unused"), lambda: None)
+    assert "[1/3] a (ETA for the rest: ~4 min)" in caplog.text  # 220 s, before anything has run
+    assert "[2/3] b (ETA for the rest: ~4 min)" in caplog.text  # (50 + 70) s at twice the pace
+    assert "[2/3] b finished in 30 s" in caplog.text
 
 
 def test_demo_refuses_the_forget_domain_as_a_neighbour(capsys):

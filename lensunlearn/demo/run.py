@@ -1,8 +1,9 @@
 """`lensunlearn demo`: the whole loop on the embedded model, with nothing to download.
 
 Stages: fact benchmark -> lens -> base evaluation (with knowledge profile) -> unlearning
-(`--preset robust` stopping at its general-text loss budget, retaining on the preset's everyday
-text) -> evaluation after unlearning ->
+(`--preset robust` on the forget part of the domain, retaining on everyday text and the retain parts;
+with --no-selective on the whole domain, stopping at its general-text loss budget) -> evaluation after
+unlearning ->
 held-out relearning attack with the strongest setting the robustness protocol found -> report. Each stage
 writes its output atomically. The folder keeps the demo's flags and the stages finished with them
 (`core.paths.DEMO_STATE_FILE`): a rerun with the same flags skips those stages and continues an interrupted
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -54,9 +56,31 @@ log = logging.getLogger(__name__)
 # every layer's KL within 6 % of what all of them give, in 24 s instead of 61 s on 2 cores.
 LENS_EVAL_DOCS = 128
 
-# Rough seconds per stage on a 2-core CPU, for the ETA before any stage has been timed.
-EXPECTED_SECONDS = {"facts": 1, "lens": 240, "base eval": 20, "unlearn": 240, "unlearned eval": 20,
-                    "tamper": 90, "report": 5}
+# Rough seconds per stage on 2 cores of a CPU with native bfloat16, for the ETA before any stage has
+# been timed; the lens and unlearning stages add their seconds per step. Measured on the default story
+# (2026-12-08: lens 287 s for 120 steps, unlearning 680 s for 50, 18 min in all); the whole-relation
+# story's run stops at its budget after about 20 steps (262 s), so its estimate stops there too.
+STAGE_SECONDS = {"facts": 1, "lens": 30, "base eval": 15, "unlearn": 10, "unlearned eval": 15, "tamper": 90,
+                 "report": 5}
+LENS_SECONDS_PER_STEP = 2.2
+UNLEARN_SECONDS_PER_STEP = 13.6
+BUDGET_STOP_STEPS = 20
+
+
+def expected_seconds(cfg: DemoConfig) -> dict[str, float]:
+    """Each stage's rough seconds for these flags: the lens scored or trained for --lens_steps, and the
+    unlearning run's planned steps (at most BUDGET_STOP_STEPS when it stops at its budget)."""
+    from ..unlearning.options import ROBUST
+
+    table: dict[str, float] = dict(STAGE_SECONDS)
+    if not cfg.lens:
+        table["lens"] += LENS_SECONDS_PER_STEP * cfg.lens_steps
+    settings = cfg.unlearn_settings()
+    steps = math.ceil(settings.get("examples", ROBUST.examples) * ROBUST.epochs / ROBUST.batch)
+    if settings.get("cir_on_loss_rise") == "stop":
+        steps = min(steps, BUDGET_STOP_STEPS)
+    table["unlearn"] += UNLEARN_SECONDS_PER_STEP * steps
+    return table
 
 
 # Flags that do not change any stage's result: a rerun may change them freely.
@@ -103,8 +127,9 @@ def claim_out(cfg: DemoConfig) -> dict:
 class Stages:
     """Runs named stages in order, skipping those finished with these flags, with headers and a running ETA."""
 
-    def __init__(self, names: list[str], out: Path | None = None, state: dict | None = None) -> None:
-        self.names, self.began, self.spent, self.expected_done = names, time.perf_counter(), 0.0, 0.0
+    def __init__(self, expected: dict[str, float], out: Path | None = None, state: dict | None = None) -> None:
+        self.expected, self.names = expected, list(expected)
+        self.began, self.spent, self.expected_done = time.perf_counter(), 0.0, 0.0
         self.out, self.state = out, state if state is not None else {"started": [], "done": []}
         self.resuming = False
 
@@ -120,7 +145,7 @@ class Stages:
 
     def run(self, name: str, done: Path, fn: Callable[[], None]) -> None:
         index = self.names.index(name) + 1
-        remaining = sum(EXPECTED_SECONDS[n] for n in self.names[index - 1:])
+        remaining = sum(self.expected[n] for n in self.names[index - 1:])
         # scale the table by how fast this machine has been, once enough has run to tell
         pace = self.spent / self.expected_done if self.expected_done >= 60 else 1.0
         header = f"[{index}/{len(self.names)}] {name}"
@@ -135,7 +160,7 @@ class Stages:
         self._mark("done", name)
         elapsed = time.perf_counter() - started
         self.spent += elapsed
-        self.expected_done += EXPECTED_SECONDS[name]
+        self.expected_done += self.expected[name]
         log.info("%s finished in %.0f s (%.1f min since start)", header, elapsed,
                  (time.perf_counter() - self.began) / 60)
 
@@ -243,7 +268,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
     state = claim_out(cfg)
     lens_dir, run_dir = Path(cfg.lens) if cfg.lens else out / DEMO_LENS_DIR, out / DEMO_UNLEARN_RUN
     base_eval, tamper_dir = out / BASE_EVAL_FILE, out / DEMO_TAMPER_DIR
-    stages = Stages(list(EXPECTED_SECONDS), out, state)
+    stages = Stages(expected_seconds(cfg), out, state)
 
     def continue_or_replace(folder: Path) -> dict:
         """resume= / overwrite= for a stage's command: continue its checkpoint if this stage was begun
