@@ -71,10 +71,11 @@ def option(default: Any, help: str, **kw: Any) -> Any:
     `help_group` otherwise), `default_text` (the default in plain words, e.g. "from the run", which
     `--help` shows for a default of None, '' or an empty list), `metavar` (what `--help` shows for the
     value, e.g. FILE or DIR), `positional`/`nargs` (a positional argument, also accepted as
-    `--name`), `append` (a tuple of strings whose flag is repeated, one item each), `empty` (for an
-    optional string whose None means "from the run" or another default: '' and `none` on the
-    command line are kept as '', which means none), `old_values` (former spellings of a value, e.g.
-    a preset's old name, mapped to the new one), and `old_names`: former flag names still accepted,
+    `--name`), `append` (a tuple of strings whose flag is repeated, one item each), `empty` (for a
+    string whose '' means none, such as a task list that may be empty, where None, if the field
+    allows it, means "from the run" or another default: '' and `none` on the command line become
+    ''), `old_values` (former spellings of a value, e.g. a preset's old name, mapped to the new
+    one), and `old_names`: former flag names still accepted,
     hidden from `--help`. For a bool field `old_names` may map a name to the value it sets
     (`{"lora": False}`: `--lora` sets the field to False, `--no-lora` to True).
     """
@@ -143,7 +144,7 @@ def _converter(annotation: Any, metadata: Any = types.MappingProxyType({})) -> C
     old_values = metadata.get("old_values", {})
 
     def convert(text: str) -> Any:
-        if optional and text.strip().lower() in NONE_WORDS:
+        if (optional or metadata.get("empty")) and text.strip().lower() in NONE_WORDS:
             return "" if metadata.get("empty") else None
         if text in old_values:
             sys.stderr.write(f"lensunlearn: the value {text} is now {old_values[text]}; the old name goes in the "

@@ -140,6 +140,8 @@ def resolve_tasks(names: str | Sequence[str]) -> list[TaskSpec]:
                 raise FileNotFoundError(f"task file {name} does not exist: pass an existing .jsonl of "
                                         f'{{"question", "choices", "answer"}} rows')
             specs.append(TaskSpec(path.stem, "json", None, "train", data_files=str(path)))
+        elif name.lower() == "none":  # the spelling other tools use for "no evaluation"
+            raise ValueError(f"{name!r} is not a task: write an empty list ('') where a command may evaluate nothing")
         else:
             raise ValueError(f"unknown task {name!r}: use one of {', '.join(known_task_names())}")
     seen: set[str] = set()

@@ -341,8 +341,8 @@ class UnlearnConfig(BlockOptions, RobustOptions, TrackingOptions, TrainingOption
                                   default_text="<model>_<objective>_ex<examples>_rm<forget_coef>_ret<retain_coef>, "
                                                "then _full, _muon or _sgd, _kl, _random, _cir, _shrink, _mask, _norm, "
                                                "_adv, _blocks<a-b> for the settings used")
-    eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training ('' skips "
-                                                   "evaluation)", group="evaluation", metavar="TASKS")
+    eval_tasks: str = option(REFERENCE_EVAL_TASKS, "comma-separated tasks evaluated after training ('' or none "
+                                                   "skips evaluation)", group="evaluation", metavar="TASKS", empty=True)
     eval_format: Literal["letter", "cloze"] = option("letter", "letter: A/B/C/D after the question; cloze: the "
                                                                "answer text as continuation", group="evaluation")
     eval_batch: int = option(16, "questions per evaluation forward pass", group="evaluation")
@@ -694,8 +694,8 @@ class DistillConfig(BlockOptions, TrackingOptions, TrainingOptions):
                              default_text="the folder that holds --run")
     run_name: str | None = option(None, "output folder name", default_text="<name of --run>_distilled")
     eval_tasks: str = option(SOURCE_TASKS, f"comma-separated tasks evaluated during and after distillation; "
-                                           f"{SOURCE_TASKS}: the source run's; '' skips them", group="evaluation",
-                             metavar="TASKS")
+                                           f"{SOURCE_TASKS}: the source run's; '' or none skips them",
+                             group="evaluation", metavar="TASKS", empty=True)
     eval_format: Literal["letter", "cloze"] | None = option(None, "letter or cloze", group="evaluation",
                                                             default_text="the source run's")
     eval_batch: int = option(16, "questions per evaluation forward pass", group="evaluation")

@@ -44,6 +44,14 @@ def test_empty_kept_tasks_means_no_kept_tasks(tmp_path):
     assert resolve(configure(["robustness", "--config", str(path)])[1]).kept_tasks == ""
 
 
+def test_none_eval_tasks_skips_evaluation_as_the_empty_list_does(tmp_path):
+    """unlearn's and distill's help say '' or none skips evaluation; none used to be read as a task name."""
+    for command in (["unlearn"], ["distill", "--run", str(tmp_path)]):
+        for empty in ("", "none", "None"):
+            assert configure([*command, "--eval_tasks", empty])[1].eval_tasks == "", (command, empty)
+    assert configure(["unlearn", "--eval_tasks", "facts:country_capital"])[1].eval_tasks == "facts:country_capital"
+
+
 def test_empty_lm_eval_include_of_distill_means_no_folder(tmp_path):
     """distill's --lm_eval_include left out is the source run's; '' is no folder, not the run's."""
     from lensunlearn.unlearning.distill import resolve

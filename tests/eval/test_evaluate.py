@@ -236,6 +236,8 @@ def test_unknown_task_and_missing_file_are_refused(tmp_path):
         resolve_tasks(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="unknown fact domain"):
         resolve_tasks("facts:rivers")
+    with pytest.raises(ValueError, match=r"^'none' is not a task: write an empty list \(''\) where a command may "):
+        resolve_tasks("none")
     with pytest.raises(ValueError, match="given twice"):
         resolve_tasks("mmlu,mmlu_anatomy")
 
